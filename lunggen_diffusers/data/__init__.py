@@ -1,0 +1,1 @@
+"""Everything that turns a data source into a `datasets.Dataset`."""
