@@ -1,0 +1,292 @@
+"""The one configuration object that travels the whole road: CLI, presets, YAML/JSON files, checkpoints, exports.
+
+Precedence, lowest first: dataclass defaults < `--preset` < `--config FILE` < command-line flags. Option names
+follow diffusers' `examples/unconditional_image_generation/train_unconditional.py` where one exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser
+
+
+@dataclass
+class DataConfig:
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id or a `save_to_disk` folder (optionally `folder:split`)."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    train_data_dir: str | None = field(
+        default=None, metadata={"help": "An image folder, or an NIH ChestX-ray14 folder (detected by its CSV)."}
+    )
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    split: str = field(default="train", metadata={"help": "Split to train on (patient-wise splits)."})
+    resolution: int = field(default=64, metadata={"help": "Training resolution (square)."})
+    center_crop: bool = field(
+        default=True, metadata={"help": "Centre-crop non-square images; false pads them to square (no distortion)."}
+    )
+    num_phantom_images: int = field(default=2000, metadata={"help": "Phantom images when no data source is given."})
+    phantom_finding_prob: float = field(default=0.1, metadata={"help": "Per-finding probability in the phantom."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
+    augment: bool = field(
+        default=False,
+        metadata={"help": "Anatomy-preserving augmentation: small rotation, scale, brightness/contrast. Never flips."},
+    )
+    augment_rotation: float = field(default=5.0, metadata={"help": "Max rotation in degrees when --augment."})
+    augment_scale: float = field(default=0.05, metadata={"help": "Max relative zoom when --augment."})
+    augment_intensity: float = field(default=0.1, metadata={"help": "Max brightness/contrast change when --augment."})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for the one-time decode/resize pass."}
+    )
+    max_failed_fraction: float = field(
+        default=0.5, metadata={"help": "Error out when more than this fraction of image files cannot be read."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where prepared (decoded, resized) data is cached."})
+    # NIH ChestX-ray14 filters (used when the source is an NIH folder or a prepared NIH dataset).
+    view_position: str = field(default="all", metadata={"help": "NIH view filter: PA, AP or all."})
+    include_findings: list[str] | None = field(
+        default=None, metadata={"help": 'Keep only images with one of these findings (e.g. "No Finding").'}
+    )
+    exclude_findings: list[str] | None = field(default=None, metadata={"help": "Drop images with any of these."})
+    max_images_per_patient: int | None = field(
+        default=None, metadata={"help": "Cap images per patient (deterministic choice); limits memorization."}
+    )
+    min_age: int | None = field(default=None, metadata={"help": "Minimum patient age (inclusive)."})
+    max_age: int | None = field(default=None, metadata={"help": "Maximum patient age (inclusive)."})
+    validation_fraction: float = field(
+        default=0.05, metadata={"help": "Fraction of training patients held out as the validation split."}
+    )
+    test_fraction: float = field(
+        default=0.2, metadata={"help": "Fraction of patients in the test split when no official split lists exist."}
+    )
+    split_seed: int = field(
+        default=0, metadata={"help": "Seed choosing validation patients; apart from --seed so splits never move."}
+    )
+
+
+@dataclass
+class ModelConfig:
+    block_out_channels: list[int] = field(
+        default_factory=lambda: [32, 64, 128, 128], metadata={"help": "UNet channels per resolution level."}
+    )
+    layers_per_block: int = field(default=1, metadata={"help": "ResNet layers per UNet block."})
+    attention_resolutions: list[int] = field(
+        default_factory=lambda: [16], metadata={"help": "Feature-map sizes (px) that get self-attention."}
+    )
+    norm_num_groups: int = field(default=32, metadata={"help": "GroupNorm groups (must divide every channel count)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout inside the ResNet blocks."})
+    ddpm_num_steps: int = field(default=1000, metadata={"help": "Diffusion (training) timesteps."})
+    ddpm_beta_schedule: str = field(default="linear", metadata={"help": "linear, scaled_linear or squaredcos_cap_v2."})
+    prediction_type: str = field(default="epsilon", metadata={"help": "epsilon or v_prediction."})
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = field(default="lunggen-output", metadata={"help": "Where the pipeline and checkpoints go."})
+    seed: int = field(default=0, metadata={"help": "Seed for data order, noise and initialisation."})
+    train_batch_size: int = field(default=32, metadata={"help": "Batch size per process."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Images in each preview grid."})
+    num_epochs: int = field(default=100, metadata={"help": "Epochs, unless --max_train_steps is set."})
+    max_train_steps: int | None = field(default=None, metadata={"help": "Optimizer steps; overrides --num_epochs."})
+    gradient_accumulation_steps: int = field(default=1)
+    learning_rate: float = field(default=1e-4)
+    lr_scheduler: str = field(default="cosine", metadata={"help": "Any diffusers.optimization.get_scheduler name."})
+    lr_warmup_steps: int = field(default=500)
+    adam_beta1: float = field(default=0.95)
+    adam_beta2: float = field(default=0.999)
+    adam_weight_decay: float = field(default=1e-6)
+    adam_epsilon: float = field(default=1e-8)
+    max_grad_norm: float = field(default=1.0)
+    use_ema: bool = field(default=True, metadata={"help": "Keep an EMA of the weights and export it."})
+    ema_inv_gamma: float = field(default=1.0)
+    ema_power: float = field(default=0.75)
+    ema_max_decay: float = field(default=0.9999)
+    snr_gamma: float | None = field(default=None, metadata={"help": "Min-SNR loss weighting gamma (5.0 is typical)."})
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (bf16 on recent GPUs)."})
+    gradient_checkpointing: bool = field(default=False)
+    allow_tf32: bool = field(default=True, metadata={"help": "TF32 matmuls on Ampere+ GPUs (no effect on CPU)."})
+    channels_last: bool = field(default=False, metadata={"help": "channels_last memory format (faster on CUDA)."})
+    use_fused_adam: bool = field(default=True, metadata={"help": "Fused AdamW on CUDA (ignored elsewhere)."})
+    torch_compile: bool = field(default=False, metadata={"help": "torch.compile the UNet."})
+    dataloader_num_workers: int = field(default=0)
+    checkpointing_steps: int = field(default=500)
+    checkpoints_total_limit: int | None = field(default=2)
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "`latest` or a checkpoint folder."})
+    save_images_steps: int | None = field(default=None, metadata={"help": "Write a preview grid every N steps."})
+    preview_inference_steps: int = field(default=25, metadata={"help": "DPM-Solver++ steps for previews."})
+    logger: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none."})
+    logging_dir: str = field(default="logs", metadata={"help": "Relative to --output_dir."})
+    logging_steps: int = field(default=10, metadata={"help": "Log loss and lr every N steps."})
+
+
+@dataclass
+class HubConfig:
+    push_to_hub: bool = field(default=False)
+    hub_model_id: str | None = field(default=None)
+    hub_private_repo: bool = field(default=True, metadata={"help": "Create the Hub repo private (default)."})
+    hub_token: str | None = field(default=None, metadata={"help": "Else HF_TOKEN or the cached login."})
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    preset: str = "demo"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat, JSON-ready; reloadable with `--config training_config.json`."""
+        flat = {"preset": self.preset}
+        for part in (self.data, self.model, self.training, self.hub):
+            flat.update(dataclasses.asdict(part))
+        flat.pop("hub_token")  # never written anywhere
+        return flat
+
+
+_PARTS = (DataConfig, ModelConfig, TrainingConfig, HubConfig)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Built-in phantom, 64 px, a small UNet: recognisable chest-like samples in about 10 minutes on 2 CPU cores.
+    "demo": {
+        "resolution": 64,
+        "num_phantom_images": 2000,
+        "block_out_channels": [32, 64, 128, 128],
+        "layers_per_block": 1,
+        "attention_resolutions": [16],
+        "train_batch_size": 16,
+        "max_train_steps": 2000,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 100,
+        "ema_max_decay": 0.999,
+        "checkpointing_steps": 500,
+        "save_images_steps": 500,
+        "snr_gamma": 5.0,
+    },
+    # The LungGen paper's setting: 256x256x1, six levels, attention at 16x16, 1000-step linear DDPM, EMA.
+    "lunggen-256": {
+        "resolution": 256,
+        "block_out_channels": [128, 128, 256, 256, 512, 512],
+        "layers_per_block": 2,
+        "attention_resolutions": [16],
+        "ddpm_num_steps": 1000,
+        "ddpm_beta_schedule": "linear",
+        "train_batch_size": 16,
+        "num_epochs": 100,
+        "learning_rate": 1e-4,
+        "lr_warmup_steps": 500,
+        "use_ema": True,
+        "checkpointing_steps": 2500,
+        "save_images_steps": 2500,
+    },
+}
+
+CHOICES = {
+    "ddpm_beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "prediction_type": ("epsilon", "v_prediction"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "logger": ("tensorboard", "wandb", "all", "none"),
+    "view_position": ("PA", "AP", "all"),
+}
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file (expected a .yaml, .yml or .json file)")
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(p.read_text()) or {}
+    elif p.suffix == ".json":
+        values = json.loads(p.read_text())
+    else:
+        raise ValueError(f"--config {path}: unknown file type {p.suffix!r} (expected .yaml, .yml or .json)")
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option names to values")
+    return values
+
+
+def known_options() -> set[str]:
+    return {f.name for part in _PARTS for f in dataclasses.fields(part)} | {"preset"}
+
+
+def _check_keys(values: dict[str, Any], where: str) -> None:
+    unknown = sorted(set(values) - known_options())
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}")
+
+
+def validate(config: Config) -> Config:
+    flat = config.to_dict()
+    for name, allowed in CHOICES.items():
+        if flat[name] not in allowed:
+            raise ValueError(f"--{name} {flat[name]!r} is not one of: {', '.join(allowed)}")
+    res, levels = config.data.resolution, len(config.model.block_out_channels)
+    if res < 8 or res % 2 ** (levels - 1):
+        raise ValueError(
+            f"--resolution {res} cannot be divided down by the UNet's {levels} levels: "
+            f"use a multiple of {2 ** (levels - 1)} (e.g. 64, 128, 256)"
+        )
+    bad_groups = [c for c in config.model.block_out_channels if c % config.model.norm_num_groups]
+    if bad_groups:
+        raise ValueError(
+            f"--norm_num_groups {config.model.norm_num_groups} does not divide block_out_channels {bad_groups}"
+        )
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "checkpointing_steps"):
+        if getattr(config.training, name) < 1:
+            raise ValueError(f"--{name} {getattr(config.training, name)} must be a positive integer")
+    if config.training.max_train_steps is not None and config.training.max_train_steps < 1:
+        raise ValueError(f"--max_train_steps {config.training.max_train_steps} must be a positive integer")
+    if config.data.dataset_name and config.data.train_data_dir:
+        raise ValueError("give either --dataset_name or --train_data_dir, not both")
+    if config.hub.push_to_hub and not config.hub.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. my-org/lunggen-256)")
+    return config
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Build a validated Config from a flat mapping (a saved `training_config.json`, say), preset applied first."""
+    _check_keys(values, "config")
+    preset = values.get("preset", "demo")
+    if preset not in PRESETS:
+        raise ValueError(f"--preset {preset!r} is not one of: {', '.join(PRESETS)}")
+    merged = {**PRESETS[preset], **values}
+    parts = [
+        part(**{f.name: merged[f.name] for f in dataclasses.fields(part) if f.name in merged}) for part in _PARTS
+    ]
+    return validate(Config(*parts, preset=preset))
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Parse `train.py`'s command line: `--preset`, `--config FILE`, then any dataclass field as a flag."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=None)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    file_values = _read_file(known.config) if known.config else {}
+    _check_keys(file_values, f"--config {known.config}")
+    preset = known.preset or file_values.get("preset", "demo")
+    if preset not in PRESETS:
+        raise ValueError(f"--preset {preset!r} is not one of: {', '.join(PRESETS)}")
+
+    parser = HfArgumentParser(_PARTS)
+    parser.add_argument("--preset", default=preset, help=f"One of: {', '.join(PRESETS)}.")
+    parser.add_argument("--config", default=None, help="A .yaml or .json file of options; flags override it.")
+    parser.set_defaults(**{**PRESETS[preset], **{k: v for k, v in file_values.items() if k != "preset"}})
+    *parts, extra = parser.parse_args_into_dataclasses(args=rest + ["--preset", preset])
+    return validate(Config(*parts, preset=extra.preset))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def load_config(path: str | Path) -> Config:
+    return from_dict(json.loads(Path(path).read_text()))

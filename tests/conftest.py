@@ -1,0 +1,42 @@
+"""Shared test helpers: a tiny, fast training configuration (32 px, two UNet levels, a handful of phantoms)."""
+
+import os
+
+import pytest
+
+from lunggen_diffusers.config import from_dict
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+TINY = {
+    "resolution": 32,
+    "block_out_channels": [16, 32],
+    "norm_num_groups": 8,
+    "attention_resolutions": [16],
+    "layers_per_block": 1,
+    "num_phantom_images": 24,
+    "train_batch_size": 4,
+    "max_train_steps": 4,
+    "learning_rate": 1e-3,
+    "lr_warmup_steps": 1,
+    "lr_scheduler": "cosine",
+    "checkpointing_steps": 2,
+    "checkpoints_total_limit": None,
+    "save_images_steps": None,
+    "eval_batch_size": 2,
+    "preview_inference_steps": 2,
+    "logger": "none",
+    "logging_steps": 1,
+    "ema_max_decay": 0.9,
+}
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """`tiny_config(**overrides)` -> a validated Config writing under tmp_path/out."""
+
+    def make(**overrides):
+        return from_dict({**TINY, "output_dir": str(tmp_path / "out"), **overrides})
+
+    return make

@@ -1,0 +1,222 @@
+"""The training spine: export, exact resume, checkpoint safety, scale-out and the errors users hit."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from lunggen_diffusers import training
+from lunggen_diffusers.config import load_config
+from lunggen_diffusers.training import NonFiniteLossError, find_checkpoint, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _weights(folder: Path) -> dict:
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_smoke_train_export_and_load(tiny_config):
+    config = tiny_config(save_images_steps=2)
+    result = train(config)
+    out = result.output_dir
+    assert result.global_step == 4 and np.isfinite(result.final_loss)
+    pipe = DDPMPipeline.from_pretrained(out, use_safetensors=True)
+    images = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0)).images
+    assert [(im.mode, im.size) for im in images] == [("L", (32, 32))] * 2
+    assert load_config(out / "training_config.json").to_dict() == config.to_dict()
+    assert Image.open(out / "samples.png").size[0] >= 32
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    # Pipeline folders hold the pipeline only: no optimizer state, no pickles.
+    pipeline_files = {str(p.relative_to(out)) for d in ("unet", "scheduler") for p in (out / d).rglob("*")}
+    assert pipeline_files == {"unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"}
+
+
+def test_export_holds_the_ema_weights(tiny_config):
+    result = train(tiny_config(max_train_steps=3))
+    exported = _weights(result.output_dir)
+    raw = result.unet.state_dict()
+    assert exported.keys() == raw.keys()
+    assert any(not torch.equal(exported[k], raw[k]) for k in raw)
+    plain = train(tiny_config(max_train_steps=3, use_ema=False, output_dir=str(result.output_dir) + "-plain"))
+    assert all(torch.equal(_weights(plain.output_dir)[k], v) for k, v in plain.unet.state_dict().items())
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_is_bit_identical(tiny_config, tmp_path, monkeypatch):
+    straight = train(tiny_config(output_dir=str(tmp_path / "a")))
+
+    real_save = training.save_checkpoint
+
+    def save_then_die(accelerator, config, step):
+        path = real_save(accelerator, config, step)
+        if step == 2:
+            raise _Stop  # the run is killed right after checkpoint-2 landed
+        return path
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(_Stop):
+        train(tiny_config(output_dir=str(tmp_path / "b")))
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    resumed = train(tiny_config(output_dir=str(tmp_path / "b"), resume_from_checkpoint="latest"))
+
+    assert resumed.global_step == 4
+    a, b = straight.unet.state_dict(), resumed.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "raw weights differ after resume"
+    ea, eb = _weights(straight.output_dir), _weights(resumed.output_dir)
+    assert all(torch.equal(ea[k], eb[k]) for k in ea), "EMA weights differ after resume"
+    assert resumed.final_loss == straight.final_loss
+
+
+def test_checkpoint_limit_keeps_the_newest(tiny_config):
+    out = train(tiny_config(checkpointing_steps=1, checkpoints_total_limit=2)).output_dir
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_crash_while_writing_a_checkpoint_leaves_the_last_good_one(tiny_config, monkeypatch):
+    real_save_state = Accelerator.save_state
+
+    def dies_midway(self, output_dir=None, **kwargs):
+        if output_dir.endswith("checkpoint-4.partial"):
+            Path(output_dir).mkdir(parents=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half a file")
+            raise _Stop
+        return real_save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", dies_midway)
+    config = tiny_config()
+    with pytest.raises(_Stop):
+        train(config)
+    out = Path(config.training.output_dir)
+    assert find_checkpoint(out, "latest").name == "checkpoint-2"
+    monkeypatch.setattr(Accelerator, "save_state", real_save_state)
+    resumed = train(tiny_config(resume_from_checkpoint="latest"))
+    assert resumed.global_step == 4
+    assert find_checkpoint(out, "latest").name == "checkpoint-4"
+    assert not (out / ".checkpoint-4.partial").exists()
+
+
+def test_resume_refuses_a_changed_model_shape(tiny_config):
+    train(tiny_config(max_train_steps=2))
+    with pytest.raises(ValueError, match="model shape changed.*block_out_channels"):
+        train(tiny_config(block_out_channels=[16, 16], resume_from_checkpoint="latest"))
+
+
+def test_resume_path_that_does_not_exist(tiny_config, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        train(tiny_config(resume_from_checkpoint=str(tmp_path / "checkpoint-99")))
+
+
+def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tiny_config, monkeypatch):
+    real_mse = training.F.mse_loss
+    calls = {"n": 0}
+
+    def mse_goes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_mse(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(training.F, "mse_loss", mse_goes_nan)
+    config = tiny_config()
+    with pytest.raises(NonFiniteLossError, match=r"between steps 3 and 3.*checkpoint-2"):
+        train(config)
+    assert [p.name for p in Path(config.training.output_dir).glob("checkpoint-*")] == ["checkpoint-2"]
+
+
+def test_unreadable_images_are_skipped_and_counted(tiny_config, tmp_path, caplog):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray((rng.random((40, 48)) * 255).astype(np.uint8)).save(folder / f"img{i}.png")
+    (folder / "notes.png").write_text("not an image")
+    good = (folder / "img0.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    result = train(tiny_config(train_data_dir=str(folder), max_train_steps=1))
+    summary = json.loads((result.output_dir / "run_summary.json").read_text())
+    assert summary["num_images"] == 10
+    assert "skipped 2 unreadable image(s) of 12" in caplog.text
+
+
+def test_a_source_where_most_files_fail_is_an_error(tiny_config, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"x{i}.png").write_text("nope")
+    with pytest.raises(ValueError, match="3 of 3 images could not be read"):
+        train(tiny_config(train_data_dir=str(folder)))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"train_data_dir": "/nonexistent/xrays"}, "no such folder"),
+        ({"resolution": 33}, "cannot be divided down"),
+        ({"mixed_precision": "fp8"}, "is not one of"),
+        ({"preset": "huge"}, "--preset 'huge'"),
+        ({"prediction_type": "sample"}, "is not one of"),
+    ],
+)
+def test_bad_configuration_is_one_clear_error(tiny_config, overrides, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train(tiny_config(**overrides))
+
+
+def test_empty_folder_is_a_clear_error(tiny_config, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        train(tiny_config(train_data_dir=str(tmp_path / "empty")))
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--resolution", "30", "--output_dir", str(tmp_path / "o")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --resolution 30 cannot be divided down by the UNet's 4 levels: use a multiple of 8 (e.g. 64, 128, 256)"
+    ]
+
+
+def test_world_size_mismatch_is_refused(tiny_config, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2"):
+        train(tiny_config())
+
+
+def _ddp_worker(config_dict, report_dir):
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState
+
+    from lunggen_diffusers.config import from_dict
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # forked from pytest, which ran single-process Accelerators
+    result = train(from_dict(config_dict))
+    state = result.unet.state_dict()
+    digest = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
+    Path(report_dir, f"rank{dist.get_rank()}.txt").write_text(digest)
+
+
+def test_two_process_ddp_on_cpu(tiny_config, tmp_path):
+    from accelerate import debug_launcher
+
+    config = tiny_config(max_train_steps=2, checkpointing_steps=2)
+    debug_launcher(_ddp_worker, args=(config.to_dict() | {"output_dir": config.training.output_dir}, str(tmp_path)), num_processes=2)
+    digests = {p.read_text() for p in tmp_path.glob("rank*.txt")}
+    assert len(list(tmp_path.glob("rank*.txt"))) == 2 and len(digests) == 1, "ranks disagree on the weights"
+    out = Path(config.training.output_dir)
+    assert (out / "model_index.json").is_file() and [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
