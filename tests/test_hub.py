@@ -1,0 +1,290 @@
+"""Model card, manifest and push: no network (the Hub is intercepted or replaced by a local Hub cache)."""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx2
+import numpy as np
+import pytest
+from diffusers import DDPMPipeline
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from PIL import Image
+
+from lunggen_diffusers import hub
+from lunggen_diffusers.config import save_config
+from lunggen_diffusers.model import build_scheduler, build_unet
+
+TOKEN = "hf_SeCrEtT0kenNeverShown123"
+NIH_SOURCE = "the NIH ChestX-ray14 folder (official train_val list)"
+PIPELINE_FILES = {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+                  "unet/diffusion_pytorch_model.safetensors"}
+# The `model_card` section as lunggen_diffusers/evaluation/report.py writes it.
+METRICS = {"fd": 12.5, "kid": 0.0123, "precision": 0.61, "recall": 0.4, "density": 0.8, "coverage": 0.5,
+           "ms_ssim_generated": 0.31}
+EVAL = {"recipe": {"train": "/never/published"}, "model_card": {
+    "reference": "held-out real images (64, halves for the floor)", "feature_extractor": "downsampled pixels",
+    "image_size": 32, "num_generated": 64, "num_real": 64, "metrics": METRICS,
+    "real_vs_real_floor": {"fd": 3.25, "kid": 0.001, "ms_ssim_real": 0.3, "generated_same_size": {"fd": 14.0}},
+    "memorization": {"flagged_fraction": 0.015625, "null_flagged_fraction": 0.01, "null_percentile": 99.0,
+                     "num_flagged": 1, "num_train": 24, "num_null": 64, "matched_by": "patient"}}}
+
+
+def _summary(source=NIH_SOURCE):
+    listing = "9" * 64 if source == NIH_SOURCE else None  # the phantom has no image identifiers
+    return {"source": source, "split": "train", "num_images": 24, "fingerprint": "a1b2c3d4e5f60718",
+            "image_list_sha256": listing, "per_split_counts": {"train": 24, "validation": 3}, "final_loss": 0.0421}
+
+
+@pytest.fixture
+def secret_dir(tmp_path):
+    path = tmp_path / "Secret_NIH_Source_7f3a" / "images_001"
+    path.mkdir(parents=True)
+    return path
+
+
+@pytest.fixture
+def export(tmp_path, tiny_config, secret_dir):
+    """An output folder as training leaves it, plus the things that must never be uploaded."""
+
+    def make(source=NIH_SOURCE, with_eval=True, **overrides):
+        config = tiny_config(train_data_dir=str(secret_dir), cache_dir=str(secret_dir.parent / "cache"),
+                             ddpm_num_steps=30, hub_token=TOKEN, **overrides)
+        out = Path(config.training.output_dir)
+        DDPMPipeline(unet=build_unet(config), scheduler=build_scheduler(config)).save_pretrained(out)
+        save_config(config, out / "training_config.json")
+        Image.fromarray(np.full((64, 64), 128, np.uint8)).save(out / "samples.png")
+        (out / "samples").mkdir()
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(out / "samples" / "step-000002.png")
+        for junk in ("checkpoint-2/unet/diffusion_pytorch_model.safetensors", "checkpoint-2/optimizer.bin",
+                     "logs/events.out.tfevents.1", "eval/nearest_pairs.png", "eval/memorized_patients.csv",
+                     "unet/diffusion_pytorch_model.bin", "pytorch_model.pkl"):
+            (out / junk).parent.mkdir(parents=True, exist_ok=True)
+            (out / junk).write_text(f"{secret_dir}/00000001_000.png,00000001\n")
+        if with_eval:
+            (out / "eval" / "metrics.json").write_text(json.dumps(EVAL))
+        hub.write_manifest(out, config, _summary(source), wall_time_s=3725.0, global_step=4, hardware="1x CPU")
+        hub.write_model_card(out)
+        return out
+
+    return make
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Record what would be sent to the Hub: create_repo arguments and the commit's files."""
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["repo"] = {"repo_id": repo_id, "token": self.token, **kwargs}
+        return f"https://huggingface.co/{repo_id}"
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        calls["files"] = {}
+        for op in operations:
+            src = op.path_or_fileobj
+            calls["files"][op.path_in_repo] = src if isinstance(src, bytes) else Path(src).read_bytes()
+        calls["commit"] = kwargs
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    return calls
+
+
+def test_card_parses_with_metadata_sections_and_eval(export, secret_dir):
+    out = export()
+    card = ModelCard.load(out / "README.md")
+    data = card.data
+    assert data.library_name == "diffusers" and data.pipeline_tag == "unconditional-image-generation"
+    assert data.license == "other" and data.license_name == "lunggen-research-only"
+    assert {"medical-imaging", "chest-x-ray", "ddpm", "diffusers-training"} <= set(data.tags)
+    assert data.datasets is None  # a local NIH folder is no Hub dataset id
+    results = {r.metric_type: r.metric_value for r in data.eval_results}
+    assert results == METRICS
+    text = card.text
+    assert "| `generated_same_size.fd` | 14 |" in text and "| `matched_by` | patient |" in text
+    assert "/never/published" not in text  # only the model_card section of metrics.json is read
+    for heading in ("## What it generates", "## How to use", "## Training data", "## Training procedure",
+                    "## Evaluation", "### Memorization audit", "### Real-vs-real floor", "## Intended use",
+                    "## Limitations and biases", "## Citation"):
+        assert heading in text
+    assert "TODO" not in str(card).upper()
+    assert "32x32 pixels, 1 channel" in text and "![samples](samples.png)" in text
+    assert "research use only" in text.lower() and "not for clinical use or diagnosis" in text.lower()
+    assert "10.5281/zenodo.18454685" in text and "2006.11239" in text and "ChestX-ray8" in text
+    assert "NIH Clinical Center is the data provider" in text and "30,805 patients" in text
+    assert "1 h 02 min" in text and "1x CPU" in text and "0.0421" in text
+    saved = json.loads((out / "training_config.json").read_text())
+    assert f"Preset `{saved.pop('preset')}`" in text
+    for option in saved:  # every hyperparameter of the saved config is in the card
+        assert f"| `{option}` |" in text, option
+    assert "| `train_data_dir` | <local> |" in text
+    for published in ("README.md", "manifest.json", "eval_results.json"):
+        content = (out / published).read_text()
+        assert "Secret_NIH_Source_7f3a" not in content and str(out) not in content and TOKEN not in content
+
+
+def test_manifest_is_scrubbed_and_complete(export, secret_dir):
+    out = export()
+    manifest = json.loads((out / "manifest.json").read_text())
+    config = manifest["config"]
+    assert config["train_data_dir"] == config["cache_dir"] == "<local>"
+    assert config["output_dir"] == "out" and config["logging_dir"] == "logs" and "hub_token" not in config
+    assert config["resolution"] == 32 and manifest["seed"] == config["seed"] == 0
+    assert manifest["data"]["image_list_sha256"] == "9" * 64 and manifest["data"]["per_split_counts"]["train"] == 24
+    assert manifest["training"] == {"global_step": 4, "wall_time_s": 3725.0, "hardware": "1x CPU",
+                                    "final_loss": 0.0421}
+    assert {"python", "torch", "diffusers", "huggingface_hub"} <= set(manifest["libraries"])
+    assert "git_commit" in manifest and "git_dirty" in manifest
+
+
+def test_phantom_card_without_eval_says_so(export):
+    out = export(source="the built-in procedural chest phantom", with_eval=False)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.eval_results is None and not (out / "eval_results.json").exists()
+    assert "No evaluation was run" in card.text and "No memorization audit was run" in card.text
+    assert "procedural chest phantom, not on patient images" in card.text
+    assert "no image list hash" in card.text
+    assert "ChestX-ray8" not in card.text and "NIH Clinical Center" not in card.text
+
+
+def test_scrub_config_keeps_hub_ids_and_hides_folders(tmp_path):
+    assert hub.scrub_config({"dataset_name": "org/cxr"})["dataset_name"] == "org/cxr"
+    assert hub.scrub_config({"dataset_name": "org/cxr:train"})["dataset_name"] == "org/cxr:train"
+    (tmp_path / "prepared").mkdir()
+    for local in (str(tmp_path / "prepared"), f"{tmp_path / 'prepared'}:validation", "./data/x", "/abs/a/b"):
+        assert hub.scrub_config({"dataset_name": local})["dataset_name"] == "<local>", local
+    assert hub.scrub_config({"resume_from_checkpoint": "/runs/x/checkpoint-500/"}) == {
+        "resume_from_checkpoint": "checkpoint-500"}
+    assert hub.scrub_config({"train_data_dir": None, "hub_token": TOKEN}) == {"train_data_dir": None}
+
+
+def test_leaking_eval_summary_is_refused(export, secret_dir):
+    out = export(with_eval=False)
+    before = _snapshot(out)
+    leaky = {"model_card": {"reference": f"images in {secret_dir}", "metrics": {"fd": 1.0}}}
+    with pytest.raises(ValueError, match="local path"):
+        hub.write_model_card(out, leaky)
+    assert _snapshot(out) == before
+
+
+def test_manifest_refuses_a_path_as_source(export, tiny_config, secret_dir):
+    out = export(with_eval=False)
+    with pytest.raises(ValueError, match="is a path"):
+        hub.write_manifest(out, tiny_config(), {**_summary(), "source": str(secret_dir)}, 1.0, 1, "cpu")
+
+
+def test_push_is_private_by_default_and_uploads_only_the_allow_list(export, fake_hub, capsys, caplog):
+    out = export()
+    caplog.set_level(logging.DEBUG)
+    url = hub.push_to_hub(out, "my-org/lunggen-tiny", token=TOKEN)
+    assert url == "https://huggingface.co/my-org/lunggen-tiny"
+    assert fake_hub["repo"]["private"] is True and fake_hub["repo"]["repo_id"] == "my-org/lunggen-tiny"
+    assert fake_hub["repo"]["token"] == TOKEN  # handed to huggingface_hub, and only there
+    expected = PIPELINE_FILES | {"README.md", "manifest.json", "training_config.json", "eval_results.json",
+                                 "samples.png", "samples/step-000002.png"}
+    assert set(fake_hub["files"]) == expected
+    assert set(hub.files_to_upload(out)) == expected  # the same selection the commit made from the real listing
+    for name, content in fake_hub["files"].items():
+        assert b"Secret_NIH_Source_7f3a" not in content and TOKEN.encode() not in content, name
+    uploaded_config = json.loads(fake_hub["files"]["training_config.json"])
+    assert uploaded_config["train_data_dir"] == "<local>" and uploaded_config["output_dir"] == "out"
+    assert "Secret_NIH_Source_7f3a" in (out / "training_config.json").read_text()  # the local copy is untouched
+    card = fake_hub["files"]["README.md"].decode()
+    assert 'DDPMPipeline.from_pretrained("my-org/lunggen-tiny")' in card and "| `coverage` | 0.5 |" in card
+    assert (out / "README.md").read_text() == card  # the local card matches what was pushed
+    logged = capsys.readouterr()
+    assert TOKEN not in logged.out + logged.err + caplog.text
+
+
+@pytest.mark.parametrize("flag", ["--private", "--hub_private_repo"])
+def test_cli_push_public_on_request(export, fake_hub, capsys, flag):
+    out = export(with_eval=False)
+    assert hub.main(["push", str(out), "--repo_id", "org/name", flag, "false", "--hub_token", TOKEN]) == 0
+    assert fake_hub["repo"]["private"] is False and fake_hub["repo"]["token"] == TOKEN
+    printed = capsys.readouterr().out
+    assert "public" in printed and TOKEN not in printed
+
+
+def _http_error(status):
+    request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+    return HfHubHTTPError(f"{status} error", response=httpx2.Response(status, request=request))
+
+
+@pytest.mark.parametrize("error, words", [
+    (OfflineModeIsEnabled("offline"), "offline mode"),
+    (_http_error(401), "hf auth login"),
+    (_http_error(403), "write access"),
+    (httpx2.ConnectError("[Errno -2] Name or service not known"), "unreachable"),
+])
+def test_push_failures_are_one_clear_line_and_leave_the_output(export, monkeypatch, capsys, error, words):
+    out = export()
+    before = _snapshot(out)
+
+    def fail(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(HfApi, "create_repo", fail)
+    assert hub.main(["push", str(out), "--repo_id", "org/name", "--token", TOKEN]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot push to org/name:") and words in err and err.count("\n") == 1
+    assert TOKEN not in err and "Traceback" not in err
+    assert _snapshot(out) == before
+
+
+def test_cli_card_reads_eval_dir_and_the_push_keeps_it(export, fake_hub, tmp_path, capsys):
+    out = export(with_eval=False)
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    (eval_dir / "metrics.json").write_text(json.dumps(EVAL))
+    assert hub.main(["card", str(out), "--eval_dir", str(eval_dir)]) == 0
+    assert ModelCard.load(out / "README.md").data.eval_results[0].metric_value == 12.5
+    hub.push_to_hub(out, "org/name")  # regenerates the card from manifest + the kept eval summary
+    assert "| `coverage` | 0.5 |" in fake_hub["files"]["README.md"].decode()
+    assert hub.main(["card", str(out), "--eval_dir", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert hub.main(["publish", str(out)]) == 2
+
+
+def test_pushed_files_load_from_the_hub_cache_as_users_will(export, fake_hub, tmp_path):
+    """What the push would upload, laid out as a Hub cache: the pipeline loads, the card loads, its snippet runs."""
+    out = export()
+    hub.push_to_hub(out, "org/name")
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf_cache" / "models--org--name"
+    for name, content in fake_hub["files"].items():
+        (repo / "snapshots" / revision / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / revision / name).write_bytes(content)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    shutil.rmtree(out)  # nothing may come from the local folder
+    script = (
+        "import re\n"
+        "from diffusers import DDPMPipeline\n"
+        "from huggingface_hub import ModelCard\n"
+        "pipe = DDPMPipeline.from_pretrained('org/name')\n"
+        "assert pipe.unet.config.sample_size == 32 and pipe.unet.config.in_channels == 1\n"
+        "card = ModelCard.load('org/name')\n"
+        "assert card.data.library_name == 'diffusers' and card.data.eval_results\n"
+        "exec(re.search(r'```python\\n(.*?)```', card.text, re.S).group(1))\n"
+        "print('loaded', images[0].mode, images[0].size)\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf_cache"), "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "loaded L (32, 32)" in run.stdout
+    snippet = fake_hub["files"]["README.md"].decode()
+    assert "num_inference_steps=30," in snippet and "num_inference_steps=15," in snippet
