@@ -1,0 +1,160 @@
+"""The procedural chest phantom: determinism, shapes, labels, radiological laterality, argument checks."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lunggen_diffusers.data.phantom import FINDINGS, main, phantom_dataset, phantom_grid, render_phantom
+
+
+def _centres(resolution):
+    """Normalised pixel-centre coordinates in [-1, 1]; x grows to the image's right, y downwards."""
+    return (np.arange(resolution) + 0.5) * 2 / resolution - 1
+
+
+def _heart_minus_lung(image, inner=0.2, outer=0.4):
+    """Mean of the band inner < x < outer right of centre minus its mirror image, at the level of the heart."""
+    c = _centres(image.shape[0])
+    rows = image[(c > 0.1) & (c < 0.35)]
+    return rows[:, (c > inner) & (c < outer)].mean() - rows[:, (c > -outer) & (c < -inner)].mean()
+
+
+def _lowest_lung_row(image, side):
+    """Lowest row holding dark lung (in the lower half, on side -1 = image left or +1 = image right): the
+    costophrenic angle, which sits under its hemidiaphragm."""
+    c = _centres(image.shape[0])
+    threshold = (np.percentile(image, 10) + np.percentile(image, 90)) / 2
+    bright = image > threshold
+    # Dark pixels with body on both sides of them along the row: lung, not the black background.
+    inside = np.maximum.accumulate(bright, 1) & np.maximum.accumulate(bright[:, ::-1], 1)[:, ::-1]
+    dark_rows = ((image < threshold) & inside)[:, c * side > 0.15].any(1) & (c > 0)
+    return np.nonzero(dark_rows)[0].max()
+
+
+@pytest.fixture(scope="module")
+def laterality_images():
+    return [render_phantom(128, np.random.default_rng([11, i])).astype(float) for i in range(12)]
+
+
+def test_heart_is_on_the_image_right(laterality_images):
+    for image in laterality_images:
+        assert _heart_minus_lung(image) > 10
+        assert _heart_minus_lung(image[:, ::-1]) < -10  # the check does catch a mirrored film
+
+
+def test_right_hemidiaphragm_on_the_image_left_is_higher(laterality_images):
+    for image in laterality_images:
+        assert _lowest_lung_row(image, -1) < _lowest_lung_row(image, +1)
+        mirrored = image[:, ::-1]
+        assert _lowest_lung_row(mirrored, -1) > _lowest_lung_row(mirrored, +1)
+
+
+def test_radiograph_convention_dark_background_and_lungs_bright_mediastinum(laterality_images):
+    c = _centres(128)
+    for image in laterality_images:
+        assert image[:4, :4].mean() < 10 and image[:4, -4:].mean() < 10  # outside the body, above the shoulders
+        spine = image[(c > -0.3) & (c < 0.0)][:, np.abs(c) < 0.05].mean()
+        lung = image[(c > -0.3) & (c < 0.0)][:, np.abs(c + 0.45) < 0.05].mean()
+        assert spine > lung + 60
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 1024])
+def test_any_resolution_gives_uint8_square(resolution):
+    image = render_phantom(resolution, np.random.default_rng(0))
+    assert image.shape == (resolution, resolution) and image.dtype == np.uint8
+    assert image.min() < 20 and image.max() > 200
+
+
+def test_dataset_images_are_mode_l_with_the_right_size():
+    ds = phantom_dataset(3, resolution=48)
+    assert ds.column_names == ["image", "patient_id", "finding_labels", *FINDINGS]
+    for image in ds["image"]:
+        assert isinstance(image, Image.Image) and image.mode == "L" and image.size == (48, 48)
+
+
+def _png_bytes(ds):
+    return [row["bytes"] for row in ds.with_format("arrow")["image"].to_pylist()]
+
+
+def test_same_seed_same_bytes_and_subsets_regenerate():
+    full = phantom_dataset(6, resolution=32, seed=3, finding_prob=0.5)
+    assert _png_bytes(full) == _png_bytes(phantom_dataset(6, resolution=32, seed=3, finding_prob=0.5))
+    part = phantom_dataset(2, resolution=32, seed=3, finding_prob=0.5, start_index=4)
+    assert _png_bytes(part) == _png_bytes(full)[4:]
+    assert part["patient_id"] == full["patient_id"][4:] == ["phantom-3-4", "phantom-3-5"]
+    assert part["finding_labels"] == full["finding_labels"][4:]
+
+
+def test_different_seeds_and_indices_differ():
+    a = phantom_dataset(2, resolution=32, seed=0)
+    b = phantom_dataset(2, resolution=32, seed=1)
+    assert len(set(_png_bytes(a) + _png_bytes(b))) == 4
+    assert len(set(list(a["patient_id"]) + list(b["patient_id"]))) == 4
+
+
+def test_labels_match_the_finding_columns():
+    ds = phantom_dataset(40, resolution=32, seed=5, finding_prob=0.5)
+    seen = set()
+    for row in ds:
+        present = [f for f in FINDINGS if row[f]]
+        assert row["finding_labels"] == (present or ["No Finding"])
+        seen.update(present)
+    assert seen == set(FINDINGS)
+    assert "No Finding" in {label for labels in ds["finding_labels"] for label in labels}
+    assert all(labels == ["No Finding"] for labels in phantom_dataset(5, 32, finding_prob=0.0)["finding_labels"])
+    assert all(labels == list(FINDINGS) for labels in phantom_dataset(5, 32, finding_prob=1.0)["finding_labels"])
+
+
+@pytest.mark.parametrize("finding", FINDINGS)
+def test_each_finding_changes_only_part_of_the_same_anatomy(finding):
+    clean = render_phantom(96, np.random.default_rng([2, 7])).astype(int)
+    sick = render_phantom(96, np.random.default_rng([2, 7]), [finding]).astype(int)
+    changed = np.abs(sick - clean) > 8
+    assert 0.001 < changed.mean() < 0.25
+    assert sick[changed].mean() > clean[changed].mean()  # findings are opacities: brighter, never darker
+
+
+def test_cardiomegaly_widens_the_heart_to_the_image_right():
+    clean = render_phantom(128, np.random.default_rng([4, 1])).astype(float)
+    big = render_phantom(128, np.random.default_rng([4, 1]), ["cardiomegaly"]).astype(float)
+    assert _heart_minus_lung(big, 0.35, 0.6) > _heart_minus_lung(clean, 0.35, 0.6) + 15
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: render_phantom(31, np.random.default_rng(0)), r"resolution .*\[32, 1024\].*31"),
+        (lambda: render_phantom(1025, np.random.default_rng(0)), r"resolution .*\[32, 1024\].*1025"),
+        (lambda: render_phantom(64, np.random.default_rng(0), ["fracture"]), r"fracture.*cardiomegaly"),
+        (lambda: render_phantom(64, np.random.default_rng(0), "nodule"), r"sequence"),
+        (lambda: phantom_dataset(0), r"num_images .*>= 1.*0"),
+        (lambda: phantom_dataset(2, resolution=2048), r"resolution .*\[32, 1024\].*2048"),
+        (lambda: phantom_dataset(2, finding_prob=1.5), r"finding_prob .*\[0, 1\].*1.5"),
+        (lambda: phantom_dataset(2, finding_prob=-0.1), r"finding_prob .*\[0, 1\].*-0.1"),
+        (lambda: phantom_dataset(2, seed=-1), r"seed .*>= 0.*-1"),
+        (lambda: phantom_dataset(2, start_index=-3), r"start_index .*>= 0.*-3"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_value_and_range(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_grid_png_is_written_and_marked_synthetic(tmp_path):
+    path = tmp_path / "docs" / "grid.png"
+    grid = phantom_grid(path, resolution=32, rows=2, cols=3)
+    assert grid.size == (96, 64)
+    with Image.open(path) as written:
+        assert written.size == (96, 64) and written.text["synthetic"] == "procedural phantom"
+        # The first tile is image 0 of the seed, exactly as the dataset makes it.
+        tile = np.asarray(written.convert("L"))[:32, :32]
+    first = phantom_dataset(1, resolution=32, seed=0, finding_prob=0.3)["image"][0]
+    np.testing.assert_array_equal(tile, np.asarray(first))
+
+
+def test_cli_writes_grid_and_reports_bad_arguments(tmp_path, capsys):
+    path = tmp_path / "grid.png"
+    assert main(["--grid", str(path), "--resolution", "32", "--rows", "1", "--cols", "2"]) == 0
+    assert Image.open(path).size == (64, 32)
+    assert main(["--grid", str(path), "--resolution", "16"]) == 2
+    assert capsys.readouterr().err.strip() == "error: resolution must be an integer in [32, 1024], got 16"
