@@ -1,0 +1,112 @@
+"""Speed and quality of each sampler against the reference DDPM-1000, on the same seeds.
+
+    python benchmarks/sampler_benchmark.py --model lunggen-output --num_images 128 --device cpu
+
+For each sampler: wall time per image and the Fréchet distance on downsampled pixels between its images and
+held-out phantoms (a seed the demo model never trained on). The row "phantoms" is a second held-out phantom set
+of the same size: the distance that sampling noise alone gives, the floor no sampler can beat. Prints a table,
+writes JSON and a PNG with the first images of every sampler (one row each, same seeds so rows are comparable).
+"""
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import HfArgumentParser
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from lunggen_diffusers.cli import run  # noqa: E402
+from lunggen_diffusers.data.phantom import phantom_dataset  # noqa: E402
+from lunggen_diffusers.evaluation.features import pixel_features  # noqa: E402
+from lunggen_diffusers.evaluation.metrics import frechet_distance  # noqa: E402
+from lunggen_diffusers.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, generate, load_pipeline  # noqa: E402
+
+REFERENCE = ("ddpm", 1000)
+DEFAULT = (DEFAULT_SCHEDULER, DEFAULT_STEPS)
+SAMPLERS = [REFERENCE, ("ddim", 50), ("dpmsolver++", 10), ("dpmsolver++", 25), ("unipc", 10), ("unipc", 25)]
+SAMPLERS += [DEFAULT] if DEFAULT not in SAMPLERS else []
+GOAL_SPEEDUP, GOAL_FD_RATIO = 40.0, 1.10
+HELD_OUT_SEED = 12345  # training uses phantom seed 0
+
+
+@dataclass
+class BenchmarkArguments:
+    model: str = field(metadata={"help": "Trained DDPMPipeline folder or Hub id."})
+    num_images: int = field(default=128, metadata={"help": "Images per sampler (same seeds for all)."})
+    num_reference: int = field(default=1024, metadata={"help": "Held-out phantoms to compare against."})
+    batch_size: int = field(default=32)
+    seed: int = field(default=0)
+    feature_size: int = field(default=8, metadata={"help": "Side of the downsampled pixel features."})
+    device: str | None = field(default=None, metadata={"help": "cuda, mps or cpu; default: the best available."})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "CPU threads for torch; 1 gives steadier timings on a busy shared machine."})
+    output_dir: str = field(default="benchmarks/results", metadata={"help": "Where the JSON and the PNG go."})
+
+
+def _uint8(images: np.ndarray) -> np.ndarray:
+    """What the PNGs hold: (N, H, W) uint8."""
+    return np.round(images[..., 0] * 255).astype(np.uint8)
+
+
+def _phantoms(num_images: int, resolution: int, start_index: int) -> np.ndarray:
+    data = phantom_dataset(num_images, resolution=resolution, seed=HELD_OUT_SEED, start_index=start_index)
+    return np.stack([np.asarray(image) for image in data["image"]])
+
+
+def benchmark(args: BenchmarkArguments) -> dict:
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    pipe, revision = load_pipeline(args.model, device=args.device)
+    resolution = pipe.unet.config.sample_size
+    reference = pixel_features(_phantoms(args.num_reference, resolution, 0), args.feature_size)
+    floor = _phantoms(args.num_images, resolution, args.num_reference)  # disjoint from the reference set
+    rows = [{"sampler": "phantoms", "steps": 0, "ms_per_image": 0.0,
+             "fd": frechet_distance(pixel_features(floor, args.feature_size), reference)}]
+    generate(pipe, 1, num_inference_steps=2, progress=False)  # warm-up: first-call allocations are not sampling
+    strips = [floor[:8]]
+    for scheduler, steps in SAMPLERS:
+        start = time.perf_counter()
+        images = _uint8(generate(pipe, args.num_images, seed=args.seed, scheduler=scheduler,
+                                 num_inference_steps=steps, batch_size=args.batch_size, output_type="np"))
+        seconds = time.perf_counter() - start
+        fd = frechet_distance(pixel_features(images, args.feature_size), reference)
+        rows.append({"sampler": scheduler, "steps": steps, "ms_per_image": 1000 * seconds / args.num_images,
+                     "fd": fd})
+        strips.append(images[:8])
+    ref = next(r for r in rows if (r["sampler"], r["steps"]) == REFERENCE)
+    for row in rows[1:]:
+        row["speedup"] = ref["ms_per_image"] / row["ms_per_image"]
+        row["fd_ratio"] = row["fd"] / ref["fd"]
+    default = next(r for r in rows if (r["sampler"], r["steps"]) == DEFAULT)
+    result = {"settings": {**asdict(args), "model_revision": revision, "resolution": resolution,
+                           "device": str(pipe.device), "phantom_seed": HELD_OUT_SEED},
+              "rows": rows,
+              "default_meets_goal": bool(default["speedup"] >= GOAL_SPEEDUP and default["fd_ratio"] <= GOAL_FD_RATIO)}
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "sampler_benchmark.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    # Rows: phantoms, then each sampler in SAMPLERS order; columns: the same 8 seeds.
+    sheet = np.concatenate([np.concatenate(list(s), axis=1) for s in strips], axis=0)
+    Image.fromarray(sheet).save(os.path.join(args.output_dir, "sampler_benchmark.png"))
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"{'sampler':<12} {'steps':>5} {'ms/image':>9} {'speed-up':>9} {'FD':>8} {'FD/ddpm':>8}")
+    for r in result["rows"]:
+        extra = f"{r['speedup']:>8.1f}x {r['fd']:>8.4f} {r['fd_ratio']:>8.2f}" if "speedup" in r else \
+            f"{'':>9} {r['fd']:>8.4f} {'(floor)':>8}"
+        print(f"{r['sampler']:<12} {r['steps']:>5} {r['ms_per_image']:>9.1f} {extra}")
+    goal = f">= {GOAL_SPEEDUP:.0f}x faster than ddpm-1000, FD within {100 * (GOAL_FD_RATIO - 1):.0f}%"
+    print(f"default {DEFAULT[0]}-{DEFAULT[1]} meets the goal ({goal}): {result['default_meets_goal']}")
+
+
+if __name__ == "__main__":
+    (arguments,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
+    print_table(run(lambda: benchmark(arguments)))

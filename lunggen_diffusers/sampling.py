@@ -1,0 +1,317 @@
+"""Sampling: load a DDPMPipeline, swap in a fast scheduler, generate reproducible synthetic images, write PNGs.
+
+Image i is a function of (seed, i) alone: its initial noise and the noise the stochastic schedulers inject come
+from its own CPU generator, so batch size never changes which image comes out and any image can be regenerated
+from its index.
+"""
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from inspect import signature
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.utils import make_image_grid
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HFValidationError
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
+
+# Order 3 is what diffusers' docs recommend for unconditional sampling (2 is for guided sampling); few-step runs
+# keep lower_order_final (the default) so the last steps stay stable.
+SCHEDULERS = {
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "unipc": (UniPCMultistepScheduler, {"solver_order": 3}),
+}
+DEFAULT_SCHEDULER, DEFAULT_STEPS = "dpmsolver++", 25
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BIT_DEPTHS = (8, 16)
+GRID_MAX_IMAGES = 64
+MANIFEST_FIELDS = ("file", "index", "seed", "noise_seed", "scheduler", "steps", "model", "revision", "dtype",
+                   "bit_depth")
+# Columns that must agree between a run and the images already in its folder for a resume to be valid.
+RUN_FIELDS = ("seed", "scheduler", "steps", "model", "revision", "dtype", "bit_depth")
+SYNTHETIC_NOTICE = "research use only"
+
+
+@dataclass
+class SamplingArguments:
+    model: str = field(metadata={"help": "Local DDPMPipeline folder or Hub model id."})
+    output_dir: str = field(metadata={"help": "Folder for the PNGs, grid.png and manifest.csv (resumable)."})
+    num_images: int = field(default=16, metadata={"help": "How many images to generate."})
+    scheduler: str = field(default=DEFAULT_SCHEDULER, metadata={"help": f"One of {', '.join(SCHEDULERS)}."})
+    num_inference_steps: int = field(default=DEFAULT_STEPS, metadata={"help": "Denoising steps."})
+    batch_size: int = field(default=16, metadata={"help": "Images per forward pass (does not change the images)."})
+    seed: int = field(default=0, metadata={"help": "Base seed; image i depends on (seed, i) only."})
+    start_index: int = field(default=0, metadata={"help": "Index of the first image (regenerate any image by it)."})
+    revision: str | None = field(default=None, metadata={"help": "Hub branch, tag or commit."})
+    bit_depth: int = field(default=8, metadata={"help": "PNG bit depth: 8 or 16 (true 16-bit grayscale)."})
+    dtype: str = field(default="fp32", metadata={"help": f"One of {', '.join(DTYPES)}."})
+    device: str | None = field(default=None, metadata={"help": "cuda, mps or cpu; default: the best available."})
+
+
+def _check_scheduler(name: str) -> None:
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def make_scheduler(name: str, config):
+    """A fresh scheduler `name` built from another scheduler's config (the model's training noise schedule)."""
+    _check_scheduler(name)
+    cls, overrides = SCHEDULERS[name]
+    return cls.from_config(config, **overrides)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("dtype 'bf16' is not supported by this GPU; use fp16 or fp32")
+    return DTYPES[dtype]
+
+
+def _model_index(model: str, revision: str | None) -> tuple[str, str]:
+    """Path of the model's model_index.json and the revision to record (commit hash for Hub models)."""
+    if os.path.isdir(model):
+        path = os.path.join(model, "model_index.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"model folder {model!r} has no model_index.json; it is not a DDPMPipeline")
+        return path, ""
+    if os.path.exists(model):
+        raise ValueError(f"model {model!r} is a file; give a DDPMPipeline folder or a Hub model id")
+    try:
+        path = hf_hub_download(model, "model_index.json", revision=revision)
+    except HFValidationError:
+        raise ValueError(f"model {model!r} is neither a local folder nor a valid Hub model id") from None
+    except OSError as err:  # LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, ...
+        raise FileNotFoundError(
+            f"no local folder {model!r}, and no Hub model by that id (revision {revision or 'main'}) online or in "
+            f"the local cache ({type(err).__name__})"
+        ) from None
+    # The Hub cache stores every file under snapshots/<commit>/, so the folder name pins the exact revision.
+    return path, os.path.basename(os.path.dirname(path))
+
+
+def load_pipeline(model: str, revision: str | None = None, device: str | None = None, dtype: str = "fp32"):
+    """Load a DDPMPipeline (safetensors only) onto `device`; returns (pipe, resolved revision)."""
+    index_path, resolved = _model_index(model, revision)
+    with open(index_path) as f:
+        class_name = json.load(f).get("_class_name")
+    if class_name != "DDPMPipeline":
+        raise ValueError(f"model {model!r} is a {class_name or 'unknown pipeline'}, not a DDPMPipeline")
+    target = pick_device(device)
+    torch_dtype = _torch_dtype(dtype, target)
+    try:
+        pipe = DDPMPipeline.from_pretrained(
+            model, revision=resolved or revision, use_safetensors=True, dtype=torch_dtype
+        )
+    except OSError as err:  # e.g. a missing component, or weights only as pickle (.bin), which we refuse
+        raise FileNotFoundError(f"cannot load DDPMPipeline {model!r}: {str(err).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(target), resolved
+
+
+def model_label(model: str) -> str:
+    """What to record about the model: a Hub id as is, a local folder by its name only (no filesystem path)."""
+    return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+
+
+def noise_seed(seed: int, index: int) -> int:
+    """Seed of image `index`'s own generator: a well-mixed 64-bit hash of (seed, index), so no two pairs collide."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+
+
+def _check_counts(**counts: int) -> None:
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def _check_output(output_dir, num_images, num_inference_steps, batch_size, start_index, scheduler, bit_depth):
+    """Everything about a save_images call that can be wrong, checked before any model is loaded or run."""
+    _check_counts(num_images=num_images, num_inference_steps=num_inference_steps, batch_size=batch_size)
+    if start_index < 0:
+        raise ValueError(f"start_index must be >= 0, got {start_index}")
+    _check_scheduler(scheduler)
+    if bit_depth not in BIT_DEPTHS:
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output_dir {output_dir!r} is a file; give a folder")
+
+
+def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS, batch_size=16,
+                 progress=True):
+    """Yield (indices, images) per batch; images are float32 numpy (B, H, W, C) in [0, 1]."""
+    _check_counts(num_inference_steps=num_inference_steps, batch_size=batch_size)
+    _check_scheduler(scheduler)
+    unet = pipe.unet
+    device, dtype = unet.device, unet.dtype
+    cfg = unet.config
+    size = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+    indices = list(indices)
+    with tqdm(total=len(indices), unit="img", disable=not progress) as bar:
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start : start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(noise_seed(seed, i)) for i in batch]
+            # fp32 noise on CPU whatever the device and dtype, so every setup starts from the same noise.
+            noise = torch.cat([torch.randn((1, cfg.in_channels, *size), generator=g) for g in generators])
+            sched = make_scheduler(scheduler, pipe.scheduler.config)
+            sched.set_timesteps(num_inference_steps, device=device)
+            # Stochastic steps (ddpm, ddim with eta > 0) draw each image's noise from that image's generator.
+            step_kwargs = {"generator": generators} if "generator" in signature(sched.step).parameters else {}
+            x = noise.to(device=device, dtype=dtype) * sched.init_noise_sigma
+            with torch.inference_mode():
+                for t in sched.timesteps:
+                    model_output = unet(sched.scale_model_input(x, t), t).sample
+                    x = sched.step(model_output, t, x, **step_kwargs).prev_sample
+            # float() before numpy: numpy has no bfloat16 (the stock pipeline's output path crashes there).
+            images = (x.float() / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
+            bar.update(len(batch))
+            yield batch, images
+
+
+def generate(pipe, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS, batch_size=16,
+             start_index=0, output_type="pil", progress=True):
+    """Images start_index .. start_index + num_images - 1: PIL images, or one float32 array (N, H, W, C)."""
+    _check_counts(num_images=num_images)
+    if start_index < 0:
+        raise ValueError(f"start_index must be >= 0, got {start_index}")
+    if output_type not in ("pil", "np"):
+        raise ValueError(f"unknown output_type {output_type!r}; choose 'pil' or 'np'")
+    indices = range(start_index, start_index + num_images)
+    arrays = [images for _, images in
+              iter_batches(pipe, indices, seed, scheduler, num_inference_steps, batch_size, progress)]
+    images = np.concatenate(arrays)
+    return images if output_type == "np" else pipe.numpy_to_pil(images)
+
+
+def to_png(image: np.ndarray, bit_depth: int) -> Image.Image:
+    """(H, W, 1) float in [0, 1] -> 8-bit L, or true 16-bit grayscale (I;16) straight from the float values."""
+    if bit_depth not in BIT_DEPTHS:
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+    if image.shape[-1] != 1:
+        raise ValueError(f"PNG writing expects 1-channel (grayscale) images, got {image.shape[-1]} channels")
+    if bit_depth == 8:
+        return Image.fromarray(np.round(image[..., 0] * 255).astype(np.uint8))  # mode L
+    return Image.fromarray(np.round(image[..., 0] * 65535).astype(np.uint16))  # mode I;16
+
+
+def png_info(row: dict) -> PngInfo:
+    """Text chunks that mark an image as synthetic and say how it was made."""
+    info = PngInfo()
+    info.add_text("Software", "LungGen-Diffusers")
+    info.add_text("Description", "Synthetic chest X-ray generated by a diffusion model; not a real patient; "
+                                 f"not for diagnosis ({SYNTHETIC_NOTICE}).")
+    info.add_text("synthetic", SYNTHETIC_NOTICE)
+    for key in ("model", "revision", "seed", "index", "noise_seed", "scheduler", "steps"):
+        if key in row:
+            info.add_text(key, str(row[key]))
+    return info
+
+
+def _read_manifest(path: str, run: dict) -> dict[int, dict]:
+    """Rows already written in this folder, by index; refuses a folder made with other settings."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        clash = [k for k in RUN_FIELDS if row.get(k) != str(run[k])]
+        if clash:
+            k = clash[0]
+            raise ValueError(f"output_dir already holds images made with {k}={row.get(k)!r} (this run: "
+                             f"{run[k]!r}); use a new folder or the same settings to resume")
+    return {int(row["index"]): row for row in rows}
+
+
+def write_grid(output_dir: str, rows: list[dict], info: PngInfo) -> str:
+    """grid.png of the first GRID_MAX_IMAGES images, read back from disk (so a resumed run gets a full grid)."""
+    images = []
+    for row in rows[:GRID_MAX_IMAGES]:
+        with Image.open(os.path.join(output_dir, row["file"])) as im:
+            pixels = np.asarray(im)
+        if pixels.dtype != np.uint8:  # 16-bit: keep the top 8 bits for viewing
+            pixels = (pixels.astype(np.uint32) >> 8).astype(np.uint8)
+        images.append(Image.fromarray(pixels))
+    cols = math.ceil(math.sqrt(len(images)))
+    rows_n = math.ceil(len(images) / cols)
+    images += [Image.new("L", images[0].size)] * (rows_n * cols - len(images))
+    path = os.path.join(output_dir, "grid.png")
+    make_image_grid(images, rows_n, cols).convert("L").save(path, pnginfo=info)  # the grid is built RGB
+    return path
+
+
+def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS,
+                batch_size=16, start_index=0, bit_depth=8, model="", revision="", progress=True):
+    """Write image_<index>.png for each image, manifest.csv and grid.png; returns the manifest rows.
+
+    Resumable: images already listed in the folder's manifest (and present) are skipped. Each PNG is written
+    to a temporary name and renamed, and its manifest row appended after, so an interrupted run never leaves a
+    half-written image that a resume would trust.
+    """
+    _check_output(output_dir, num_images, num_inference_steps, batch_size, start_index, scheduler, bit_depth)
+    os.makedirs(output_dir, exist_ok=True)
+    dtype = str(pipe.unet.dtype).removeprefix("torch.")
+    run = {"seed": seed, "scheduler": scheduler, "steps": num_inference_steps, "model": model,
+           "revision": revision, "dtype": dtype, "bit_depth": bit_depth}
+    manifest = os.path.join(output_dir, "manifest.csv")
+    done = _read_manifest(manifest, run)
+    wanted = range(start_index, start_index + num_images)
+    todo = [i for i in wanted if not (i in done and os.path.isfile(os.path.join(output_dir, done[i]["file"])))]
+    new_file = not os.path.exists(manifest)
+    with open(manifest, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+        if new_file:
+            writer.writeheader()
+        for batch, images in iter_batches(pipe, todo, seed, scheduler, num_inference_steps, batch_size,
+                                          progress):
+            for index, image in zip(batch, images):
+                row = {"file": f"image_{index:06d}.png", "index": index,
+                       "noise_seed": noise_seed(seed, index), **run}
+                path = os.path.join(output_dir, row["file"])
+                to_png(image, bit_depth).save(path + ".tmp", format="PNG", pnginfo=png_info(row))
+                os.replace(path + ".tmp", path)
+                writer.writerow(row)
+                done[index] = {k: str(v) for k, v in row.items()}
+            f.flush()
+    # Rewrite the manifest whole: one row per image, sorted, with no duplicate left by a re-made image.
+    with open(manifest + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+        writer.writeheader()
+        writer.writerows(done[i] for i in sorted(done))
+    os.replace(manifest + ".tmp", manifest)
+    rows = [done[i] for i in wanted]
+    write_grid(output_dir, rows, png_info(run))
+    return rows
+
+
+def sample_from_args(args: SamplingArguments) -> list[dict]:
+    """The CLI's work: check the arguments, load the model, write the images."""
+    _check_output(args.output_dir, args.num_images, args.num_inference_steps, args.batch_size, args.start_index,
+                  args.scheduler, args.bit_depth)
+    pipe, revision = load_pipeline(args.model, args.revision, args.device, args.dtype)
+    kwargs = {k: v for k, v in asdict(args).items() if k not in ("model", "revision", "dtype", "device")}
+    return save_images(pipe, model=model_label(args.model), revision=revision, **kwargs)
