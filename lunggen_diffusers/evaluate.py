@@ -1,0 +1,40 @@
+"""Evaluate generated chest X-rays against real ones and audit them for memorized training images.
+
+    python -m lunggen_diffusers.evaluate --real data/nih-256:validation --fake synth/ --train data/nih-256:train \
+        --features raddino --output_dir eval/
+
+Writes eval/metrics.json (read by the model card), eval/report.md, eval/nearest_pairs.png and
+eval/memorized_patients.csv (the last two are local only: they show training images and patient IDs).
+"""
+
+from __future__ import annotations
+
+from transformers import HfArgumentParser
+
+from .cli import run
+from .evaluation.run import EvaluationArguments, run_evaluation
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(args=argv)
+    return run(lambda: _report(args))
+
+
+def _report(args: EvaluationArguments) -> dict:
+    try:
+        report = run_evaluation(args)
+    except ImportError as exc:  # a missing optional extra (inception) is a user's setup choice, not a crash
+        raise ValueError(str(exc)) from None
+    fake_vs_real, floor = report["metrics"]["fake_vs_real"], report["metrics"]["real_vs_real"]
+    print(f"FD {fake_vs_real['fd']:.4g} (real-vs-real floor {floor['fd']:.4g}); "
+          f"precision {fake_vs_real['precision']:.3f}, recall {fake_vs_real['recall']:.3f}")
+    if report["memorization"]:
+        mem = report["memorization"]
+        print(f"memorization: {mem['num_flagged']} flagged ({mem['flagged_fraction']:.2%}; held-out null "
+              f"{mem['null_flagged_fraction']:.2%})")
+    print(f"report written to {args.output_dir}/report.md")
+    return report
+
+
+if __name__ == "__main__":
+    main()

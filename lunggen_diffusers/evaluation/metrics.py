@@ -1,0 +1,171 @@
+"""Distribution metrics on feature rows (Fréchet distance, KID, PRDC) and MS-SSIM diversity on images.
+
+No scipy: the matrix square root goes through symmetric eigendecompositions in float64, which cannot return
+the complex values scipy.linalg.sqrtm produces on nearly singular covariances (few samples, many features).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang, Simoncelli & Bovik 2003
+
+
+def _rows(x, name: str, min_rows: int = 2) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or len(x) < min_rows:
+        raise ValueError(f"{name} must be a 2-D array with at least {min_rows} rows (samples), got shape {x.shape}")
+    return x
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2), all in float64.
+
+    S1^1/2 S2 S1^1/2 is symmetric positive semi-definite, so its eigenvalues are real; the tiny negative ones that
+    rounding leaves on rank-deficient covariances are clipped to zero before the square root."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if not (mu1.shape == mu2.shape and s1.shape == s2.shape == (mu1.size, mu1.size)):
+        raise ValueError(f"mismatched statistics: means {mu1.shape}/{mu2.shape}, covariances {s1.shape}/{s2.shape}")
+    root1 = _psd_sqrt(s1)
+    middle = root1 @ s2 @ root1
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    fd = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
+    return max(float(fd), 0.0)  # rounding can leave -1e-12 for identical sets; a distance is never negative
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (rows are samples)."""
+    a, b = _rows(a, "a"), _rows(b, "b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
+    return frechet_distance_from_stats(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def kernel_inception_distance(a: np.ndarray, b: np.ndarray, num_subsets: int = 100, subset_size: int = 1000,
+                              seed: int = 0) -> tuple[float, float]:
+    """Unbiased MMD^2 with the cubic polynomial kernel (x.y/d + 1)^3 (Binkowski et al. 2018), averaged over random
+    subsets of min(subset_size, len(a), len(b)) rows; returns (mean, std over subsets)."""
+    a, b = _rows(a, "a"), _rows(b, "b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
+    n, d = min(subset_size, len(a), len(b)), a.shape[1]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(num_subsets):
+        x, y = a[rng.choice(len(a), n, replace=False)], b[rng.choice(len(b), n, replace=False)]
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        off_diagonal = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+        values.append(off_diagonal - 2 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _kth_neighbour_distance(x: torch.Tensor, k: int, chunk_size: int) -> torch.Tensor:
+    """Distance from each row to its k-th nearest other row (the row itself is at distance 0, index 0)."""
+    return torch.cat([torch.cdist(x[i:i + chunk_size], x).topk(k + 1, largest=False).values[:, k]
+                      for i in range(0, len(x), chunk_size)])
+
+
+def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5, chunk_size: int = 1024) -> dict[str, float]:
+    """Precision, recall, density and coverage (Naeem et al. 2020) with k-nearest-neighbour balls, in float64.
+
+    Distances are computed in row chunks, so memory is chunk_size x max(len(real), len(fake)) values."""
+    real = torch.from_numpy(_rows(real, "real", k + 1))
+    fake = torch.from_numpy(_rows(fake, "fake", k + 1))
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature sizes differ: {real.shape[1]} vs {fake.shape[1]}")
+    real_radius = _kth_neighbour_distance(real, k, chunk_size)
+    fake_radius = _kth_neighbour_distance(fake, k, chunk_size)
+    precise, dense = 0, 0
+    for i in range(0, len(fake), chunk_size):
+        inside = torch.cdist(fake[i:i + chunk_size], real) < real_radius[None]
+        precise += int(inside.any(1).sum())
+        dense += int(inside.sum())
+    recalled, covered = 0, 0
+    for i in range(0, len(real), chunk_size):
+        d = torch.cdist(real[i:i + chunk_size], fake)
+        recalled += int((d < fake_radius[None]).any(1).sum())
+        covered += int((d.min(1).values < real_radius[i:i + chunk_size]).sum())
+    return {"precision": precise / len(fake), "recall": recalled / len(real),
+            "density": dense / (k * len(fake)), "coverage": covered / len(real)}
+
+
+def _gaussian_filter(x: torch.Tensor, win_size: int, sigma: float) -> torch.Tensor:
+    coords = torch.arange(win_size, dtype=x.dtype) - (win_size - 1) / 2
+    g = torch.exp(-coords**2 / (2 * sigma**2))
+    g = g / g.sum()
+    x = F.conv2d(x, g.reshape(1, 1, 1, -1))  # separable and "valid": no padding artefacts at the borders
+    return F.conv2d(x, g.reshape(1, 1, -1, 1))
+
+
+def ms_ssim_scales(height: int, width: int, win_size: int = 11) -> int:
+    """Scales MS-SSIM uses at this size: 5 from 161 px (the coarsest scale must still hold the 11-px window);
+    fewer below, down to 1 at 11 px; smaller images raise ValueError."""
+    side, scales = min(height, width), 0
+    while scales < len(MS_SSIM_WEIGHTS) and side >= win_size:
+        scales, side = scales + 1, (side + 1) // 2
+    if scales == 0:
+        raise ValueError(f"MS-SSIM needs images of at least {win_size}x{win_size} px, got {height}x{width}")
+    return scales
+
+
+def ms_ssim(x, y, data_range: float | None = None, win_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """MS-SSIM of each pair of 1-channel images: x, y are (N, H, W) or (N, 1, H, W), uint8 (range 255) or float
+    (data_range, default 1.0). Gaussian 11-px window, sigma 1.5, the standard 5-scale weights; images under 161 px
+    use fewer scales with the leading weights renormalised (see `ms_ssim_scales`). Returns (N,) values in [0, 1]."""
+    x, y = torch.as_tensor(np.asarray(x)), torch.as_tensor(np.asarray(y))
+    if x.shape != y.shape or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[1] != 1):
+        raise ValueError(f"expected two equal (N, H, W) or (N, 1, H, W) batches, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    if data_range is None:
+        data_range = 255.0 if x.dtype == torch.uint8 else 1.0
+    x, y = x.double().reshape(len(x), 1, *x.shape[-2:]), y.double().reshape(len(y), 1, *y.shape[-2:])
+    scales = ms_ssim_scales(x.shape[-2], x.shape[-1], win_size)
+    weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], dtype=torch.float64)
+    weights = weights / weights.sum()
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    factors = []
+    for scale in range(scales):
+        mu_x, mu_y = _gaussian_filter(x, win_size, sigma), _gaussian_filter(y, win_size, sigma)
+        var_x = _gaussian_filter(x * x, win_size, sigma) - mu_x**2
+        var_y = _gaussian_filter(y * y, win_size, sigma) - mu_y**2
+        cov = _gaussian_filter(x * y, win_size, sigma) - mu_x * mu_y
+        cs = (2 * cov + c2) / (var_x + var_y + c2)
+        if scale < scales - 1:
+            factors.append(cs.mean((-1, -2, -3)))
+            pad = (0, x.shape[-1] % 2, 0, x.shape[-2] % 2)
+            x, y = F.avg_pool2d(F.pad(x, pad, mode="replicate"), 2), F.avg_pool2d(F.pad(y, pad, mode="replicate"), 2)
+        else:
+            luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
+            factors.append((luminance * cs).mean((-1, -2, -3)))
+    # Negative contrast structure (anti-correlated images) is clipped, as in the reference implementations.
+    return torch.prod(torch.stack(factors, 1).clamp_min(0) ** weights, dim=1).float()
+
+
+def mean_pairwise_ms_ssim(images: np.ndarray, pairs: np.ndarray, batch_size: int = 64) -> float:
+    """Mean MS-SSIM over the index pairs (P, 2) of images (N, H, W): a diversity score (lower = more diverse)."""
+    values = [ms_ssim(images[pairs[i:i + batch_size, 0]], images[pairs[i:i + batch_size, 1]])
+              for i in range(0, len(pairs), batch_size)]
+    return float(torch.cat(values).mean())
+
+
+def random_pairs(n: int, num_pairs: int, seed: int = 0) -> np.ndarray:
+    """Up to num_pairs distinct unordered pairs i < j of range(n); all pairs when there are fewer."""
+    if n < 2:
+        raise ValueError(f"diversity needs at least 2 images, got {n}")
+    total = n * (n - 1) // 2
+    rng = np.random.default_rng(seed)
+    if total <= num_pairs:
+        return np.array([(i, j) for i in range(n) for j in range(i + 1, n)])
+    chosen = set()
+    while len(chosen) < num_pairs:
+        i, j = sorted(rng.choice(n, 2, replace=False))
+        chosen.add((int(i), int(j)))
+    return np.array(sorted(chosen))

@@ -1,0 +1,124 @@
+"""Memorization audit: chunked nearest-neighbour search, shift-tolerant NCC, planted copies, false-flag rate."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from lunggen_diffusers.data.phantom import phantom_dataset
+from lunggen_diffusers.evaluation.features import get_extractor, pixel_features
+from lunggen_diffusers.evaluation.memorization import Audit, audit, matched_patients, ncc_search, top_matches
+
+SIZE = 64
+
+
+def phantom_array(n, seed):
+    return np.stack([np.asarray(image) for image in phantom_dataset(n, SIZE, seed=seed)["image"]])
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    """A tiny random Dinov2 (RAD-DINO's architecture) and its image processor, loaded back by path."""
+    path = tmp_path_factory.mktemp("encoder")
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, image_size=32, patch_size=8)
+    transformers.Dinov2Model(config).save_pretrained(path)
+    transformers.BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}) \
+        .save_pretrained(path)
+    return get_extractor("raddino", str(path), batch_size=64)
+
+
+def _plant(train, rng):
+    """Copies of training images 0..23, three per kind; returns the images and the index each copies."""
+    kinds = {
+        "exact": lambda x: x,
+        "noise": lambda x: x + rng.normal(0, 0.03 * 255, x.shape),
+        "shift_2": lambda x: np.roll(x, (2, -2), axis=(0, 1)),
+        "shift_3": lambda x: np.roll(x, (3, 0), axis=(0, 1)),
+        "shift_4": lambda x: np.roll(x, (-4, 4), axis=(0, 1)),
+        "shift_crop_pad": lambda x: np.pad(x[:-3, 2:], ((3, 0), (0, 2)), mode="edge"),
+        "gain": lambda x: x * 0.95,
+        "gain_offset": lambda x: x * 0.95 + 5,
+    }
+    copies, sources, names = [], [], []
+    for n, (name, change) in enumerate(kinds.items()):
+        for i in range(3 * n, 3 * n + 3):
+            copies.append(np.clip(np.round(change(train[i].astype(np.float64))), 0, 255).astype(np.uint8))
+            sources.append(i)
+            names.append(name)
+    return np.stack(copies), np.array(sources), names
+
+
+@pytest.fixture(scope="module")
+def audit_inputs(encoder):
+    train, null, independent = phantom_array(240, 0), phantom_array(240, 1), phantom_array(200, 2)
+    planted, sources, names = _plant(train, np.random.default_rng(0))
+    generated = np.concatenate([independent, planted])
+    embed = lambda images: (pixel_features(images, SIZE), encoder.embed(images))  # noqa: E731
+    return {"gen": embed(generated), "null": embed(null), "train": embed(train), "n_independent": len(independent),
+            "sources": sources, "names": names}
+
+
+def _audit(inputs, percentile):
+    return audit(*inputs["gen"], *inputs["null"], *inputs["train"], percentile=percentile, max_shift=4)
+
+
+def test_top_matches_equals_brute_force_across_chunks():
+    rng = np.random.default_rng(0)
+    queries, keys = rng.standard_normal((23, 5)), rng.standard_normal((41, 5))
+    values, indices = top_matches(queries, keys, k=3, chunk_size=7)
+    sims = queries @ keys.T
+    expected = np.argsort(-sims, axis=1)[:, :3]
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(values, np.take_along_axis(sims, expected, 1), rtol=1e-5)
+
+
+def test_ncc_ignores_gain_offset_and_shifts_within_range():
+    key = phantom_array(1, 5).astype(np.float32) / 255
+    keys = np.concatenate([pixel_features(phantom_array(20, 6), SIZE), key.reshape(1, -1)])
+    variants = np.stack([key[0] * 0.8 + 0.1, np.roll(key[0], (2, -2), (0, 1)), np.roll(key[0], (3, 3), (0, 1))])
+    values, indices = ncc_search(variants.reshape(3, -1), keys, max_shift=2)
+    np.testing.assert_allclose(values[:2], 1.0, atol=1e-5)
+    assert list(indices[:2]) == [20, 20]
+    assert values[2] < 0.999  # a shift beyond max_shift is not undone
+    with pytest.raises(ValueError, match="max_shift"):
+        ncc_search(variants.reshape(3, -1), keys, max_shift=32)
+
+
+def test_audit_catches_every_kind_of_planted_copy(audit_inputs):
+    result = _audit(audit_inputs, 99.9)
+    n = audit_inputs["n_independent"]
+    missed = [name for name, hit in zip(audit_inputs["names"], result.flagged[n:]) if not hit]
+    assert not missed, f"planted copies not flagged: {missed}"
+    np.testing.assert_array_equal(result.matched_index()[n:], audit_inputs["sources"])
+    assert result.flagged[:n].mean() <= 0.03  # independent images: about 2 x 0.1% expected
+
+
+def test_false_flag_rate_on_independent_images_is_near_the_configured_level(audit_inputs):
+    result = _audit(audit_inputs, 90.0)
+    n = audit_inputs["n_independent"]
+    for name, values, threshold in (("ncc", result.gen_ncc[:n], result.ncc_threshold),
+                                    ("cosine", result.gen_cos[:n], result.cos_threshold)):
+        rate = (values > threshold).mean()
+        assert 0.03 <= rate <= 0.2, f"{name}: {rate:.3f} of independent images above the null's 90th percentile"
+    assert abs(result.flagged[:n].mean() - result.null_flagged.mean()) <= 0.1
+    assert result.flagged[:n].mean() <= 0.3  # either of two 10% tests: at most about 20%
+
+
+def test_matched_patients_counts_by_patient():
+    result = Audit(gen_ncc=np.array([0.99, 0.5, 0.2, 0.3]), gen_ncc_index=np.array([0, 1, 3, 2]),
+                   gen_cos=np.array([0.1, 0.1, 0.95, 0.1]), gen_cos_index=np.array([0, 0, 2, 0]),
+                   null_ncc=np.zeros(3), null_cos=np.zeros(3), ncc_threshold=0.9, cos_threshold=0.9, percentile=99.9)
+    rows = matched_patients(result, ["p1", "p1", "p2", "p3"])
+    # Image 0 flagged by NCC (training image 0, p1); image 2 flagged only by cosine (training image 2, p2).
+    assert rows == [
+        {"patient_id": "p1", "flagged_matches": 1, "nearest_matches": 2, "train_images": 2},
+        {"patient_id": "p2", "flagged_matches": 1, "nearest_matches": 1, "train_images": 1},
+        {"patient_id": "p3", "flagged_matches": 0, "nearest_matches": 1, "train_images": 1},
+    ]
+
+
+def test_audit_rejects_bad_percentile(audit_inputs):
+    with pytest.raises(ValueError, match="percentile"):
+        _audit(audit_inputs, 100.0)
