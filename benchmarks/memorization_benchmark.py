@@ -10,8 +10,10 @@ and 768-d features (RAD-DINO's width, the cosine search). Prints a table and wri
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +22,9 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser
 
-from lunggen_diffusers.evaluation.memorization import audit, cosine_search, ncc_search
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from lunggen_diffusers.evaluation.memorization import audit, cosine_search, ncc_search  # noqa: E402
 
 
 @dataclass
