@@ -1,0 +1,194 @@
+"""Prepare NIH ChestX-ray14 once: `python -m lunggen_diffusers.prepare --nih_dir /data/NIH --output_dir data/nih-256`.
+
+Writes a `save_to_disk` DatasetDict (train / validation / test; uint8 `pixel_values` + metadata) that
+`train.py --dataset_name data/nih-256` reads directly, with `prepare_report.json`, `failed_images.csv` and a dataset
+card (README.md) beside it. Same inputs and settings again: nothing is redone. Interrupted: run it again; finished
+chunks are kept in `<output_dir>.partial/` and the output folder only appears once complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import DatasetCard, DatasetCardData
+from transformers import HfArgumentParser
+
+from .cli import run
+from .config import DataConfig
+from .data import nih
+
+CITATION = """@inproceedings{wang2017chestxray8,
+  author    = {Wang, Xiaosong and Peng, Yifan and Lu, Le and Lu, Zhiyong and Bagheri, Mohammadhadi and
+               Summers, Ronald M.},
+  title     = {ChestX-ray8: Hospital-scale Chest X-ray Database and Benchmarks on Weakly-Supervised Classification and
+               Localization of Common Thorax Diseases},
+  booktitle = {IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2017}
+}"""
+SOURCE_URL = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
+
+
+@dataclass
+class PrepareArguments:
+    nih_dir: str = field(metadata={"help": "The NIH ChestX-ray14 folder (Data_Entry_2017_v2020.csv and the PNGs)."})
+    output_dir: str = field(metadata={"help": "Where the prepared dataset goes (a `save_to_disk` folder)."})
+    resolution: int = field(default=256, metadata={"help": "Side of the stored square images."})
+    center_crop: bool = field(default=True, metadata={"help": "Centre-crop non-square images; false pads them."})
+    num_proc: int | None = field(default=None, metadata={"help": "Decoding processes (default: all CPU cores)."})
+    validation_fraction: float = field(default=0.05, metadata={"help": "Fraction of train_val patients validated."})
+    test_fraction: float = field(default=0.2, metadata={"help": "Test patients' fraction when no official lists."})
+    seed: int = field(default=0, metadata={"help": "Seed choosing the validation patients."})
+    view_position: str = field(default="all", metadata={"help": "PA, AP or all."})
+    include_findings: list[str] | None = field(default=None, metadata={"help": 'Keep only these, e.g. "No Finding".'})
+    exclude_findings: list[str] | None = field(default=None, metadata={"help": "Drop images with any of these."})
+    max_images_per_patient: int | None = field(default=None, metadata={"help": "Per-patient cap (deterministic)."})
+    min_age: int | None = field(default=None, metadata={"help": "Minimum patient age (inclusive)."})
+    max_age: int | None = field(default=None, metadata={"help": "Maximum patient age (inclusive)."})
+    max_failed_fraction: float = field(
+        default=0.5, metadata={"help": "Error out when more than this fraction of images is missing or unreadable."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a dataset prepared differently."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload as a PRIVATE Hub dataset."})
+    hub_dataset_id: str | None = field(default=None, metadata={"help": "e.g. my-org/nih-chestxray14-256."})
+    hub_token: str | None = field(default=None, metadata={"help": "Else HF_TOKEN or the cached login."})
+
+
+def to_data_config(args: PrepareArguments) -> DataConfig:
+    return DataConfig(
+        resolution=args.resolution,
+        center_crop=args.center_crop,
+        preprocessing_num_workers=args.num_proc or os.cpu_count(),
+        validation_fraction=args.validation_fraction,
+        test_fraction=args.test_fraction,
+        split_seed=args.seed,
+        view_position=args.view_position,
+        include_findings=args.include_findings,
+        exclude_findings=args.exclude_findings,
+        max_images_per_patient=args.max_images_per_patient,
+        min_age=args.min_age,
+        max_age=args.max_age,
+        max_failed_fraction=args.max_failed_fraction,
+    )
+
+
+def counts_table(splits: dict) -> str:
+    """Markdown table of images, patients and views per split."""
+    views = sorted({v for s in splits.values() for v in s["views"]})
+    lines = ["| split | images | patients | " + " | ".join(views) + " |", "|---" * (3 + len(views)) + "|"]
+    for name, s in splits.items():
+        cells = [name, s["images"], s["patients"], *(s["views"].get(v, 0) for v in views)]
+        lines.append("| " + " | ".join(f"{c:,}" if isinstance(c, int) else c for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def dataset_card(report: dict) -> str:
+    """The prepared folder's README.md: source, counts, splits, preprocessing, citation and terms (no patient IDs)."""
+    s = report["settings"]
+    res = s["resolution"]
+    filters = ", ".join(f"`--{k} {v}`" for k, v in report["filters"].items()) or "none"
+    data = DatasetCardData(
+        pretty_name=f"NIH ChestX-ray14, prepared at {res}x{res}",
+        license="other",
+        license_name="nih-chestxray14",
+        license_link=SOURCE_URL,
+        task_categories=["unconditional-image-generation"],
+        tags=["medical-imaging", "chest-x-ray", "lunggen-diffusers"],
+    )
+    body = f"""
+# NIH ChestX-ray14, prepared at {res}x{res}
+
+Prepared with `python -m lunggen_diffusers.prepare` (LungGen-Diffusers) from the NIH Clinical Center's ChestX-ray14
+release ({report['metadata_file']}: {report['metadata_rows']:,} images). Data provider: the NIH Clinical Center,
+{SOURCE_URL}.
+
+## Contents
+
+{counts_table(report['splits'])}
+
+- Splits are patient-wise and no patient is in two of them (checked when prepared): {report['split_method']};
+  validation holds {s['validation_fraction']:.0%} of the train/validation patients (seed {s['split_seed']}).
+  Train on `train` only.
+- Filters: {filters}.
+- {report['missing_images']:,} image(s) named in the metadata were missing and {report['failed_images']:,} could not
+  be read; they are left out.
+
+## Preprocessing
+
+Each PNG was decoded once, converted to 8-bit grayscale (16-bit images scaled by their value range, transparency
+over black), {'centre-cropped' if s['center_crop'] else 'padded with black'} to a square and resized with Lanczos
+(antialiased) to {res}x{res}. `pixel_values` holds those uint8 pixels; nothing was flipped or normalised.
+Other columns: `image_index`, `patient_id`, `finding_labels` (list), `view_position`, `patient_age` (empty where the
+metadata's age is implausible), `patient_sex`, `follow_up`, `split`.
+
+This dataset carries NIH's de-identified patient IDs and image names (needed for patient-wise splits and per-patient
+caps): keep any copy on the Hub private.
+
+## Terms and citation
+
+Use of ChestX-ray14 is unrestricted, provided that you link to the original download site ({SOURCE_URL}),
+acknowledge the NIH Clinical Center as the data provider, and cite:
+
+Wang X, Peng Y, Lu L, Lu Z, Bagheri M, Summers RM. ChestX-ray8: Hospital-scale Chest X-ray Database and Benchmarks
+on Weakly-Supervised Classification and Localization of Common Thorax Diseases. IEEE CVPR 2017.
+
+```bibtex
+{CITATION}
+```
+"""
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def push_prepared(folder: str | Path, repo_id: str, token: str | None = None) -> None:
+    """Upload the prepared dataset as a private Hub dataset; its card body comes from the local README.md."""
+    import datasets
+
+    datasets.load_from_disk(str(folder)).push_to_hub(repo_id, private=True, token=token)
+    # push_to_hub wrote a card whose YAML says how to load the data; keep that YAML, add ours and our text.
+    hub_card = DatasetCard.load(repo_id, repo_type="dataset", token=token)
+    card = DatasetCard((Path(folder) / "README.md").read_text())
+    for key, value in hub_card.data.to_dict().items():
+        card.data[key] = value
+    card.push_to_hub(repo_id, token=token, repo_type="dataset")
+
+
+def prepare_folder(args: PrepareArguments) -> tuple[dict, bool]:
+    """Prepare (or reuse) `args.output_dir`; returns its report and whether an existing result was reused."""
+    settings = to_data_config(args)
+    output = Path(args.output_dir)
+    plan = nih.plan_nih(args.nih_dir, settings)
+    if output.exists():
+        previous = nih.read_report(output)
+        if previous is not None and previous.get("key") == plan.report["key"]:
+            return previous, True
+        if previous is None and any(output.iterdir()):
+            raise FileExistsError(f"--output_dir {output} is not a prepared dataset; refusing to replace it")
+        if previous is not None and not args.overwrite_output_dir:
+            raise FileExistsError(
+                f"--output_dir {output} holds a dataset prepared from other inputs or settings; "
+                "pass --overwrite_output_dir to replace it"
+            )
+    work_dir = output.with_name(output.name + ".partial")
+    dsdict, report, failures = nih.prepare_nih(plan, settings, work_dir)
+    nih.save_prepared(dsdict, output, work_dir, report, failures, {"README.md": dataset_card(report)})
+    return report, False
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(args=argv)
+    if args.push_to_hub and not args.hub_dataset_id:
+        raise ValueError("--push_to_hub needs --hub_dataset_id (e.g. my-org/nih-chestxray14-256)")
+    report, reused = prepare_folder(args)
+    print(("Reused" if reused else "Prepared") + f" {args.output_dir} ({report['split_method']}):")
+    print(counts_table(report["splits"]))
+    print(f"missing: {report['missing_images']}, unreadable: {report['failed_images']} (see failed_images.csv)")
+    if args.push_to_hub:
+        push_prepared(args.output_dir, args.hub_dataset_id, args.hub_token)
+        print(f"Pushed to the Hub as the private dataset {args.hub_dataset_id}")
+
+
+if __name__ == "__main__":
+    run(main)
