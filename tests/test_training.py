@@ -1,7 +1,7 @@
 """The training spine: export, exact resume, checkpoint safety, scale-out and the errors users hit."""
 
-import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,7 +146,7 @@ def test_unreadable_images_are_skipped_and_counted(tiny_config, tmp_path, caplog
     good = (folder / "img0.png").read_bytes()
     (folder / "truncated.png").write_bytes(good[: len(good) // 2])
     result = train(tiny_config(train_data_dir=str(folder), max_train_steps=1))
-    summary = json.loads((result.output_dir / "run_summary.json").read_text())
+    summary = json.loads((result.output_dir / "manifest.json").read_text())["data"]
     assert summary["num_images"] == 10
     assert "skipped 2 unreadable image(s) of 12" in caplog.text
 
@@ -198,25 +198,33 @@ def test_world_size_mismatch_is_refused(tiny_config, monkeypatch):
         train(tiny_config())
 
 
-def _ddp_worker(config_dict, report_dir):
-    import torch.distributed as dist
-    from accelerate.state import AcceleratorState
-
-    from lunggen_diffusers.config import from_dict
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # forked from pytest, which ran single-process Accelerators
-    result = train(from_dict(config_dict))
-    state = result.unet.state_dict()
-    digest = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
-    Path(report_dir, f"rank{dist.get_rank()}.txt").write_text(digest)
+DDP_WORKER = """
+import hashlib, json, os, sys
+from pathlib import Path
+from lunggen_diffusers.config import from_dict
+from lunggen_diffusers.training import train
+result = train(from_dict(json.loads(Path(sys.argv[1]).read_text())))
+state = result.unet.state_dict()
+digest = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
+Path(sys.argv[2], "rank" + os.environ["RANK"] + ".txt").write_text(digest)
+"""
 
 
 def test_two_process_ddp_on_cpu(tiny_config, tmp_path):
-    from accelerate import debug_launcher
-
+    """The real launcher in fresh processes (gloo on CPU): both ranks end with the same weights, one export."""
     config = tiny_config(max_train_steps=2, checkpointing_steps=2)
-    debug_launcher(_ddp_worker, args=(config.to_dict() | {"output_dir": config.training.output_dir}, str(tmp_path)), num_processes=2)
-    digests = {p.read_text() for p in tmp_path.glob("rank*.txt")}
-    assert len(list(tmp_path.glob("rank*.txt"))) == 2 and len(digests) == 1, "ranks disagree on the weights"
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict() | {"output_dir": config.training.output_dir}))
+    (tmp_path / "worker.py").write_text(DDP_WORKER)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", "0", str(tmp_path / "worker.py"), str(tmp_path / "config.json"), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = sorted(tmp_path.glob("rank*.txt"))
+    assert [p.name for p in reports] == ["rank0.txt", "rank1.txt"]
+    assert reports[0].read_text() == reports[1].read_text(), "ranks disagree on the weights"
     out = Path(config.training.output_dir)
     assert (out / "model_index.json").is_file() and [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert proc.stderr.count("exported the pipeline") == 1

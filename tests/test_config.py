@@ -1,0 +1,76 @@
+"""Configuration: presets, files and flags in the right order, one clear error for each bad value."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lunggen_diffusers.config import PRESETS, load_config, parse_args, save_config
+from lunggen_diffusers.model import build_unet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_no_arguments_is_the_demo():
+    config = parse_args([])
+    assert config.preset == "demo" and config.data.resolution == 64 and config.training.use_ema
+    assert config.data.dataset_name is None and config.data.train_data_dir is None  # the built-in phantom
+
+
+def test_shipped_yaml_files_match_their_presets():
+    assert parse_args(["--config", str(REPO / "configs/demo.yaml")]).to_dict() == parse_args([]).to_dict()
+    paper = parse_args(["--config", str(REPO / "configs/lunggen-256.yaml")])
+    assert paper.preset == "lunggen-256" and paper.data.resolution == 256
+
+
+def test_precedence_preset_then_file_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: lunggen-256\nlearning_rate: 0.0003\ntrain_batch_size: 8\n")
+    config = parse_args(["--config", str(path), "--train_batch_size", "4"])
+    assert config.model.block_out_channels == PRESETS["lunggen-256"]["block_out_channels"]  # preset
+    assert config.training.learning_rate == 3e-4  # file over preset
+    assert config.training.train_batch_size == 4  # flag over file
+
+
+def test_saved_config_round_trips_and_never_holds_the_token(tmp_path):
+    config = parse_args(["--preset", "lunggen-256", "--hub_token", "hf_secret", "--snr_gamma", "5"])
+    save_config(config, tmp_path / "training_config.json")
+    assert "hf_secret" not in (tmp_path / "training_config.json").read_text()
+    again = load_config(tmp_path / "training_config.json")
+    assert again.to_dict() == config.to_dict()
+    assert parse_args(["--config", str(tmp_path / "training_config.json")]).to_dict() == config.to_dict()
+
+
+def test_paper_preset_builds_the_paper_unet():
+    unet = build_unet(parse_args(["--preset", "lunggen-256"]))
+    assert unet.config.in_channels == unet.config.out_channels == 1 and unet.config.sample_size == 256
+    assert unet.config.block_out_channels == (128, 128, 256, 256, 512, 512) and unet.config.layers_per_block == 2
+    # Attention exactly at the 16x16 level: 256 / 2**4.
+    assert [b.startswith("Attn") for b in unet.config.down_block_types] == [False, False, False, False, True, False]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--preset", "big"], "--preset 'big' is not one of: demo, lunggen-256"),
+        (["--mixed_precision", "fp8"], "--mixed_precision 'fp8' is not one of: no, fp16, bf16"),
+        (["--view_position", "LL"], "--view_position 'LL' is not one of: PA, AP, all"),
+        (["--resolution", "60"], "--resolution 60 cannot be divided down"),
+        (["--norm_num_groups", "7"], "--norm_num_groups 7 does not divide"),
+        (["--train_batch_size", "0"], "--train_batch_size 0 must be a positive integer"),
+        (["--push_to_hub", "true"], "--push_to_hub needs --hub_model_id"),
+        (["--dataset_name", "a", "--train_data_dir", "b"], "either --dataset_name or --train_data_dir"),
+        (["--no_such_flag", "1"], "not used by the HfArgumentParser"),
+        (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
+    ],
+)
+def test_bad_values_are_named(argv, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_args(argv)
+
+
+def test_unknown_key_in_a_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"random_flip": True}))
+    with pytest.raises(ValueError, match="unknown option\\(s\\) random_flip"):
+        parse_args(["--config", str(path)])
