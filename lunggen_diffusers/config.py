@@ -162,7 +162,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attention_resolutions": [16],
         "norm_num_groups": 8,
         "train_batch_size": 16,
-        "max_train_steps": 1500,
+        "max_train_steps": 1000,
         "learning_rate": 1e-3,
         "lr_warmup_steps": 50,
         "ema_max_decay": 0.999,

@@ -31,6 +31,7 @@ from huggingface_hub.utils import filter_repo_objects
 from transformers import HfArgumentParser
 
 from .config import Config, DataConfig, HubConfig, ModelConfig, TrainingConfig
+from .sampling import SCHEDULERS
 
 MANIFEST = "manifest.json"
 TRAINING_CONFIG = "training_config.json"
@@ -345,6 +346,7 @@ def _data_terms(nih: bool) -> str:
 
 def _usage(model_id: str, steps: int) -> str:
     fast = min(FAST_STEPS, max(1, steps // 2))  # DPM-Solver++ fails when asked for every training step
+    options = ", ".join(f"{k}={v!r}" for k, v in SCHEDULERS["dpmsolver++"][1].items())
     return f"""```python
 import torch
 from diffusers import DDPMPipeline, DPMSolverMultistepScheduler
@@ -354,7 +356,7 @@ pipe = DDPMPipeline.from_pretrained("{model_id}")
 images = pipe(batch_size=4, num_inference_steps={steps}, generator=torch.manual_seed(0)).images
 # Faster: swap in DPM-Solver++ and take {fast} steps.
 pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-    pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=3
+    pipe.scheduler.config, {options}
 )
 images = pipe(batch_size=4, num_inference_steps={fast}, generator=torch.manual_seed(0)).images
 images[0].save("synthetic_cxr.png")  # 8-bit grayscale PNG
