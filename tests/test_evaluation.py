@@ -18,22 +18,12 @@ from lunggen_diffusers.evaluation.metrics import (frechet_distance, frechet_dist
                                                   kernel_inception_distance, ms_ssim, ms_ssim_scales, prdc)
 from lunggen_diffusers.evaluation.run import split_halves
 
-
-def phantom_array(n, seed, size=64):
-    return np.stack([np.asarray(image) for image in phantom_dataset(n, size, seed=seed)["image"]])
+from helpers import phantom_array, save_tiny_encoder
 
 
 @pytest.fixture(scope="module")
 def encoder_path(tmp_path_factory):
-    """A tiny random Dinov2 (RAD-DINO's architecture) with its image processor, saved for loading by path."""
-    path = tmp_path_factory.mktemp("encoder")
-    torch.manual_seed(0)
-    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=64, image_size=32, patch_size=8)
-    transformers.Dinov2Model(config).save_pretrained(path)
-    transformers.BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}) \
-        .save_pretrained(path)
-    return str(path)
+    return save_tiny_encoder(tmp_path_factory.mktemp("encoder"))
 
 
 @pytest.fixture(scope="module")

@@ -2,31 +2,18 @@
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
-from lunggen_diffusers.data.phantom import phantom_dataset
 from lunggen_diffusers.evaluation.features import get_extractor, pixel_features
 from lunggen_diffusers.evaluation.memorization import Audit, audit, matched_patients, ncc_search, top_matches
+
+from helpers import phantom_array, save_tiny_encoder
 
 SIZE = 64
 
 
-def phantom_array(n, seed):
-    return np.stack([np.asarray(image) for image in phantom_dataset(n, SIZE, seed=seed)["image"]])
-
-
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    """A tiny random Dinov2 (RAD-DINO's architecture) and its image processor, loaded back by path."""
-    path = tmp_path_factory.mktemp("encoder")
-    torch.manual_seed(0)
-    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=64, image_size=32, patch_size=8)
-    transformers.Dinov2Model(config).save_pretrained(path)
-    transformers.BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}) \
-        .save_pretrained(path)
-    return get_extractor("raddino", str(path), batch_size=64)
+    return get_extractor("raddino", save_tiny_encoder(tmp_path_factory.mktemp("encoder")), batch_size=64)
 
 
 def _plant(train, rng):
