@@ -228,3 +228,14 @@ def test_two_process_ddp_on_cpu(tiny_config, tmp_path):
     out = Path(config.training.output_dir)
     assert (out / "model_index.json").is_file() and [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
     assert proc.stderr.count("exported the pipeline") == 1
+
+
+def test_v_prediction_min_snr_and_accumulation_step_arithmetic(tiny_config):
+    # 2 optimizer steps of 2 accumulated batches: the cosine schedule must reach exactly zero at the last step.
+    result = train(tiny_config(prediction_type="v_prediction", snr_gamma=5.0, gradient_accumulation_steps=2,
+                               max_train_steps=2, lr_warmup_steps=0, checkpointing_steps=1))
+    assert result.global_step == 2 and np.isfinite(result.final_loss)
+    assert DDPMPipeline.from_pretrained(result.output_dir).scheduler.config.prediction_type == "v_prediction"
+    scheduler_state = torch.load(result.output_dir / "checkpoint-2" / "scheduler.bin", weights_only=False)
+    assert scheduler_state["_last_lr"] == [0.0]
+    assert scheduler_state["last_epoch"] == 2
