@@ -12,10 +12,12 @@ from PIL import Image
 
 import pipeline
 from lunggen_diffusers.sampling import (
+    DEFAULT_SCHEDULER,
     MANIFEST_FIELDS,
     SCHEDULERS,
     generate,
     load_pipeline,
+    make_scheduler,
     noise_seed,
     save_images,
 )
@@ -72,6 +74,16 @@ def test_same_image_whatever_the_batch_size(pipe, scheduler):
     assert not np.allclose(together, other_seed, atol=1e-2)
 
 
+@pytest.mark.parametrize("clip_sample", [True, False])
+def test_every_scheduler_keeps_the_models_x0_clipping(clip_sample):
+    config = DDPMScheduler(clip_sample=clip_sample, clip_sample_range=1.0).config
+    for name in SCHEDULERS:
+        scheduler = make_scheduler(name, config)
+        clips = scheduler.config.get("clip_sample") is True
+        thresholds = scheduler.config.get("thresholding") is True and scheduler.config.sample_max_value == 1.0
+        assert clips or thresholds if clip_sample else not (clips or thresholds), name
+
+
 def test_generate_returns_pil_grayscale(pipe):
     images = generate(pipe, 2, num_inference_steps=STEPS, progress=False)
     assert [(im.mode, im.size) for im in images] == [("L", (32, 32))] * 2
@@ -107,7 +119,7 @@ def test_png_bit_depth_mode_and_text_chunks(pipe, tmp_path):
             assert im.text["synthetic"] == "research use only"
             assert "synthetic" in im.text["Description"].lower()
             assert {k: im.text[k] for k in ("model", "seed", "index", "scheduler", "steps")} == {
-                "model": "tiny-cxr", "seed": "3", "index": "1", "scheduler": "dpmsolver++", "steps": str(STEPS)}
+                "model": "tiny-cxr", "seed": "3", "index": "1", "scheduler": DEFAULT_SCHEDULER, "steps": str(STEPS)}
 
 
 def test_manifest_and_grid_are_complete(pipe, tmp_path):
@@ -140,8 +152,8 @@ def test_resume_skips_images_already_written(pipe, tmp_path):
     with open(tmp_path / "manifest.csv", newline="") as f:
         assert [r["index"] for r in csv.DictReader(f)] == [str(i) for i in range(6)]
     assert not list(tmp_path.glob("*.tmp"))
-    with pytest.raises(ValueError, match="scheduler='dpmsolver\\+\\+'"):
-        _save(pipe, tmp_path, n=6, scheduler="unipc")
+    with pytest.raises(ValueError, match="made with scheduler="):
+        _save(pipe, tmp_path, n=6, scheduler="unipc" if DEFAULT_SCHEDULER != "unipc" else "ddpm")
 
 
 def test_loads_a_hub_id_offline_from_the_cache(model_dir, tmp_path, monkeypatch):
@@ -181,7 +193,8 @@ def not_a_pipeline(model_dir, tmp_path):
     ("no model_index", {"--model": "{tmp}"}, "not a DDPMPipeline"),
     ("other pipeline", {"--model": "{other}"}, "DDIMPipeline, not a DDPMPipeline"),
     ("only the unet", {"--model": "{model}/unet"}, "not a DDPMPipeline"),
-    ("missing hub id offline", {"--model": "lunggen-test/absent"}, "no local folder 'lunggen-test/absent', and no Hub model"),
+    ("missing hub id offline", {"--model": "lunggen-test/absent"},
+     "no local folder 'lunggen-test/absent', and no Hub model"),
     ("bad scheduler", {"--scheduler": "euler"}, "unknown scheduler 'euler'; choose one of ddpm, ddim"),
     ("zero images", {"--num_images": "0"}, "num_images must be a positive integer, got 0"),
     ("negative batch", {"--batch_size": "-2"}, "batch_size must be a positive integer, got -2"),
