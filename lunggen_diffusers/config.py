@@ -114,6 +114,13 @@ class TrainingConfig:
     channels_last: bool = field(default=False, metadata={"help": "channels_last memory format (faster on CUDA)."})
     use_fused_adam: bool = field(default=True, metadata={"help": "Fused AdamW on CUDA (ignored elsewhere)."})
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile the UNet."})
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "Threads per process on CPU. Default: this machine's cores shared by its processes "
+            "(`accelerate launch` sets OMP_NUM_THREADS=1, which would leave all but one core idle)."
+        },
+    )
     dataloader_num_workers: int = field(default=0)
     checkpointing_steps: int = field(default=500)
     checkpoints_total_limit: int | None = field(default=2)
