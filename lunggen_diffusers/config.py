@@ -126,7 +126,7 @@ class TrainingConfig:
     checkpoints_total_limit: int | None = field(default=2)
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "`latest` or a checkpoint folder."})
     save_images_steps: int | None = field(default=None, metadata={"help": "Write a preview grid every N steps."})
-    preview_inference_steps: int = field(default=25, metadata={"help": "DPM-Solver++ steps for previews."})
+    preview_inference_steps: int = field(default=25, metadata={"help": "Steps of the default fast sampler for previews."})
     logger: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none."})
     logging_dir: str = field(default="logs", metadata={"help": "Relative to --output_dir."})
     logging_steps: int = field(default=10, metadata={"help": "Log loss and lr every N steps."})

@@ -31,7 +31,7 @@ from .config import Config, load_config, save_config
 from .data.build import build_dataset
 from .data.transforms import augment, to_model_input
 from .model import SHAPE_FIELDS, build_scheduler, build_unet
-from .sampling import make_scheduler
+from .sampling import DEFAULT_SCHEDULER, make_scheduler
 
 logger = get_logger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -132,10 +132,10 @@ def _data_summary(dataset, source: str) -> dict:
 
 @torch.no_grad()
 def render_samples(unet: UNet2DModel, noise_scheduler, num_images: int, steps: int, seed: int):
-    """A fixed-seed grid with DPM-Solver++ (seconds, where 1000 DDPM steps would take minutes)."""
+    """A fixed-seed grid with the default fast sampler (seconds, where 1000 DDPM steps would take minutes)."""
     was_training = unet.training
     unet.eval()
-    pipe = DDPMPipeline(unet=unet, scheduler=make_scheduler("dpmsolver++", noise_scheduler.config))
+    pipe = DDPMPipeline(unet=unet, scheduler=make_scheduler(DEFAULT_SCHEDULER, noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     images = pipe(batch_size=num_images, generator=generator, num_inference_steps=steps).images
