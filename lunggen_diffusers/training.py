@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -294,7 +293,6 @@ def train(config: Config) -> TrainResult:
     )
     progress = tqdm(total=max_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="train")
     aug_generator = torch.Generator().manual_seed(t.seed + accelerator.process_index)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
     loss_window, window_start, last_loss = torch.zeros((), device=accelerator.device), global_step, float("nan")
     images_per_step = per_step * t.gradient_accumulation_steps
     window_time = first_window = None  # (time, step) marks for the throughput figures
