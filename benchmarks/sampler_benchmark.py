@@ -2,7 +2,7 @@
 
     python benchmarks/sampler_benchmark.py --model lunggen-output --num_images 64 --device cpu --num_threads 1
 
-(DDPM-1000 dominates: about 17 minutes for 64 images of the 64-px demo model on one CPU core.)
+(DDPM-1000 dominates: about 16 minutes for 64 images of the 64-px demo model on one CPU core.)
 
 For each sampler: wall time per image and the Fréchet distance on downsampled pixels between its images and
 held-out phantoms (a seed the demo model never trained on). The row "phantoms" is a second held-out phantom set
@@ -27,7 +27,13 @@ from lunggen_diffusers.cli import run  # noqa: E402
 from lunggen_diffusers.data.phantom import phantom_dataset  # noqa: E402
 from lunggen_diffusers.evaluation.features import pixel_features  # noqa: E402
 from lunggen_diffusers.evaluation.metrics import frechet_distance  # noqa: E402
-from lunggen_diffusers.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, generate, load_pipeline  # noqa: E402
+from lunggen_diffusers.sampling import (  # noqa: E402
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    generate,
+    load_pipeline,
+    model_label,
+)
 
 REFERENCE = ("ddpm", 1000)
 DEFAULT = (DEFAULT_SCHEDULER, DEFAULT_STEPS)
@@ -86,9 +92,10 @@ def benchmark(args: BenchmarkArguments) -> dict:
         row["speedup"] = ref["ms_per_image"] / row["ms_per_image"]
         row["fd_ratio"] = row["fd"] / ref["fd"]
     default = next(r for r in rows if (r["sampler"], r["steps"]) == DEFAULT)
-    result = {"settings": {**asdict(args), "model_revision": revision, "resolution": resolution,
-                           "device": str(pipe.device), "phantom_seed": HELD_OUT_SEED},
+    result = {"settings": {**asdict(args), "model": model_label(args.model), "model_revision": revision,
+                           "resolution": resolution, "device": str(pipe.device), "phantom_seed": HELD_OUT_SEED},
               "rows": rows,
+              "sheet_rows": ["phantoms"] + [f"{name}-{steps}" for name, steps in SAMPLERS],
               "default_meets_goal": bool(default["speedup"] >= GOAL_SPEEDUP and default["fd_ratio"] <= GOAL_FD_RATIO)}
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "sampler_benchmark.json"), "w") as f:
