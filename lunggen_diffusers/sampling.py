@@ -28,6 +28,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
+from .runtime import keep_freed_memory
+
 # Order 3 is what diffusers' docs recommend for unconditional sampling (2 is for guided sampling); few-step runs
 # keep lower_order_final (the default) so the last steps stay stable.
 SCHEDULERS = {
@@ -323,5 +325,7 @@ def sample_from_args(args: SamplingArguments) -> list[dict]:
     _check_output(args.output_dir, args.num_images, args.num_inference_steps, args.batch_size, args.start_index,
                   args.scheduler, args.bit_depth)
     pipe, revision = load_pipeline(args.model, args.revision, args.device, args.dtype)
+    if pipe.device.type == "cpu":
+        keep_freed_memory()
     kwargs = {k: v for k, v in asdict(args).items() if k not in ("model", "revision", "dtype", "device")}
     return save_images(pipe, model=model_label(args.model), revision=revision, **kwargs)

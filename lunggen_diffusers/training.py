@@ -30,6 +30,7 @@ from .config import Config, load_config, save_config
 from .data.build import build_dataset
 from .data.transforms import augment, to_model_input
 from .model import SHAPE_FIELDS, build_scheduler, build_unet
+from .runtime import keep_freed_memory, set_cpu_threads
 from .sampling import DEFAULT_SCHEDULER, make_scheduler
 
 logger = get_logger(__name__)
@@ -199,9 +200,8 @@ def train(config: Config) -> TrainResult:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "training_config.json")
     if accelerator.device.type == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        on_this_machine = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        torch.set_num_threads(t.cpu_threads or max(1, cores // on_this_machine))
+        set_cpu_threads(t.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+        keep_freed_memory()
     if accelerator.device.type == "cuda" and t.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
