@@ -4,8 +4,10 @@
 
 (DDPM-1000 dominates: about 16 minutes for 64 images of the 64-px demo model on one CPU core.)
 
-For each sampler: wall time per image and the Fréchet distance on downsampled pixels between its images and
-held-out phantoms (a seed the demo model never trained on). The row "phantoms" is a second held-out phantom set
+For each sampler: wall time per image, the Fréchet distance on downsampled pixels between its images and
+held-out phantoms (a seed the demo model never trained on), and precision / recall / density / coverage (k=5) on the
+same features: FD alone can rank a sampler whose images are smooth and alike above one whose images are grainy but
+span the data. The row "phantoms" is a second held-out phantom set
 of the same size: the distance that sampling noise alone gives, the floor no sampler can beat. Prints a table,
 writes JSON and a PNG with the first images of every sampler (one row each, same seeds so rows are comparable).
 """
@@ -26,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from lunggen_diffusers.cli import run  # noqa: E402
 from lunggen_diffusers.data.phantom import phantom_dataset  # noqa: E402
 from lunggen_diffusers.evaluation.features import pixel_features  # noqa: E402
-from lunggen_diffusers.evaluation.metrics import frechet_distance  # noqa: E402
+from lunggen_diffusers.evaluation.metrics import frechet_distance, prdc  # noqa: E402
 from lunggen_diffusers.sampling import (  # noqa: E402
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
@@ -74,8 +76,12 @@ def benchmark(args: BenchmarkArguments) -> dict:
     resolution = pipe.unet.config.sample_size
     reference = pixel_features(_phantoms(args.num_reference, resolution, 0), args.feature_size)
     floor = _phantoms(args.num_images, resolution, args.num_reference)  # disjoint from the reference set
-    rows = [{"sampler": "phantoms", "steps": 0, "ms_per_image": 0.0,
-             "fd": frechet_distance(pixel_features(floor, args.feature_size), reference)}]
+
+    def quality(images: np.ndarray) -> dict:
+        features = pixel_features(images, args.feature_size)
+        return {"fd": frechet_distance(features, reference), **prdc(reference, features)}
+
+    rows = [{"sampler": "phantoms", "steps": 0, "ms_per_image": 0.0, **quality(floor)}]
     generate(pipe, 1, num_inference_steps=2, progress=False)  # warm-up: first-call allocations are not sampling
     strips = [floor[:8]]
     for scheduler, steps in SAMPLERS:
@@ -83,9 +89,8 @@ def benchmark(args: BenchmarkArguments) -> dict:
         images = _uint8(generate(pipe, args.num_images, seed=args.seed, scheduler=scheduler,
                                  num_inference_steps=steps, batch_size=args.batch_size, output_type="np"))
         seconds = time.perf_counter() - start
-        fd = frechet_distance(pixel_features(images, args.feature_size), reference)
         rows.append({"sampler": scheduler, "steps": steps, "ms_per_image": 1000 * seconds / args.num_images,
-                     "fd": fd})
+                     **quality(images)})
         strips.append(images[:8])
     ref = next(r for r in rows if (r["sampler"], r["steps"]) == REFERENCE)
     for row in rows[1:]:
@@ -107,11 +112,13 @@ def benchmark(args: BenchmarkArguments) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print(f"{'sampler':<12} {'steps':>5} {'ms/image':>9} {'speed-up':>9} {'FD':>8} {'FD/ddpm':>8}")
+    print(f"{'sampler':<12} {'steps':>5} {'ms/image':>9} {'speed-up':>9} {'FD':>8} {'FD/ddpm':>8}"
+          f" {'prec':>5} {'recall':>6} {'dens':>5} {'cover':>5}")
     for r in result["rows"]:
         extra = f"{r['speedup']:>8.1f}x {r['fd']:>8.4f} {r['fd_ratio']:>8.2f}" if "speedup" in r else \
             f"{'':>9} {r['fd']:>8.4f} {'(floor)':>8}"
-        print(f"{r['sampler']:<12} {r['steps']:>5} {r['ms_per_image']:>9.1f} {extra}")
+        prdc_columns = f"{r['precision']:>5.2f} {r['recall']:>6.2f} {r['density']:>5.2f} {r['coverage']:>5.2f}"
+        print(f"{r['sampler']:<12} {r['steps']:>5} {r['ms_per_image']:>9.1f} {extra} {prdc_columns}")
     goal = f">= {GOAL_SPEEDUP:.0f}x faster than ddpm-1000, FD within {100 * (GOAL_FD_RATIO - 1):.0f}%"
     print(f"default {DEFAULT[0]}-{DEFAULT[1]} meets the goal ({goal}): {result['default_meets_goal']}")
 
