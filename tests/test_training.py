@@ -200,17 +200,23 @@ def test_world_size_mismatch_is_refused(tiny_config, monkeypatch):
 DDP_WORKER = """
 import hashlib, json, os, sys
 from pathlib import Path
+from lunggen_diffusers import training
 from lunggen_diffusers.config import from_dict
-from lunggen_diffusers.training import train
-result = train(from_dict(json.loads(Path(sys.argv[1]).read_text())))
+seen, read = [], training._WholeBatches.__getitems__
+def spy(self, indices):
+    seen.extend(indices)
+    return read(self, indices)
+training._WholeBatches.__getitems__ = spy
+result = training.train(from_dict(json.loads(Path(sys.argv[1]).read_text())))
 state = result.unet.state_dict()
 digest = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
-Path(sys.argv[2], "rank" + os.environ["RANK"] + ".txt").write_text(digest)
+Path(sys.argv[2], "rank" + os.environ["RANK"] + ".json").write_text(json.dumps({"weights": digest, "seen": seen}))
 """
 
 
 def test_two_process_ddp_on_cpu(tiny_config, tmp_path):
-    """The real launcher in fresh processes (gloo on CPU): both ranks end with the same weights, one export."""
+    """The real launcher in fresh processes (gloo on CPU): each rank reads its own images, both end with the same
+    weights, one export."""
     config = tiny_config(max_train_steps=2, checkpointing_steps=2)
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict() | {"output_dir": config.training.output_dir}))
     (tmp_path / "worker.py").write_text(DDP_WORKER)
@@ -221,9 +227,11 @@ def test_two_process_ddp_on_cpu(tiny_config, tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = sorted(tmp_path.glob("rank*.txt"))
-    assert [p.name for p in reports] == ["rank0.txt", "rank1.txt"]
-    assert reports[0].read_text() == reports[1].read_text(), "ranks disagree on the weights"
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert reports[0]["weights"] == reports[1]["weights"], "ranks disagree on the weights"
+    # 2 steps of 4 images a rank, from 24 images: well inside one epoch, so shards must not overlap.
+    seen = [set(r["seen"]) for r in reports]
+    assert all(len(s) >= 2 * 4 for s in seen) and not seen[0] & seen[1], seen
     out = Path(config.training.output_dir)
     assert (out / "model_index.json").is_file() and [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
     assert proc.stderr.count("exported the pipeline") == 1
