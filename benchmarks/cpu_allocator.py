@@ -2,7 +2,7 @@
 allocator and with freed memory kept in the process.
 
     python benchmarks/cpu_allocator.py                                    # lunggen-256, 256 px, batch 4
-    python benchmarks/cpu_allocator.py --preset demo --resolution 64 --train_batch_size 16 --steps 20
+    python benchmarks/cpu_allocator.py --preset demo --train_batch_size 16 --steps 30
 
 The setting is process-wide and cannot be undone, so each mode runs in its own process (same seed, same tensors).
 Reports seconds per step, kernel (system) CPU seconds per step, minor page faults per step and peak RSS; prints a
@@ -86,6 +86,8 @@ def measure(args: AllocatorArguments) -> dict:
 
 def main() -> None:
     (args,) = HfArgumentParser(AllocatorArguments).parse_args_into_dataclasses()
+    if args.mode not in ("both", "default", "keep"):
+        sys.exit(f"error: --mode {args.mode!r} is not one of: both, default, keep")
     if args.mode != "both":
         print(json.dumps(measure(args)))
         return

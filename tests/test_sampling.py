@@ -11,6 +11,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
 import pipeline
+from lunggen_diffusers import sampling
 from lunggen_diffusers.sampling import (
     DEFAULT_SCHEDULER,
     MANIFEST_FIELDS,
@@ -168,7 +169,9 @@ def test_loads_a_hub_id_offline_from_the_cache(model_dir, tmp_path, monkeypatch)
     assert isinstance(loaded, DDPMPipeline) and revision == commit
 
 
-def test_cli_writes_the_images(model_dir, tmp_path, capsys):
+def test_cli_writes_the_images(model_dir, tmp_path, monkeypatch):
+    kept = []
+    monkeypatch.setattr(sampling, "keep_freed_memory", lambda: kept.append(True))
     out = tmp_path / "synth"
     argv = ["--model", model_dir, "--output_dir", str(out), "--num_images", "3", "--scheduler", "unipc",
             "--num_inference_steps", str(STEPS), "--batch_size", "2", "--seed", "5"]
@@ -178,6 +181,7 @@ def test_cli_writes_the_images(model_dir, tmp_path, capsys):
     with Image.open(out / "image_000002.png") as im:
         assert im.text["model"] == "tiny-cxr"  # a local model is named, never located by its path
         assert im.text["seed"] == "5" and im.text["scheduler"] == "unipc"
+    assert kept == [True]  # sampling on CPU keeps freed memory for reuse
 
 
 @pytest.fixture

@@ -25,9 +25,12 @@ def _weights(folder: Path) -> dict:
     return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-def test_smoke_train_export_and_load(tiny_config):
+def test_smoke_train_export_and_load(tiny_config, monkeypatch):
+    kept = []
+    monkeypatch.setattr(training, "keep_freed_memory", lambda: kept.append(True))
     config = tiny_config(save_images_steps=2)
     result = train(config)
+    assert kept == [True]  # CPU runs keep freed memory for reuse (benchmarks/cpu_allocator.py)
     out = result.output_dir
     assert result.global_step == 4 and np.isfinite(result.final_loss)
     pipe = DDPMPipeline.from_pretrained(out, use_safetensors=True)
