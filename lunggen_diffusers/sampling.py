@@ -7,7 +7,6 @@ from its index.
 
 import csv
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from inspect import signature
@@ -21,7 +20,6 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     UniPCMultistepScheduler,
 )
-from diffusers.utils import make_image_grid
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HFValidationError
 from PIL import Image
@@ -29,6 +27,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from .runtime import keep_freed_memory
+from .utils import atomic_path, image_grid, pick_device
 
 # Order 3 is what diffusers' docs recommend for unconditional sampling (2 is for guided sampling); few-step runs
 # keep lower_order_final (the default) so the last steps stay stable.
@@ -86,16 +85,6 @@ def make_scheduler(name: str, config):
         # on pixel models that lean on the clip.
         overrides = {**overrides, "thresholding": True, "sample_max_value": config.get("clip_sample_range", 1.0)}
     return cls.from_config(config, **overrides)
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def _torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -269,11 +258,8 @@ def write_grid(output_dir: str, rows: list[dict], info: PngInfo) -> str:
         if pixels.dtype != np.uint8:  # 16-bit: keep the top 8 bits for viewing
             pixels = (pixels.astype(np.uint32) >> 8).astype(np.uint8)
         images.append(Image.fromarray(pixels))
-    cols = math.ceil(math.sqrt(len(images)))
-    rows_n = math.ceil(len(images) / cols)
-    images += [Image.new("L", images[0].size)] * (rows_n * cols - len(images))
     path = os.path.join(output_dir, "grid.png")
-    make_image_grid(images, rows_n, cols).convert("L").save(path, pnginfo=info)  # the grid is built RGB
+    image_grid(images).save(path, pnginfo=info)
     return path
 
 
@@ -305,17 +291,16 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
                 row = {"file": f"image_{index:06d}.png", "index": index,
                        "noise_seed": noise_seed(seed, index), **run}
                 path = os.path.join(output_dir, row["file"])
-                to_png(image, bit_depth).save(path + ".tmp", format="PNG", pnginfo=png_info(row))
-                os.replace(path + ".tmp", path)
+                with atomic_path(path) as temporary:
+                    to_png(image, bit_depth).save(temporary, format="PNG", pnginfo=png_info(row))
                 writer.writerow(row)
                 done[index] = {k: str(v) for k, v in row.items()}
             f.flush()
     # Rewrite the manifest whole: one row per image, sorted, with no duplicate left by a re-made image.
-    with open(manifest + ".tmp", "w", newline="") as f:
+    with atomic_path(manifest) as temporary, open(temporary, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
         writer.writeheader()
         writer.writerows(done[i] for i in sorted(done))
-    os.replace(manifest + ".tmp", manifest)
     rows = [done[i] for i in wanted]
     write_grid(output_dir, rows, png_info(run))
     return rows

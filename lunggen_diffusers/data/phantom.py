@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from ..utils import image_grid
+
 FINDINGS = ("cardiomegaly", "pleural_effusion", "nodule", "consolidation")
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
 
@@ -265,14 +267,12 @@ def phantom_dataset(num_images: int, resolution: int = 64, seed: int = 0, findin
 def phantom_grid(path, resolution: int = 128, rows: int = 2, cols: int = 4, seed: int = 0,
                  finding_prob: float = 0.3) -> Image.Image:
     """Write a rows x cols PNG grid of phantoms (images 0.. of `seed`), marked synthetic, and return it."""
-    from diffusers.utils import make_image_grid  # heavy import, only needed here
-
     if rows < 1 or cols < 1:
         raise ValueError(f"rows and cols must be >= 1, got rows={rows!r}, cols={cols!r}")
     _check_resolution(resolution)
     _check_dataset_args(rows * cols, seed, finding_prob, 0)
     images = [Image.fromarray(_draw(seed, i, resolution, finding_prob)[0], "L") for i in range(rows * cols)]
-    grid = make_image_grid(images, rows=rows, cols=cols).convert("L")  # it pastes onto RGB
+    grid = image_grid(images, cols)
     info = PngImagePlugin.PngInfo()
     # The same chunk names sampling.py writes on generated images.
     info.add_text("Software", "LungGen-Diffusers")

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .images import ImageSource, stable_hash, cache_root
+from ..utils import atomic_path, stable_hash
+from .images import ImageSource, cache_root
 
 EXTRACTORS = ("pixels", "raddino", "inception")
 DEFAULT_FEATURE_MODEL = "microsoft/rad-dino"
@@ -140,8 +141,6 @@ def extract(source: ImageSource, extractors: dict[str, Extractor], image_size: i
     root.mkdir(parents=True, exist_ok=True)
     for key in todo:
         result[key] = np.concatenate(parts[key])
-        # Written under a temporary name first so an interrupted run never leaves a truncated cache entry.
-        tmp = paths[key].with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, result[key])
-        os.replace(tmp, paths[key])
+        with atomic_path(paths[key]) as temporary:  # an interrupted run never leaves a truncated cache entry
+            np.save(temporary, result[key])
     return result

@@ -7,9 +7,7 @@ training set never has to sit in memory at full size.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from ..data.transforms import preprocess_image
+from ..utils import IMAGE_EXTENSIONS, list_images, split_spec, stable_hash
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_COLUMNS = ("image", "pixel_values")
 
 
@@ -75,9 +73,9 @@ class ImageSource:
 
 
 def _folder_source(spec: str, root: Path) -> ImageSource:
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = list_images(root)
     if not files:
-        raise ValueError(f"no {'/'.join(IMAGE_SUFFIXES)} images found under {root}")
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     fingerprint = stable_hash({"folder": str(root.resolve()), "files": listing})
     return ImageSource(spec, fingerprint, None, _folder_files=files)
@@ -112,11 +110,8 @@ def _dataset_source(spec: str, root: Path, split: str | None) -> ImageSource:
 
 
 def load_source(spec: str) -> ImageSource:
-    """Open `spec`: an image folder (PNG/JPEG, recursive) or a saved dataset folder with an optional `:split`."""
-    path, split = Path(spec), None
-    if not path.exists() and ":" in spec:
-        head, split = spec.rsplit(":", 1)
-        path = Path(head)
+    """Open `spec`: an image folder (any of IMAGE_EXTENSIONS, recursive) or a saved dataset folder with an optional `:split`."""
+    path, split = split_spec(spec)
     if not path.is_dir():
         raise FileNotFoundError(f"{spec!r} is not a folder; expected an image folder or a saved dataset [PATH:SPLIT]")
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
@@ -124,11 +119,6 @@ def load_source(spec: str) -> ImageSource:
     if split is not None:
         raise ValueError(f"{spec!r}: ':{split}' only applies to a saved dataset, and {path} is an image folder")
     return _folder_source(spec, path)
-
-
-def stable_hash(obj) -> str:
-    """Short SHA-256 of a JSON-able object: cache keys and source fingerprints."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def cache_root(cache_dir: str | None) -> Path:

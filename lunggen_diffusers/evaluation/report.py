@@ -5,12 +5,12 @@ data and stay on this machine."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, PngImagePlugin
 
+from ..utils import markdown_table, write_json
 from .images import ImageSource
 from .memorization import Audit
 
@@ -89,12 +89,6 @@ def _memorization_summary(result: Audit, recipe: dict, counts: dict, patients: l
     }
 
 
-def _table(rows: list[list], header: list[str]) -> str:
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join([f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
-                     + [f"| {' | '.join(fmt(v) for v in row)} |" for row in rows])
-
-
 def _markdown(report: dict) -> str:
     r, c, m = report["recipe"], report["counts"], report["metrics"]
     lines = ["# Evaluation report", "", f"Generated `{r['fake']}` ({c['fake']}) against real `{r['real']}` "
@@ -105,14 +99,14 @@ def _markdown(report: dict) -> str:
              f"- PRDC k={r['k']}; KID {r['kid_subsets']} subsets of up to {r['kid_subset_size']}; MS-SSIM "
              f"{m['diversity']['scales']} scales on {r['diversity_pairs']} random pairs; seed {r['seed']}.", "",
              "## Distribution metrics", "",
-             _table([[METRIC_NAMES[k], m["fake_vs_real"][k], m["fake_vs_real_half"][k], m["real_vs_real"][k]]
-                     for k in METRIC_NAMES],
-                    ["metric", "generated vs real", f"generated ({c['real_half_b']}) vs real half A",
-                     "real half B vs real half A (floor)"]), "",
+             markdown_table(["metric", "generated vs real", f"generated ({c['real_half_b']}) vs real half A",
+                             "real half B vs real half A (floor)"],
+                            [[METRIC_NAMES[k], m["fake_vs_real"][k], m["fake_vs_real_half"][k], m["real_vs_real"][k]]
+                             for k in METRIC_NAMES]), "",
              "The middle column uses as many generated images as half B, so FD and KID (biased by sample size) "
              "compare like with like against the floor.", "", "## Diversity (mean pairwise MS-SSIM, lower = more "
-             "diverse)", "", _table([["generated", m["diversity"]["ms_ssim_fake"]],
-                                     ["real", m["diversity"]["ms_ssim_real"]]], ["set", "MS-SSIM"]), ""]
+             "diverse)", "", markdown_table(["set", "MS-SSIM"], [["generated", m["diversity"]["ms_ssim_fake"]],
+                                                         ["real", m["diversity"]["ms_ssim_real"]]]), ""]
     mem = report["memorization"]
     if mem is None:
         lines += ["## Memorization audit", "", "Not run: pass --train to audit generated images against it.", ""]
@@ -122,11 +116,12 @@ def _markdown(report: dict) -> str:
                   f"each of {mem['num_null']} held-out real images. Pixel NCC on {mem['audit_size']}x"
                   f"{mem['audit_size']} images maximised over shifts up to {mem['max_shift']} px; cosine on the "
                   f"features. Flagged: either similarity above the null's {mem['null_percentile']}th percentile.", "",
-                  _table([["flagged (either)", mem["flagged_fraction"], mem["null_flagged_fraction"]],
-                          ["NCC threshold", mem["ncc_threshold"], ""], ["cosine threshold", mem["cos_threshold"], ""],
-                          ["max NCC", mem["max_ncc"], mem["null_max_ncc"]],
-                          ["max cosine", mem["max_cos"], mem["null_max_cos"]]],
-                         ["measure", "generated", "held-out null"]), "",
+                  markdown_table(["measure", "generated", "held-out null"],
+                                 [["flagged (either)", mem["flagged_fraction"], mem["null_flagged_fraction"]],
+                                  ["NCC threshold", mem["ncc_threshold"], ""],
+                                  ["cosine threshold", mem["cos_threshold"], ""],
+                                  ["max NCC", mem["max_ncc"], mem["null_max_ncc"]],
+                                  ["max cosine", mem["max_cos"], mem["null_max_cos"]]]), "",
                   f"{mem['num_flagged']} generated image(s) flagged, matching {mem['distinct_matched_with_flags']} "
                   f"distinct training {mem['matched_by']}(s). ![closest pairs](nearest_pairs.png)", "",
                   "`nearest_pairs.png` (generated | training) and `memorized_patients.csv` show training data and "
@@ -142,7 +137,7 @@ def write_report(output_dir: Path, recipe: dict, counts: dict, metrics: dict, re
     memorization = _memorization_summary(result, recipe, counts, patients) if result is not None else None
     report = {"recipe": recipe, "counts": counts, "metrics": metrics, "memorization": memorization, "notes": notes,
               "model_card": _model_card_section(recipe, counts, metrics, memorization)}
-    (output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(output_dir / "metrics.json", report)
     (output_dir / "report.md").write_text(_markdown(report))
     if pairs is not None:
         info = PngImagePlugin.PngInfo()

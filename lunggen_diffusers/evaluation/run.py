@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 
 from .. import __version__
+from ..utils import pick_device
 from .features import DEFAULT_FEATURE_MODEL, extract, get_extractor
 from .images import ImageSource, load_source
 from .memorization import audit, matched_patients
@@ -45,7 +45,7 @@ class EvaluationArguments:
     kid_subset_size: int = field(default=1000, metadata={"help": "Rows per KID subset (capped by the set sizes)."})
     cache_dir: str | None = field(default=None, metadata={
         "help": "Feature cache (default ~/.cache/lunggen_diffusers/features)."})
-    device: str | None = field(default=None, metadata={"help": "torch device; default cuda when available."})
+    device: str | None = field(default=None, metadata={"help": "torch device; default: CUDA, then MPS, then the CPU."})
     seed: int = field(default=0, metadata={"help": "Seed of every random choice (halves, pairs, KID subsets)."})
 
 
@@ -106,7 +106,7 @@ def _check_disjoint(real: ImageSource, train: ImageSource) -> None:
 def run_evaluation(args: EvaluationArguments) -> dict:
     """Evaluate and write `output_dir/{metrics.json, report.md, nearest_pairs.png, memorized_patients.csv}`."""
     _check(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(pick_device(args.device))
     real, fake = load_source(args.real), load_source(args.fake)
     train = load_source(args.train) if args.train else None
     if train is not None:

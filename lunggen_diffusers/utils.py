@@ -1,0 +1,117 @@
+"""Small helpers every module shares: atomic writes, image listing, grids, Markdown tables, fingerprints, devices.
+
+One copy each, so a rule (which image files count, how a file is replaced safely) holds everywhere at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+# Every image suffix PIL reads that chest X-ray collections ship in (NIH PNG, CheXpert/MIMIC JPEG, DICOM exports
+# to TIFF). Training and evaluation both read this list, so a folder that trains also evaluates.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on error it is removed.
+
+    So a reader (or a resumed run) never sees half a file. The name keeps `path`'s suffix (np.save and PIL pick the
+    format from it) and carries the process id (processes sharing a folder never write the same temporary).
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Indented, key-sorted JSON (diffable between runs), written atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Every image file under `root` (recursive, any case of IMAGE_EXTENSIONS), sorted."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def split_spec(spec: str) -> tuple[Path, str | None]:
+    """`PATH[:SPLIT]` -> (PATH, SPLIT or None). A path that exists as given wins (a folder may contain ':')."""
+    if not Path(spec).exists() and ":" in spec:
+        head, split = spec.rsplit(":", 1)
+        return Path(head), split
+    return Path(spec), None
+
+
+def files_fingerprint(paths: Iterable[str | Path], salt: str = "") -> str:
+    """Digest of files' (path, size, mtime) and `salt`: a cache key that changes when any file does."""
+    h = hashlib.sha256(salt.encode())
+    for path in paths:
+        stat = os.stat(path)
+        h.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def stable_hash(obj: Any) -> str:
+    """Short SHA-256 of a JSON-able object: cache keys and source fingerprints."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
+    """An 8-bit grayscale grid, row by row, `cols` wide (default: as square as it gets); the last row padded black."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    width, height = images[0].size
+    grid = Image.new("L", (cols * width, rows * height))
+    for i, image in enumerate(images):
+        grid.paste(image.convert("L"), ((i % cols) * width, (i // cols) * height))
+    return grid
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "yes", False: "no", None: "none"}[value]
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; floats to 4 significant digits, integers with thousands separators."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pick_device(device: str | None = None):
+    """`device` if given, else CUDA, then Apple's MPS, then the CPU."""
+    import torch  # here, so the file and table helpers stay light to import
+
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
