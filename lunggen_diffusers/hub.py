@@ -32,6 +32,7 @@ from transformers import HfArgumentParser
 
 from .config import Config, DataConfig, HubConfig, ModelConfig, TrainingConfig
 from .sampling import DEFAULT_STEPS
+from .summaries import DataSummary, RunSummary
 
 MANIFEST = "manifest.json"
 TRAINING_CONFIG = "training_config.json"
@@ -51,7 +52,6 @@ LIBRARIES = ("torch", "diffusers", "accelerate", "transformers", "datasets", "hu
              "numpy", "pillow")
 TAGS = ["medical-imaging", "chest-x-ray", "ddpm", "diffusers-training", "synthetic-data", "lunggen"]
 LICENSE_NAME = "lunggen-research-only"
-DATA_SUMMARY_REQUIRED = ("source", "split", "num_images", "fingerprint", "image_list_sha256")
 NIH = re.compile(r"\bNIH\b|ChestX-?ray-?1?4", re.IGNORECASE)
 EVAL_HEADINGS = {"metrics": "Generated vs real",
                  "real_vs_real_floor": "Real-vs-real floor (what real images score against each other: read the "
@@ -121,25 +121,18 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def write_manifest(output_dir, config: Config, data_summary: dict, wall_time_s: float, global_step: int,
-                   hardware: str) -> dict:
+def write_manifest(output_dir, config: Config, data: DataSummary, run: RunSummary) -> dict:
     """Write `manifest.json`: what it takes to reproduce (and describe) this export. Main process only."""
     folder = Path(output_dir)
-    missing = [k for k in DATA_SUMMARY_REQUIRED if k not in data_summary]
-    if missing:
-        raise ValueError(f"data_summary lacks {', '.join(missing)} (needs: {', '.join(DATA_SUMMARY_REQUIRED)})")
-    if os.path.isabs(str(data_summary["source"])) or Path(str(data_summary["source"])).exists():
-        raise ValueError(f"data_summary source {data_summary['source']!r} is a path; give a short description")
-    data = {k: v for k, v in data_summary.items() if k not in ("final_loss", "global_step", "wall_time_s", "hardware")}
     commit, dirty = _git_commit()
     manifest = {
         "format_version": 1,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": scrub_config(config.to_dict()),
         "seed": config.training.seed,
-        "data": data,
-        "training": {"global_step": int(global_step), "wall_time_s": round(float(wall_time_s), 1),
-                     "hardware": hardware, "final_loss": data_summary.get("final_loss")},
+        "data": dataclasses.asdict(data),
+        "training": {"global_step": run.global_step, "wall_time_s": round(run.wall_time_s, 1),
+                     "hardware": run.hardware, "final_loss": run.final_loss},
         "libraries": _versions(),
         "git_commit": commit,
         "git_dirty": dirty,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ from .data.transforms import augment, to_model_input
 from .model import SHAPE_FIELDS, build_scheduler, build_unet
 from .runtime import keep_freed_memory, set_cpu_threads
 from .sampling import DEFAULT_SCHEDULER, make_scheduler
+from .summaries import RunSummary
 
 logger = get_logger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -116,18 +116,6 @@ def save_checkpoint(accelerator: Accelerator, config: Config, step: int) -> Path
 def _tracker_config(config: Config) -> dict:
     # TensorBoard's hparams take scalars and strings only.
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
-
-
-def _data_summary(dataset, source: str) -> dict:
-    plain = dataset.with_format(None)
-    id_column = next((c for c in ("image_index", "patient_id") if c in plain.column_names), None)
-    ids = sorted(map(str, plain[id_column])) if id_column else []
-    return {
-        "source": source,
-        "num_images": len(dataset),
-        "fingerprint": dataset._fingerprint,
-        "image_list_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest() if ids else None,
-    }
 
 
 @torch.no_grad()
@@ -235,8 +223,8 @@ def train(config: Config) -> TrainResult:
         )
 
     with accelerator.main_process_first():
-        dataset = build_dataset(config)
-    source = dataset.info.description
+        dataset, data_summary = build_dataset(config)
+    source = data_summary.source
     per_step = t.train_batch_size * accelerator.num_processes
     dataloader = torch.utils.data.DataLoader(
         _WholeBatches(dataset),
@@ -384,15 +372,8 @@ def train(config: Config) -> TrainResult:
             render_samples(model, noise_scheduler, t.eval_batch_size, t.preview_inference_steps, t.seed).save(
                 output_dir / "samples.png"
             )
-        summary = {
-            **_data_summary(dataset, source),
-            "split": config.data.split,
-            "final_loss": last_loss,
-            "global_step": global_step,
-            "wall_time_s": round(time.time() - start_time, 1),
-            "hardware": _hardware(accelerator),
-        }
-        hub.write_manifest(output_dir, config, summary, summary["wall_time_s"], global_step, summary["hardware"])
+        run = RunSummary(global_step, last_loss, round(time.time() - start_time, 1), _hardware(accelerator))
+        hub.write_manifest(output_dir, config, data_summary, run)
         hub.write_model_card(output_dir)
         if config.hub.push_to_hub:
             hub.push_to_hub(

@@ -20,6 +20,7 @@ from PIL import Image
 from lunggen_diffusers import hub
 from lunggen_diffusers.config import save_config
 from lunggen_diffusers.model import build_scheduler, build_unet
+from lunggen_diffusers.summaries import DataSummary, RunSummary
 
 TOKEN = "hf_SeCrEtT0kenNeverShown123"
 NIH_SOURCE = "the NIH ChestX-ray14 folder (official train_val list)"
@@ -38,8 +39,11 @@ EVAL = {"recipe": {"train": "/never/published"}, "model_card": {
 
 def _summary(source=NIH_SOURCE):
     listing = "9" * 64 if source == NIH_SOURCE else None  # the phantom has no image identifiers
-    return {"source": source, "split": "train", "num_images": 24, "fingerprint": "a1b2c3d4e5f60718",
-            "image_list_sha256": listing, "per_split_counts": {"train": 24, "validation": 3}, "final_loss": 0.0421}
+    return DataSummary(source=source, split="train", num_images=24, fingerprint="a1b2c3d4e5f60718",
+                       image_list_sha256=listing)
+
+
+RUN = RunSummary(global_step=4, final_loss=0.0421, wall_time_s=3725.0, hardware="1x CPU")
 
 
 @pytest.fixture
@@ -69,7 +73,7 @@ def export(tmp_path, tiny_config, secret_dir):
             (out / junk).write_text(f"{secret_dir}/00000001_000.png,00000001\n")
         if with_eval:
             (out / "eval" / "metrics.json").write_text(json.dumps(EVAL))
-        hub.write_manifest(out, config, _summary(source), wall_time_s=3725.0, global_step=4, hardware="1x CPU")
+        hub.write_manifest(out, config, _summary(source), RUN)
         hub.write_model_card(out)
         return out
 
@@ -142,7 +146,7 @@ def test_manifest_is_scrubbed_and_complete(export, secret_dir):
     assert config["train_data_dir"] == config["cache_dir"] == "<local>"
     assert config["output_dir"] == "out" and config["logging_dir"] == "logs" and "hub_token" not in config
     assert config["resolution"] == 32 and manifest["seed"] == config["seed"] == 0
-    assert manifest["data"]["image_list_sha256"] == "9" * 64 and manifest["data"]["per_split_counts"]["train"] == 24
+    assert manifest["data"]["image_list_sha256"] == "9" * 64 and manifest["data"]["num_images"] == 24
     assert manifest["training"] == {"global_step": 4, "wall_time_s": 3725.0, "hardware": "1x CPU",
                                     "final_loss": 0.0421}
     assert {"python", "torch", "diffusers", "huggingface_hub"} <= set(manifest["libraries"])
@@ -179,10 +183,9 @@ def test_leaking_eval_summary_is_refused(export, secret_dir):
     assert _snapshot(out) == before
 
 
-def test_manifest_refuses_a_path_as_source(export, tiny_config, secret_dir):
-    out = export(with_eval=False)
+def test_data_summary_refuses_a_path_as_source(secret_dir):
     with pytest.raises(ValueError, match="is a path"):
-        hub.write_manifest(out, tiny_config(), {**_summary(), "source": str(secret_dir)}, 1.0, 1, "cpu")
+        _summary(str(secret_dir))
 
 
 def test_push_is_private_by_default_and_uploads_only_the_allow_list(export, fake_hub, capsys, caplog):

@@ -303,15 +303,16 @@ def test_push_to_hub_is_private_and_keeps_the_card(prepared, monkeypatch):
 
 def test_raw_folder_is_prepared_once_then_cached(nih_dir, tiny_config, tmp_path, monkeypatch, fixture_table):
     config = tiny_config(train_data_dir=str(nih_dir), cache_dir=str(tmp_path / "cache"), view_position="PA")
-    ds = build.build_dataset(config)
+    ds, summary = build.build_dataset(config)
+    assert summary.source == "the NIH ChestX-ray14 dataset"
     assert ds.format["type"] == "torch" and ds[0]["pixel_values"].shape == (32, 32)
     planned = nih.plan_nih(nih_dir, config.data).dataset
     broken = set(fixture_table["image_index"][4:6])
     expected = [n for n, s in zip(planned["image_index"], planned["split"]) if s == "train" and n not in broken]
     assert len(ds) == len(expected) and set(planned["view_position"]) == {"PA"}
     monkeypatch.setattr(build, "preprocess_image", lambda *a: pytest.fail("decoded again instead of reusing"))
-    again = build.build_dataset(config)
-    assert len(again) == len(ds) and again.info.description == "the NIH ChestX-ray14 dataset"
+    again, _ = build.build_dataset(config)
+    assert len(again) == len(ds)
     report = json.loads(next((tmp_path / "cache").glob("nih-*/prepare_report.json")).read_text())
     assert report["splits"]["train"]["views"] == {"PA": len(ds)} and report["filters"] == {"view_position": "PA"}
 
@@ -319,9 +320,9 @@ def test_raw_folder_is_prepared_once_then_cached(nih_dir, tiny_config, tmp_path,
 def test_filters_apply_to_a_prepared_dataset(prepared, tiny_config):
     train = datasets.load_from_disk(str(prepared))["train"]
     ap = sum(v == "AP" for v in train["view_position"])
-    ds = build.build_dataset(tiny_config(dataset_name=str(prepared), view_position="AP"))
+    ds, _ = build.build_dataset(tiny_config(dataset_name=str(prepared), view_position="AP"))
     assert len(ds) == ap > 0
-    capped = build.build_dataset(tiny_config(dataset_name=str(prepared), max_images_per_patient=1))
+    capped, _ = build.build_dataset(tiny_config(dataset_name=str(prepared), max_images_per_patient=1))
     assert len(capped) == len(set(train["patient_id"]))
     with pytest.raises(ValueError, match="holds 32x32 prepared images but --resolution is 64"):
         build.build_dataset(tiny_config(dataset_name=str(prepared), resolution=64))
@@ -356,7 +357,7 @@ def test_an_image_folder_with_metadata_csv_is_split_by_patient(tiny_config, tmp_
     assert sum(len(part) for part in parts.values()) == 60 and all(parts.values())
     nih.check_patient_disjoint(parts)
     assert parts["train"].features["finding_labels"] == datasets.List(datasets.Value("string"))
-    pa = build.build_dataset(tiny_config(view_position="PA", include_findings=["Edema"], **config))
+    pa, _ = build.build_dataset(tiny_config(view_position="PA", include_findings=["Edema"], **config))
     train = parts["train"]
     expected = [v == "PA" and "Edema" in f for v, f in zip(train["view_position"], train["finding_labels"])]
     assert len(pa) == sum(expected) > 0 and pa[0]["pixel_values"].shape == (32, 32)

@@ -1,4 +1,4 @@
-"""One entry: `build_dataset(config)` -> a `datasets.Dataset` of prepared training images.
+"""One entry: `build_dataset(config)` -> a `datasets.Dataset` of prepared training images and its summary.
 
 Every source (built-in phantom, NIH folder, any image folder, Hub id or `save_to_disk` folder) goes through the same
 one-time prepare pass: decode, any mode -> L, square, antialiased resize, stored as compact uint8 `pixel_values`.
@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..config import Config
+from ..summaries import DataSummary
 from . import transforms
 from .transforms import preprocess_image
 
@@ -273,8 +274,21 @@ def load_source(config: Config) -> tuple[datasets.Dataset, str]:
     return filter_dataset(ds, d), "the built-in procedural chest phantom"
 
 
-def build_dataset(config: Config) -> datasets.Dataset:
-    """The prepared training set: `pixel_values` (uint8, resolution x resolution) in torch format."""
+def summarize(dataset: datasets.Dataset, source: str, split: str) -> DataSummary:
+    plain = dataset.with_format(None)
+    id_column = next((c for c in ("image_index", "patient_id") if c in plain.column_names), None)
+    ids = sorted(map(str, plain[id_column])) if id_column else []
+    return DataSummary(
+        source=source,
+        split=split,
+        num_images=len(dataset),
+        fingerprint=dataset._fingerprint,
+        image_list_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest() if ids else None,
+    )
+
+
+def build_dataset(config: Config) -> tuple[datasets.Dataset, DataSummary]:
+    """The prepared training set (`pixel_values`, uint8, resolution x resolution, torch format) and its summary."""
     d = config.data
     raw, source = load_source(config)
     if "pixel_values" in raw.column_names:  # already prepared (e.g. by `python -m lunggen_diffusers.prepare`)
@@ -300,5 +314,4 @@ def build_dataset(config: Config) -> datasets.Dataset:
         prepared = prepared.select(range(min(d.max_train_samples, len(prepared))))
     if len(prepared) == 0:
         raise ValueError(f"no training images left from {source}")
-    prepared.info.description = source
-    return prepared.with_format("torch", columns=["pixel_values"])
+    return prepared.with_format("torch", columns=["pixel_values"]), summarize(prepared, source, d.split)

@@ -1,0 +1,32 @@
+"""Typed records that cross module borders: what a run trained on and how the run went.
+
+Data produces `DataSummary`, training adds `RunSummary`, and the Hub code writes both into `manifest.json`; none of
+them carries a patient ID or a local path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    source: str  # a short description ("the built-in procedural chest phantom"), never a path
+    split: str
+    num_images: int
+    fingerprint: str  # changes whenever the prepared training images do
+    image_list_sha256: str | None  # digest of the sorted image (or patient) IDs: comparable, not reversible to IDs
+
+    def __post_init__(self):
+        if os.path.isabs(self.source) or Path(self.source).exists():
+            raise ValueError(f"DataSummary source {self.source!r} is a path; give a short description instead")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    global_step: int
+    final_loss: float
+    wall_time_s: float
+    hardware: str
