@@ -1,0 +1,145 @@
+"""Labels, the conditional pipeline and classifier-free guidance, on tiny random models."""
+
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+
+from lunggen_diffusers import LungGenPipeline
+from lunggen_diffusers.conditioning import label_config, label_vectors, prevalence
+from lunggen_diffusers.data.phantom import FINDINGS, phantom_dataset
+from lunggen_diffusers.lunggen_pipeline import LabelSpace, guided_denoise
+
+NIH_LIKE = {"findings": ["Cardiomegaly", "Effusion", "Pleural_Thickening"], "groups": {"view_position": ["AP", "PA"]},
+            "combination_counts": {"view_position=PA": 60, "Cardiomegaly|view_position=AP": 30,
+                                   "Effusion|Pleural_Thickening|view_position=PA": 10}}
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    return phantom_dataset(40, 32, seed=3, finding_prob=0.4)
+
+
+def test_label_config_counts_every_combination_and_names_no_one(phantoms):
+    config = label_config(phantoms, ["findings"])
+    assert config["findings"] == sorted(FINDINGS) and config["groups"] == {}
+    assert sum(config["combination_counts"].values()) == 40
+    assert "phantom-" not in json.dumps(config)  # counts only: no image or patient identifier is stored
+    vectors = label_vectors(phantoms, config)
+    truth = np.array([[row[f] for f in sorted(FINDINGS)] for row in phantoms.with_format(None)], np.float32)
+    assert vectors.shape == (40, 5) and (vectors[:, :4] == truth).all() and (vectors[:, 4] == 0).all()
+    assert prevalence(config)["cardiomegaly"] == truth[:, sorted(FINDINGS).index("cardiomegaly")].mean()
+
+
+def test_condition_on_a_column_the_data_lacks_names_the_columns_it_has(phantoms):
+    with pytest.raises(ValueError, match=r"view_position.*has: image, patient_id"):
+        label_config(phantoms, ["findings", "view_position"])
+    with pytest.raises(ValueError, match="choose from findings, view_position, patient_sex"):
+        label_config(phantoms, ["findings", "age"])
+
+
+def test_no_finding_is_a_condition_and_the_null_condition_is_distinct():
+    space = LabelSpace(NIH_LIKE)
+    none, null = space.encode(["No Finding"]), space.encode(None)
+    assert space.size == 6 and null.tolist() == [0, 0, 0, 0, 0, 1]
+    assert none.tolist() == [0, 0, 0, 0, 1, 0]  # no finding, the most frequent view (PA), not the null entry
+    assert space.encode([]).tolist() == none.tolist()
+    assert space.canonical(["pleural thickening", "CARDIOMEGALY", "view_position=ap"]) == [
+        "Cardiomegaly", "Pleural_Thickening", "view_position=AP"]
+    with pytest.raises(ValueError, match=r"unknown label 'Pneumonia'; this model knows: Cardiomegaly, Effusion"):
+        space.encode(["Pneumonia"])
+    with pytest.raises(ValueError, match="one view_position per image"):
+        space.encode(["view_position=AP", "view_position=PA"])
+
+
+def test_draws_follow_the_stored_joint_distribution():
+    space, n = LabelSpace(NIH_LIKE), 4000
+    rng = random.Random(0)
+    seen = Counter("|".join(space.draw(rng)) for _ in range(n))
+    for combination, count in NIH_LIKE["combination_counts"].items():
+        p = count / 100
+        assert abs(seen[combination] / n - p) < 4 * (p * (1 - p) / n) ** 0.5  # 4 standard errors
+
+
+def tiny_pipeline(label_size=5):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2D", norm_num_groups=4, attention_head_dim=4,
+        class_embed_type="projection", projection_class_embeddings_input_dim=label_size)
+    config = {"condition_on": ["findings"], "findings": sorted(FINDINGS), "groups": {},
+              "combination_counts": {"": 6, "cardiomegaly": 3, "nodule|pleural_effusion": 1}, "guidance_scale": 2.0}
+    return LungGenPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=50), label_config=config)
+
+
+class CountingUNet(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.rows = unet, []
+
+    def forward(self, x, t, **kwargs):
+        self.rows.append(len(x))
+        return self.unet(x, t, **kwargs)
+
+
+@pytest.mark.parametrize("scale, expected_rows", [(1.0, [2, 2]), (3.0, [4, 4])])
+def test_guidance_is_one_batched_forward_and_scale_one_costs_one(scale, expected_rows):
+    pipe = tiny_pipeline()
+    scheduler = DDPMScheduler(num_train_timesteps=50)
+    scheduler.set_timesteps(2)
+    labels, null = pipe.encode([["cardiomegaly"], []], 2)
+    counter = CountingUNet(pipe.unet)
+    guided_denoise(counter, scheduler, torch.randn(2, 1, 16, 16), labels, null, scale)
+    assert counter.rows == expected_rows
+
+
+def test_guidance_combines_conditional_and_unconditional_outputs():
+    pipe = tiny_pipeline()
+    scheduler = DDPMScheduler(num_train_timesteps=50, clip_sample=False)
+    scheduler.set_timesteps(1)
+    x, t = torch.randn(1, 1, 16, 16), scheduler.timesteps[0]
+    labels, null = pipe.encode([["nodule"]], 1)
+    with torch.no_grad():
+        cond = pipe.unet(x, t, encoder_hidden_states=None, class_labels=labels).sample
+        uncond = pipe.unet(x, t, encoder_hidden_states=None, class_labels=null).sample
+        expected = scheduler.step(uncond + 2.5 * (cond - uncond), t, x).prev_sample
+        got = guided_denoise(pipe.unet, scheduler, x, labels, null, 2.5)
+    # Same arithmetic, batched (2 rows) vs alone: a convolution may take another kernel path, hence a tolerance
+    # far above fp32 rounding (1e-6 relative) and far below any real difference between conditions.
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert not torch.allclose(cond, uncond, atol=1e-4)  # the projection does reach the UNet
+
+
+def test_saved_pipeline_loads_with_our_class_and_as_remote_code(tmp_path):
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "model", safe_serialization=True)
+    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    assert index["_class_name"] == ["lunggen_pipeline", "LungGenPipeline"]
+    assert (tmp_path / "model" / "lunggen_pipeline.py").is_file()
+    assert not list((tmp_path / "model").rglob("*.bin"))
+    ours = LungGenPipeline.from_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(tmp_path / "model")
+    remote = DiffusionPipeline.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    assert type(remote).__name__ == "LungGenPipeline" and type(remote) is not LungGenPipeline
+    for loaded in (ours, remote):
+        assert loaded.config.label_config == pipe.config.label_config
+        images = loaded(findings=[["Cardiomegaly"], []], num_inference_steps=2, output_type="np",
+                        generator=torch.Generator().manual_seed(0)).images
+        assert images.shape == (2, 16, 16, 1)
+    a = ours(findings=[["nodule"]], num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(1))
+    b = remote(findings=[["nodule"]], num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(1))
+    assert np.array_equal(a.images, b.images)  # the same code and weights on the same machine
+
+
+def test_bad_requests_are_one_clear_line():
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="guidance_scale must be >= 1"):
+        pipe(findings=[[]], guidance_scale=0.5, num_inference_steps=1)
+    with pytest.raises(ValueError, match="unknown label 'Hernia'"):
+        pipe(findings=[["Hernia"]], num_inference_steps=1)
