@@ -1,13 +1,15 @@
-"""Sampling: load a DDPMPipeline, swap in a fast scheduler, generate reproducible synthetic images, write PNGs.
+"""Sampling: load a DDPMPipeline (or a conditional LungGenPipeline), swap in a fast scheduler, generate reproducible
+synthetic images, write PNGs.
 
-Image i is a function of (seed, i) alone: its initial noise and the noise the stochastic schedulers inject come
-from its own CPU generator, so batch size never changes which image comes out and any image can be regenerated
-from its index.
+Image i is a function of (seed, i) and its labels alone: its initial noise and the noise the stochastic schedulers
+inject come from its own CPU generator (and `--labels_from` draws its labels from its own generator too), so batch
+size never changes which image comes out and any image can be regenerated from its index.
 """
 
 import csv
 import json
 import os
+import random
 from dataclasses import asdict, dataclass, field
 from inspect import signature
 
@@ -26,6 +28,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
+from .lunggen_pipeline import MODULE_NAME, LungGenPipeline, guided_denoise
 from .runtime import keep_freed_memory
 from .utils import atomic_path, image_grid, pick_device
 
@@ -49,8 +52,10 @@ BIT_DEPTHS = (8, 16)
 GRID_MAX_IMAGES = 64
 MANIFEST_FIELDS = ("file", "index", "seed", "noise_seed", "scheduler", "steps", "model", "revision", "dtype",
                    "bit_depth")
-# Columns that must agree between a run and the images already in its folder for a resume to be valid.
-RUN_FIELDS = ("seed", "scheduler", "steps", "model", "revision", "dtype", "bit_depth")
+# A conditional model's images also record what was asked for; a resume must ask the same.
+CONDITIONAL_FIELDS = ("labels", "guidance_scale", "request")
+UNCONDITIONED = "unconditioned"  # the labels column of an image sampled with the null condition
+LABELS_FROM = ("train",)
 SYNTHETIC_NOTICE = "research use only"
 
 
@@ -68,6 +73,14 @@ class SamplingArguments:
     bit_depth: int = field(default=8, metadata={"help": "PNG bit depth: 8 or 16 (true 16-bit grayscale)."})
     dtype: str = field(default="fp32", metadata={"help": f"One of {', '.join(DTYPES)}."})
     device: str | None = field(default=None, metadata={"help": "cuda, mps or cpu; default: the best available."})
+    findings: str | None = field(default=None, metadata={
+        "help": 'Conditional models: comma-separated labels for every image ("Cardiomegaly,Effusion"; "No Finding" '
+                "for none); without it or --labels_from the model samples unconditionally."})
+    labels_from: str | None = field(default=None, metadata={
+        "help": "Conditional models: 'train' draws each image's labels from the training split's label "
+                "combinations (stored with the model as counts), for a labeled synthetic data set."})
+    guidance_scale: float | None = field(default=None, metadata={
+        "help": "Classifier-free guidance (1 = none); default: the model's recommended scale."})
 
 
 def _check_scheduler(name: str) -> None:
@@ -118,20 +131,21 @@ def _model_index(model: str, revision: str | None) -> tuple[str, str]:
 
 
 def load_pipeline(model: str, revision: str | None = None, device: str | None = None, dtype: str = "fp32"):
-    """Load a DDPMPipeline (safetensors only) onto `device`; returns (pipe, resolved revision)."""
+    """Load a DDPMPipeline or a LungGenPipeline (safetensors only) onto `device`; returns (pipe, resolved revision)."""
     index_path, resolved = _model_index(model, revision)
     with open(index_path) as f:
         class_name = json.load(f).get("_class_name")
-    if class_name != "DDPMPipeline":
-        raise ValueError(f"model {model!r} is a {class_name or 'unknown pipeline'}, not a DDPMPipeline")
+    classes = {"DDPMPipeline": DDPMPipeline, (MODULE_NAME, "LungGenPipeline"): LungGenPipeline}
+    cls = classes.get(tuple(class_name) if isinstance(class_name, list) else class_name)
+    if cls is None:
+        raise ValueError(f"model {model!r} is a {class_name or 'unknown pipeline'}, not a DDPMPipeline or a "
+                         "LungGenPipeline")
     target = pick_device(device)
     torch_dtype = _torch_dtype(dtype, target)
     try:
-        pipe = DDPMPipeline.from_pretrained(
-            model, revision=resolved or revision, use_safetensors=True, dtype=torch_dtype
-        )
+        pipe = cls.from_pretrained(model, revision=resolved or revision, use_safetensors=True, dtype=torch_dtype)
     except OSError as err:  # e.g. a missing component, or weights only as pickle (.bin), which we refuse
-        raise FileNotFoundError(f"cannot load DDPMPipeline {model!r}: {str(err).splitlines()[0]}") from None
+        raise FileNotFoundError(f"cannot load {cls.__name__} {model!r}: {str(err).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(target), resolved
 
@@ -164,9 +178,47 @@ def _check_output(output_dir, num_images, num_inference_steps, batch_size, start
         raise ValueError(f"output_dir {output_dir!r} is a file; give a folder")
 
 
+def is_conditional(pipe) -> bool:
+    return isinstance(pipe, LungGenPipeline)
+
+
+def request_labels(pipe, indices, seed=0, findings=None, labels_from=None) -> dict[int, list[str] | None]:
+    """Each image's labels (None: the null condition). `findings` applies to every image; `labels_from="train"`
+    draws image i's labels from the stored label counts with a generator of (seed, i), so they too depend on the
+    index alone."""
+    if (findings is not None or labels_from is not None) and not is_conditional(pipe):
+        raise ValueError("findings were asked of an unconditional model (a DDPMPipeline); train one with "
+                         "--condition_on findings to request them")
+    if findings is not None and labels_from is not None:
+        raise ValueError("give --findings or --labels_from, not both")
+    if labels_from is not None and labels_from not in LABELS_FROM:
+        raise ValueError(f"--labels_from {labels_from!r}: choose {', '.join(LABELS_FROM)}")
+    if labels_from is not None:
+        return {i: pipe.labels.draw(random.Random(noise_seed(seed, i))) for i in indices}
+    if findings is not None:
+        wanted = pipe.labels.canonical(findings)  # checked once, before any image is made
+        return dict.fromkeys(indices, wanted)
+    return dict.fromkeys(indices)
+
+
+def resolve_guidance(pipe, guidance_scale: float | None) -> float:
+    if not is_conditional(pipe):
+        if guidance_scale is not None:
+            raise ValueError("--guidance_scale needs a conditional model; this one is a DDPMPipeline")
+        return 1.0
+    if guidance_scale is None:
+        guidance_scale = pipe.config.label_config["guidance_scale"]
+    if guidance_scale < 1:
+        raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
+    return float(guidance_scale)
+
+
 def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS, batch_size=16,
-                 progress=True):
-    """Yield (indices, images) per batch; images are float32 numpy (B, H, W, C) in [0, 1]."""
+                 progress=True, labels=None, guidance_scale=1.0):
+    """Yield (indices, images) per batch; images are float32 numpy (B, H, W, C) in [0, 1].
+
+    `labels` maps each index of a conditional model to its labels (None or missing: the null condition).
+    """
     _check_counts(num_inference_steps=num_inference_steps, batch_size=batch_size)
     _check_scheduler(scheduler)
     unet = pipe.unet
@@ -185,10 +237,11 @@ def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inferen
             # Stochastic steps (ddpm, ddim with eta > 0) draw each image's noise from that image's generator.
             step_kwargs = {"generator": generators} if "generator" in signature(sched.step).parameters else {}
             x = noise.to(device=device, dtype=dtype) * sched.init_noise_sigma
+            class_labels = null_labels = None
+            if is_conditional(pipe):
+                class_labels, null_labels = pipe.encode([(labels or {}).get(i) for i in batch], len(batch))
             with torch.inference_mode():
-                for t in sched.timesteps:
-                    model_output = unet(sched.scale_model_input(x, t), t).sample
-                    x = sched.step(model_output, t, x, **step_kwargs).prev_sample
+                x = guided_denoise(unet, sched, x, class_labels, null_labels, guidance_scale, step_kwargs)
             # float() before numpy: numpy has no bfloat16 (the stock pipeline's output path crashes there).
             images = (x.float() / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
             bar.update(len(batch))
@@ -196,16 +249,21 @@ def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inferen
 
 
 def generate(pipe, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS, batch_size=16,
-             start_index=0, output_type="pil", progress=True):
-    """Images start_index .. start_index + num_images - 1: PIL images, or one float32 array (N, H, W, C)."""
+             start_index=0, output_type="pil", progress=True, findings=None, labels_from=None, guidance_scale=None):
+    """Images start_index .. start_index + num_images - 1: PIL images, or one float32 array (N, H, W, C).
+
+    Conditional models take `findings` (a list of names for every image) or `labels_from="train"`.
+    """
     _check_counts(num_images=num_images)
     if start_index < 0:
         raise ValueError(f"start_index must be >= 0, got {start_index}")
     if output_type not in ("pil", "np"):
         raise ValueError(f"unknown output_type {output_type!r}; choose 'pil' or 'np'")
     indices = range(start_index, start_index + num_images)
-    arrays = [images for _, images in
-              iter_batches(pipe, indices, seed, scheduler, num_inference_steps, batch_size, progress)]
+    labels = request_labels(pipe, indices, seed, findings, labels_from)
+    scale = resolve_guidance(pipe, guidance_scale)
+    arrays = [images for _, images in iter_batches(pipe, indices, seed, scheduler, num_inference_steps, batch_size,
+                                                   progress, labels, scale)]
     images = np.concatenate(arrays)
     return images if output_type == "np" else pipe.numpy_to_pil(images)
 
@@ -228,7 +286,7 @@ def png_info(row: dict) -> PngInfo:
     info.add_text("Description", "Synthetic chest X-ray generated by a diffusion model; not a real patient; "
                                  f"not for diagnosis ({SYNTHETIC_NOTICE}).")
     info.add_text("synthetic", SYNTHETIC_NOTICE)
-    for key in ("model", "revision", "seed", "index", "noise_seed", "scheduler", "steps"):
+    for key in ("model", "revision", "seed", "index", "noise_seed", "scheduler", "steps", "labels", "guidance_scale"):
         if key in row:
             info.add_text(key, str(row[key]))
     return info
@@ -241,7 +299,7 @@ def _read_manifest(path: str, run: dict) -> dict[int, dict]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
-        clash = [k for k in RUN_FIELDS if row.get(k) != str(run[k])]
+        clash = [k for k in run if row.get(k) != str(run[k])]
         if clash:
             k = clash[0]
             raise ValueError(f"output_dir already holds images made with {k}={row.get(k)!r} (this run: "
@@ -263,33 +321,53 @@ def write_grid(output_dir: str, rows: list[dict], info: PngInfo) -> str:
     return path
 
 
+def _label_cell(labels: list[str] | None) -> str:
+    return UNCONDITIONED if labels is None else "|".join(labels) or "No Finding"
+
+
+def _request(findings: list[str] | bool, labels_from: str | None) -> str:
+    if labels_from is not None:
+        return f"labels_from={labels_from}"
+    return UNCONDITIONED if findings is False else "findings=" + ("|".join(findings) or "No Finding")
+
+
 def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS,
-                batch_size=16, start_index=0, bit_depth=8, model="", revision="", progress=True):
+                batch_size=16, start_index=0, bit_depth=8, model="", revision="", progress=True, findings=None,
+                labels_from=None, guidance_scale=None):
     """Write image_<index>.png for each image, manifest.csv and grid.png; returns the manifest rows.
 
     Resumable: images already listed in the folder's manifest (and present) are skipped. Each PNG is written
     to a temporary name and renamed, and its manifest row appended after, so an interrupted run never leaves a
-    half-written image that a resume would trust.
+    half-written image that a resume would trust. A conditional model's manifest and PNGs also carry each image's
+    labels and the guidance scale.
     """
     _check_output(output_dir, num_images, num_inference_steps, batch_size, start_index, scheduler, bit_depth)
+    wanted = range(start_index, start_index + num_images)
+    labels = request_labels(pipe, wanted, seed, findings, labels_from)
+    scale = resolve_guidance(pipe, guidance_scale)
     os.makedirs(output_dir, exist_ok=True)
     dtype = str(pipe.unet.dtype).removeprefix("torch.")
     run = {"seed": seed, "scheduler": scheduler, "steps": num_inference_steps, "model": model,
            "revision": revision, "dtype": dtype, "bit_depth": bit_depth}
+    fields = MANIFEST_FIELDS
+    if is_conditional(pipe):
+        run.update(guidance_scale=scale, request=_request(findings is not None and labels[start_index], labels_from))
+        fields = MANIFEST_FIELDS + CONDITIONAL_FIELDS
     manifest = os.path.join(output_dir, "manifest.csv")
     done = _read_manifest(manifest, run)
-    wanted = range(start_index, start_index + num_images)
     todo = [i for i in wanted if not (i in done and os.path.isfile(os.path.join(output_dir, done[i]["file"])))]
     new_file = not os.path.exists(manifest)
     with open(manifest, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new_file:
             writer.writeheader()
         for batch, images in iter_batches(pipe, todo, seed, scheduler, num_inference_steps, batch_size,
-                                          progress):
+                                          progress, labels, scale):
             for index, image in zip(batch, images):
                 row = {"file": f"image_{index:06d}.png", "index": index,
                        "noise_seed": noise_seed(seed, index), **run}
+                if is_conditional(pipe):
+                    row["labels"] = _label_cell(labels[index])
                 path = os.path.join(output_dir, row["file"])
                 with atomic_path(path) as temporary:
                     to_png(image, bit_depth).save(temporary, format="PNG", pnginfo=png_info(row))
@@ -298,7 +376,7 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
             f.flush()
     # Rewrite the manifest whole: one row per image, sorted, with no duplicate left by a re-made image.
     with atomic_path(manifest) as temporary, open(temporary, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(done[i] for i in sorted(done))
     rows = [done[i] for i in wanted]
@@ -314,4 +392,6 @@ def sample_from_args(args: SamplingArguments) -> list[dict]:
     if pipe.device.type == "cpu":
         keep_freed_memory()
     kwargs = {k: v for k, v in asdict(args).items() if k not in ("model", "revision", "dtype", "device")}
+    if args.findings is not None:
+        kwargs["findings"] = [name.strip() for name in args.findings.split(",") if name.strip()]
     return save_images(pipe, model=model_label(args.model), revision=revision, **kwargs)

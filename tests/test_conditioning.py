@@ -143,3 +143,116 @@ def test_bad_requests_are_one_clear_line():
         pipe(findings=[[]], guidance_scale=0.5, num_inference_steps=1)
     with pytest.raises(ValueError, match="unknown label 'Hernia'"):
         pipe(findings=[["Hernia"]], num_inference_steps=1)
+
+
+# ------------------------------------------------------------------ sampling a conditional model (sampling.py, CLI)
+import csv  # noqa: E402
+import shutil  # noqa: E402
+
+import huggingface_hub.constants  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import pipeline  # noqa: E402
+from lunggen_diffusers.sampling import generate, load_pipeline, save_images  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def conditional_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-cond"
+    tiny_pipeline().save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def conditional(conditional_dir):
+    return load_pipeline(conditional_dir, device="cpu")[0]
+
+
+def test_same_image_whatever_the_batch_size_with_guidance(conditional):
+    kwargs = {"num_inference_steps": 3, "output_type": "np", "progress": False, "labels_from": "train",
+              "guidance_scale": 3.0}
+    together = generate(conditional, 4, batch_size=4, **kwargs)
+    split = generate(conditional, 4, batch_size=3, **kwargs)
+    alone = generate(conditional, 1, start_index=2, batch_size=1, **kwargs)
+    # Each image's own arithmetic in batches of other sizes: kernels may split the work differently, so equal
+    # to well within 1e-4 (fp32 rounding is ~1e-7 per step), never exactly.
+    np.testing.assert_allclose(split, together, atol=1e-4)
+    np.testing.assert_allclose(alone[0], together[2], atol=1e-4)
+    findings = generate(conditional, 2, findings=["Cardiomegaly"], **{**kwargs, "labels_from": None})
+    nothing = generate(conditional, 2, findings=[], **{**kwargs, "labels_from": None})
+    assert not np.allclose(findings, nothing, atol=1e-3)  # the request reaches the image
+
+
+def test_manifest_and_png_chunks_carry_the_labels(conditional, tmp_path):
+    rows = save_images(conditional, str(tmp_path / "a"), 3, num_inference_steps=2, findings=["cardiomegaly"],
+                       guidance_scale=2.0, model="tiny-cond", progress=False)
+    assert [r["labels"] for r in rows] == ["cardiomegaly"] * 3
+    with open(tmp_path / "a" / "manifest.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert written[0]["labels"] == "cardiomegaly" and written[0]["guidance_scale"] == "2.0"
+    with Image.open(tmp_path / "a" / "image_000001.png") as im:
+        assert im.text["labels"] == "cardiomegaly" and im.text["guidance_scale"] == "2.0"
+        assert im.text["synthetic"] == "research use only"
+    drawn = save_images(conditional, str(tmp_path / "b"), 40, num_inference_steps=1, labels_from="train",
+                        model="tiny-cond", progress=False)
+    counts = Counter(r["labels"] for r in drawn)
+    assert set(counts) <= {"No Finding", "cardiomegaly", "nodule|pleural_effusion"} and counts["No Finding"] > 10
+    unconditioned = save_images(conditional, str(tmp_path / "c"), 1, num_inference_steps=1, progress=False)
+    assert unconditioned[0]["labels"] == "unconditioned"
+    with pytest.raises(ValueError, match="made with request="):  # a resume must ask for the same labels
+        save_images(conditional, str(tmp_path / "a"), 4, num_inference_steps=2, findings=["nodule"],
+                    guidance_scale=2.0, model="tiny-cond", progress=False)
+
+
+def test_conditional_model_loads_from_the_hub_cache_offline(conditional_dir, tmp_path, monkeypatch):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--lunggen-test--tiny-cond"
+    shutil.copytree(conditional_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    loaded, revision = load_pipeline("lunggen-test/tiny-cond", device="cpu")
+    assert isinstance(loaded, LungGenPipeline) and revision == commit
+    remote = DiffusionPipeline.from_pretrained("lunggen-test/tiny-cond", trust_remote_code=True)
+    assert type(remote).__name__ == "LungGenPipeline"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--findings", "Hernia"], "unknown label 'Hernia'; this model knows: cardiomegaly, consolidation, nodule"),
+    (["--guidance_scale", "0.5"], "guidance_scale must be >= 1"),
+    (["--labels_from", "test"], "--labels_from 'test': choose train"),
+    (["--findings", "nodule", "--labels_from", "train"], "give --findings or --labels_from, not both"),
+])
+def test_cli_bad_conditional_requests(extra, message, conditional_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        pipeline.main(["--model", conditional_dir, "--output_dir", str(tmp_path / "out"), "--num_images", "1",
+                       "--num_inference_steps", "1", *extra])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_findings_asked_of_an_unconditional_model(tmp_path, capsys):
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "plain")
+    for extra, message in ((["--findings", "Cardiomegaly"], "findings were asked of an unconditional model"),
+                           (["--guidance_scale", "2"], "--guidance_scale needs a conditional model")):
+        with pytest.raises(SystemExit):
+            pipeline.main(["--model", str(tmp_path / "plain"), "--output_dir", str(tmp_path / "out"),
+                           "--num_images", "1", "--num_inference_steps", "1", *extra])
+        assert message in capsys.readouterr().err
+
+
+def test_cli_no_finding_is_a_request(conditional_dir, tmp_path):
+    pipeline.main(["--model", conditional_dir, "--output_dir", str(tmp_path / "out"), "--num_images", "2",
+                   "--num_inference_steps", "1", "--findings", "No Finding"])
+    with open(tmp_path / "out" / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["labels"] for r in rows] == ["No Finding", "No Finding"] and rows[0]["request"] == "findings=No Finding"
