@@ -11,19 +11,12 @@ from collections import Counter
 import datasets
 import numpy as np
 
+from .config import CONDITIONS
 from .lunggen_pipeline import DEFAULT_GUIDANCE_SCALE, LabelSpace
 
 # --condition_on choice -> the dataset column it reads (NIH metadata, metadata.csv folders and the phantom alike).
-CONDITION_COLUMNS = {"findings": "finding_labels", "view_position": "view_position", "patient_sex": "patient_sex"}
+CONDITION_COLUMNS = dict(zip(CONDITIONS, ("finding_labels", "view_position", "patient_sex")))
 NO_FINDING = "No Finding"
-
-
-def check_condition_on(condition_on: list[str]) -> None:
-    unknown = [c for c in condition_on if c not in CONDITION_COLUMNS]
-    if unknown:
-        raise ValueError(f"--condition_on {' '.join(unknown)}: choose from {', '.join(CONDITION_COLUMNS)}")
-    if "findings" not in condition_on:
-        raise ValueError(f"--condition_on {' '.join(condition_on)}: findings must be one of the conditions")
 
 
 def _row_labels(findings: list[str], extras: dict[str, str]) -> list[str]:
@@ -33,7 +26,6 @@ def _row_labels(findings: list[str], extras: dict[str, str]) -> list[str]:
 def label_config(dataset: datasets.Dataset, condition_on: list[str],
                  guidance_scale: float = DEFAULT_GUIDANCE_SCALE) -> dict:
     """The vocabulary (every label seen in `dataset`) and the count of each label combination."""
-    check_condition_on(condition_on)
     columns = [CONDITION_COLUMNS[c] for c in condition_on]
     missing = [c for c, column in zip(condition_on, columns) if column not in dataset.column_names]
     if missing:

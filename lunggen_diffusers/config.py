@@ -68,6 +68,11 @@ class DataConfig:
     split_seed: int = field(
         default=0, metadata={"help": "Seed choosing validation patients; apart from --seed so splits never move."}
     )
+    condition_on: list[str] | None = field(
+        default=None,
+        metadata={"help": "Train a label-conditioned model: findings, optionally view_position and patient_sex "
+                          "(columns of the data). Exports a LungGenPipeline instead of a DDPMPipeline."},
+    )
 
 
 @dataclass
@@ -130,6 +135,14 @@ class TrainingConfig:
     logger: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none."})
     logging_dir: str = field(default="logs", metadata={"help": "Relative to --output_dir."})
     logging_steps: int = field(default=10, metadata={"help": "Log loss and lr every N steps."})
+    condition_dropout: float = field(
+        default=0.1,
+        metadata={"help": "Conditional models: share of training images shown the null condition, so one model "
+                          "also learns the unconditional score that classifier-free guidance needs."},
+    )
+    guidance_scale: float = field(
+        default=2.0, metadata={"help": "Conditional models: the guidance scale stored as the pipeline's default."}
+    )
 
 
 @dataclass
@@ -195,6 +208,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+CONDITIONS = ("findings", "view_position", "patient_sex")  # --condition_on choices; findings always among them
+# Applied on top of a preset when --condition_on is given: what a conditional model of that preset needs.
+CONDITIONAL_PRESETS: dict[str, dict[str, Any]] = {
+    # Findings must be common enough in the phantom for every label to be learnt from 2,000 images.
+    "demo": {"phantom_finding_prob": 0.3},
+}
+
 CHOICES = {
     "ddpm_beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "prediction_type": ("epsilon", "v_prediction"),
@@ -254,9 +274,21 @@ def validate(config: Config) -> Config:
         raise ValueError(f"--max_train_steps {config.training.max_train_steps} must be a positive integer")
     if config.data.dataset_name and config.data.train_data_dir:
         raise ValueError("give either --dataset_name or --train_data_dir, not both")
+    if not 0 <= config.training.condition_dropout < 1:
+        raise ValueError(f"--condition_dropout {config.training.condition_dropout} must be in [0, 1)")
+    if config.training.guidance_scale < 1:
+        raise ValueError(f"--guidance_scale {config.training.guidance_scale} must be >= 1 (1 = no guidance)")
+    on = config.data.condition_on
+    if on is not None and (set(on) - set(CONDITIONS) or "findings" not in on):
+        raise ValueError(f"--condition_on {' '.join(on)}: choose findings, optionally with "
+                         f"{' and '.join(CONDITIONS[1:])}")
     if config.hub.push_to_hub and not config.hub.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. my-org/lunggen-256)")
     return config
+
+
+def _preset_values(preset: str, conditional: bool) -> dict[str, Any]:
+    return {**PRESETS[preset], **(CONDITIONAL_PRESETS.get(preset, {}) if conditional else {})}
 
 
 def from_dict(values: dict[str, Any]) -> Config:
@@ -265,7 +297,7 @@ def from_dict(values: dict[str, Any]) -> Config:
     preset = values.get("preset", "demo")
     if preset not in PRESETS:
         raise ValueError(f"--preset {preset!r} is not one of: {', '.join(PRESETS)}")
-    merged = {**PRESETS[preset], **values}
+    merged = {**_preset_values(preset, bool(values.get("condition_on"))), **values}
     parts = [
         part(**{f.name: merged[f.name] for f in dataclasses.fields(part) if f.name in merged}) for part in _PARTS
     ]
@@ -287,7 +319,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser = HfArgumentParser(_PARTS)
     parser.add_argument("--preset", default=preset, help=f"One of: {', '.join(PRESETS)}.")
     parser.add_argument("--config", default=None, help="A .yaml or .json file of options; flags override it.")
-    parser.set_defaults(**{**PRESETS[preset], **{k: v for k, v in file_values.items() if k != "preset"}})
+    conditioned = argparse.ArgumentParser(add_help=False)
+    conditioned.add_argument("--condition_on", nargs="*", default=None)
+    on = conditioned.parse_known_args(rest)[0].condition_on or file_values.get("condition_on")
+    defaults = {**_preset_values(preset, bool(on)), **{k: v for k, v in file_values.items() if k != "preset"}}
+    parser.set_defaults(**defaults)
     *parts, extra = parser.parse_args_into_dataclasses(args=rest + ["--preset", preset])
     return validate(Config(*parts, preset=extra.preset))
 
