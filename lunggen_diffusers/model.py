@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from .config import Config
 
 # Fields that fix the UNet's weight shapes: resuming with any of them changed is refused.
-SHAPE_FIELDS = ("resolution", "block_out_channels", "layers_per_block", "attention_resolutions", "norm_num_groups")
+SHAPE_FIELDS = ("resolution", "block_out_channels", "layers_per_block", "attention_resolutions", "norm_num_groups",
+                "condition_on")
 
 
-def build_unet(config: Config) -> UNet2DModel:
+def build_unet(config: Config, label_size: int | None = None) -> UNet2DModel | UNet2DConditionModel:
+    """The plain UNet2DModel, or with `label_size` a UNet2DConditionModel of the same blocks whose class embedding
+    projects the label vector (an MLP added to the timestep embedding), so the projection lives in the UNet's own
+    config and weights. No cross-attention: a few labels need no token sequence."""
     m, res = config.model, config.data.resolution
     sizes = [res // 2**level for level in range(len(m.block_out_channels))]
     with_attention = [size in m.attention_resolutions for size in sizes]
-    return UNet2DModel(
+    blocks = dict(
         sample_size=res,
         in_channels=1,
         out_channels=1,
@@ -24,6 +28,14 @@ def build_unet(config: Config) -> UNet2DModel:
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(with_attention)),
         norm_num_groups=m.norm_num_groups,
         dropout=m.dropout,
+    )
+    if label_size is None:
+        return UNet2DModel(**blocks)
+    return UNet2DConditionModel(
+        **blocks,
+        mid_block_type="UNetMidBlock2D",
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=label_size,
     )
 
 
