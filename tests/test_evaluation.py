@@ -123,8 +123,8 @@ def test_raddino_extractor_loads_by_path_and_returns_the_cls_embedding(encoder_p
     with torch.no_grad():
         hidden = model(**inputs).last_hidden_state
     assert features.shape == (10, 32)
-    # Batches of 7 vs 10 take other matmul kernels: float32 LayerNorm outputs of size ~1 through 2 blocks of width
-    # 32-64 differ by tens of ulps (u = 6e-8), far below 1e-5.
+    # Batches of 7 vs 10 may take other matmul kernels: float32 outputs of size ~2 after 2 blocks of width 32-64 can
+    # then differ by tens of ulps (about 1e-6; 0 on the AMD EPYC where this was written), well below 1e-5.
     np.testing.assert_allclose(features, hidden[:, 0].numpy(), atol=1e-5)
     assert encoder_path in extractor.description
     with pytest.raises(ValueError, match="accepted: pixels, raddino, inception"):
