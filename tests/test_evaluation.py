@@ -33,6 +33,9 @@ def phantoms():
 
 def test_frechet_distance_is_zero_on_itself_and_grows_with_a_shift(phantoms):
     a, b = (pixel_features(x) for x in phantoms)  # 256 features from 120 images: singular covariances
+    # Rounding can only push FD(a, a) up through the covariance's range (measured 1e-12, d u tr S = 8e-14); the
+    # square roots of its ~136 null-space eigenvalues (noise around 0) only add to tr sqrt, pushing FD down (-5e-7,
+    # then clipped to 0). So 1e-8 holds with a 1e4 margin for any BLAS.
     assert frechet_distance(a, a) < 1e-8
     darker = [frechet_distance(a, pixel_features(np.round(phantoms[1] * (1 - d)).astype(np.uint8)))
               for d in (0.0, 0.05, 0.1, 0.2)]
@@ -59,14 +62,40 @@ def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift(phantoms):
     assert shifted > 20 * abs(same)
 
 
+def _prdc_by_definition(real, fake, k):
+    """Naeem et al.'s definition on every pair's direct difference: the reference for small sets."""
+    sq = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)  # noqa: E731
+    real_radius, fake_radius = np.sort(sq(real, real), 1)[:, k], np.sort(sq(fake, fake), 1)[:, k]
+    d = sq(fake, real)
+    inside = d < real_radius[None]
+    recalled = d < fake_radius[:, None]
+    return {"precision": int(inside.any(1).sum()) / len(fake), "recall": int(recalled.any(0).sum()) / len(real),
+            "density": int(inside.sum()) / (k * len(fake)), "coverage": int(inside.any(0).sum()) / len(real)}
+
+
 def test_prdc_on_identical_and_on_disjoint_sets():
     x = np.random.default_rng(0).standard_normal((80, 8))
-    assert prdc(x, x, k=5) == {"precision": 1.0, "recall": 1.0, "density": 1.0, "coverage": 1.0}
+    # Every k-th neighbour is a tie here: exact 1.0 whatever BLAS rounds, also where a common offset makes the
+    # matrix product's rounding large (1e3: density was 1.0175 when ties were decided on it).
+    for offset in (0.0, 1e3):
+        assert prdc(x + offset, x + offset, k=5) == {"precision": 1.0, "recall": 1.0, "density": 1.0, "coverage": 1.0}
     assert prdc(x, x + 100, k=5) == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
     y = np.random.default_rng(1).standard_normal((60, 8)) * 1.5
-    assert prdc(x, y, k=5, chunk_size=7) == prdc(x, y, k=5)
+    assert prdc(x, y, k=5, chunk_size=7) == prdc(x, y, k=5) == _prdc_by_definition(x, y, 5)
     with pytest.raises(ValueError, match="at least 6 rows"):
         prdc(x[:5], y, k=5)
+
+
+def test_prdc_equals_its_definition_on_ties_and_where_the_product_is_too_coarse_to_decide():
+    rng = np.random.default_rng(2)
+    # Small integers: every distance is exact in float64, so the definition is exact too; many duplicate rows and
+    # equal distances test the strict "<" (a row with 5 copies has a radius of 0 and an empty ball).
+    grid, other = rng.integers(0, 3, (60, 2)).astype(float), rng.integers(0, 3, (50, 2)).astype(float)
+    assert prdc(grid, other, k=5, chunk_size=7) == _prdc_by_definition(grid, other, 5)
+    # A 1e8 offset makes |a|^2 + |b|^2 - 2a.b round by more than the distances themselves, so nearly every
+    # comparison falls in the band that is recomputed from direct differences.
+    x, y = rng.standard_normal((40, 8)) + 1e8, rng.standard_normal((30, 8)) + 1e8
+    assert prdc(x, y, k=3, chunk_size=16) == _prdc_by_definition(x, y, 3)
 
 
 def test_ms_ssim_is_one_on_itself_bounded_and_falls_with_noise(phantoms):
@@ -94,6 +123,8 @@ def test_raddino_extractor_loads_by_path_and_returns_the_cls_embedding(encoder_p
     with torch.no_grad():
         hidden = model(**inputs).last_hidden_state
     assert features.shape == (10, 32)
+    # Batches of 7 vs 10 may take other matmul kernels: float32 outputs of size ~2 after 2 blocks of width 32-64 can
+    # then differ by tens of ulps (about 1e-6; 0 on the AMD EPYC where this was written), well below 1e-5.
     np.testing.assert_allclose(features, hidden[:, 0].numpy(), atol=1e-5)
     assert encoder_path in extractor.description
     with pytest.raises(ValueError, match="accepted: pixels, raddino, inception"):

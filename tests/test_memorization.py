@@ -56,9 +56,13 @@ def test_top_matches_equals_brute_force_across_chunks():
     queries, keys = rng.standard_normal((23, 5)), rng.standard_normal((41, 5))
     values, indices = top_matches(queries, keys, k=3, chunk_size=7)
     sims = queries @ keys.T
+    # The order is only defined where rounding cannot swap neighbours: top_matches works in float32, whose 5-term
+    # dots are within 5 u |q||k| < 5e-6 of these (u = 2^-24, |q||k| < 16); the closest ranks here are 6e-3 apart.
+    top4 = -np.sort(-sims, axis=1)[:, :4]
+    assert np.diff(top4, axis=1).max() < -1e-4
     expected = np.argsort(-sims, axis=1)[:, :3]
     np.testing.assert_array_equal(indices, expected)
-    np.testing.assert_allclose(values, np.take_along_axis(sims, expected, 1), rtol=1e-5)
+    np.testing.assert_allclose(values, top4[:, :3], atol=1e-5)
 
 
 def test_ncc_ignores_gain_offset_and_shifts_within_range():
@@ -66,7 +70,9 @@ def test_ncc_ignores_gain_offset_and_shifts_within_range():
     keys = np.concatenate([pixel_features(phantom_array(20, 6), SIZE), key.reshape(1, -1)])
     variants = np.stack([key[0] * 0.8 + 0.1, np.roll(key[0], (2, -2), (0, 1)), np.roll(key[0], (3, 3), (0, 1))])
     values, indices = ncc_search(variants.reshape(3, -1), keys, max_shift=2)
-    np.testing.assert_allclose(values[:2], 1.0, atol=1e-5)
+    # float32 correlation over 3,600 pixels: BLAS's blocked sums stay within about (b + n / b) u |q| / |q - mean|
+    # = 120 * 6e-8 * 2.2 = 1.6e-5 of exact for any vendor (block b = 60); 1e-4 still separates a shift beyond range.
+    np.testing.assert_allclose(values[:2], 1.0, atol=1e-4)
     assert list(indices[:2]) == [20, 20]
     assert values[2] < 0.999  # a shift beyond max_shift is not undone
     with pytest.raises(ValueError, match="max_shift"):
@@ -82,15 +88,32 @@ def test_audit_catches_every_kind_of_planted_copy(audit_inputs):
     assert result.flagged[:n].mean() <= 0.03  # independent images: about 2 x 0.1% expected
 
 
+# How far another CPU's rounding can move a similarity, and so the null's percentile (float32 products; an image
+# changes side only within 2 eps of a threshold). Cosine: a 32-d dot of unit rows is within 32 u = 2e-6 of exact
+# for any summation order (u = 2^-24). NCC: 3,136 pixels (56^2 at max_shift 4), divided by the query's centred norm
+# (|q| / |q - mean| is about 2.2 here); BLAS kernels sum in blocks, about (b + n / b) u * 2.2 = 1.5e-5 for b = 56.
+# The tiny random encoder puts every cosine within 3e-4 of 1, so this matters: 20 images lie within 2e-5 of it.
+EPS = {"ncc": 1e-4, "cosine": 1e-5}
+
+
+def _flagged(result, n, shift):
+    """Flagged fractions of the independent generated images and of the null, with every similarity moved by
+    shift * EPS (shift -2: as high as rounding can make them; +2: as low)."""
+    above = lambda ncc, cos: (ncc > result.ncc_threshold + shift * EPS["ncc"]) | (  # noqa: E731
+        cos > result.cos_threshold + shift * EPS["cosine"])
+    return above(result.gen_ncc[:n], result.gen_cos[:n]).mean(), above(result.null_ncc, result.null_cos).mean()
+
+
 def test_false_flag_rate_on_independent_images_is_near_the_configured_level(audit_inputs):
     result = _audit(audit_inputs, 90.0)
     n = audit_inputs["n_independent"]
     for name, values, threshold in (("ncc", result.gen_ncc[:n], result.ncc_threshold),
                                     ("cosine", result.gen_cos[:n], result.cos_threshold)):
-        rate = (values > threshold).mean()
-        assert 0.03 <= rate <= 0.2, f"{name}: {rate:.3f} of independent images above the null's 90th percentile"
-    assert abs(result.flagged[:n].mean() - result.null_flagged.mean()) <= 0.1
-    assert result.flagged[:n].mean() <= 0.3  # either of two 10% tests: at most about 20%
+        low, high = ((values > threshold + shift * EPS[name]).mean() for shift in (2, -2))
+        assert 0.03 <= low and high <= 0.2, f"{name}: {low:.3f}-{high:.3f} above the null's 90th percentile"
+    (gen_low, null_low), (gen_high, null_high) = _flagged(result, n, 2), _flagged(result, n, -2)
+    assert gen_high - null_low <= 0.1 and null_high - gen_low <= 0.1
+    assert gen_high <= 0.3  # either of two 10% tests: at most about 20%
 
 
 def test_matched_patients_counts_by_patient():

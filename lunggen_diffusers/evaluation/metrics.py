@@ -67,34 +67,82 @@ def kernel_inception_distance(a: np.ndarray, b: np.ndarray, num_subsets: int = 1
     return float(np.mean(values)), float(np.std(values))
 
 
-def _kth_neighbour_distance(x: torch.Tensor, k: int, chunk_size: int) -> torch.Tensor:
-    """Distance from each row to its k-th nearest other row (the row itself is at distance 0, index 0)."""
-    return torch.cat([torch.cdist(x[i:i + chunk_size], x).topk(k + 1, largest=False).values[:, k]
-                      for i in range(0, len(x), chunk_size)])
+# Squared distances come from one float64 matrix product, |a|^2 + |b|^2 - 2 a.b, whose rounding depends on the
+# BLAS kernel (vendor, ISA, summation order), and ties (a row and itself, the k-th neighbour that defines a ball,
+# duplicated rows) are exactly where PRDC's strict "<" is decided. So every comparison within a band of that
+# product is redone on the exact value (_exact_sq). For any summation order (Higham, ch. 3; u = 2^-53) the product
+# is within (2d + 4) u (|a|^2 + |b|^2) of the true value and the direct difference within (2d + 6) u (|a|^2 + |b|^2),
+# to first order; the band is twice their sum, so no decision outside it can differ from the exact one.
+def _band(width: int, sq_norm_bound: float) -> float:
+    return 2 * (4 * width + 10) * 2.0**-53 * sq_norm_bound
+
+
+def _exact_sq(a: np.ndarray, b: np.ndarray, rows: torch.Tensor, cols: torch.Tensor,
+              batch: int = 1 << 16) -> torch.Tensor:
+    """Squared distances of the pairs (a[rows], b[cols]) as direct differences, each summed along its own row by
+    numpy (single-threaded, an order fixed by the width alone): a pair gets the same value in every call and chunk,
+    (x, y) the same as (y, x), and a row's distance to itself is exactly 0."""
+    rows, cols, out = rows.numpy(), cols.numpy(), np.empty(len(rows))
+    for i in range(0, len(rows), batch):  # bounded memory even when many rows tie (duplicates)
+        diff = a[rows[i:i + batch]] - b[cols[i:i + batch]]
+        out[i:i + batch] = (diff * diff).sum(1)
+    return torch.from_numpy(out)
+
+
+def _approx_sq(a: torch.Tensor, a_sq: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
+    return torch.addmm(b_sq[None], a, b.T, alpha=-2).add_(a_sq[:, None])
+
+
+def _kth_neighbour_sq(x: torch.Tensor, x_sq: torch.Tensor, k: int, chunk_size: int) -> torch.Tensor:
+    """Exact squared distance from each row to its k-th nearest other row (the row itself is index 0).
+
+    Every row within the exact k-th distance has an approximate value within the approximate k-th + 2 tol, so
+    only those candidates are recomputed exactly."""
+    tol = _band(x.shape[1], 2 * float(x_sq.max()))
+    xn, out = x.numpy(), []
+    for i in range(0, len(x), chunk_size):
+        s = _approx_sq(x[i:i + chunk_size], x_sq[i:i + chunk_size], x, x_sq)
+        bound = s.topk(k + 1, largest=False).values[:, k] + 2 * tol
+        rows, cols = (s <= bound[:, None]).nonzero(as_tuple=True)
+        s.fill_(float("inf"))
+        s[rows, cols] = _exact_sq(xn, xn, rows + i, cols)
+        out.append(s.topk(k + 1, largest=False).values[:, k])
+    return torch.cat(out)
 
 
 def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5, chunk_size: int = 1024) -> dict[str, float]:
     """Precision, recall, density and coverage (Naeem et al. 2020) with k-nearest-neighbour balls, in float64.
 
-    Distances are computed in row chunks, so memory is chunk_size x max(len(real), len(fake)) values."""
+    Membership (distance < a ball's radius) is decided on exact squared distances (see _exact_sq), so identical
+    sets score exactly 1.0 on all four on any CPU; a float64 matrix product only selects which pairs need that.
+    Memory is chunk_size x max(len(real), len(fake)) values."""
     real = torch.from_numpy(_rows(real, "real", k + 1))
     fake = torch.from_numpy(_rows(fake, "fake", k + 1))
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature sizes differ: {real.shape[1]} vs {fake.shape[1]}")
-    real_radius = _kth_neighbour_distance(real, k, chunk_size)
-    fake_radius = _kth_neighbour_distance(fake, k, chunk_size)
+    real_sq, fake_sq = (real * real).sum(1), (fake * fake).sum(1)
+    real_radius = _kth_neighbour_sq(real, real_sq, k, chunk_size)
+    fake_radius = _kth_neighbour_sq(fake, fake_sq, k, chunk_size)
+    tol = _band(real.shape[1], float(real_sq.max()) + float(fake_sq.max()))
+    real_lo, real_hi = real_radius - tol, real_radius + tol
     precise, dense = 0, 0
-    for i in range(0, len(fake), chunk_size):
-        inside = torch.cdist(fake[i:i + chunk_size], real) < real_radius[None]
-        precise += int(inside.any(1).sum())
-        dense += int(inside.sum())
-    recalled, covered = 0, 0
-    for i in range(0, len(real), chunk_size):
-        d = torch.cdist(real[i:i + chunk_size], fake)
-        recalled += int((d < fake_radius[None]).any(1).sum())
-        covered += int((d.min(1).values < real_radius[i:i + chunk_size]).sum())
-    return {"precision": precise / len(fake), "recall": recalled / len(real),
-            "density": dense / (k * len(fake)), "coverage": covered / len(real)}
+    covered, recalled = torch.zeros(len(real), dtype=torch.bool), torch.zeros(len(real), dtype=torch.bool)
+    for i in range(0, len(fake), chunk_size):  # one pass over fake x real serves all four
+        s = _approx_sq(fake[i:i + chunk_size], fake_sq[i:i + chunk_size], real, real_sq)
+        radius = fake_radius[i:i + chunk_size, None]
+        in_real, in_fake = s < real_lo, s < radius - tol  # surely inside; below, the unsure band is redone
+        unsure = ((s < real_hi) & ~in_real) | ((s < radius + tol) & ~in_fake)
+        rows, cols = unsure.nonzero(as_tuple=True)
+        if len(rows):
+            exact = _exact_sq(fake.numpy(), real.numpy(), rows + i, cols)
+            in_real[rows, cols] = exact < real_radius[cols]
+            in_fake[rows, cols] = exact < fake_radius[rows + i]
+        precise += int(in_real.any(1).sum())
+        dense += int(in_real.sum())
+        covered |= in_real.any(0)  # a real ball holding any fake row: its nearest fake is inside
+        recalled |= in_fake.any(0)
+    return {"precision": precise / len(fake), "recall": int(recalled.sum()) / len(real),
+            "density": dense / (k * len(fake)), "coverage": int(covered.sum()) / len(real)}
 
 
 def _gaussian_filter(x: torch.Tensor, win_size: int, sigma: float) -> torch.Tensor:
