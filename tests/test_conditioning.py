@@ -257,3 +257,56 @@ def test_cli_no_finding_is_a_request(conditional_dir, tmp_path):
     with open(tmp_path / "out" / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["labels"] for r in rows] == ["No Finding", "No Finding"] and rows[0]["request"] == "findings=No Finding"
+
+
+# ------------------------------------------------------------------ conditional training on the spine
+from lunggen_diffusers import training  # noqa: E402
+from lunggen_diffusers.training import train  # noqa: E402
+
+
+def test_conditional_training_exports_a_lunggen_pipeline_and_resumes_exactly(tiny_config, tmp_path, monkeypatch):
+    kwargs = {"condition_on": ["findings"], "phantom_finding_prob": 0.4, "max_train_steps": 4,
+              "checkpointing_steps": 2, "condition_dropout": 0.5}
+    straight = train(tiny_config(output_dir=str(tmp_path / "a"), **kwargs))
+    out = straight.output_dir
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == ["lunggen_pipeline", "LungGenPipeline"] and (out / "lunggen_pipeline.py").is_file()
+    stored = index["label_config"]
+    assert stored["findings"] == sorted(FINDINGS) and sum(stored["combination_counts"].values()) == 24
+    assert stored["guidance_scale"] == 2.0 and "phantom-" not in json.dumps(index)
+    pipe = LungGenPipeline.from_pretrained(out)
+    assert pipe(findings=[["Nodule"]], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 1)
+    assert Image.open(out / "samples.png").size == (64, 160)  # 5 rows (No Finding + 4 findings) of 2 seeds
+
+    real_save = training.save_checkpoint
+
+    def save_then_die(accelerator, config, step):
+        path = real_save(accelerator, config, step)
+        if step == 2:
+            raise KeyboardInterrupt  # killed right after checkpoint-2 landed
+        return path
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(output_dir=str(tmp_path / "b"), **kwargs))
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    resumed = train(tiny_config(output_dir=str(tmp_path / "b"), resume_from_checkpoint="latest", **kwargs))
+    a, b = straight.unet.state_dict(), resumed.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # one machine against itself: bit for bit
+
+
+def test_condition_dropout_shows_the_null_condition(tiny_config, monkeypatch):
+    seen = []
+    real_forward = UNet2DConditionModel.forward
+
+    def record(self, sample, timestep, *args, class_labels=None, **kwargs):
+        if self.training:
+            seen.append(class_labels.clone())
+        return real_forward(self, sample, timestep, *args, class_labels=class_labels, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", record)
+    train(tiny_config(condition_on=["findings"], max_train_steps=6, condition_dropout=0.5, checkpointing_steps=6))
+    labels = torch.cat(seen)
+    null = labels[:, -1] == 1
+    assert (labels[null, :-1] == 0).all() and (labels[~null, -1] == 0).all()  # null rows are null only
+    assert 0.2 < null.float().mean() < 0.8  # about half of 24 rows, well inside a binomial's 4 sigma

@@ -44,14 +44,82 @@ def test_smoke_train_export_and_load(tiny_config, monkeypatch):
     assert pipeline_files == {"unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"}
 
 
-def test_export_holds_the_ema_weights(tiny_config):
-    result = train(tiny_config(max_train_steps=3))
+def test_export_is_the_ema_of_the_trajectory(tiny_config):
+    # Two steps, a checkpoint after each: the raw weights w1, w2 are on disk. diffusers' EMA with warm-up takes
+    # decay 0 at its first update (EMA = w1) and 1 - (1 + 1 / inv_gamma) ** -power at the second.
+    config = tiny_config(max_train_steps=2, checkpointing_steps=1, ema_inv_gamma=1.0, ema_power=0.75)
+    result = train(config)
+    w1, w2 = (load_file(str(result.output_dir / f"checkpoint-{s}" / "model.safetensors")) for s in (1, 2))
+    decay = 1 - 2.0**-0.75
     exported = _weights(result.output_dir)
-    raw = result.unet.state_dict()
-    assert exported.keys() == raw.keys()
-    assert any(not torch.equal(exported[k], raw[k]) for k in raw)
+    assert exported.keys() == w2.keys()
+    for k in w2:
+        # EMAModel updates in place (ema -= (1 - decay) * (ema - w)): fp32 rounding of that order, ~1e-7 relative
+        # on weights of order 0.1-1, so 1e-6 absolute; a frozen, skipped or raw-weight export misses by >1e-4.
+        torch.testing.assert_close(exported[k], decay * w1[k] + (1 - decay) * w2[k], atol=1e-6, rtol=0)
+    assert max((exported[k] - w2[k]).abs().max() for k in w2) > 1e-4  # the export is not the raw weights
     plain = train(tiny_config(max_train_steps=3, use_ema=False, output_dir=str(result.output_dir) + "-plain"))
     assert all(torch.equal(_weights(plain.output_dir)[k], v) for k, v in plain.unet.state_dict().items())
+
+
+def test_the_unet_sees_the_stored_images_unmirrored(tiny_config, monkeypatch):
+    """Whatever lies between the stored pixels and the UNet's input (loading, scaling, noising), it must not mirror
+    (or otherwise move) the anatomy: with the noise set to zero, the UNet's input is sqrt(alpha_bar_t) x the stored
+    image scaled to [-1, 1]."""
+    stored, seen = [], []
+    read = training._WholeBatches.__getitems__
+
+    def spy(self, indices):
+        batch = read(self, indices)
+        stored.append(batch["pixel_values"].clone())
+        return batch
+
+    monkeypatch.setattr(training._WholeBatches, "__getitems__", spy)
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    real_forward = training.UNet2DModel.forward
+
+    def record(self, sample, timestep, *args, **kwargs):
+        if self.training:  # not the sample grids rendered at export
+            seen.append((sample.detach().clone(), timestep.clone()))
+        return real_forward(self, sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(training.UNet2DModel, "forward", record)
+    train(tiny_config(max_train_steps=2, checkpointing_steps=2))
+    alphas = training.build_scheduler(tiny_config()).alphas_cumprod
+    assert len(seen) == 2 and len(stored) >= 2  # Accelerate reads one batch ahead
+    for pixels, (sample, timesteps) in zip(stored, seen):
+        expected = pixels.float().unsqueeze(1) / 127.5 - 1
+        clean = sample / alphas[timesteps].sqrt().view(-1, 1, 1, 1)
+        # Elementwise fp32 arithmetic only (a scale, a multiply, a divide): a few ulps of values within [-1, 1].
+        torch.testing.assert_close(clean, expected, atol=1e-5, rtol=0)
+        assert (clean - expected.flip(-1)).abs().mean() > 0.05  # the phantoms are far from mirror-symmetric
+
+
+def test_diffusion_loss_epsilon_v_and_min_snr_by_hand():
+    scheduler = training.build_scheduler(load_config_tiny())
+    clean, noise = torch.full((2, 1, 2, 2), 0.5), torch.full((2, 1, 2, 2), -1.0)
+    t = torch.tensor([10, 900])
+    pred = torch.zeros(2, 1, 2, 2)
+    eps = training.diffusion_loss(pred, clean, noise, t, scheduler, "epsilon", None)
+    assert eps.item() == pytest.approx(1.0)  # mean of (0 - (-1))^2
+    a = scheduler.alphas_cumprod[t].double()
+    v = a.sqrt() * -1.0 - (1 - a).sqrt() * 0.5  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+    assert training.diffusion_loss(pred, clean, noise, t, scheduler, "v_prediction", None).item() == \
+        pytest.approx((v**2).mean().item(), rel=1e-5)
+    snr = a / (1 - a)
+    weighted = training.diffusion_loss(pred, clean, noise, t, scheduler, "epsilon", 5.0)
+    assert weighted.item() == pytest.approx((snr.clamp(max=5.0) / snr).mean().item(), rel=1e-5)
+    assert snr[0] > 5 > snr[1]  # one capped, one not: both branches of min(SNR, gamma) are exercised
+    weighted_v = training.diffusion_loss(pred, clean, noise, t, scheduler, "v_prediction", 5.0)
+    assert weighted_v.item() == pytest.approx((v**2 * snr.clamp(max=5.0) / (snr + 1)).mean().item(), rel=1e-5)
+
+
+def load_config_tiny():
+    from conftest import TINY
+
+    from lunggen_diffusers.config import from_dict
+
+    return from_dict(TINY)
 
 
 class _Stop(Exception):
