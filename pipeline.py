@@ -1,20 +1,12 @@
 """Generate synthetic chest X-rays from a trained LungGen model (local folder or Hub id).
 
     python pipeline.py --model lunggen-output --num_images 1000 --output_dir synth/ \
-        --scheduler dpmsolver++ --num_inference_steps 25 --batch_size 64 --seed 0
+        --scheduler ddim --num_inference_steps 20 --batch_size 64 --seed 0
+    python pipeline.py --model lunggen-output --findings "Cardiomegaly,Effusion" --output_dir synth-cm/
+    python pipeline.py --model lunggen-output --labels_from train --num_images 20000 --output_dir synth-labeled/
 """
 
-from transformers import HfArgumentParser
-
-from lunggen_diffusers.cli import run
-from lunggen_diffusers.sampling import SamplingArguments, sample_from_args
-
-
-def main(argv: list[str] | None = None) -> None:
-    (args,) = HfArgumentParser(SamplingArguments).parse_args_into_dataclasses(args=argv)
-    rows = run(lambda: sample_from_args(args))
-    print(f"{len(rows)} images in {args.output_dir} (manifest.csv, grid.png)")
-
+from lunggen_diffusers.generate import main
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,23 @@
+"""Generate synthetic chest X-rays from a trained LungGen model (local folder or Hub id).
+
+    python pipeline.py --model lunggen-output --num_images 1000 --output_dir synth/ --batch_size 64 --seed 0
+    lunggen-generate --model my-org/lunggen-256 --findings "Cardiomegaly,Effusion" --output_dir synth-cm/
+"""
+
+from __future__ import annotations
+
+from transformers import HfArgumentParser
+
+from .cli import run
+from .sampling import SamplingArguments, sample_from_args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    (args,) = HfArgumentParser(SamplingArguments).parse_args_into_dataclasses(args=argv)
+    rows = run(lambda: sample_from_args(args))
+    print(f"{len(rows)} images in {args.output_dir} (manifest.csv, grid.png)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
