@@ -285,10 +285,12 @@ Path(sys.argv[2], "rank" + os.environ["RANK"] + ".json").write_text(json.dumps({
 """
 
 
-def test_two_process_ddp_on_cpu(tiny_config, tmp_path):
+@pytest.mark.parametrize("conditioning", [{}, {"condition_on": ["findings"], "phantom_finding_prob": 0.4}],
+                         ids=["unconditional", "conditional"])
+def test_two_process_ddp_on_cpu(tiny_config, tmp_path, conditioning):
     """The real launcher in fresh processes (gloo on CPU): each rank reads its own images, both end with the same
     weights, one export."""
-    config = tiny_config(max_train_steps=2, checkpointing_steps=2)
+    config = tiny_config(max_train_steps=2, checkpointing_steps=2, **conditioning)
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict() | {"output_dir": config.training.output_dir}))
     (tmp_path / "worker.py").write_text(DDP_WORKER)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
