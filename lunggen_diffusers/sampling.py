@@ -40,12 +40,11 @@ SCHEDULERS = {
     "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
     "unipc": (UniPCMultistepScheduler, {"solver_order": 3}),
 }
-# DDIM-20, not DPM-Solver++: on the demo model (benchmarks/sampler_benchmark.py) DDIM-20 lands as close to held-out
-# phantoms as DDPM-1000 (Frechet distance 0.8x) at 54x the speed, while the probability-flow ODE solvers
-# (dpmsolver++, unipc) are 3-4x further away at 10 or 25 steps, and DDIM itself drifts as its steps approach the
-# ODE (DDIM-50: 1.9x): an under-trained model's ODE keeps errors that coarse clipped steps wash out. Not 25 steps:
-# every sampler costs the same per step, so 25 steps is only just 40x faster than DDPM-1000. Its images are
-# smoother than DDPM-1000's (precision 0.25 vs 0.62): a default for looking, not for evaluating.
+# DDIM-20, not DPM-Solver++: on the demo model DDIM-20 lands about as close to held-out phantoms as DDPM-1000 at a
+# fraction of the cost, while the probability-flow ODE solvers (dpmsolver++, unipc) and DDIM with many steps (which
+# approaches the ODE) stay further away: an under-trained model's ODE keeps errors that coarse clipped steps wash
+# out. Its images are smoother and less varied than DDPM-1000's: a default for looking, not for evaluating. The
+# figures are in benchmarks/README.md (sampler_benchmark.py).
 DEFAULT_SCHEDULER, DEFAULT_STEPS = "ddim", 20
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BIT_DEPTHS = (8, 16)

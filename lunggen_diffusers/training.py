@@ -195,7 +195,7 @@ def build_model(config: Config, labels: dict | None):
 
 class _WholeBatches(torch.utils.data.Dataset):
     """A batch as one Arrow `take` of uint8 pixels. datasets' torch formatter turns uint8 into int64 and the default
-    collate splits a batch into rows and stacks them again: together 4-5x slower, visible next to a small model."""
+    collate splits a batch into rows and stacks them again: slow enough to show next to a small model."""
 
     def __init__(self, dataset, labels: np.ndarray | None = None):
         self.table = dataset.with_format("arrow", columns=["pixel_values"])
