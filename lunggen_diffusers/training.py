@@ -399,7 +399,9 @@ def train(config: Config) -> TrainResult:
                                                     if labels else ""))
     progress = tqdm(total=schedule.max_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="train")
-    aug_generator = torch.Generator().manual_seed(t.seed + accelerator.process_index)
+    # The global CPU generator (seeded per process above): its state is in every checkpoint, so a resumed
+    # --augment run draws the augmentations the uninterrupted run would have drawn.
+    aug_generator = torch.default_generator
     meter, last_loss = LossMeter(accelerator.device, global_step, schedule.images_per_step), float("nan")
     first_epoch, skip = divmod(global_step, schedule.updates_per_epoch)
     for epoch in range(first_epoch, schedule.num_epochs):
