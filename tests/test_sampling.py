@@ -145,10 +145,13 @@ def test_resume_skips_images_already_written(pipe, tmp_path):
     first = np.asarray(Image.open(tmp_path / "image_000001.png"))
     marker = Image.new("L", (32, 32), 123)
     marker.save(tmp_path / "image_000000.png")  # a kept image must not be regenerated
-    os.remove(tmp_path / "image_000001.png")  # a lost image must be regenerated, identical
+    os.remove(tmp_path / "image_000001.png")  # a lost image must be regenerated, from its own noise
     rows = _save(pipe, tmp_path, n=6, batch_size=4)
     assert np.all(np.asarray(Image.open(tmp_path / "image_000000.png")) == 123)
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "image_000001.png")), first)
+    # Regenerated in a batch of other images ([1, 4, 5] instead of [0, 1, 2]): the same noise, but kernels may
+    # round differently there, so, as in test_same_image_whatever_the_batch_size, within one grey level.
+    regenerated = np.asarray(Image.open(tmp_path / "image_000001.png")).astype(int)
+    assert np.abs(regenerated - first).max() <= 1
     assert [r["index"] for r in rows] == [str(i) for i in range(6)]
     with open(tmp_path / "manifest.csv", newline="") as f:
         assert [r["index"] for r in csv.DictReader(f)] == [str(i) for i in range(6)]
