@@ -18,6 +18,7 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from PIL import Image
 
 from lunggen_diffusers import hub
+from lunggen_diffusers.hub import card as card_module
 from lunggen_diffusers.config import save_config
 from lunggen_diffusers.model import build_scheduler, build_unet
 from lunggen_diffusers.summaries import DataSummary, RunSummary
@@ -35,6 +36,12 @@ EVAL = {"recipe": {"train": "/never/published"}, "model_card": {
     "real_vs_real_floor": {"fd": 3.25, "kid": 0.001, "ms_ssim_real": 0.3, "generated_same_size": {"fd": 14.0}},
     "memorization": {"flagged_fraction": 0.015625, "null_flagged_fraction": 0.01, "null_percentile": 99.0,
                      "num_flagged": 1, "num_train": 24, "num_null": 64, "matched_by": "patient"}}}
+
+
+KEY_OPTIONS = {"resolution", "block_out_channels", "layers_per_block", "attention_resolutions", "ddpm_num_steps",
+               "ddpm_beta_schedule", "train_batch_size", "gradient_accumulation_steps", "learning_rate",
+               "lr_scheduler", "lr_warmup_steps", "use_ema", "ema_max_decay", "prediction_type", "snr_gamma",
+               "mixed_precision", "condition_on"}
 
 
 def _summary(source=NIH_SOURCE):
@@ -130,13 +137,34 @@ def test_card_parses_with_metadata_sections_and_eval(export, secret_dir):
     assert "NIH Clinical Center is the data provider" in text and "30,805 patients" in text
     assert "1 h 02 min" in text and "1x CPU" in text and "0.0421" in text
     saved = json.loads((out / "training_config.json").read_text())
-    assert f"Preset `{saved.pop('preset')}`" in text
-    for option in saved:  # every hyperparameter of the saved config is in the card
-        assert f"| `{option}` |" in text, option
-    assert "| `train_data_dir` | <local> |" in text
+    assert f"preset `{saved['preset']}`" in text and "[`training_config.json`](training_config.json)" in text
+    shown = {line.split("`")[1] for line in text.splitlines() if line.startswith("| `")}
+    assert KEY_OPTIONS <= shown  # the options that matter are on the card; the rest is one link away
+    assert not {"adam_beta1", "train_data_dir", "logging_steps", "guidance_scale"} & shown
+    assert f"| `ddpm_num_steps` | {saved['ddpm_num_steps']} |" in text and "| `block_out_channels` | 16, 32 |" in text
     for published in ("README.md", "manifest.json", "eval_results.json"):
         content = (out / published).read_text()
         assert "Secret_NIH_Source_7f3a" not in content and str(out) not in content and TOKEN not in content
+
+
+def test_card_wording_lives_in_the_template(export, tmp_path, monkeypatch):
+    """The wording changes with model_card.md alone, rendered by huggingface_hub's ModelCard.from_template."""
+    out = export(with_eval=False)
+    edited = tmp_path / "model_card.md"
+    edited.write_text(card_module.TEMPLATE.read_text().replace("## Intended use", "## Intended use (edited)"))
+    rendered = []
+    real = ModelCard.from_template
+
+    def spy(card_data, template_path=None, **kwargs):
+        rendered.append(template_path)
+        return real(card_data, template_path=template_path, **kwargs)
+
+    monkeypatch.setattr(ModelCard, "from_template", spy)
+    monkeypatch.setattr(card_module, "TEMPLATE", edited)
+    hub.write_model_card(out)
+    assert rendered == [str(edited)]
+    card = ModelCard.load(out / "README.md")
+    assert "## Intended use (edited)" in card.text and card.data.license_name == "lunggen-research-only"
 
 
 def test_manifest_is_scrubbed_and_complete(export, secret_dir):
