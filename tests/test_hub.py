@@ -17,9 +17,10 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from PIL import Image
 
-from lunggen_diffusers import hub
+from lunggen_diffusers import LungGenPipeline, hub
 from lunggen_diffusers.hub import card as card_module
 from lunggen_diffusers.config import save_config
+from lunggen_diffusers.lunggen_pipeline import LabelSpace
 from lunggen_diffusers.model import build_scheduler, build_unet
 from lunggen_diffusers.summaries import DataSummary, RunSummary
 
@@ -38,6 +39,13 @@ EVAL = {"recipe": {"train": "/never/published"}, "model_card": {
                      "num_flagged": 1, "num_train": 24, "num_null": 64, "matched_by": "patient"}}}
 
 
+# Stored label counts as conditioning.label_config writes them (100 images; no identifiers).
+LABELS = {"condition_on": ["findings", "view_position", "patient_sex"],
+          "findings": ["Cardiomegaly", "Effusion", "Pleural_Thickening"],
+          "groups": {"view_position": ["AP", "PA"], "patient_sex": ["F", "M"]},
+          "combination_counts": {"patient_sex=M|view_position=PA": 50, "Cardiomegaly|patient_sex=F|view_position=AP": 30,
+                                 "Effusion|Pleural_Thickening|patient_sex=F|view_position=PA": 20},
+          "guidance_scale": 3.0}
 KEY_OPTIONS = {"resolution", "block_out_channels", "layers_per_block", "attention_resolutions", "ddpm_num_steps",
                "ddpm_beta_schedule", "train_batch_size", "gradient_accumulation_steps", "learning_rate",
                "lr_scheduler", "lr_warmup_steps", "use_ema", "ema_max_decay", "prediction_type", "snr_gamma",
@@ -64,11 +72,17 @@ def secret_dir(tmp_path):
 def export(tmp_path, tiny_config, secret_dir):
     """An output folder as training leaves it, plus the things that must never be uploaded."""
 
-    def make(source=NIH_SOURCE, with_eval=True, **overrides):
+    def make(source=NIH_SOURCE, with_eval=True, labels=None, **overrides):
+        if labels is not None:
+            overrides.update(condition_on=labels["condition_on"], guidance_scale=labels["guidance_scale"])
         config = tiny_config(train_data_dir=str(secret_dir), cache_dir=str(secret_dir.parent / "cache"),
                              ddpm_num_steps=30, hub_token=TOKEN, **overrides)
         out = Path(config.training.output_dir)
-        DDPMPipeline(unet=build_unet(config), scheduler=build_scheduler(config)).save_pretrained(out)
+        if labels is None:
+            DDPMPipeline(unet=build_unet(config), scheduler=build_scheduler(config)).save_pretrained(out)
+        else:  # as training exports a conditional model: the pipeline code and the label config beside the weights
+            LungGenPipeline(unet=build_unet(config, LabelSpace(labels).size), scheduler=build_scheduler(config),
+                            label_config=labels).save_pretrained(out, safe_serialization=True)
         save_config(config, out / "training_config.json")
         Image.fromarray(np.full((64, 64), 128, np.uint8)).save(out / "samples.png")
         (out / "samples").mkdir()
@@ -132,6 +146,8 @@ def test_card_parses_with_metadata_sections_and_eval(export, secret_dir):
         assert heading in text
     assert "TODO" not in str(card).upper()
     assert "32x32 pixels, 1 channel" in text and "![samples](samples.png)" in text
+    assert "Unconditional: findings, views or demographics cannot be requested." in text
+    assert "trust_remote_code" not in text and "class-conditional" not in data.tags
     assert "research use only" in text.lower() and "not for clinical use or diagnosis" in text.lower()
     assert "10.5281/zenodo.18454685" in text and "2006.11239" in text and "ChestX-ray8" in text
     assert "NIH Clinical Center is the data provider" in text and "30,805 patients" in text
@@ -319,3 +335,70 @@ def test_pushed_files_load_from_the_hub_cache_as_users_will(export, fake_hub, tm
     assert "loaded L (32, 32)" in run.stdout
     snippet = fake_hub["files"]["README.md"].decode()
     assert "num_inference_steps=30," in snippet and "num_inference_steps=15," in snippet
+
+
+def test_conditional_card_states_vocabulary_prevalence_guidance_and_usage(export):
+    out = export(labels=LABELS)
+    card = ModelCard.load(out / "README.md")
+    text = card.text
+    assert card.data.pipeline_tag == "unconditional-image-generation"  # the Hub has no label-conditioned task
+    assert {"class-conditional", "classifier-free-guidance", "custom_code", "chest-x-ray"} <= set(card.data.tags)
+    assert "cannot be requested" not in text and "finding-conditioned" in text
+    assert "- Findings: Cardiomegaly, Effusion, Pleural_Thickening." in text
+    assert "- View position (`view_position=`): AP, PA." in text and "- Sex (`patient_sex=`): F, M." in text
+    for row in ("| findings | No Finding | 50 | 50.0% |", "| findings | Cardiomegaly | 30 | 30.0% |",
+                "| findings | Pleural_Thickening | 20 | 20.0% |", "| view_position | PA | 70 | 70.0% |",
+                "| patient_sex | F | 50 | 50.0% |"):
+        assert row in text, row
+    assert "Recommended: **3.0**, the pipeline's default" in text and "`--guidance_scale 3.0` at training" in text
+    assert "10% of images shown the null condition" in text
+    assert 'LungGenPipeline.from_pretrained("out")' in text
+    assert 'DiffusionPipeline.from_pretrained("out", trust_remote_code=True)' in text
+    assert 'pipe(findings=[["Cardiomegaly"], []], guidance_scale=3.0, num_inference_steps=30,' in text
+    assert "| `condition_on` | findings, view_position, patient_sex |" in text and "| `guidance_scale` | 3 |" in text
+    assert "A label is a request, not a diagnosis" in text
+
+
+def test_conditional_card_with_the_default_guidance_says_it_was_not_tuned(export):
+    out = export(labels={**LABELS, "guidance_scale": 2.0})
+    text = ModelCard.load(out / "README.md").text
+    assert "Recommended: **2.0**" in text and "not tuned on this model" in text
+
+
+def test_pipeline_code_without_a_label_config_is_refused(export):
+    out = export(with_eval=False)
+    (out / "lunggen_pipeline.py").write_text("# stray\n")
+    with pytest.raises(ValueError, match="has lunggen_pipeline.py but model_index.json has no label_config"):
+        hub.write_model_card(out)
+
+
+def test_conditional_push_loads_both_ways_from_the_hub_cache(export, fake_hub, tmp_path):
+    """The pushed conditional repo, laid out as a Hub cache: both snippets of its card run offline."""
+    out = export(labels=LABELS)
+    hub.push_to_hub(out, "org/cond")
+    assert fake_hub["repo"]["private"] is True and "lunggen_pipeline.py" in fake_hub["files"]
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf_cache" / "models--org--cond"
+    for name, content in fake_hub["files"].items():
+        (repo / "snapshots" / revision / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / revision / name).write_bytes(content)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    shutil.rmtree(out)
+    script = (
+        "import re\n"
+        "from huggingface_hub import ModelCard\n"
+        "card = ModelCard.load('org/cond')\n"
+        "ours, remote = re.findall(r'```python\\n(.*?)```', card.text, re.S)\n"
+        "exec(ours)\n"
+        "print('ours', type(pipe).__name__, len(images), images[0].mode)\n"
+        "exec(remote)\n"
+        "print('remote', type(pipe).__name__, len(images), images[0].size)\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf_cache"), "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout's package, not another install
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "ours LungGenPipeline 2 L" in run.stdout and "remote LungGenPipeline 2 (32, 32)" in run.stdout

@@ -15,12 +15,17 @@ from typing import Any
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..conditioning import prevalence
+from ..lunggen_pipeline import DEFAULT_GUIDANCE_SCALE, LabelSpace, normalize
 from ..sampling import DEFAULT_STEPS
 from ..utils import atomic_write_text
-from .privacy import CARD, EVAL_SUMMARY, LOCAL, MANIFEST, TRAINING_CONFIG, check_published, local_paths
+from .privacy import CARD, EVAL_SUMMARY, LOCAL, MANIFEST, PIPELINE_CODE, TRAINING_CONFIG, check_published, local_paths
 
 TEMPLATE = Path(__file__).with_name("model_card.md")
 TAGS = ["medical-imaging", "chest-x-ray", "ddpm", "diffusers-training", "synthetic-data", "lunggen"]
+# The Hub has no task for label-conditioned image generation: such models keep the unconditional-image-generation
+# pipeline_tag (text-to-image would promise a prompt) and say the rest in tags; custom_code marks trust_remote_code.
+CONDITIONAL_TAGS = ["class-conditional", "classifier-free-guidance", "custom_code"]
 LICENSE_NAME = "lunggen-research-only"
 NIH = re.compile(r"\bNIH\b|ChestX-?ray-?1?4", re.IGNORECASE)
 
@@ -70,6 +75,35 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
+def _label_config(folder: Path) -> dict | None:
+    """A conditional model's stored labels (its folder ships the pipeline code); None for a plain DDPMPipeline."""
+    if not (folder / PIPELINE_CODE).is_file():
+        return None
+    labels = read_json(folder / "model_index.json", "not a pipeline export").get("label_config")
+    if not labels:
+        raise ValueError(f"{folder}: has {PIPELINE_CODE} but model_index.json has no label_config; re-export the "
+                         "conditional model with training, or remove the file for an unconditional one")
+    return labels
+
+
+def _conditioning(labels: dict) -> dict:
+    """Vocabulary by block, training prevalence (from the stored combination counts) and the guidance default."""
+    space = LabelSpace(labels)
+    total = sum(space.counts.values())
+    shares = prevalence(labels) if total else {}
+    findings_of = [set(combination.split("|")) & set(space.findings) for combination in space.counts]
+    no_finding = sum(count for count, found in zip(space.counts.values(), findings_of) if not found)
+    return {
+        "findings": space.findings, "groups": space.groups, "total": total, "shares": shares,
+        "no_finding_share": no_finding / total if total else None,
+        # The pipeline's own default when a call gives no guidance_scale (lunggen_pipeline.py, __call__).
+        "guidance_scale": labels.get("guidance_scale", DEFAULT_GUIDANCE_SCALE),
+        "project_default_guidance": DEFAULT_GUIDANCE_SCALE,
+        "example": next((f for f in space.findings if normalize(f) == "cardiomegaly"),
+                        space.findings[0] if space.findings else None),
+    }
+
+
 def _card_data(summary: dict | None, cfg: dict, model_id: str, nih: bool, phantom: bool) -> ModelCardData:
     hub_dataset = cfg.get("dataset_name") if cfg.get("dataset_name") not in (None, LOCAL) else None
     eval_results = None
@@ -88,7 +122,8 @@ def _card_data(summary: dict | None, cfg: dict, model_id: str, nih: bool, phanto
     )
 
 
-def _context(folder: Path, manifest: dict, summary: dict | None, model_id: str, nih: bool, phantom: bool) -> dict:
+def _context(folder: Path, manifest: dict, summary: dict | None, model_id: str, nih: bool, phantom: bool,
+             labels: dict | None) -> dict:
     """Every variable the template reads (beside the card data's own keys)."""
     unet = read_json(folder / "unet" / "config.json", "not a pipeline export")
     scheduler = read_json(folder / "scheduler" / "scheduler_config.json", "not a pipeline export")
@@ -103,6 +138,7 @@ def _context(folder: Path, manifest: dict, summary: dict | None, model_id: str, 
         "training": manifest["training"], "duration": _duration(manifest["training"]["wall_time_s"]),
         "libraries": manifest["libraries"], "git_commit": manifest.get("git_commit"),
         "git_dirty": manifest.get("git_dirty"), "evaluation": summary, "fmt": _fmt, "flatten": _flatten,
+        "conditional": _conditioning(labels) if labels else None,
     }
 
 
@@ -115,10 +151,11 @@ def build_card(folder: Path, eval_metrics: dict | None = None, repo_id: str | No
     nih = bool(NIH.search(source))
     phantom = "phantom" in source.lower() and not nih
     model_id = repo_id or cfg.get("hub_model_id") or cfg.get("output_dir") or folder.name
+    labels = _label_config(folder)
     data = _card_data(summary, cfg, model_id, nih, phantom)
     card = ModelCard.from_template(data, template_path=str(TEMPLATE),
-                                   **_context(folder, manifest, summary, model_id, nih, phantom))
-    return populate_model_card(card, tags=TAGS), summary
+                                   **_context(folder, manifest, summary, model_id, nih, phantom, labels))
+    return populate_model_card(card, tags=TAGS + (CONDITIONAL_TAGS if labels else [])), summary
 
 
 def raw_config(folder: Path) -> dict:
