@@ -402,3 +402,82 @@ def test_conditional_push_loads_both_ways_from_the_hub_cache(export, fake_hub, t
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "ours LungGenPipeline 2 L" in run.stdout and "remote LungGenPipeline 2 (32, 32)" in run.stdout
+
+
+# ------------------------------------------------------------------ sections written by other tools (--*_dir)
+FIDELITY = "## Fidelity on the phantom\n\n| scale | cardiomegaly present |\n|---|---|\n| 2 | 0.93 |\n"
+UTILITY = "## Downstream utility\n\nMacro AUROC 0.81 (0.74 to 0.87, bootstrap over 40 test patients).\n"
+
+
+def _section_dir(root, name, text):
+    folder = root / name
+    folder.mkdir()
+    (folder / "card_section.md").write_text(text)
+    return folder
+
+
+def test_sections_are_included_verbatim_in_a_fixed_place_and_the_push_keeps_them(export, fake_hub, tmp_path):
+    out = export(labels=LABELS)
+    fidelity, utility = _section_dir(tmp_path, "fid", FIDELITY), _section_dir(tmp_path, "util", UTILITY)
+    assert hub.main(["card", str(out), "--utility_dir", str(utility), "--fidelity_dir", str(fidelity)]) == 0
+    text = (out / "README.md").read_text()
+    order = [text.index(s) for s in ("### Memorization audit", FIDELITY.strip(), UTILITY.strip(), "## Intended use")]
+    assert order == sorted(order)  # after the evaluation, fidelity before utility, whatever the flag order
+    assert "The fidelity section below measures" in text  # the guidance advice points at it
+    hub.push_to_hub(out, "org/name")  # no dirs given: the sections kept from the last card stay on it
+    pushed = fake_hub["files"]["README.md"].decode()
+    assert FIDELITY.strip() in pushed and UTILITY.strip() in pushed
+    assert not [name for name in fake_hub["files"] if name.startswith("card_sections")]  # local copies only
+    assert hub.main(["card", str(out)]) == 0 and UTILITY.strip() in (out / "README.md").read_text()
+
+
+def test_a_card_without_sections_has_none(export):
+    text = ModelCard.load(export(labels=LABELS) / "README.md").text
+    assert "## Fidelity" not in text and "The fidelity section below" not in text
+
+
+@pytest.mark.parametrize("flag, content, words", [
+    ("--fidelity_dir", None, "--fidelity_dir {dir}: no card_section.md in it (written by benchmarks/fidelity_benchmark"),
+    ("--utility_dir", "Downstream utility\n\nno heading", "card_section.md must start with a '## ' heading"),
+])
+def test_a_section_dir_without_a_usable_card_section_is_refused(export, tmp_path, capsys, flag, content, words):
+    out = export(with_eval=False)
+    before = _snapshot(out)
+    folder = tmp_path / "section"
+    folder.mkdir()
+    if content is not None:
+        (folder / "card_section.md").write_text(content)
+    assert hub.main(["card", str(out), flag, str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words.format(dir=folder) in err and err.count("\n") == 1
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("leak, words", [
+    ("{secret}/00000001_000.png", "local path"),
+    ("{section}/grid.png", "local path"),  # the section folder is a local path too
+    ("nearest pair: 00012345_001.png", "an NIH image name ('00012345_001.png')"),
+    ("most copied: phantom-3-17", "a phantom patient id ('phantom-3-17')"),
+    ("worst case Patient ID: 12345", "a patient id ('Patient ID: 12345')"),
+    ("| patient_id | flagged_matches |\n|---|---|\n| 7 | 3 |", "a patient id ('| patient_id |')"),
+])
+def test_a_leaking_section_is_refused_by_card_and_push(export, fake_hub, tmp_path, secret_dir, capsys, leak, words):
+    out = export(with_eval=False)
+    before = _snapshot(out)
+    folder = tmp_path / "fid"
+    text = FIDELITY + "\n" + leak.format(secret=secret_dir, section=folder.resolve()) + "\n"
+    _section_dir(tmp_path, "fid", text)
+    assert hub.main(["card", str(out), "--fidelity_dir", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: fid/card_section.md would publish ") and words in err and err.count("\n") == 1
+    with pytest.raises(ValueError, match="fid/card_section.md would publish"):
+        hub.push_to_hub(out, "org/name", fidelity_dir=folder)
+    assert "files" not in fake_hub and "repo" not in fake_hub  # nothing was sent
+    assert _snapshot(out) == before
+
+
+def test_a_patient_id_in_any_published_text_is_refused(export):
+    out = export(with_eval=False)
+    leaky = {"model_card": {"reference": "held-out images of patient #4711", "metrics": {"fd": 1.0}}}
+    with pytest.raises(ValueError, match=r"README.md would publish a patient id \(.patient #4711.\)"):
+        hub.write_model_card(out, leaky)

@@ -1,8 +1,8 @@
 """The model card: facts gathered from an export folder, worded by the Jinja template `model_card.md` beside this
 file and rendered with `huggingface_hub.ModelCard.from_template`.
 
-Python collects (manifest, pipeline configs, evaluation summary) and checks; the template says everything. Every
-text the card publishes passes `privacy.check_published` before a byte is written.
+Python collects (manifest, pipeline configs, evaluation summary, other tools' sections) and checks; the template
+says everything. Every text the card publishes passes `privacy.check_published` before a byte is written.
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ from ..utils import atomic_write_text
 from .privacy import CARD, EVAL_SUMMARY, LOCAL, MANIFEST, PIPELINE_CODE, TRAINING_CONFIG, check_published, local_paths
 
 TEMPLATE = Path(__file__).with_name("model_card.md")
+SECTION_FILE = "card_section.md"
+# Sections other tools write, in the order the card shows them (after the evaluation), with the tool that writes each.
+SECTIONS = {"fidelity": "benchmarks/fidelity_benchmark.py --output_dir DIR",
+            "utility": "python -m lunggen_diffusers.utility --output_dir DIR"}
+KEPT_SECTIONS = "card_sections"  # local copies (never uploaded), so a later push or card keeps the sections
 TAGS = ["medical-imaging", "chest-x-ray", "ddpm", "diffusers-training", "synthetic-data", "lunggen"]
 # The Hub has no task for label-conditioned image generation: such models keep the unconditional-image-generation
 # pipeline_tag (text-to-image would promise a prompt) and say the rest in tags; custom_code marks trust_remote_code.
@@ -49,6 +54,30 @@ def _eval_summary(folder: Path, eval_metrics: dict | None) -> dict | None:
         raise ValueError("evaluation metrics have no `model_card` section (write them with "
                          "`python -m lunggen_diffusers.evaluate`)")
     return eval_metrics["model_card"]
+
+
+def _sections(folder: Path, dirs: dict[str, str | None], paths: list[str]) -> dict[str, str]:
+    """Each given DIR's card_section.md, else the kept copy, verbatim, after the privacy check."""
+    found = {}
+    for name, producer in SECTIONS.items():
+        path = Path(dirs[name]) / SECTION_FILE if dirs.get(name) else folder / KEPT_SECTIONS / f"{name}.md"
+        if dirs.get(name) and not path.is_file():
+            raise FileNotFoundError(f"--{name}_dir {dirs[name]}: no {SECTION_FILE} in it (written by {producer})")
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8").strip()
+        where = f"{path.parent.name}/{path.name}"
+        if not text.startswith("## "):
+            raise ValueError(f"{where} must start with a '## ' heading, got {text.partition(chr(10))[0][:60]!r}")
+        check_published(text, paths, where)
+        found[name] = text
+    return found
+
+
+def keep_sections(folder: Path, sections: dict[str, str]) -> None:
+    for name, text in sections.items():
+        (folder / KEPT_SECTIONS).mkdir(exist_ok=True)
+        atomic_write_text(folder / KEPT_SECTIONS / f"{name}.md", text + "\n")
 
 
 def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
@@ -123,7 +152,7 @@ def _card_data(summary: dict | None, cfg: dict, model_id: str, nih: bool, phanto
 
 
 def _context(folder: Path, manifest: dict, summary: dict | None, model_id: str, nih: bool, phantom: bool,
-             labels: dict | None) -> dict:
+             labels: dict | None, sections: dict[str, str]) -> dict:
     """Every variable the template reads (beside the card data's own keys)."""
     unet = read_json(folder / "unet" / "config.json", "not a pipeline export")
     scheduler = read_json(folder / "scheduler" / "scheduler_config.json", "not a pipeline export")
@@ -138,13 +167,20 @@ def _context(folder: Path, manifest: dict, summary: dict | None, model_id: str, 
         "training": manifest["training"], "duration": _duration(manifest["training"]["wall_time_s"]),
         "libraries": manifest["libraries"], "git_commit": manifest.get("git_commit"),
         "git_dirty": manifest.get("git_dirty"), "evaluation": summary, "fmt": _fmt, "flatten": _flatten,
-        "conditional": _conditioning(labels) if labels else None,
+        "conditional": _conditioning(labels) if labels else None, "sections": sections,
     }
 
 
-def build_card(folder: Path, eval_metrics: dict | None = None, repo_id: str | None = None
-               ) -> tuple[ModelCard, dict | None]:
-    """The card for `folder` (+ the evaluation summary it shows), in memory."""
+def build_card(folder: Path, eval_metrics: dict | None = None, repo_id: str | None = None, eval_dir=None,
+               fidelity_dir=None, utility_dir=None) -> tuple[ModelCard, dict | None, dict[str, str]]:
+    """The card for `folder`, the evaluation summary and the included sections it shows, in memory."""
+    if eval_dir is not None:
+        if eval_metrics is not None:
+            raise ValueError("give eval_metrics or eval_dir, not both")
+        eval_metrics = read_json(Path(eval_dir) / "metrics.json", "written by python -m lunggen_diffusers.evaluate")
+    dirs = {"fidelity": fidelity_dir, "utility": utility_dir}
+    paths = local_paths(raw_config(folder), folder, *(Path(d) for d in (eval_dir, *dirs.values()) if d))
+    sections = _sections(folder, dirs, paths)
     manifest = read_json(folder / MANIFEST, "written at export by the training loop")
     cfg, summary = manifest["config"], _eval_summary(folder, eval_metrics)
     source = manifest["data"]["source"]
@@ -154,8 +190,8 @@ def build_card(folder: Path, eval_metrics: dict | None = None, repo_id: str | No
     labels = _label_config(folder)
     data = _card_data(summary, cfg, model_id, nih, phantom)
     card = ModelCard.from_template(data, template_path=str(TEMPLATE),
-                                   **_context(folder, manifest, summary, model_id, nih, phantom, labels))
-    return populate_model_card(card, tags=TAGS + (CONDITIONAL_TAGS if labels else [])), summary
+                                   **_context(folder, manifest, summary, model_id, nih, phantom, labels, sections))
+    return populate_model_card(card, tags=TAGS + (CONDITIONAL_TAGS if labels else [])), summary, sections
 
 
 def raw_config(folder: Path) -> dict:
@@ -174,10 +210,13 @@ def card_files(folder: Path, card: ModelCard, summary: dict | None) -> dict[str,
     return files
 
 
-def write_model_card(output_dir, eval_metrics: dict | None = None, repo_id: str | None = None) -> ModelCard:
-    """(Re)write README.md from manifest.json (+ the evaluation's `model_card` section when there is one)."""
+def write_model_card(output_dir, eval_metrics: dict | None = None, repo_id: str | None = None, eval_dir=None,
+                     fidelity_dir=None, utility_dir=None) -> ModelCard:
+    """(Re)write README.md from manifest.json, plus the evaluation's `model_card` section (`eval_metrics`, or
+    `eval_dir`/metrics.json) and the `card_section.md` of `fidelity_dir` / `utility_dir` when given."""
     folder = Path(output_dir)
-    card, summary = build_card(folder, eval_metrics, repo_id)
+    card, summary, sections = build_card(folder, eval_metrics, repo_id, eval_dir, fidelity_dir, utility_dir)
     for name, text in card_files(folder, card, summary).items():
         atomic_write_text(folder / name, text)
+    keep_sections(folder, sections)
     return card

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from .card import read_json, write_model_card
+from .card import write_model_card
 from .privacy import CARD
 from .push import push_to_hub
 
@@ -24,12 +24,20 @@ class PushArguments:
 
 
 @dataclass
-class CardArguments:
+class SectionArguments:
     eval_dir: str | None = field(default=None, metadata={"help": "Evaluation folder holding metrics.json."})
+    fidelity_dir: str | None = field(
+        default=None, metadata={"help": "benchmarks/fidelity_benchmark.py output folder (its card_section.md)."})
+    utility_dir: str | None = field(
+        default=None, metadata={"help": "python -m lunggen_diffusers.utility output folder (its card_section.md)."})
+
+
+@dataclass
+class CardArguments:
     repo_id: str | None = field(default=None, metadata={"help": "Hub id to show in the usage snippet."})
 
 
-COMMANDS = {"push": PushArguments, "card": CardArguments}
+COMMANDS = {"push": (PushArguments, SectionArguments), "card": (CardArguments, SectionArguments)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,15 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     parser = HfArgumentParser(COMMANDS[argv[0]], prog=f"python -m lunggen_diffusers.hub {argv[0]}")
     parser.add_argument("output_dir", help="The exported training output folder.")
-    args, extra = parser.parse_args_into_dataclasses(args=argv[1:])
+    args, sections, extra = parser.parse_args_into_dataclasses(args=argv[1:])
     try:
         if isinstance(args, PushArguments):
-            url = push_to_hub(extra.output_dir, args.repo_id, args.private, args.token, args.commit_message)
+            url = push_to_hub(extra.output_dir, args.repo_id, args.private, args.token, args.commit_message,
+                              **vars(sections))
             print(f"pushed {extra.output_dir} to {url} ({'private' if args.private else 'public'})")
         else:
-            metrics = read_json(Path(args.eval_dir) / "metrics.json", "written by evaluation") \
-                if args.eval_dir else None
-            write_model_card(extra.output_dir, metrics, args.repo_id)
+            write_model_card(extra.output_dir, repo_id=args.repo_id, **vars(sections))
             print(f"wrote {Path(extra.output_dir) / CARD}")
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

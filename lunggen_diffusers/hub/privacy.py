@@ -3,13 +3,15 @@
 - Scrubbed: data paths (`train_data_dir`, `cache_dir`, a local `dataset_name`) become "<local>"; run paths
   (`output_dir`, `logging_dir`, `resume_from_checkpoint`) keep their last folder name; the token never travels.
 - Uploaded: only ALLOW_PATTERNS, minus IGNORE_PATTERNS (checkpoints, logs, evaluation pairs, pickles).
-- Checked: every published text (card, manifest, config, eval summary) is refused if it holds one of the run's
-  local paths.
+- Checked: every published text (card, manifest, config, eval summary, included card sections) is refused if it
+  holds one of the run's local paths or something shaped like a patient identifier (PATIENT_ID_PATTERNS). This is
+  the second line of defence: manifests and label counts carry no identifier by construction.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,15 @@ IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "eval/*", "*.bin", "*.pt", "*.pth",
 LOCAL = "<local>"
 DATA_PATH_OPTIONS = ("train_data_dir", "cache_dir")  # scrubbed to "<local>" (dataset_name too, when a folder)
 RUN_PATH_OPTIONS = ("output_dir", "logging_dir", "resume_from_checkpoint")  # scrubbed to their folder name
+PATIENT_ID_PATTERNS = {
+    # NIH image names: the first 8 digits are the patient.
+    "an NIH image name": re.compile(r"\b\d{8}_\d{3}(?:\.png)?\b", re.IGNORECASE),
+    # The built-in phantom's patient ids (lunggen_diffusers/data/phantom.py).
+    "a phantom patient id": re.compile(r"\bphantom-\d+-\d+\b"),
+    # A value labelled as a patient id, or a table column of them (memorized_patients.csv's layout).
+    "a patient id": re.compile(r"\bpatient[ _-]?id\s*[:=#]?\s*\d+|\bpatient\s*#\s*\d+|\|\s*patient[ _-]?id\s*\|",
+                               re.IGNORECASE),
+}
 
 
 def _is_local_dataset(name: str) -> bool:
@@ -65,11 +76,16 @@ def local_paths(flat: dict[str, Any], output_dir: Path, *folders: Path) -> list[
 
 
 def check_published(text: str, paths: list[str], what: str) -> None:
-    """Refuse `text` (one line naming the leak) if it holds a local path."""
+    """Refuse `text` (one line naming the leak) if it holds a local path or looks like it names a patient."""
     for path in paths:
         if path in text:
             raise ValueError(f"{what} would publish the local path {path!r}; remove it (published files hold no "
                              "local paths or patient identifiers)")
+    for kind, pattern in PATIENT_ID_PATTERNS.items():
+        found = pattern.search(text)
+        if found:
+            raise ValueError(f"{what} would publish {kind} ({found.group(0).strip()!r}); remove it (published files "
+                             "hold no local paths or patient identifiers)")
 
 
 def files_to_upload(output_dir) -> list[str]:

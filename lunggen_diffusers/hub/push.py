@@ -9,7 +9,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, HTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
 from ..utils import atomic_write_text
-from .card import build_card, card_files, raw_config
+from .card import build_card, card_files, keep_sections, raw_config
 from .privacy import CARD, EVAL_SUMMARY, MANIFEST, TRAINING_CONFIG, check_published, files_to_upload, local_paths, \
     scrub_config
 
@@ -31,20 +31,23 @@ def _hub_error(err: Exception, repo_id: str, folder: Path) -> RuntimeError:
 
 
 def push_to_hub(output_dir, repo_id: str, private: bool = True, token: str | None = None,
-                commit_message: str = "Upload LungGen DDPM pipeline, model card and manifest") -> str:
+                commit_message: str = "Upload LungGen DDPM pipeline, model card and manifest", eval_dir=None,
+                fidelity_dir=None, utility_dir=None) -> str:
     """Create the repo (private unless told otherwise) and upload the allow-listed files in one commit.
 
-    The card is rebuilt for `repo_id` and the config is sent scrubbed, both from memory; README.md is written
-    locally only after the upload succeeded, so a failed push leaves the output folder as it was."""
+    The card is rebuilt for `repo_id` (with the sections of the given dirs, else those kept from the last card) and
+    the config is sent scrubbed, both from memory; README.md is written locally only after the upload succeeded, so
+    a failed push leaves the output folder as it was."""
     folder = Path(output_dir)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder}: no model_index.json; give a folder exported by training")
-    card, summary = build_card(folder, None, repo_id)
+    card, summary, sections = build_card(folder, None, repo_id, eval_dir, fidelity_dir, utility_dir)
     generated = card_files(folder, card, summary)
     raw = raw_config(folder)
+    paths = local_paths(raw, folder)
     if raw:
         generated[TRAINING_CONFIG] = json.dumps(scrub_config(raw), indent=2, sort_keys=True) + "\n"
-    paths = local_paths(raw, folder)
+        check_published(generated[TRAINING_CONFIG], paths, TRAINING_CONFIG)
     check_published((folder / MANIFEST).read_text(), paths, MANIFEST)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
                   for name in files_to_upload(folder) if name not in generated]
@@ -59,4 +62,5 @@ def push_to_hub(output_dir, repo_id: str, private: bool = True, token: str | Non
     for name in (CARD, EVAL_SUMMARY):
         if name in generated:
             atomic_write_text(folder / name, generated[name])
+    keep_sections(folder, sections)
     return str(url)
