@@ -17,8 +17,10 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from PIL import Image
 
-from lunggen_diffusers import hub
+from lunggen_diffusers import LungGenPipeline, hub
+from lunggen_diffusers.hub import card as card_module
 from lunggen_diffusers.config import save_config
+from lunggen_diffusers.lunggen_pipeline import LabelSpace
 from lunggen_diffusers.model import build_scheduler, build_unet
 from lunggen_diffusers.summaries import DataSummary, RunSummary
 
@@ -35,6 +37,19 @@ EVAL = {"recipe": {"train": "/never/published"}, "model_card": {
     "real_vs_real_floor": {"fd": 3.25, "kid": 0.001, "ms_ssim_real": 0.3, "generated_same_size": {"fd": 14.0}},
     "memorization": {"flagged_fraction": 0.015625, "null_flagged_fraction": 0.01, "null_percentile": 99.0,
                      "num_flagged": 1, "num_train": 24, "num_null": 64, "matched_by": "patient"}}}
+
+
+# Stored label counts as conditioning.label_config writes them (100 images; no identifiers).
+LABELS = {"condition_on": ["findings", "view_position", "patient_sex"],
+          "findings": ["Cardiomegaly", "Effusion", "Pleural_Thickening"],
+          "groups": {"view_position": ["AP", "PA"], "patient_sex": ["F", "M"]},
+          "combination_counts": {"patient_sex=M|view_position=PA": 50, "Cardiomegaly|patient_sex=F|view_position=AP": 30,
+                                 "Effusion|Pleural_Thickening|patient_sex=F|view_position=PA": 20},
+          "guidance_scale": 3.0}
+KEY_OPTIONS = {"resolution", "block_out_channels", "layers_per_block", "attention_resolutions", "ddpm_num_steps",
+               "ddpm_beta_schedule", "train_batch_size", "gradient_accumulation_steps", "learning_rate",
+               "lr_scheduler", "lr_warmup_steps", "use_ema", "ema_max_decay", "prediction_type", "snr_gamma",
+               "mixed_precision", "condition_on"}
 
 
 def _summary(source=NIH_SOURCE):
@@ -57,11 +72,17 @@ def secret_dir(tmp_path):
 def export(tmp_path, tiny_config, secret_dir):
     """An output folder as training leaves it, plus the things that must never be uploaded."""
 
-    def make(source=NIH_SOURCE, with_eval=True, **overrides):
+    def make(source=NIH_SOURCE, with_eval=True, labels=None, **overrides):
+        if labels is not None:
+            overrides.update(condition_on=labels["condition_on"], guidance_scale=labels["guidance_scale"])
         config = tiny_config(train_data_dir=str(secret_dir), cache_dir=str(secret_dir.parent / "cache"),
                              ddpm_num_steps=30, hub_token=TOKEN, **overrides)
         out = Path(config.training.output_dir)
-        DDPMPipeline(unet=build_unet(config), scheduler=build_scheduler(config)).save_pretrained(out)
+        if labels is None:
+            DDPMPipeline(unet=build_unet(config), scheduler=build_scheduler(config)).save_pretrained(out)
+        else:  # as training exports a conditional model: the pipeline code and the label config beside the weights
+            LungGenPipeline(unet=build_unet(config, LabelSpace(labels).size), scheduler=build_scheduler(config),
+                            label_config=labels).save_pretrained(out, safe_serialization=True)
         save_config(config, out / "training_config.json")
         Image.fromarray(np.full((64, 64), 128, np.uint8)).save(out / "samples.png")
         (out / "samples").mkdir()
@@ -125,18 +146,41 @@ def test_card_parses_with_metadata_sections_and_eval(export, secret_dir):
         assert heading in text
     assert "TODO" not in str(card).upper()
     assert "32x32 pixels, 1 channel" in text and "![samples](samples.png)" in text
+    assert "Unconditional: findings, views or demographics cannot be requested." in text
+    assert "trust_remote_code" not in text and "class-conditional" not in data.tags
     assert "research use only" in text.lower() and "not for clinical use or diagnosis" in text.lower()
     assert "10.5281/zenodo.18454685" in text and "2006.11239" in text and "ChestX-ray8" in text
     assert "NIH Clinical Center is the data provider" in text and "30,805 patients" in text
     assert "1 h 02 min" in text and "1x CPU" in text and "0.0421" in text
     saved = json.loads((out / "training_config.json").read_text())
-    assert f"Preset `{saved.pop('preset')}`" in text
-    for option in saved:  # every hyperparameter of the saved config is in the card
-        assert f"| `{option}` |" in text, option
-    assert "| `train_data_dir` | <local> |" in text
+    assert f"preset `{saved['preset']}`" in text and "[`training_config.json`](training_config.json)" in text
+    shown = {line.split("`")[1] for line in text.splitlines() if line.startswith("| `")}
+    assert KEY_OPTIONS <= shown  # the options that matter are on the card; the rest is one link away
+    assert not {"adam_beta1", "train_data_dir", "logging_steps", "guidance_scale"} & shown
+    assert f"| `ddpm_num_steps` | {saved['ddpm_num_steps']} |" in text and "| `block_out_channels` | 16, 32 |" in text
     for published in ("README.md", "manifest.json", "eval_results.json"):
         content = (out / published).read_text()
         assert "Secret_NIH_Source_7f3a" not in content and str(out) not in content and TOKEN not in content
+
+
+def test_card_wording_lives_in_the_template(export, tmp_path, monkeypatch):
+    """The wording changes with model_card.md alone, rendered by huggingface_hub's ModelCard.from_template."""
+    out = export(with_eval=False)
+    edited = tmp_path / "model_card.md"
+    edited.write_text(card_module.TEMPLATE.read_text().replace("## Intended use", "## Intended use (edited)"))
+    rendered = []
+    real = ModelCard.from_template
+
+    def spy(card_data, template_path=None, **kwargs):
+        rendered.append(template_path)
+        return real(card_data, template_path=template_path, **kwargs)
+
+    monkeypatch.setattr(ModelCard, "from_template", spy)
+    monkeypatch.setattr(card_module, "TEMPLATE", edited)
+    hub.write_model_card(out)
+    assert rendered == [str(edited)]
+    card = ModelCard.load(out / "README.md")
+    assert "## Intended use (edited)" in card.text and card.data.license_name == "lunggen-research-only"
 
 
 def test_manifest_is_scrubbed_and_complete(export, secret_dir):
@@ -291,3 +335,149 @@ def test_pushed_files_load_from_the_hub_cache_as_users_will(export, fake_hub, tm
     assert "loaded L (32, 32)" in run.stdout
     snippet = fake_hub["files"]["README.md"].decode()
     assert "num_inference_steps=30," in snippet and "num_inference_steps=15," in snippet
+
+
+def test_conditional_card_states_vocabulary_prevalence_guidance_and_usage(export):
+    out = export(labels=LABELS)
+    card = ModelCard.load(out / "README.md")
+    text = card.text
+    assert card.data.pipeline_tag == "unconditional-image-generation"  # the Hub has no label-conditioned task
+    assert {"class-conditional", "classifier-free-guidance", "custom_code", "chest-x-ray"} <= set(card.data.tags)
+    assert "cannot be requested" not in text and "finding-conditioned" in text
+    assert "- Findings: Cardiomegaly, Effusion, Pleural_Thickening." in text
+    assert "- View position (`view_position=`): AP, PA." in text and "- Sex (`patient_sex=`): F, M." in text
+    for row in ("| findings | No Finding | 50 | 50.0% |", "| findings | Cardiomegaly | 30 | 30.0% |",
+                "| findings | Pleural_Thickening | 20 | 20.0% |", "| view_position | PA | 70 | 70.0% |",
+                "| patient_sex | F | 50 | 50.0% |"):
+        assert row in text, row
+    assert "Recommended: **3.0**, the pipeline's default" in text and "`--guidance_scale 3.0` at training" in text
+    assert "10% of images shown the null condition" in text
+    assert 'LungGenPipeline.from_pretrained("out")' in text
+    assert 'DiffusionPipeline.from_pretrained("out", trust_remote_code=True)' in text
+    assert 'pipe(findings=[["Cardiomegaly"], []], guidance_scale=3.0, num_inference_steps=30,' in text
+    assert "| `condition_on` | findings, view_position, patient_sex |" in text and "| `guidance_scale` | 3 |" in text
+    assert "A label is a request, not a diagnosis" in text
+
+
+def test_conditional_card_with_the_default_guidance_says_it_was_not_tuned(export):
+    out = export(labels={**LABELS, "guidance_scale": 2.0})
+    text = ModelCard.load(out / "README.md").text
+    assert "Recommended: **2.0**" in text and "not tuned on this model" in text
+
+
+def test_pipeline_code_without_a_label_config_is_refused(export):
+    out = export(with_eval=False)
+    (out / "lunggen_pipeline.py").write_text("# stray\n")
+    with pytest.raises(ValueError, match="has lunggen_pipeline.py but model_index.json has no label_config"):
+        hub.write_model_card(out)
+
+
+def test_conditional_push_loads_both_ways_from_the_hub_cache(export, fake_hub, tmp_path):
+    """The pushed conditional repo, laid out as a Hub cache: both snippets of its card run offline."""
+    out = export(labels=LABELS)
+    hub.push_to_hub(out, "org/cond")
+    assert fake_hub["repo"]["private"] is True and "lunggen_pipeline.py" in fake_hub["files"]
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf_cache" / "models--org--cond"
+    for name, content in fake_hub["files"].items():
+        (repo / "snapshots" / revision / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / revision / name).write_bytes(content)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    shutil.rmtree(out)
+    script = (
+        "import re\n"
+        "from huggingface_hub import ModelCard\n"
+        "card = ModelCard.load('org/cond')\n"
+        "ours, remote = re.findall(r'```python\\n(.*?)```', card.text, re.S)\n"
+        "exec(ours)\n"
+        "print('ours', type(pipe).__name__, len(images), images[0].mode)\n"
+        "exec(remote)\n"
+        "print('remote', type(pipe).__name__, len(images), images[0].size)\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf_cache"), "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout's package, not another install
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "ours LungGenPipeline 2 L" in run.stdout and "remote LungGenPipeline 2 (32, 32)" in run.stdout
+
+
+# ------------------------------------------------------------------ sections written by other tools (--*_dir)
+FIDELITY = "## Fidelity on the phantom\n\n| scale | cardiomegaly present |\n|---|---|\n| 2 | 0.93 |\n"
+UTILITY = "## Downstream utility\n\nMacro AUROC 0.81 (0.74 to 0.87, bootstrap over 40 test patients).\n"
+
+
+def _section_dir(root, name, text):
+    folder = root / name
+    folder.mkdir()
+    (folder / "card_section.md").write_text(text)
+    return folder
+
+
+def test_sections_are_included_verbatim_in_a_fixed_place_and_the_push_keeps_them(export, fake_hub, tmp_path):
+    out = export(labels=LABELS)
+    fidelity, utility = _section_dir(tmp_path, "fid", FIDELITY), _section_dir(tmp_path, "util", UTILITY)
+    assert hub.main(["card", str(out), "--utility_dir", str(utility), "--fidelity_dir", str(fidelity)]) == 0
+    text = (out / "README.md").read_text()
+    order = [text.index(s) for s in ("### Memorization audit", FIDELITY.strip(), UTILITY.strip(), "## Intended use")]
+    assert order == sorted(order)  # after the evaluation, fidelity before utility, whatever the flag order
+    assert "The fidelity section below measures" in text  # the guidance advice points at it
+    hub.push_to_hub(out, "org/name")  # no dirs given: the sections kept from the last card stay on it
+    pushed = fake_hub["files"]["README.md"].decode()
+    assert FIDELITY.strip() in pushed and UTILITY.strip() in pushed
+    assert not [name for name in fake_hub["files"] if name.startswith("card_sections")]  # local copies only
+    assert hub.main(["card", str(out)]) == 0 and UTILITY.strip() in (out / "README.md").read_text()
+
+
+def test_a_card_without_sections_has_none(export):
+    text = ModelCard.load(export(labels=LABELS) / "README.md").text
+    assert "## Fidelity" not in text and "The fidelity section below" not in text
+
+
+@pytest.mark.parametrize("flag, content, words", [
+    ("--fidelity_dir", None, "--fidelity_dir {dir}: no card_section.md in it (written by benchmarks/fidelity_benchmark"),
+    ("--utility_dir", "Downstream utility\n\nno heading", "card_section.md must start with a '## ' heading"),
+])
+def test_a_section_dir_without_a_usable_card_section_is_refused(export, tmp_path, capsys, flag, content, words):
+    out = export(with_eval=False)
+    before = _snapshot(out)
+    folder = tmp_path / "section"
+    folder.mkdir()
+    if content is not None:
+        (folder / "card_section.md").write_text(content)
+    assert hub.main(["card", str(out), flag, str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words.format(dir=folder) in err and err.count("\n") == 1
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("leak, words", [
+    ("{secret}/00000001_000.png", "local path"),
+    ("{section}/grid.png", "local path"),  # the section folder is a local path too
+    ("nearest pair: 00012345_001.png", "an NIH image name ('00012345_001.png')"),
+    ("most copied: phantom-3-17", "a phantom patient id ('phantom-3-17')"),
+    ("worst case Patient ID: 12345", "a patient id ('Patient ID: 12345')"),
+    ("| patient_id | flagged_matches |\n|---|---|\n| 7 | 3 |", "a patient id ('| patient_id |')"),
+])
+def test_a_leaking_section_is_refused_by_card_and_push(export, fake_hub, tmp_path, secret_dir, capsys, leak, words):
+    out = export(with_eval=False)
+    before = _snapshot(out)
+    folder = tmp_path / "fid"
+    text = FIDELITY + "\n" + leak.format(secret=secret_dir, section=folder.resolve()) + "\n"
+    _section_dir(tmp_path, "fid", text)
+    assert hub.main(["card", str(out), "--fidelity_dir", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: fid/card_section.md would publish ") and words in err and err.count("\n") == 1
+    with pytest.raises(ValueError, match="fid/card_section.md would publish"):
+        hub.push_to_hub(out, "org/name", fidelity_dir=folder)
+    assert "files" not in fake_hub and "repo" not in fake_hub  # nothing was sent
+    assert _snapshot(out) == before
+
+
+def test_a_patient_id_in_any_published_text_is_refused(export):
+    out = export(with_eval=False)
+    leaky = {"model_card": {"reference": "held-out images of patient #4711", "metrics": {"fd": 1.0}}}
+    with pytest.raises(ValueError, match=r"README.md would publish a patient id \(.patient #4711.\)"):
+        hub.write_model_card(out, leaky)

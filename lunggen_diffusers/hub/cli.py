@@ -1,0 +1,63 @@
+"""`python -m lunggen_diffusers.hub card|push OUTPUT_DIR [options]` (the contract is in the package docstring)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from .card import write_model_card
+from .privacy import CARD
+from .push import push_to_hub
+
+
+@dataclass
+class PushArguments:
+    repo_id: str = field(metadata={"aliases": ["--hub_model_id"], "help": "Hub repo, e.g. my-org/lunggen-256."})
+    private: bool = field(default=True, metadata={"aliases": ["--hub_private_repo"],
+                                                  "help": "Create the repo private (default); false: public."})
+    token: str | None = field(default=None, metadata={"aliases": ["--hub_token"],
+                                                      "help": "Else HF_TOKEN or the cached login."})
+    commit_message: str = field(default="Upload LungGen DDPM pipeline, model card and manifest")
+
+
+@dataclass
+class SectionArguments:
+    eval_dir: str | None = field(default=None, metadata={"help": "Evaluation folder holding metrics.json."})
+    fidelity_dir: str | None = field(
+        default=None, metadata={"help": "benchmarks/fidelity_benchmark.py output folder (its card_section.md)."})
+    utility_dir: str | None = field(
+        default=None, metadata={"help": "python -m lunggen_diffusers.utility output folder (its card_section.md)."})
+
+
+@dataclass
+class CardArguments:
+    repo_id: str | None = field(default=None, metadata={"help": "Hub id to show in the usage snippet."})
+
+
+COMMANDS = {"push": (PushArguments, SectionArguments), "card": (CardArguments, SectionArguments)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: python -m lunggen_diffusers.hub {push,card} OUTPUT_DIR [options] (--help for options)",
+              file=sys.stderr)
+        return 2
+    parser = HfArgumentParser(COMMANDS[argv[0]], prog=f"python -m lunggen_diffusers.hub {argv[0]}")
+    parser.add_argument("output_dir", help="The exported training output folder.")
+    args, sections, extra = parser.parse_args_into_dataclasses(args=argv[1:])
+    try:
+        if isinstance(args, PushArguments):
+            url = push_to_hub(extra.output_dir, args.repo_id, args.private, args.token, args.commit_message,
+                              **vars(sections))
+            print(f"pushed {extra.output_dir} to {url} ({'private' if args.private else 'public'})")
+        else:
+            write_model_card(extra.output_dir, repo_id=args.repo_id, **vars(sections))
+            print(f"wrote {Path(extra.output_dir) / CARD}")
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,95 @@
+"""What may leave the machine, in one place: config scrubbing, the upload allow-list, the leak check.
+
+- Scrubbed: data paths (`train_data_dir`, `cache_dir`, a local `dataset_name`) become "<local>"; run paths
+  (`output_dir`, `logging_dir`, `resume_from_checkpoint`) keep their last folder name; the token never travels.
+- Uploaded: only ALLOW_PATTERNS, minus IGNORE_PATTERNS (checkpoints, logs, evaluation pairs, pickles).
+- Checked: every published text (card, manifest, config, eval summary, included card sections) is refused if it
+  holds one of the run's local paths or something shaped like a patient identifier (PATIENT_ID_PATTERNS). This is
+  the second line of defence: manifests and label counts carry no identifier by construction.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub.utils import filter_repo_objects
+
+MANIFEST = "manifest.json"
+TRAINING_CONFIG = "training_config.json"
+CARD = "README.md"
+EVAL_SUMMARY = "eval_results.json"  # the eval report's non-identifying `model_card` section, kept for the card
+PIPELINE_CODE = "lunggen_pipeline.py"  # a conditional model's pipeline class: the project's code, no data
+ALLOW_PATTERNS = [
+    "model_index.json", "scheduler/*.json", "unet/config.json", "unet/*.safetensors", PIPELINE_CODE,
+    CARD, MANIFEST, TRAINING_CONFIG, EVAL_SUMMARY, "samples.png", "samples/*.png",
+]
+# Belt and braces under the allow-list: what must never leave the machine even if a pattern above widens.
+IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "eval/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle",
+                   "*memorized_patients*", "*nearest_pairs*"]
+LOCAL = "<local>"
+DATA_PATH_OPTIONS = ("train_data_dir", "cache_dir")  # scrubbed to "<local>" (dataset_name too, when a folder)
+RUN_PATH_OPTIONS = ("output_dir", "logging_dir", "resume_from_checkpoint")  # scrubbed to their folder name
+PATIENT_ID_PATTERNS = {
+    # NIH image names: the first 8 digits are the patient.
+    "an NIH image name": re.compile(r"\b\d{8}_\d{3}(?:\.png)?\b", re.IGNORECASE),
+    # The built-in phantom's patient ids (lunggen_diffusers/data/phantom.py).
+    "a phantom patient id": re.compile(r"\bphantom-\d+-\d+\b"),
+    # A value labelled as a patient id, or a table column of them (memorized_patients.csv's layout).
+    "a patient id": re.compile(r"\bpatient[ _-]?id\s*[:=#]?\s*\d+|\bpatient\s*#\s*\d+|\|\s*patient[ _-]?id\s*\|",
+                               re.IGNORECASE),
+}
+
+
+def _is_local_dataset(name: str) -> bool:
+    folder = name.partition(":")[0]
+    return Path(folder).exists() or os.path.isabs(folder) or folder.startswith((".", "~")) or folder.count("/") > 1
+
+
+def scrub_config(flat: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a flat config with no local path in it (the token is never there: `Config.to_dict` drops it)."""
+    clean = {k: v for k, v in flat.items() if k != "hub_token"}
+    for name in DATA_PATH_OPTIONS:
+        if clean.get(name):
+            clean[name] = LOCAL
+    if clean.get("dataset_name") and _is_local_dataset(clean["dataset_name"]):
+        clean["dataset_name"] = LOCAL
+    for name in RUN_PATH_OPTIONS:
+        if clean.get(name):
+            clean[name] = os.path.basename(os.path.normpath(clean[name]))
+    return clean
+
+
+def local_paths(flat: dict[str, Any], output_dir: Path, *folders: Path) -> list[str]:
+    """The run's local path strings (as written and absolute), plus `folders`', that no published text may hold."""
+    values = [flat.get(name) for name in DATA_PATH_OPTIONS + RUN_PATH_OPTIONS]
+    if flat.get("dataset_name") and _is_local_dataset(flat["dataset_name"]):
+        values.append(flat["dataset_name"].partition(":")[0])
+    paths = {str(Path(p).resolve()) for p in (output_dir, *folders)}
+    for value in filter(None, values):
+        paths.add(os.path.abspath(os.path.expanduser(value)))
+        if os.path.basename(os.path.normpath(value)) != value:  # a bare folder name is what scrubbing keeps
+            paths.add(value)
+    return sorted(p for p in paths if len(p) > 1)
+
+
+def check_published(text: str, paths: list[str], what: str) -> None:
+    """Refuse `text` (one line naming the leak) if it holds a local path or looks like it names a patient."""
+    for path in paths:
+        if path in text:
+            raise ValueError(f"{what} would publish the local path {path!r}; remove it (published files hold no "
+                             "local paths or patient identifiers)")
+    for kind, pattern in PATIENT_ID_PATTERNS.items():
+        found = pattern.search(text)
+        if found:
+            raise ValueError(f"{what} would publish {kind} ({found.group(0).strip()!r}); remove it (published files "
+                             "hold no local paths or patient identifiers)")
+
+
+def files_to_upload(output_dir) -> list[str]:
+    """The output folder's files the push sends (relative POSIX paths): the allow-list minus the ignore list."""
+    folder = Path(output_dir)
+    listing = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    return list(filter_repo_objects(listing, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS))
