@@ -5,7 +5,7 @@
 Generates NIH-like 1024x1024 8-bit PNGs (phantoms with their noise, so they compress like radiographs) in the
 `images_001/images/` layout with a Data_Entry CSV, then times, on the same files:
 - decode: `PIL.Image.open(path).load()` in one process, nothing else (the limit a prepare pass can approach);
-- prepare: `plan_nih` + `prepare_nih` (decode, any mode -> L, Lanczos resize, uint8 Arrow cache) with each `num_proc`;
+- prepare: `plan_nih` + `decode_splits` (decode, any mode -> L, Lanczos resize, uint8 Arrow cache) with each `num_proc`;
 - read: shuffled epochs of the prepared train split through a torch DataLoader, per item and batched.
 Prints a table and writes JSON. Files are in the page cache for every timing (each measured pass follows a full
 read of the files), so the figures are CPU-bound, as on a local SSD.
@@ -73,7 +73,7 @@ def time_decode(paths: list[Path]) -> float:
 
 def time_prepare(root: Path, settings: DataConfig, work_dir: Path):
     started = time.perf_counter()
-    dsdict, report, _ = nih.prepare_nih(nih.plan_nih(root, settings), settings, work_dir)
+    dsdict, report, _ = nih.decode_splits(nih.plan_nih(root, settings), settings, work_dir)
     return report["prepared_images"] / (time.perf_counter() - started), dsdict
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 from lunggen_diffusers import prepare as prepare_cli
 from lunggen_diffusers.cli import run
 from lunggen_diffusers.config import DataConfig, parse_args
-from lunggen_diffusers.data import build, nih
+from lunggen_diffusers.data import build, decode, nih, splits
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nih"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih"
@@ -77,12 +77,13 @@ def fixture_table():
 def prepared(nih_dir, tmp_path_factory):
     """The CLI's output for the stand-in folder at 32 px, and what it printed."""
     out = tmp_path_factory.mktemp("prepared") / "nih-32"
-    prepare_cli.main(["--nih_dir", str(nih_dir), "--output_dir", str(out), "--resolution", "32", "--num_proc", "1"])
+    prepare_cli.main(_prepare_args(nih_dir, out))
     return out
 
 
 def _prepare_args(nih_dir, out, *extra):
-    return ["--nih_dir", str(nih_dir), "--output_dir", str(out), "--resolution", "32", "--num_proc", "1", *extra]
+    return ["--nih_dir", str(nih_dir), "--output_dir", str(out), "--resolution", "32",
+            "--preprocessing_num_workers", "1", *extra]
 
 
 # ---------------------------------------------------------------- the real metadata (../shared)
@@ -100,28 +101,28 @@ def test_real_metadata_official_splits_are_patient_disjoint(real):
     assert len(table["image_index"]) == 112_120
     per_patient = Counter(table["patient_id"])
     assert len(per_patient) == 30_805 and max(per_patient.values()) == 184
-    splits, method = nih.assign_splits(table, test_names, train_val_names, validation_fraction=0.1, seed=0)
-    counts = Counter(splits)
+    assigned, method = splits.assign_splits(table, test_names, train_val_names, validation_fraction=0.1, seed=0)
+    counts = Counter(assigned)
     assert counts["test"] == 25_596 and counts["train"] + counts["validation"] == 86_524
-    patients = {s: {p for p, t in zip(table["patient_id"], splits) if t == s} for s in nih.SPLITS}
-    assert nih.check_patient_disjoint(patients) == {s: len(p) for s, p in patients.items()}
+    patients = {s: {p for p, t in zip(table["patient_id"], assigned) if t == s} for s in splits.SPLITS}
+    assert splits.check_patient_disjoint(patients) == {s: len(p) for s, p in patients.items()}
     assert len(patients["validation"]) == round(0.1 * (len(patients["train"]) + len(patients["validation"])))
     assert "official lists" in method
-    again, _ = nih.assign_splits(table, test_names, train_val_names, validation_fraction=0.1, seed=0)
-    other, _ = nih.assign_splits(table, test_names, train_val_names, validation_fraction=0.1, seed=1)
-    assert again == splits and other != splits
-    assert [s == "test" for s in other] == [s == "test" for s in splits]  # the seed never moves the test set
+    again, _ = splits.assign_splits(table, test_names, train_val_names, validation_fraction=0.1, seed=0)
+    other, _ = splits.assign_splits(table, test_names, train_val_names, validation_fraction=0.1, seed=1)
+    assert again == assigned and other != assigned
+    assert [s == "test" for s in other] == [s == "test" for s in assigned]  # the seed never moves the test set
 
 
 def test_real_metadata_filters_and_per_patient_cap(real):
     table = real[0]
-    assert len(nih.select_rows(table, view_position="PA")) == 67_310
-    assert len(nih.select_rows(table, include_findings=["No Finding"])) == 60_361
-    assert len(nih.select_rows(table, exclude_findings=["No Finding"])) == 112_120 - 60_361
-    capped = nih.select_rows(table, max_images_per_patient=5)
+    assert len(splits.select_rows(table, view_position="PA")) == 67_310
+    assert len(splits.select_rows(table, include_findings=["No Finding"])) == 60_361
+    assert len(splits.select_rows(table, exclude_findings=["No Finding"])) == 112_120 - 60_361
+    capped = splits.select_rows(table, max_images_per_patient=5)
     kept = Counter(table["patient_id"][i] for i in capped)
     assert len(kept) == 30_805 and max(kept.values()) == 5
-    assert capped == nih.select_rows(table, max_images_per_patient=5)
+    assert capped == splits.select_rows(table, max_images_per_patient=5)
 
 
 # ---------------------------------------------------------------- metadata, layouts, splits, filters
@@ -151,35 +152,35 @@ def test_every_layout_is_found(tmp_path, layout, fixture_table):
 
 
 def test_split_without_lists_hashes_patients(fixture_table):
-    splits, method = nih.assign_splits(fixture_table, validation_fraction=0.2, test_fraction=0.3, seed=0)
-    assert "hash" in method and None not in splits
-    by_split = {s: {p for p, t in zip(fixture_table["patient_id"], splits) if t == s} for s in nih.SPLITS}
-    nih.check_patient_disjoint(by_split)
+    assigned, method = splits.assign_splits(fixture_table, validation_fraction=0.2, test_fraction=0.3, seed=0)
+    assert "hash" in method and None not in assigned
+    by_split = {s: {p for p, t in zip(fixture_table["patient_id"], assigned) if t == s} for s in splits.SPLITS}
+    splits.check_patient_disjoint(by_split)
     assert all(by_split.values())
-    assert splits == nih.assign_splits(fixture_table, validation_fraction=0.2, test_fraction=0.3, seed=0)[0]
+    assert assigned == splits.assign_splits(fixture_table, validation_fraction=0.2, test_fraction=0.3, seed=0)[0]
 
 
 def test_patient_overlap_is_an_error_naming_patients():
     with pytest.raises(ValueError, match=r"1 patient\(s\) are in both 'train' and 'test' \(e\.g\. 7\)"):
-        nih.check_patient_disjoint({"train": [1, 7], "validation": [2], "test": [7, 9]})
+        splits.check_patient_disjoint({"train": [1, 7], "validation": [2], "test": [7, 9]})
 
 
 def test_filters_compose_and_an_empty_result_names_the_filter(fixture_table):
     t = fixture_table
-    rows = nih.select_rows(t, view_position="AP", exclude_findings=["No Finding"], min_age=20, max_age=70)
+    rows = splits.select_rows(t, view_position="AP", exclude_findings=["No Finding"], min_age=20, max_age=70)
     assert rows and all(
         t["view_position"][i] == "AP" and "No Finding" not in t["finding_labels"][i] and 20 <= t["patient_age"][i] <= 70
         for i in rows
     )
-    capped = nih.select_rows(t, max_images_per_patient=2)
+    capped = splits.select_rows(t, max_images_per_patient=2)
     assert max(Counter(t["patient_id"][i] for i in capped).values()) == 2
-    assert set(nih.select_rows(t, max_images_per_patient=1)) < set(capped)  # the cap keeps a nested, stable choice
+    assert set(splits.select_rows(t, max_images_per_patient=1)) < set(capped)  # the cap keeps a nested, stable choice
     with pytest.raises(ValueError, match="--min_age 100 leaves no images"):
-        nih.select_rows(t, view_position="PA", min_age=100)
+        splits.select_rows(t, view_position="PA", min_age=100)
     with pytest.raises(ValueError, match=r"unknown finding\(s\) \['No finding'\]"):
-        nih.select_rows(t, include_findings=["No finding"])
+        splits.select_rows(t, include_findings=["No finding"])
     with pytest.raises(ValueError, match="--view_position 'LL' is not one of"):
-        nih.select_rows(t, view_position="LL")
+        splits.select_rows(t, view_position="LL")
 
 
 # ---------------------------------------------------------------- the prepare pass
@@ -195,7 +196,7 @@ def test_prepare_writes_splits_report_failures_and_card(prepared, fixture_table)
         "patient_sex", "follow_up", "split",
     }
     assert train.features["pixel_values"] == datasets.Array2D((32, 32), "uint8")
-    nih.check_patient_disjoint(dsdict)
+    splits.check_patient_disjoint(dsdict)
     names = fixture_table["image_index"]
     broken = {names[4]: "truncated", names[5]: "UnidentifiedImageError"}
     test_list = set((FIXTURE / "test_list.txt").read_text().split())
@@ -226,7 +227,7 @@ def test_prepare_writes_splits_report_failures_and_card(prepared, fixture_table)
 def test_second_run_reuses_and_an_interrupted_run_resumes(nih_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "nih-32"
     calls = []
-    real_preprocess = build.preprocess_image
+    real_preprocess = decode.preprocess_image
 
     def counting(image, *args):
         calls.append(1)
@@ -234,8 +235,8 @@ def test_second_run_reuses_and_an_interrupted_run_resumes(nih_dir, tmp_path, mon
             raise KeyboardInterrupt
         return real_preprocess(image, *args)
 
-    monkeypatch.setattr(build, "preprocess_image", counting)
-    monkeypatch.setattr(build, "CHUNK_PER_PROCESS", 50)
+    monkeypatch.setattr(decode, "preprocess_image", counting)
+    monkeypatch.setattr(decode, "CHUNK_PER_PROCESS", 50)
     interrupt = True
     with pytest.raises(KeyboardInterrupt):
         prepare_cli.main(_prepare_args(nih_dir, out))
@@ -310,7 +311,7 @@ def test_raw_folder_is_prepared_once_then_cached(nih_dir, tiny_config, tmp_path,
     broken = set(fixture_table["image_index"][4:6])
     expected = [n for n, s in zip(planned["image_index"], planned["split"]) if s == "train" and n not in broken]
     assert len(ds) == len(expected) and set(planned["view_position"]) == {"PA"}
-    monkeypatch.setattr(build, "preprocess_image", lambda *a: pytest.fail("decoded again instead of reusing"))
+    monkeypatch.setattr(decode, "preprocess_image", lambda *a: pytest.fail("decoded again instead of reusing"))
     again, _ = build.build_dataset(config)
     assert len(again) == len(ds)
     report = json.loads(next((tmp_path / "cache").glob("nih-*/prepare_report.json")).read_text())
@@ -353,9 +354,9 @@ def test_an_image_folder_with_metadata_csv_is_split_by_patient(tiny_config, tmp_
             lines.append(f"{name},patient{patient:05d},{findings},{'AP' if study == 2 else 'PA'},{30 + patient}")
     (root / "metadata.csv").write_text("\n".join(lines) + "\n")
     config = dict(train_data_dir=str(root), cache_dir=str(tmp_path / "cache"), validation_fraction=0.2)
-    parts = {s: build.load_source(tiny_config(split=s, **config))[0] for s in nih.SPLITS}
+    parts = {s: build.load_source(tiny_config(split=s, **config))[0] for s in splits.SPLITS}
     assert sum(len(part) for part in parts.values()) == 60 and all(parts.values())
-    nih.check_patient_disjoint(parts)
+    splits.check_patient_disjoint(parts)
     assert parts["train"].features["finding_labels"] == datasets.List(datasets.Value("string"))
     pa, _ = build.build_dataset(tiny_config(view_position="PA", include_findings=["Edema"], **config))
     train = parts["train"]
@@ -364,3 +365,13 @@ def test_an_image_folder_with_metadata_csv_is_split_by_patient(tiny_config, tmp_
     (root / lines[1].split(",")[0]).unlink()
     with pytest.raises(FileNotFoundError, match="1 of 60 images listed in metadata.csv are not under"):
         build.load_source(tiny_config(**config))
+
+
+def test_prepare_parses_the_data_config_and_old_flag_spellings():
+    args, settings = prepare_cli.parse(["--nih_dir", "in", "--output_dir", "out", "--num_proc", "3", "--seed=7"])
+    assert (args.nih_dir, args.output_dir) == ("in", "out")
+    assert isinstance(settings, DataConfig) and settings.resolution == 256  # this command's default, not train.py's
+    assert (settings.preprocessing_num_workers, settings.split_seed) == (3, 7)
+    _, settings = prepare_cli.parse(["--nih_dir", "in", "--output_dir", "out", "--split_seed", "2",
+                                     "--resolution", "64"])
+    assert (settings.split_seed, settings.resolution) == (2, 64)
