@@ -1,6 +1,6 @@
 """Prepare NIH ChestX-ray14 once: `python -m lunggen_diffusers.prepare --nih_dir /data/NIH --output_dir data/nih-256`.
 
-Writes a `save_to_disk` DatasetDict (train / validation / test; uint8 `pixel_values` + metadata) that
+Writes a `save_to_disk` DatasetDict (train / validation / test; grayscale PNGs in `image` + metadata) that
 `train.py --dataset_name data/nih-256` reads directly, with `prepare_report.json`, `failed_images.csv` and a dataset
 card (README.md) beside it. Same inputs and settings again: nothing is redone. Interrupted: run it again; finished
 chunks are kept in `<output_dir>.partial/` and the output folder only appears once complete.
@@ -102,7 +102,8 @@ release ({report['metadata_file']}: {report['metadata_rows']:,} images). Data pr
 
 Each PNG was decoded once, converted to 8-bit grayscale (16-bit images scaled by their value range, transparency
 over black), {'centre-cropped' if s['center_crop'] else 'padded with black'} to a square and resized with Lanczos
-(antialiased) to {res}x{res}. `pixel_values` holds those uint8 pixels; nothing was flipped or normalised.
+(antialiased) to {res}x{res}. `image` holds them as 8-bit grayscale PNGs (lossless); nothing was flipped or
+normalised.
 Other columns: `image_index`, `patient_id`, `finding_labels` (list), `view_position`, `patient_age` (empty where the
 metadata's age is implausible), `patient_sex`, `follow_up`, `split`.
 

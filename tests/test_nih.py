@@ -8,12 +8,14 @@ import csv
 import gzip
 import json
 import shutil
+import types
 from collections import Counter
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lunggen_diffusers import prepare as prepare_cli
@@ -192,10 +194,11 @@ def test_prepare_writes_splits_report_failures_and_card(prepared, fixture_table)
     assert all(set(split["split"]) == {name} for name, split in dsdict.items())
     train = dsdict["train"]
     assert set(train.column_names) == {
-        "pixel_values", "image_index", "patient_id", "finding_labels", "view_position", "patient_age",
+        "image", "image_index", "patient_id", "finding_labels", "view_position", "patient_age",
         "patient_sex", "follow_up", "split",
     }
-    assert train.features["pixel_values"] == datasets.Array2D((32, 32), "uint8")
+    assert train.features["image"] == datasets.Image()  # what diffusers' --image_column image and the viewer read
+    assert train[0]["image"].mode == "L" and train[0]["image"].size == (32, 32)
     splits.check_patient_disjoint(dsdict)
     names = fixture_table["image_index"]
     broken = {names[4]: "truncated", names[5]: "UnidentifiedImageError"}
@@ -214,7 +217,7 @@ def test_prepare_writes_splits_report_failures_and_card(prepared, fixture_table)
     # Every PNG mode came through; the 16-bit ramp is scaled by its range, not clipped to white.
     assert set(names[:4]) <= {name for split in dsdict.values() for name in split["image_index"]}
     ramp = next(s for s in dsdict.values() if names[3] in s["image_index"])
-    pixels = np.asarray(ramp[list(ramp["image_index"]).index(names[3])]["pixel_values"])
+    pixels = np.asarray(ramp[list(ramp["image_index"]).index(names[3])]["image"])
     assert pixels.min() < 30 and pixels.max() > 225
 
     card = (prepared / "README.md").read_text()
@@ -306,7 +309,7 @@ def test_raw_folder_is_prepared_once_then_cached(nih_dir, tiny_config, tmp_path,
     config = tiny_config(train_data_dir=str(nih_dir), cache_dir=str(tmp_path / "cache"), view_position="PA")
     ds, summary = build.build_dataset(config)
     assert summary.source == "the NIH ChestX-ray14 dataset"
-    assert ds.format["type"] == "torch" and ds[0]["pixel_values"].shape == (32, 32)
+    assert ds[0]["image"].mode == "L" and ds[0]["image"].size == (32, 32)
     planned = nih.plan_nih(nih_dir, config.data).dataset
     broken = set(fixture_table["image_index"][4:6])
     expected = [n for n, s in zip(planned["image_index"], planned["split"]) if s == "train" and n not in broken]
@@ -318,7 +321,8 @@ def test_raw_folder_is_prepared_once_then_cached(nih_dir, tiny_config, tmp_path,
     assert report["splits"]["train"]["views"] == {"PA": len(ds)} and report["filters"] == {"view_position": "PA"}
 
 
-def test_filters_apply_to_a_prepared_dataset(prepared, tiny_config):
+def test_filters_apply_to_a_prepared_dataset(prepared, tiny_config, monkeypatch):
+    monkeypatch.setattr(decode, "preprocess_image", lambda *a: pytest.fail("a prepared dataset was decoded again"))
     train = datasets.load_from_disk(str(prepared))["train"]
     ap = sum(v == "AP" for v in train["view_position"])
     ds, _ = build.build_dataset(tiny_config(dataset_name=str(prepared), view_position="AP"))
@@ -361,7 +365,7 @@ def test_an_image_folder_with_metadata_csv_is_split_by_patient(tiny_config, tmp_
     pa, _ = build.build_dataset(tiny_config(view_position="PA", include_findings=["Edema"], **config))
     train = parts["train"]
     expected = [v == "PA" and "Edema" in f for v, f in zip(train["view_position"], train["finding_labels"])]
-    assert len(pa) == sum(expected) > 0 and pa[0]["pixel_values"].shape == (32, 32)
+    assert len(pa) == sum(expected) > 0 and pa[0]["image"].size == (32, 32)
     (root / lines[1].split(",")[0]).unlink()
     with pytest.raises(FileNotFoundError, match="1 of 60 images listed in metadata.csv are not under"):
         build.load_source(tiny_config(**config))
@@ -375,3 +379,62 @@ def test_prepare_parses_the_data_config_and_old_flag_spellings():
     _, settings = prepare_cli.parse(["--nih_dir", "in", "--output_dir", "out", "--split_seed", "2",
                                      "--resolution", "64"])
     assert (settings.split_seed, settings.resolution) == (2, 64)
+
+
+def test_a_dataset_prepared_by_an_earlier_version_is_refused_in_one_line(tmp_path, tiny_config):
+    old = datasets.Dataset.from_dict(
+        {"pixel_values": [np.zeros((32, 32), np.uint8)], "patient_id": [1]},
+        features=datasets.Features({"pixel_values": datasets.Array2D((32, 32), "uint8"),
+                                    "patient_id": datasets.Value("int64")}),
+    )
+    datasets.DatasetDict({"train": old}).save_to_disk(str(tmp_path / "old"))
+    with pytest.raises(ValueError, match=r"prepared by an earlier version .* prepare it again") as error:
+        build.build_dataset(tiny_config(dataset_name=str(tmp_path / "old")))
+    assert "\n" not in str(error.value)
+
+
+def test_the_loader_decodes_the_stored_pngs_to_the_pixels_of_the_preprocessing(nih_dir, tiny_config, tmp_path):
+    """The training batch is bit for bit preprocess_image of the source file, as the uint8 column stored before."""
+    from lunggen_diffusers.training import _WholeBatches, build_dataloader
+
+    config = tiny_config(train_data_dir=str(nih_dir), cache_dir=str(tmp_path / "cache"), train_batch_size=5)
+    ds, _ = build.build_dataset(config)
+    found, _ = nih.find_images(nih_dir)
+    rows = [7, 0, 3, len(ds) - 1]
+    expected = np.stack(
+        [decode.preprocess_image(Image.open(found[ds[i]["image_index"]]), 32, True) for i in rows]
+    )
+    batch = _WholeBatches(ds).__getitems__(rows)["pixel_values"]
+    assert batch.dtype == torch.uint8 and np.array_equal(batch.numpy(), expected)  # lossless PNG: exact
+    assert not np.array_equal(batch.numpy(), expected[..., ::-1])  # and not mirrored
+
+    # The same through DataLoader workers (--dataloader_num_workers 2): every stored image, once per epoch.
+    config.training.dataloader_num_workers = 2
+    accelerator = types.SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    seen = [b for batch in build_dataloader(ds, None, config, accelerator) for b in batch["pixel_values"].numpy()]
+    stored = {np.asarray(image).tobytes() for image in ds["image"]}
+    distinct = {b.tobytes() for b in seen}
+    assert len(seen) == len(ds) // 5 * 5 == len(distinct) and distinct <= stored  # each once (the stand-ins differ)
+
+
+
+def test_a_cache_or_dataset_of_another_format_version_is_never_read_as_this_one(nih_dir, tmp_path, monkeypatch,
+                                                                                   tiny_config, capsys):
+    calls = []
+    real_preprocess = decode.preprocess_image
+    monkeypatch.setattr(decode, "preprocess_image", lambda *a: calls.append(1) or real_preprocess(*a))
+    config = tiny_config(train_data_dir=str(nih_dir), cache_dir=str(tmp_path / "cache"))
+    out = tmp_path / "nih-32"
+    for version in (1, decode.FORMAT_VERSION):
+        monkeypatch.setattr(decode, "FORMAT_VERSION", version)
+        monkeypatch.setattr(nih, "FORMAT_VERSION", version)
+        calls[:] = []
+        build.build_dataset(config)
+        assert len(calls) == 166  # the raw-folder cache of the other version is not reused
+        calls[:] = []
+        if version == 1:
+            prepare_cli.main(_prepare_args(nih_dir, out))
+        else:
+            with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
+                prepare_cli.main(_prepare_args(nih_dir, out))
+            assert calls == [] and "Reused" not in capsys.readouterr().out

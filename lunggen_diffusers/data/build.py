@@ -1,9 +1,10 @@
 """One entry: `build_dataset(config)` -> a `datasets.Dataset` of prepared training images and its summary.
 
 Every source (built-in phantom, NIH folder, any image folder, Hub id or `save_to_disk` folder) goes through the same
-one-time decode pass (`decode.py`): decode, any mode -> L, square, antialiased resize, stored as compact uint8
-`pixel_values`. That pass is cached, so training reads small arrays instead of decoding PNGs every epoch. Scaling to
-[-1, 1] happens on the training device. NIH folders live in `nih.py`, splits and filters in `splits.py`.
+one-time decode pass (`decode.py`): decode, any mode -> L, square, antialiased resize, stored as an `image` column of
+8-bit grayscale PNGs at the training resolution. That pass is cached, so training decodes small PNGs (in the
+DataLoader workers) instead of resizing full-size radiographs every epoch. Scaling to [-1, 1] happens on the
+training device. NIH folders live in `nih.py`, splits and filters in `splits.py`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..config import Config
 from ..summaries import DataSummary
 from ..utils import IMAGE_EXTENSIONS, list_images
 from . import nih
-from .decode import decode_images
+from .decode import decode_images, prepared_resolution
 from .phantom import phantom_dataset
 from .splits import filter_dataset, split_by_patient
 
@@ -140,14 +141,19 @@ def summarize(dataset: datasets.Dataset, source: str, split: str) -> DataSummary
 
 
 def build_dataset(config: Config) -> tuple[datasets.Dataset, DataSummary]:
-    """The prepared training set (`pixel_values`, uint8, resolution x resolution, torch format) and its summary."""
+    """The prepared training set (an `image` column of resolution x resolution grayscale PNGs) and its summary."""
     d = config.data
     raw, source = load_source(config)
-    if "pixel_values" in raw.column_names:  # already prepared (e.g. by `python -m lunggen_diffusers.prepare`)
-        shape = tuple(raw.features["pixel_values"].shape)
-        if shape != (d.resolution, d.resolution):
+    if isinstance(raw.features.get("pixel_values"), datasets.Array2D) and d.image_column not in raw.column_names:
+        raise ValueError(
+            f"{source} was prepared by an earlier version (uint8 `pixel_values`, no `image` column): prepare it "
+            "again with `python -m lunggen_diffusers.prepare --overwrite_output_dir ...`"
+        )
+    stored = prepared_resolution(raw)
+    if stored is not None:  # prepared already (e.g. by `python -m lunggen_diffusers.prepare`, or an NIH folder)
+        if stored != d.resolution:
             raise ValueError(
-                f"{source} holds {shape[0]}x{shape[1]} prepared images but --resolution is {d.resolution}: "
+                f"{source} holds {stored}x{stored} prepared images but --resolution is {d.resolution}: "
                 f"prepare it again with --resolution {d.resolution}"
             )
         prepared = raw
@@ -166,4 +172,4 @@ def build_dataset(config: Config) -> tuple[datasets.Dataset, DataSummary]:
         prepared = prepared.select(range(min(d.max_train_samples, len(prepared))))
     if len(prepared) == 0:
         raise ValueError(f"no training images left from {source}")
-    return prepared.with_format("torch", columns=["pixel_values"]), summarize(prepared, source, d.split)
+    return prepared, summarize(prepared, source, d.split)

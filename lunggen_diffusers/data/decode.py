@@ -1,4 +1,6 @@
-"""The one-time decode pass every source goes through: open any PIL mode, convert to L, square, antialiased resize.
+"""The one-time decode pass every source goes through: open any PIL mode, convert to L, square, antialiased resize,
+store as an `image` column of 8-bit grayscale PNGs (what diffusers' scripts, `ds[i]["image"]` and the Hub's viewer
+read); and the training loader's way back from those PNG bytes to uint8 pixels.
 
 Chunked, parallel (datasets' `map` with `num_proc`), cached and resumable: with a work folder, each chunk is cached
 under a key of its files and the settings, so a second run, or the other processes of a distributed run, reuse
@@ -9,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -27,6 +31,10 @@ logger = logging.getLogger(__name__)
 # Images per process in each cached chunk of the prepare pass: enough that starting the worker pool per chunk costs
 # little, few enough that an interruption loses little.
 CHUNK_PER_PROCESS = 256
+# 1: uint8 `pixel_values` (Array2D); 2: an `image` column of grayscale PNGs. Part of every cache key, so a cache or
+# prepared folder of another version is never read as this one.
+FORMAT_VERSION = 2
+_MARK = "lunggen_diffusers prepared images"
 
 
 def _open(value) -> Image.Image:
@@ -38,16 +46,22 @@ def _open(value) -> Image.Image:
     return image
 
 
+def _png(pixels: np.ndarray) -> dict:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "L").save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
 def _decode_batch(batch: dict, image_column: str, resolution: int, center_crop: bool) -> dict:
-    pixels, errors = [], []
+    images, errors = [], []
     for value in batch[image_column]:
         try:
-            pixels.append(preprocess_image(_open(value), resolution, center_crop))
+            images.append(_png(preprocess_image(_open(value), resolution, center_crop)))
             errors.append("")
         except Exception as exc:  # an unreadable file is skipped and reported, never a crash deep in a worker
-            pixels.append(np.zeros((resolution, resolution), dtype=np.uint8))
+            images.append(_png(np.zeros((resolution, resolution), dtype=np.uint8)))
             errors.append(f"{type(exc).__name__}: {exc}"[:200])
-    return {"pixel_values": pixels, "prepare_error": errors}
+    return {"image": images, "prepare_error": errors}
 
 
 def _source_name(value) -> str:
@@ -83,12 +97,10 @@ def decode_images(
     images = ds.select_columns([image_column])
     if isinstance(images.features[image_column], datasets.Image):
         images = images.cast_column(image_column, datasets.Image(decode=False))
-    features = datasets.Features(
-        {"pixel_values": datasets.Array2D((resolution, resolution), "uint8"), "prepare_error": datasets.Value("string")}
-    )
+    features = datasets.Features({"image": datasets.Image(), "prepare_error": datasets.Value("string")})
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
-    salt = f"{resolution}|{center_crop}|{_TRANSFORMS_DIGEST}"
+    salt = f"{resolution}|{center_crop}|{_TRANSFORMS_DIGEST}|v{FORMAT_VERSION}"
     chunk = CHUNK_PER_PROCESS * max(1, num_proc or 1)
     parts = []
     bars_were_on = datasets.is_progress_bar_enabled()
@@ -118,9 +130,9 @@ def decode_images(
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
-    pixels = datasets.concatenate_datasets(parts)
+    decoded = datasets.concatenate_datasets(parts)
     others = ds.remove_columns(image_column)
-    prepared = datasets.concatenate_datasets([others, pixels], axis=1) if others.column_names else pixels
+    prepared = datasets.concatenate_datasets([others, decoded], axis=1) if others.column_names else decoded
 
     error_column = prepared["prepare_error"]
     failed_rows = [i for i, e in enumerate(error_column) if e]
@@ -140,4 +152,27 @@ def decode_images(
         )
         bad = set(failed_rows)
         prepared = prepared.select([i for i in range(len(prepared)) if i not in bad])
-    return prepared.remove_columns("prepare_error"), failures
+    prepared = prepared.remove_columns("prepare_error")  # a copy: its info is its own to mark
+    prepared.info.description = json.dumps({_MARK: {"version": FORMAT_VERSION, "resolution": resolution}})
+    return prepared, failures
+
+
+def prepared_resolution(ds: datasets.Dataset) -> int | None:
+    """The side of the images `decode_images` stored in `ds` (kept through select, save_to_disk, load_from_disk);
+    None for anything else (a raw source, or a copy whose metadata was dropped, e.g. by a Hub round trip)."""
+    try:
+        mark = json.loads(ds.info.description or "")[_MARK]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return mark["resolution"] if mark.get("version") == FORMAT_VERSION else None
+
+
+def stored_pixels(cells: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Arrow cells of the stored `image` column ({bytes, path} structs of PNGs) -> uint8 (N, H, W).
+
+    Reads the PNG bytes straight from Arrow, without datasets' per-row formatting; lossless, so the pixels are the
+    ones `decode_images` stored.
+    """
+    if isinstance(cells, pa.ChunkedArray):
+        cells = cells.combine_chunks()
+    return np.stack([np.asarray(Image.open(io.BytesIO(png))) for png in cells.field("bytes").to_pylist()])

@@ -1,6 +1,6 @@
 """NIH ChestX-ray14: folder layout, metadata, the plan of what to decode, and the saved, reported result.
 
-The result is a `datasets.DatasetDict` (train / validation / test) of uint8 `pixel_values` plus the metadata columns
+The result is a `datasets.DatasetDict` (train / validation / test) of grayscale PNGs (`image`) plus the metadata columns
 `image_index, patient_id, finding_labels, view_position, patient_age, patient_sex, follow_up, split`. Splits and
 filters (`splits.py`) run on the metadata before anything is decoded (`decode.py`).
 """
@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import datasets
 
 from ..utils import atomic_write_text, files_fingerprint
-from .decode import decode_images
+from .decode import FORMAT_VERSION, decode_images
 from .splits import (
     SPLITS, TEST_LIST, TRAIN_VAL_LIST, active_filters, assign_splits, check_patient_disjoint, select_rows,
 )
@@ -206,7 +206,9 @@ def plan_nih(nih_dir: str | Path, settings: Any) -> Plan:
         "split_seed": settings.split_seed,
         **({"test_fraction": settings.test_fraction} if method.startswith("patient-ID") else {}),
     }
-    key_source = json.dumps([recorded, filters, columns["split"], columns["image_index"]], sort_keys=True)
+    key_source = json.dumps(
+        [FORMAT_VERSION, recorded, filters, columns["split"], columns["image_index"]], sort_keys=True
+    )
     report = {
         "source": "NIH ChestX-ray14",
         "metadata_file": csv_path.name,
