@@ -67,6 +67,19 @@ def counts_table(splits: dict) -> str:
     return "\n".join(lines)
 
 
+def partial_download(report: dict) -> str:
+    """The card's line on archives not downloaded (empty for a complete download)."""
+    absent = report["images_in_absent_archives"]
+    if not absent:
+        return ""
+    found = report["selected_images"] - absent - report["missing_images"]
+    return (
+        f"- Partial download: {found:,} of {report['selected_images']:,} images found; the archive folder(s) "
+        f"{', '.join(report['absent_archives'])} ({absent:,} images) were absent, and the splits hold only the "
+        "images present.\n"
+    )
+
+
 def dataset_card(report: dict) -> str:
     """The prepared folder's README.md: source, counts, splits, preprocessing, citation and terms (no patient IDs)."""
     s = report["settings"]
@@ -97,7 +110,7 @@ release ({report['metadata_file']}: {report['metadata_rows']:,} images). Data pr
 - Filters: {filters}.
 - {report['missing_images']:,} image(s) named in the metadata were missing and {report['failed_images']:,} could not
   be read; they are left out.
-
+{partial_download(report)}
 ## Preprocessing
 
 Each PNG was decoded once, converted to 8-bit grayscale (16-bit images scaled by their value range, transparency

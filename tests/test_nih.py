@@ -58,8 +58,16 @@ def make_nih(root: Path, layout: str = "numbered", lists: bool = True) -> Path:
         shutil.copy(FIXTURE / "test_list.txt", root)
         shutil.copy(FIXTURE / "train_val_list.txt", root)
     rng = np.random.default_rng(0)
-    for i, name in enumerate(nih.read_metadata(root / "Data_Entry_2017_v2020.csv")["image_index"]):
-        folder = {"numbered": root / f"images_{1 + i % 3:03d}" / "images", "images": root / "images", "flat": root}
+    names = nih.read_metadata(root / "Data_Entry_2017_v2020.csv")["image_index"]
+    rank = {name: k for k, name in enumerate(sorted(names))}
+    for i, name in enumerate(names):
+        folder = {
+            "numbered": root / f"images_{1 + i % 3:03d}" / "images",
+            # as NIH's archives: consecutive runs of the sorted names
+            "archives": root / f"images_{1 + rank[name] * 3 // len(names):03d}" / "images",
+            "images": root / "images",
+            "flat": root,
+        }
         folder[layout].mkdir(parents=True, exist_ok=True)
         _write_image(folder[layout] / name, SPECIAL.get(i, "L"), rng)
     return root
@@ -418,6 +426,77 @@ def test_the_loader_decodes_the_stored_pngs_to_the_pixels_of_the_preprocessing(n
 
 
 
+# ---------------------------------------------------------------- a partial download (some of the 12 archives)
+
+
+def test_absent_archives_prepare_what_is_there_and_say_so(tmp_path, fixture_table, caplog):
+    root = make_nih(tmp_path / "NIH", "archives")
+    names = fixture_table["image_index"]
+    shutil.rmtree(root / "images_002")
+    kept_001 = sorted(p.name for p in (root / "images_001" / "images").iterdir())
+    lost = kept_001[len(kept_001) // 2]  # inside an archive that is present: a failure, as before
+    (root / "images_001" / "images" / lost).unlink()
+    present = {p.name for p in root.glob("images_*/images/*.png")}
+    out = tmp_path / "nih-32"
+    prepare_cli.main(_prepare_args(root, out))
+    absent = len(names) - len(present) - 1
+    warnings = [r.getMessage() for r in caplog.records if "archive folder(s)" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert f"found {len(present)} of {len(names)} images" in warnings[0]
+    assert "images_002, images_004, " in warnings[0] and "images_001" not in warnings[0]
+    dsdict = datasets.load_from_disk(str(out))
+    broken = set(names[4:6])
+    prepared = {n for split in dsdict.values() for n in split["image_index"]}
+    assert prepared == present - broken
+    test_list = set((FIXTURE / "test_list.txt").read_text().split())
+    assert set(dsdict["test"]["image_index"]) == test_list & present - broken
+    splits.check_patient_disjoint(dsdict)
+    report = json.loads((out / "prepare_report.json").read_text())
+    assert report["missing_images"] == 1 and report["images_in_absent_archives"] == absent
+    assert report["absent_archives"][:2] == ["images_002", "images_004"]
+    with open(out / "failed_images.csv") as f:
+        assert {row["image"] for row in csv.DictReader(f)} == {lost} | broken
+    card = (out / "README.md").read_text()
+    assert f"Partial download: {len(present)} of {len(names)} images found" in card and "images_002" in card
+    # Missing files inside a present archive still count against --max_failed_fraction (1 of the present ones).
+    with pytest.raises(FileNotFoundError, match=f"1 of {len(present) + 1} images .* --max_failed_fraction"):
+        nih.plan_nih(root, DataConfig(resolution=32, max_failed_fraction=0.005))
+
+
+def test_a_flattened_folder_counts_every_missing_file_as_a_failure(tmp_path, fixture_table):
+    root = make_nih(tmp_path / "NIH", "flat")
+    gone = sorted(fixture_table["image_index"])[55:111]  # what images_002 holds in the archive layout
+    for name in gone:
+        (root / name).unlink()
+    with pytest.raises(FileNotFoundError, match="56 of 166 images .* more than --max_failed_fraction 0.2"):
+        nih.plan_nih(root, DataConfig(resolution=32, max_failed_fraction=0.2))
+
+
+def test_the_published_archive_ranges_on_the_real_metadata(real, tmp_path, caplog):
+    table = real[0]
+    ranges = nih.archive_ranges(table["image_index"])
+    assert list(ranges) == list(nih.ARCHIVES) and sum(nih.ARCHIVE_SIZES) == len(table["image_index"])
+    assert ranges["images_001"] == ("00000001_000.png", "00001335_006.png")
+    assert ranges["images_012"][1] == "00030805_000.png"
+    ordered = sorted(table["image_index"])
+    for (_, last), (first, _) in zip(list(ranges.values()), list(ranges.values())[1:]):
+        assert ordered.index(first) == ordered.index(last) + 1  # consecutive, no gap, no overlap
+
+    # images_001 alone, without its last file: that one is a failure, not part of an absent archive; a span of
+    # the files found could not tell.
+    root = tmp_path / "NIH"
+    folder = root / "images_001" / "images"
+    folder.mkdir(parents=True)
+    shutil.copy(SHARED / "Data_Entry_2017_v2020.csv.gz", root)
+    png = (FIXTURE.parent / "nih" / "test_list.txt").read_bytes()  # any bytes: planning opens no image
+    first, last = ranges["images_001"]
+    for name in ordered[: ordered.index(last)]:
+        (folder / name).write_bytes(png)
+    plan = nih.plan_nih(root, DataConfig(resolution=32))
+    assert plan.missing == [last]
+    assert plan.report["images_in_absent_archives"] == len(ordered) - 4_999
+    assert plan.report["absent_archives"] == list(nih.ARCHIVES[1:])
+    assert f"found 4,998 of {len(ordered):,} images" in caplog.text
 def test_a_cache_or_dataset_of_another_format_version_is_never_read_as_this_one(nih_dir, tmp_path, monkeypatch,
                                                                                    tiny_config, capsys):
     calls = []

@@ -10,12 +10,13 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import logging
 import os
 import shutil
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -40,6 +41,10 @@ _CSV_COLUMNS = {
     "patient_sex": "Patient Gender",
     "view_position": "View Position",
 }
+# NIH ships the images as 12 archives of consecutive runs of the sorted Image Index: 4,999 images, ten of 10,000,
+# then 7,121 (112,120; checked against Data_Entry_2017_v2020.csv: the first ends at 00001335_006.png).
+ARCHIVES = tuple(f"images_{i:03d}" for i in range(1, 13))
+ARCHIVE_SIZES = (4_999, *(10_000,) * 10, 7_121)
 # The 2017 CSV has typos such as 414 (corrected in v2020, whose oldest patient is 95): unknown, not a filter match.
 MAX_PLAUSIBLE_AGE = 120
 
@@ -146,6 +151,38 @@ def find_images(nih_dir: str | Path) -> tuple[dict[str, str], list[str]]:
     return found, used
 
 
+def archive_ranges(names: Sequence[str]) -> dict[str, tuple[str, str]] | None:
+    """{archive: (first, last image name)} as NIH published them, when `names` is the whole release; else None."""
+    if len(names) != sum(ARCHIVE_SIZES):
+        return None
+    ordered = sorted(names)
+    ends = itertools.accumulate(ARCHIVE_SIZES)
+    return {a: (ordered[end - size], ordered[end - 1]) for a, size, end in zip(ARCHIVES, ARCHIVE_SIZES, ends)}
+
+
+def sort_missing(
+    names: Sequence[str], missing: Sequence[str], found: Mapping[str, str], nih_dir: str | Path
+) -> tuple[list[str], list[str], list[str]]:
+    """(missing inside an archive folder that is present, missing with their whole archive, the absent archives).
+
+    A present archive spans its published range (whole-release metadata) or else the names of its files found;
+    an image outside every present archive's span belongs to one not downloaded. Without archive folders (one
+    flattened folder) nothing is known to be absent: every missing image is a failure.
+    """
+    held = defaultdict(list)
+    for name, path in found.items():
+        top = Path(path).relative_to(nih_dir).parts[0]
+        if top in ARCHIVES:
+            held[top].append(name)
+    if not held:
+        return list(missing), [], []
+    published = archive_ranges(names)
+    spans = [published[a] if published else (min(held[a]), max(held[a])) for a in held]
+    inside = [m for m in missing if any(first <= m <= last for first, last in spans)]
+    kept = set(inside)
+    return inside, [m for m in missing if m not in kept], [a for a in ARCHIVES if a not in held]
+
+
 class Plan(NamedTuple):
     """What a prepare pass will decode: selected rows (with image paths and split), a report, and missing names."""
 
@@ -180,17 +217,27 @@ def plan_nih(nih_dir: str | Path, settings: Any) -> Plan:
     if not found:
         raise FileNotFoundError(f"{nih_dir}: no PNG files (looked in ., images/, images_*/ and images_*/images/)")
     missing = [table["image_index"][i] for i in rows if table["image_index"][i] not in found]
+    selected = len(rows)
+    missing, elsewhere, absent_archives = sort_missing(table["image_index"], missing, found, root)
+    if elsewhere:
+        logger.warning(
+            f"found {selected - len(elsewhere) - len(missing):,} of {selected:,} images named in {csv_path.name}: "
+            f"archive folder(s) {', '.join(absent_archives)} absent ({len(elsewhere):,} images); preparing the "
+            "images present, the splits restricted to them"
+        )
+    expected = selected - len(elsewhere)
     if missing:
-        fraction = len(missing) / len(rows)
+        fraction = len(missing) / expected
         message = (
-            f"{len(missing)} of {len(rows)} images named in {csv_path.name} are not under {nih_dir} "
+            f"{len(missing)} of {expected} images named in {csv_path.name} are not under {nih_dir} "
             f"(looked in {', '.join(folders)}); first: {', '.join(missing[:5])}"
         )
         if fraction > settings.max_failed_fraction:
             limit = settings.max_failed_fraction
             raise FileNotFoundError(f"{message}; that is more than --max_failed_fraction {limit}")
         logger.warning(message)
-        absent = set(missing)
+    if missing or elsewhere:
+        absent = set(missing) | set(elsewhere)
         rows = [i for i in rows if table["image_index"][i] not in absent]
 
     # Grouped by split, each split is one contiguous slice: no index mapping to read through while training.
@@ -217,8 +264,10 @@ def plan_nih(nih_dir: str | Path, settings: Any) -> Plan:
         "split_method": method,
         "settings": recorded,
         "filters": filters,
-        "selected_images": len(rows) + len(missing),
+        "selected_images": selected,
         "missing_images": len(missing),
+        "absent_archives": absent_archives if elsewhere else [],
+        "images_in_absent_archives": len(elsewhere),
         "key": files_fingerprint(columns["image"], key_source),
     }
     return Plan(dataset, report, missing)
