@@ -2,7 +2,7 @@
 
     python benchmarks/loader_benchmark.py --num_images 320 --resolution 256 --num_workers 0 2 8
 
-Generates NIH-like 1024x1024 PNGs (as prepare_benchmark.py does), prepares them at `--resolution` with `plan_nih` +
+Generates NIH-like PNGs (as prepare_benchmark.py does; `--source_size`, 1024 as NIH's by default), prepares them at `--resolution` with `plan_nih` +
 `decode_splits`, then iterates the training loader itself (`training.build_dataloader`: shuffled, whole batches
 decoded from the Arrow bytes in the workers) for at least `--at_least` images per worker count, after one
 untimed epoch that starts the workers. For reference, the same pixels stored as uint8 (the format before PNGs) read
@@ -37,7 +37,8 @@ from lunggen_diffusers.training import build_dataloader  # noqa: E402
 
 @dataclass
 class BenchmarkArguments:
-    num_images: int = field(default=320, metadata={"help": "Generated 1024x1024 NIH-like PNGs."})
+    num_images: int = field(default=320, metadata={"help": "Generated NIH-like PNGs."})
+    source_size: int = field(default=1024, metadata={"help": "Their side (NIH's: 1024; smaller generates faster)."})
     resolution: int = field(default=256, metadata={"help": "Prepared (and loaded) resolution."})
     num_workers: list[int] = field(default_factory=lambda: [0, 2, 8], metadata={"help": "Worker counts to time."})
     batch_size: int = field(default=32, metadata={"help": "Images per batch."})
@@ -72,8 +73,8 @@ def time_uint8_take(ds: datasets.Dataset, batch_size: int, at_least: int) -> flo
 def main(args: BenchmarkArguments) -> dict:
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         root = Path(tmp) / "NIH"
-        print(f"generating {args.num_images} NIH-like 1024x1024 PNGs ...")
-        make_nih_like(root, args.num_images, args.distinct_phantoms)
+        print(f"generating {args.num_images} NIH-like {args.source_size}px PNGs ...")
+        make_nih_like(root, args.num_images, args.distinct_phantoms, args.source_size)
         settings = DataConfig(resolution=args.resolution, preprocessing_num_workers=os.cpu_count(),
                               validation_fraction=0.0, test_fraction=0.0)
         dsdict, _, _ = nih.decode_splits(nih.plan_nih(root, settings), settings, Path(tmp) / "work")

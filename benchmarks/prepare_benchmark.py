@@ -43,18 +43,18 @@ class BenchmarkArguments:
     output_json: str = field(default="benchmarks/results/prepare_benchmark.json")
 
 
-def make_nih_like(root: Path, num_images: int, distinct: int) -> float:
-    """NIH layout, CSV and `num_images` 1024x1024 PNGs; returns the mean file size in KB."""
+def make_nih_like(root: Path, num_images: int, distinct: int, size: int = 1024) -> float:
+    """NIH layout, CSV and `num_images` size x size PNGs (NIH's are 1024); returns the mean file size in KB."""
     folder = root / "images_001" / "images"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    bases = [render_phantom(1024, rng).astype(np.int16) for _ in range(min(distinct, num_images))]
+    bases = [render_phantom(size, rng).astype(np.int16) for _ in range(min(distinct, num_images))]
     rows = ["Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
             "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"]
     for i in range(num_images):
         name = f"{i // 3 + 1:08d}_{i % 3:03d}.png"
         # Fresh noise per file: distinct content, the same compressibility as the phantom's own noise.
-        pixels = bases[i % len(bases)] + rng.integers(-2, 3, (1024, 1024))
+        pixels = bases[i % len(bases)] + rng.integers(-2, 3, (size, size))
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L").save(folder / name)
         rows.append(f"{name},No Finding,{i % 3},{i // 3 + 1},{40 + i % 40},{'MF'[i % 2]},{('PA', 'AP')[i % 5 == 0]},"
                     "1024,1024,0.143,0.143")
