@@ -1,12 +1,12 @@
-"""Speed of the NIH prepare pass against plain PNG decoding (its practical limit), and of reading the result.
+"""Speed of the NIH prepare pass against plain PNG decoding (its practical limit).
 
     python benchmarks/prepare_benchmark.py --num_images 128 --resolution 256 --num_proc 1 2
 
 Generates NIH-like 1024x1024 8-bit PNGs (phantoms with their noise, so they compress like radiographs) in the
 `images_001/images/` layout with a Data_Entry CSV, then times, on the same files:
 - decode: `PIL.Image.open(path).load()` in one process, nothing else (the limit a prepare pass can approach);
-- prepare: `plan_nih` + `prepare_nih` (decode, any mode -> L, Lanczos resize, uint8 Arrow cache) with each `num_proc`;
-- read: shuffled epochs of the prepared train split through a torch DataLoader, per item and batched.
+- prepare: `plan_nih` + `decode_splits` (decode, any mode -> L, Lanczos resize, PNG Arrow cache) with each `num_proc`.
+The training loader's read speed of the result is loader_benchmark.py's.
 Prints a table and writes JSON. Files are in the page cache for every timing (each measured pass follows a full
 read of the files), so the figures are CPU-bound, as on a local SSD.
 """
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import PIL
-import torch
 from PIL import Image
 from transformers import HfArgumentParser
 
@@ -44,18 +43,18 @@ class BenchmarkArguments:
     output_json: str = field(default="benchmarks/results/prepare_benchmark.json")
 
 
-def make_nih_like(root: Path, num_images: int, distinct: int) -> float:
-    """NIH layout, CSV and `num_images` 1024x1024 PNGs; returns the mean file size in KB."""
+def make_nih_like(root: Path, num_images: int, distinct: int, size: int = 1024) -> float:
+    """NIH layout, CSV and `num_images` size x size PNGs (NIH's are 1024); returns the mean file size in KB."""
     folder = root / "images_001" / "images"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    bases = [render_phantom(1024, rng).astype(np.int16) for _ in range(min(distinct, num_images))]
+    bases = [render_phantom(size, rng).astype(np.int16) for _ in range(min(distinct, num_images))]
     rows = ["Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
             "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"]
     for i in range(num_images):
         name = f"{i // 3 + 1:08d}_{i % 3:03d}.png"
         # Fresh noise per file: distinct content, the same compressibility as the phantom's own noise.
-        pixels = bases[i % len(bases)] + rng.integers(-2, 3, (1024, 1024))
+        pixels = bases[i % len(bases)] + rng.integers(-2, 3, (size, size))
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L").save(folder / name)
         rows.append(f"{name},No Finding,{i % 3},{i // 3 + 1},{40 + i % 40},{'MF'[i % 2]},{('PA', 'AP')[i % 5 == 0]},"
                     "1024,1024,0.143,0.143")
@@ -73,27 +72,8 @@ def time_decode(paths: list[Path]) -> float:
 
 def time_prepare(root: Path, settings: DataConfig, work_dir: Path):
     started = time.perf_counter()
-    dsdict, report, _ = nih.prepare_nih(nih.plan_nih(root, settings), settings, work_dir)
-    return report["prepared_images"] / (time.perf_counter() - started), dsdict
-
-
-def time_read(ds, batched: bool, batch_size: int = 64, at_least: int = 4096) -> float:
-    """Shuffled epochs (as many as reach `at_least` images) through a DataLoader.
-
-    Per-item: DataLoader(ds, batch_size, shuffle=True) fetches rows and stacks them again (torch's default collate).
-    Batched: a BatchSampler hands whole index lists to the dataset, which returns the stacked batch in one read.
-    """
-    ds = ds.with_format("torch", columns=["pixel_values"])
-    if batched:
-        sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(ds), batch_size, drop_last=False)
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=sampler)
-    else:
-        loader = torch.utils.data.DataLoader(ds, batch_size, shuffle=True)
-    started, seen = time.perf_counter(), 0
-    while seen < at_least:
-        for batch in loader:
-            seen += batch["pixel_values"].shape[0]
-    return seen / (time.perf_counter() - started)
+    _, report, _ = nih.decode_splits(nih.plan_nih(root, settings), settings, work_dir)
+    return report["prepared_images"] / (time.perf_counter() - started)
 
 
 def main(args: BenchmarkArguments) -> dict:
@@ -104,18 +84,16 @@ def main(args: BenchmarkArguments) -> dict:
         paths = sorted((root / "images_001" / "images").iterdir())
         time_decode(paths)  # warm the page cache
         decode = time_decode(paths)
-        rows, dsdict = [], None
+        rows = []
         for procs in args.num_proc:
             settings = DataConfig(resolution=args.resolution, preprocessing_num_workers=procs, test_fraction=0.2)
             time_decode(paths)
-            rate, dsdict = time_prepare(root, settings, Path(tmp) / f"work-{procs}")
+            rate = time_prepare(root, settings, Path(tmp) / f"work-{procs}")
             rows.append({"num_proc": procs, "images_per_s": rate, "images_per_s_per_process": rate / procs,
                          "fraction_of_plain_decode": rate / procs / decode})
-        train = dsdict["train"]
-        read = {"per_item": time_read(train, batched=False), "batched": time_read(train, batched=True)}
     result = {
         "num_images": args.num_images, "resolution": args.resolution, "mean_png_kb": round(mean_kb, 1),
-        "plain_decode_images_per_s": decode, "prepare": rows, "read_images_per_s": read,
+        "plain_decode_images_per_s": decode, "prepare": rows,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "pillow": PIL.__version__,
                     "load_average": os.getloadavg()},
         "args": asdict(args),
@@ -127,8 +105,6 @@ def main(args: BenchmarkArguments) -> dict:
     for r in rows:
         print(f"{'prepare num_proc=' + str(r['num_proc']):<24}{r['images_per_s']:>10.1f}"
               f"{r['images_per_s_per_process']:>12.1f}{r['fraction_of_plain_decode']:>10.2f}")
-    print(f"{'read, per-item collate':<24}{read['per_item']:>10.0f}")
-    print(f"{'read, batch sampler':<24}{read['batched']:>10.0f}")
     Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output_json}")

@@ -1,6 +1,6 @@
 """Prepare NIH ChestX-ray14 once: `python -m lunggen_diffusers.prepare --nih_dir /data/NIH --output_dir data/nih-256`.
 
-Writes a `save_to_disk` DatasetDict (train / validation / test; uint8 `pixel_values` + metadata) that
+Writes a `save_to_disk` DatasetDict (train / validation / test; grayscale PNGs in `image` + metadata) that
 `train.py --dataset_name data/nih-256` reads directly, with `prepare_report.json`, `failed_images.csv` and a dataset
 card (README.md) beside it. Same inputs and settings again: nothing is redone. Interrupted: run it again; finished
 chunks are kept in `<output_dir>.partial/` and the output folder only appears once complete.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,47 +32,29 @@ CITATION = """@inproceedings{wang2017chestxray8,
 SOURCE_URL = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
 
 
+# Flags of earlier versions, now spelled as DataConfig (and train.py) spell them.
+OLD_FLAGS = {"--num_proc": "--preprocessing_num_workers", "--seed": "--split_seed"}
+
+
 @dataclass
 class PrepareArguments:
+    """What only this command has; every data setting (resolution, filters, splits, workers) is a DataConfig field."""
+
     nih_dir: str = field(metadata={"help": "The NIH ChestX-ray14 folder (Data_Entry_2017_v2020.csv and the PNGs)."})
     output_dir: str = field(metadata={"help": "Where the prepared dataset goes (a `save_to_disk` folder)."})
-    resolution: int = field(default=256, metadata={"help": "Side of the stored square images."})
-    center_crop: bool = field(default=True, metadata={"help": "Centre-crop non-square images; false pads them."})
-    num_proc: int | None = field(default=None, metadata={"help": "Decoding processes (default: all CPU cores)."})
-    validation_fraction: float = field(default=0.05, metadata={"help": "Fraction of train_val patients validated."})
-    test_fraction: float = field(default=0.2, metadata={"help": "Test patients' fraction when no official lists."})
-    seed: int = field(default=0, metadata={"help": "Seed choosing the validation patients."})
-    view_position: str = field(default="all", metadata={"help": "PA, AP or all."})
-    include_findings: list[str] | None = field(default=None, metadata={"help": 'Keep only these, e.g. "No Finding".'})
-    exclude_findings: list[str] | None = field(default=None, metadata={"help": "Drop images with any of these."})
-    max_images_per_patient: int | None = field(default=None, metadata={"help": "Per-patient cap (deterministic)."})
-    min_age: int | None = field(default=None, metadata={"help": "Minimum patient age (inclusive)."})
-    max_age: int | None = field(default=None, metadata={"help": "Maximum patient age (inclusive)."})
-    max_failed_fraction: float = field(
-        default=0.5, metadata={"help": "Error out when more than this fraction of images is missing or unreadable."}
-    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a dataset prepared differently."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload as a PRIVATE Hub dataset."})
     hub_dataset_id: str | None = field(default=None, metadata={"help": "e.g. my-org/nih-chestxray14-256."})
     hub_token: str | None = field(default=None, metadata={"help": "Else HF_TOKEN or the cached login."})
 
 
-def to_data_config(args: PrepareArguments) -> DataConfig:
-    return DataConfig(
-        resolution=args.resolution,
-        center_crop=args.center_crop,
-        preprocessing_num_workers=args.num_proc or os.cpu_count(),
-        validation_fraction=args.validation_fraction,
-        test_fraction=args.test_fraction,
-        split_seed=args.seed,
-        view_position=args.view_position,
-        include_findings=args.include_findings,
-        exclude_findings=args.exclude_findings,
-        max_images_per_patient=args.max_images_per_patient,
-        min_age=args.min_age,
-        max_age=args.max_age,
-        max_failed_fraction=args.max_failed_fraction,
-    )
+def parse(argv: list[str] | None = None) -> tuple[PrepareArguments, DataConfig]:
+    """The command line -> (this command's arguments, the DataConfig); defaults: 256 px, all cores decoding."""
+    parser = HfArgumentParser((PrepareArguments, DataConfig))
+    parser.set_defaults(resolution=256, preprocessing_num_workers=os.cpu_count())
+    argv = sys.argv[1:] if argv is None else argv
+    renamed = [OLD_FLAGS.get(flag, flag) + sep + value for flag, sep, value in (a.partition("=") for a in argv)]
+    return parser.parse_args_into_dataclasses(args=renamed)
 
 
 def counts_table(splits: dict) -> str:
@@ -82,6 +65,19 @@ def counts_table(splits: dict) -> str:
         cells = [name, s["images"], s["patients"], *(s["views"].get(v, 0) for v in views)]
         lines.append("| " + " | ".join(f"{c:,}" if isinstance(c, int) else c for c in cells) + " |")
     return "\n".join(lines)
+
+
+def partial_download(report: dict) -> str:
+    """The card's line on archives not downloaded (empty for a complete download)."""
+    absent = report["images_in_absent_archives"]
+    if not absent:
+        return ""
+    found = report["selected_images"] - absent - report["missing_images"]
+    return (
+        f"- Partial download: {found:,} of {report['selected_images']:,} images found; the archive folder(s) "
+        f"{', '.join(report['absent_archives'])} ({absent:,} images) were absent, and the splits hold only the "
+        "images present.\n"
+    )
 
 
 def dataset_card(report: dict) -> str:
@@ -114,12 +110,13 @@ release ({report['metadata_file']}: {report['metadata_rows']:,} images). Data pr
 - Filters: {filters}.
 - {report['missing_images']:,} image(s) named in the metadata were missing and {report['failed_images']:,} could not
   be read; they are left out.
-
+{partial_download(report)}
 ## Preprocessing
 
 Each PNG was decoded once, converted to 8-bit grayscale (16-bit images scaled by their value range, transparency
 over black), {'centre-cropped' if s['center_crop'] else 'padded with black'} to a square and resized with Lanczos
-(antialiased) to {res}x{res}. `pixel_values` holds those uint8 pixels; nothing was flipped or normalised.
+(antialiased) to {res}x{res}. `image` holds them as 8-bit grayscale PNGs (lossless); nothing was flipped or
+normalised.
 Other columns: `image_index`, `patient_id`, `finding_labels` (list), `view_position`, `patient_age` (empty where the
 metadata's age is implausible), `patient_sex`, `follow_up`, `split`.
 
@@ -154,9 +151,8 @@ def push_prepared(folder: str | Path, repo_id: str, token: str | None = None) ->
     card.push_to_hub(repo_id, token=token, repo_type="dataset")
 
 
-def prepare_folder(args: PrepareArguments) -> tuple[dict, bool]:
-    """Prepare (or reuse) `args.output_dir`; returns its report and whether an existing result was reused."""
-    settings = to_data_config(args)
+def make_prepared_dataset(args: PrepareArguments, settings: DataConfig) -> tuple[dict, bool]:
+    """Decode, split and save (or reuse) `args.output_dir`; returns its report and whether it reused one."""
     output = Path(args.output_dir)
     plan = nih.plan_nih(args.nih_dir, settings)
     if output.exists():
@@ -171,17 +167,17 @@ def prepare_folder(args: PrepareArguments) -> tuple[dict, bool]:
                 "pass --overwrite_output_dir to replace it"
             )
     work_dir = output.with_name(output.name + ".partial")
-    dsdict, report, failures = nih.prepare_nih(plan, settings, work_dir)
+    dsdict, report, failures = nih.decode_splits(plan, settings, work_dir)
     nih.save_prepared(dsdict, output, work_dir, report, failures, {"README.md": dataset_card(report)})
     return report, False
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(args=argv)
+    args, settings = parse(argv)
     if args.push_to_hub and not args.hub_dataset_id:
         raise ValueError("--push_to_hub needs --hub_dataset_id (e.g. my-org/nih-chestxray14-256)")
-    report, reused = prepare_folder(args)
+    report, reused = make_prepared_dataset(args, settings)
     print(("Reused" if reused else "Prepared") + f" {args.output_dir} ({report['split_method']}):")
     print(counts_table(report["splits"]))
     print(f"missing: {report['missing_images']}, unreadable: {report['failed_images']} (see failed_images.csv)")

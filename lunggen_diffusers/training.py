@@ -30,6 +30,7 @@ from .checkpoints import check_compatible, checkpoint_step, find_checkpoint, lis
 from .conditioning import label_config, label_vectors
 from .config import Config, save_config
 from .data.build import build_dataset
+from .data.decode import stored_pixels
 from .data.transforms import augment, to_model_input
 from .lunggen_pipeline import LabelSpace, LungGenPipeline
 from .model import build_scheduler, build_unet
@@ -194,19 +195,19 @@ def build_model(config: Config, labels: dict | None):
 
 
 class _WholeBatches(torch.utils.data.Dataset):
-    """A batch as one Arrow `take` of uint8 pixels. datasets' torch formatter turns uint8 into int64 and the default
-    collate splits a batch into rows and stacks them again: slow enough to show next to a small model."""
+    """A batch as one Arrow `take` of the stored PNG bytes, decoded to uint8 here (in the DataLoader workers with
+    --dataloader_num_workers). datasets' formatter would decode row by row into PIL images and the default collate
+    would split a batch into rows and stack them again: slow enough to show next to a small model."""
 
     def __init__(self, dataset, labels: np.ndarray | None = None):
-        self.table = dataset.with_format("arrow", columns=["pixel_values"])
+        self.table = dataset.with_format("arrow", columns=["image"])
         self.labels = labels
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitems__(self, indices: list[int]) -> dict:
-        pixels = self.table[indices]["pixel_values"].combine_chunks().to_numpy(zero_copy_only=False)
-        batch = {"pixel_values": torch.from_numpy(np.array(pixels, dtype=np.uint8))}
+        batch = {"pixel_values": torch.from_numpy(stored_pixels(self.table[indices]["image"]))}
         if self.labels is not None:
             batch["class_labels"] = torch.from_numpy(self.labels[indices])
         return batch

@@ -1,162 +1,34 @@
 """One entry: `build_dataset(config)` -> a `datasets.Dataset` of prepared training images and its summary.
 
 Every source (built-in phantom, NIH folder, any image folder, Hub id or `save_to_disk` folder) goes through the same
-one-time prepare pass: decode, any mode -> L, square, antialiased resize, stored as compact uint8 `pixel_values`.
-That pass is cached (datasets fingerprinting, or cache files per chunk keyed by the files' listing, which also make
-an interrupted pass resumable), so training reads small arrays instead of decoding PNGs every epoch. Scaling to
-[-1, 1] happens on the training device. NIH folders and filters live in `nih.py`.
+one-time decode pass (`decode.py`): decode, any mode -> L, square, antialiased resize, stored as an `image` column of
+8-bit grayscale PNGs at the training resolution. That pass is cached, so training decodes small PNGs (in the
+DataLoader workers) instead of resizing full-size radiographs every epoch. Scaling to [-1, 1] happens on the
+training device. NIH folders live in `nih.py`, splits and filters in `splits.py`.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import os
 from pathlib import Path
 
 import datasets
-import numpy as np
-from PIL import Image
-from tqdm.auto import tqdm
 
 from ..config import Config
 from ..summaries import DataSummary
-from . import transforms
-from .transforms import preprocess_image
+from ..utils import IMAGE_EXTENSIONS, list_images
+from . import nih
+from .decode import decode_images, prepared_resolution
+from .phantom import phantom_dataset
+from .splits import filter_dataset, split_by_patient
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 METADATA_CSV = "metadata.csv"
-# Images per process in each cached chunk of the prepare pass: enough that starting the worker pool per chunk costs
-# little, few enough that an interruption loses little.
-CHUNK_PER_PROCESS = 256
-
-
-def _open(value) -> Image.Image:
-    """A datasets Image cell (decoded PIL, or {"bytes", "path"} when decode=False) -> a loaded PIL image."""
-    if isinstance(value, Image.Image):
-        return value
-    image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
-    image.load()  # surface truncation errors here, inside the try below
-    return image
-
-
-def _prepare_batch(batch: dict, image_column: str, resolution: int, center_crop: bool) -> dict:
-    pixels, errors = [], []
-    for value in batch[image_column]:
-        try:
-            pixels.append(preprocess_image(_open(value), resolution, center_crop))
-            errors.append("")
-        except Exception as exc:  # an unreadable file is skipped and reported, never a crash deep in a worker
-            pixels.append(np.zeros((resolution, resolution), dtype=np.uint8))
-            errors.append(f"{type(exc).__name__}: {exc}"[:200])
-    return {"pixel_values": pixels, "prepare_error": errors}
-
-
-def _source_name(value) -> str:
-    if isinstance(value, dict) and value.get("path"):
-        return os.path.basename(value["path"])
-    return "<in-memory image>"
-
-
-def listing_key(paths, salt: str = "") -> str:
-    """Short digest of files (path, size, mtime) and `salt`: a cache key that changes when any file does."""
-    h = hashlib.sha256(salt.encode())
-    for path in paths:
-        stat = os.stat(path)
-        h.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-# Editing the preprocessing code invalidates every prepared-image cache.
-_TRANSFORMS_DIGEST = hashlib.sha256(Path(transforms.__file__).read_bytes()).hexdigest()[:12]
-
-
-def prepare(
-    ds: datasets.Dataset,
-    resolution: int,
-    center_crop: bool = True,
-    image_column: str = "image",
-    num_proc: int | None = None,
-    work_dir: str | Path | None = None,
-    max_failed_fraction: float = 0.5,
-) -> tuple[datasets.Dataset, list[tuple[str, str]]]:
-    """Decode and resize once; returns the prepared dataset and (file name, reason) for each unreadable image.
-
-    The images are decoded in chunks. With `work_dir` (file-backed images only), each chunk is cached there under a
-    key of its files and the settings, written atomically by datasets: a second run, or the other processes of a
-    distributed run, reuse them, and an interrupted run resumes after the last finished chunk. Without it, datasets'
-    own fingerprint cache applies when the source is on disk (Hub datasets).
-    """
-    if image_column not in ds.column_names:
-        raise ValueError(f"--image_column {image_column!r} is not a column of the dataset (has: {ds.column_names})")
-    if len(ds) == 0:
-        raise ValueError("the data source holds no images")
-    images = ds.select_columns([image_column])
-    if isinstance(images.features[image_column], datasets.Image):
-        images = images.cast_column(image_column, datasets.Image(decode=False))
-    features = datasets.Features(
-        {"pixel_values": datasets.Array2D((resolution, resolution), "uint8"), "prepare_error": datasets.Value("string")}
-    )
-    if work_dir is not None:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
-    salt = f"{resolution}|{center_crop}|{_TRANSFORMS_DIGEST}"
-    chunk = CHUNK_PER_PROCESS * max(1, num_proc or 1)
-    parts = []
-    bars_were_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # one bar over all chunks instead of one per chunk
-    try:
-        desc = f"Preparing images at {resolution}px"
-        with tqdm(total=len(ds), unit="img", desc=desc, disable=not bars_were_on) as bar:
-            for start in range(0, len(ds), chunk):
-                part = images.select(range(start, min(start + chunk, len(ds))))
-                cache_file = None
-                if work_dir is not None:
-                    key = listing_key((cell["path"] for cell in part[image_column]), salt)
-                    cache_file = str(Path(work_dir) / f"prepared-{resolution}px-{key}.arrow")
-                parts.append(
-                    part.map(
-                        _prepare_batch,
-                        batched=True,
-                        batch_size=64,
-                        num_proc=num_proc if num_proc and num_proc > 1 and len(part) >= 4 * num_proc else None,
-                        remove_columns=[image_column],
-                        features=features,
-                        fn_kwargs={"image_column": image_column, "resolution": resolution, "center_crop": center_crop},
-                        cache_file_name=cache_file,
-                    )
-                )
-                bar.update(len(part))
-    finally:
-        if bars_were_on:
-            datasets.enable_progress_bars()
-    pixels = datasets.concatenate_datasets(parts)
-    others = ds.remove_columns(image_column)
-    prepared = datasets.concatenate_datasets([others, pixels], axis=1) if others.column_names else pixels
-
-    error_column = prepared["prepare_error"]
-    failed_rows = [i for i, e in enumerate(error_column) if e]
-    failures = [(_source_name(images[i][image_column]), error_column[i]) for i in failed_rows]
-    if failed_rows:
-        fraction = len(failed_rows) / len(ds)
-        if fraction > max_failed_fraction:
-            raise ValueError(
-                f"{len(failed_rows)} of {len(ds)} images could not be read ({fraction:.0%} > --max_failed_fraction "
-                f"{max_failed_fraction}); first: {', '.join(name for name, _ in failures[:3])}"
-            )
-        logger.warning(
-            "skipped %d unreadable image(s) of %d; first: %s",
-            len(failed_rows),
-            len(ds),
-            "; ".join(f"{n} ({r})" for n, r in failures[:3]),
-        )
-        bad = set(failed_rows)
-        prepared = prepared.select([i for i in range(len(prepared)) if i not in bad])
-    return prepared.remove_columns("prepare_error"), failures
 
 
 def _cache_dir(config: Config) -> Path:
@@ -178,7 +50,7 @@ def image_folder(path: str | Path) -> datasets.Dataset:
         raise FileNotFoundError(f"--train_data_dir {path}: no such folder")
     if (root / METADATA_CSV).is_file():
         return _listed_folder(root)
-    files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = [str(p) for p in list_images(root)]
     if not files:
         raise ValueError(f"--train_data_dir {path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
     return datasets.Dataset.from_dict(
@@ -211,27 +83,12 @@ def _listed_folder(root: Path) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
-def _patient_split(ds: datasets.Dataset, config: Config) -> datasets.Dataset:
-    """The configured split of a folder whose metadata names patients, split patient-wise by hashing their IDs."""
-    from .nih import assign_splits
-
-    d = config.data
-    splits, _ = assign_splits(
-        {"patient_id": ds["patient_id"]}, None, None, d.validation_fraction, d.test_fraction, d.split_seed
-    )
-    if d.split not in splits:
-        raise ValueError(f"--split {d.split!r}: not a split of this folder (has: {', '.join(sorted(set(splits)))})")
-    return ds.select([i for i, s in enumerate(splits) if s == d.split])
-
-
 def _nih_split(config: Config) -> datasets.Dataset:
     """One split of an NIH folder, prepared on first use into the cache (only there: the main process comes first)."""
-    from . import nih
-
     d = config.data
     folder_key = hashlib.sha256(str(Path(d.train_data_dir).resolve()).encode()).hexdigest()[:12]
     work_dir = _cache_dir(config) / f"nih-{folder_key}"
-    dsdict, report, failures = nih.prepare_nih(nih.plan_nih(d.train_data_dir, d), d, work_dir)
+    dsdict, report, failures = nih.decode_splits(nih.plan_nih(d.train_data_dir, d), d, work_dir)
     nih.write_report(work_dir, report, failures)
     if d.split not in dsdict:
         raise ValueError(f"--split {d.split!r}: the NIH folder has no such split (has: {', '.join(dsdict)})")
@@ -244,8 +101,6 @@ def load_source(config: Config) -> tuple[datasets.Dataset, str]:
 
     Unprepared except for an NIH folder, which comes back prepared (and cached) at the configured resolution.
     """
-    from .nih import filter_dataset, is_nih_folder
-
     d = config.data
     if d.dataset_name:
         name, _, split = d.dataset_name.partition(":")
@@ -260,14 +115,12 @@ def load_source(config: Config) -> tuple[datasets.Dataset, str]:
         loaded = datasets.load_dataset(name, d.dataset_config_name, split=split)
         return filter_dataset(loaded, d), f"the Hub dataset {name}"
     if d.train_data_dir:
-        if is_nih_folder(d.train_data_dir):
+        if nih.is_nih_folder(d.train_data_dir):
             return _nih_split(config), "the NIH ChestX-ray14 dataset"
         ds = image_folder(d.train_data_dir)
         if "patient_id" in ds.column_names:
-            ds = _patient_split(ds, config)
+            ds = split_by_patient(ds, d)
         return filter_dataset(ds, d), "a local image folder"
-    from .phantom import phantom_dataset
-
     ds = phantom_dataset(
         d.num_phantom_images, d.resolution, seed=config.training.seed, finding_prob=d.phantom_finding_prob
     )
@@ -288,20 +141,25 @@ def summarize(dataset: datasets.Dataset, source: str, split: str) -> DataSummary
 
 
 def build_dataset(config: Config) -> tuple[datasets.Dataset, DataSummary]:
-    """The prepared training set (`pixel_values`, uint8, resolution x resolution, torch format) and its summary."""
+    """The prepared training set (an `image` column of resolution x resolution grayscale PNGs) and its summary."""
     d = config.data
     raw, source = load_source(config)
-    if "pixel_values" in raw.column_names:  # already prepared (e.g. by `python -m lunggen_diffusers.prepare`)
-        shape = tuple(raw.features["pixel_values"].shape)
-        if shape != (d.resolution, d.resolution):
+    if isinstance(raw.features.get("pixel_values"), datasets.Array2D) and d.image_column not in raw.column_names:
+        raise ValueError(
+            f"{source} was prepared by an earlier version (uint8 `pixel_values`, no `image` column): prepare it "
+            "again with `python -m lunggen_diffusers.prepare --overwrite_output_dir ...`"
+        )
+    stored = prepared_resolution(raw)
+    if stored is not None:  # prepared already (e.g. by `python -m lunggen_diffusers.prepare`, or an NIH folder)
+        if stored != d.resolution:
             raise ValueError(
-                f"{source} holds {shape[0]}x{shape[1]} prepared images but --resolution is {d.resolution}: "
+                f"{source} holds {stored}x{stored} prepared images but --resolution is {d.resolution}: "
                 f"prepare it again with --resolution {d.resolution}"
             )
         prepared = raw
     else:
         work_dir = _cache_dir(config) / "folders" if not raw.cache_files and d.train_data_dir else None
-        prepared, _ = prepare(
+        prepared, _ = decode_images(
             raw,
             d.resolution,
             d.center_crop,
@@ -314,4 +172,4 @@ def build_dataset(config: Config) -> tuple[datasets.Dataset, DataSummary]:
         prepared = prepared.select(range(min(d.max_train_samples, len(prepared))))
     if len(prepared) == 0:
         raise ValueError(f"no training images left from {source}")
-    return prepared.with_format("torch", columns=["pixel_values"]), summarize(prepared, source, d.split)
+    return prepared, summarize(prepared, source, d.split)

@@ -1,38 +1,37 @@
-"""NIH ChestX-ray14: folder layout, metadata, patient-wise splits, filters, and the one-time prepare pass.
+"""NIH ChestX-ray14: folder layout, metadata, the plan of what to decode, and the saved, reported result.
 
-The result is a `datasets.DatasetDict` (train / validation / test) of uint8 `pixel_values` plus the metadata columns
-`image_index, patient_id, finding_labels, view_position, patient_age, patient_sex, follow_up, split`. Filters and the
-per-patient cap run on the metadata before anything is decoded; they also work on an already prepared dataset (any
-source with those columns), through `filter_dataset`.
+The result is a `datasets.DatasetDict` (train / validation / test) of grayscale PNGs (`image`) plus the metadata columns
+`image_index, patient_id, finding_labels, view_position, patient_age, patient_sex, follow_up, split`. Splits and
+filters (`splits.py`) run on the metadata before anything is decoded (`decode.py`).
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import io
+import itertools
 import json
 import logging
 import os
 import shutil
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import datasets
 
-from .build import listing_key, prepare
+from ..utils import atomic_write_text, files_fingerprint
+from .decode import FORMAT_VERSION, decode_images
+from .splits import (
+    SPLITS, TEST_LIST, TRAIN_VAL_LIST, active_filters, assign_splits, check_patient_disjoint, select_rows,
+)
 
 logger = logging.getLogger(__name__)
 
 METADATA_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")  # preferred first; either may be gzipped
-TEST_LIST, TRAIN_VAL_LIST = "test_list.txt", "train_val_list.txt"
-SPLITS = ("train", "validation", "test")
-VIEWS = ("PA", "AP", "all")
-FILTERS = ("view_position", "include_findings", "exclude_findings", "min_age", "max_age", "max_images_per_patient")
 _CSV_COLUMNS = {
     "image_index": "Image Index",
     "finding_labels": "Finding Labels",
@@ -42,6 +41,10 @@ _CSV_COLUMNS = {
     "patient_sex": "Patient Gender",
     "view_position": "View Position",
 }
+# NIH ships the images as 12 archives of consecutive runs of the sorted Image Index: 4,999 images, ten of 10,000,
+# then 7,121 (112,120; checked against Data_Entry_2017_v2020.csv: the first ends at 00001335_006.png).
+ARCHIVES = tuple(f"images_{i:03d}" for i in range(1, 13))
+ARCHIVE_SIZES = (4_999, *(10_000,) * 10, 7_121)
 # The 2017 CSV has typos such as 414 (corrected in v2020, whose oldest patient is 95): unknown, not a filter match.
 MAX_PLAUSIBLE_AGE = 120
 
@@ -148,164 +151,36 @@ def find_images(nih_dir: str | Path) -> tuple[dict[str, str], list[str]]:
     return found, used
 
 
-def _unit_hash(text: str) -> float:
-    """Deterministic, platform-independent uniform number in [0, 1) for a string."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+def archive_ranges(names: Sequence[str]) -> dict[str, tuple[str, str]] | None:
+    """{archive: (first, last image name)} as NIH published them, when `names` is the whole release; else None."""
+    if len(names) != sum(ARCHIVE_SIZES):
+        return None
+    ordered = sorted(names)
+    ends = itertools.accumulate(ARCHIVE_SIZES)
+    return {a: (ordered[end - size], ordered[end - 1]) for a, size, end in zip(ARCHIVES, ARCHIVE_SIZES, ends)}
 
 
-def _check_fraction(name: str, value: float) -> None:
-    if not 0 <= value < 1:
-        raise ValueError(f"--{name} {value} must be in [0, 1)")
+def sort_missing(
+    names: Sequence[str], missing: Sequence[str], found: Mapping[str, str], nih_dir: str | Path
+) -> tuple[list[str], list[str], list[str]]:
+    """(missing inside an archive folder that is present, missing with their whole archive, the absent archives).
 
-
-def assign_splits(
-    table: Mapping[str, Sequence],
-    test_names: set[str] | None = None,
-    train_val_names: set[str] | None = None,
-    validation_fraction: float = 0.05,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-) -> tuple[list[str | None], str]:
-    """Patient-wise split of every row ("train", "validation", "test", or None when in neither official list).
-
-    `test` comes from the official list when there is one (else everything outside train_val_list), or without
-    lists from a hash of the Patient ID, seed-free so the test set never moves. Validation takes a
-    `validation_fraction` of the non-test patients, chosen by a seeded hash: deterministic, never splitting a patient.
+    A present archive spans its published range (whole-release metadata) or else the names of its files found;
+    an image outside every present archive's span belongs to one not downloaded. Without archive folders (one
+    flattened folder) nothing is known to be absent: every missing image is a failure.
     """
-    _check_fraction("validation_fraction", validation_fraction)
-    _check_fraction("test_fraction", test_fraction)
-    patients = table["patient_id"]
-    if test_names is None and train_val_names is None:
-        is_test = [_unit_hash(f"test:{p}") < test_fraction for p in patients]
-        method = f"patient-ID hash ({test_fraction:.0%} of patients in test)"
-    else:
-        names = table["image_index"]
-        if test_names is not None and train_val_names is not None:
-            both = sorted(test_names & train_val_names)
-            if both:
-                raise ValueError(f"{len(both)} image(s) are in both {TEST_LIST} and {TRAIN_VAL_LIST}: {both[:3]}")
-        if test_names is not None:
-            # Without train_val_list, everything outside test_list is train_val; with both, a row in neither is out.
-            is_test = [
-                True if n in test_names else False if train_val_names is None or n in train_val_names else None
-                for n in names
-            ]
-        else:
-            is_test = [n not in train_val_names for n in names]
-        given = ((TEST_LIST, test_names), (TRAIN_VAL_LIST, train_val_names))
-        lists = [name for name, listed in given if listed is not None]
-        method = f"official lists ({', '.join(lists)})"
-    train_val_patients = sorted({p for p, t in zip(patients, is_test) if t is False})
-    ranked = sorted(train_val_patients, key=lambda p: _unit_hash(f"{seed}:{p}"))
-    validation = set(ranked[: round(validation_fraction * len(ranked))])
-    splits = [
-        None if t is None else "test" if t else "validation" if p in validation else "train"
-        for p, t in zip(patients, is_test)
-    ]
-    return splits, method
-
-
-def check_patient_disjoint(splits: Mapping[str, datasets.Dataset | Iterable]) -> dict[str, int]:
-    """Raise if a patient is in two splits; returns the number of patients per split.
-
-    `splits` maps split names to datasets (their `patient_id` column) or to iterables of patient IDs.
-    """
-    patients = {
-        name: set(part["patient_id"] if isinstance(part, datasets.Dataset) else part) for name, part in splits.items()
-    }
-    names = list(patients)
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            shared = sorted(patients[a] & patients[b])
-            if shared:
-                raise ValueError(
-                    f"{len(shared)} patient(s) are in both {a!r} and {b!r} (e.g. {', '.join(map(str, shared[:5]))}); "
-                    "splits must be patient-wise"
-                )
-    return {name: len(ids) for name, ids in patients.items()}
-
-
-def active_filters(settings: Any) -> dict[str, Any]:
-    """The filters set on a DataConfig-like object: {name: value} for those not at their no-op default."""
-    values = {name: getattr(settings, name, None) for name in FILTERS}
-    return {k: v for k, v in values.items() if v is not None and not (k == "view_position" and v == "all")}
-
-
-def select_rows(
-    columns: Mapping[str, Sequence],
-    view_position: str = "all",
-    include_findings: Sequence[str] | None = None,
-    exclude_findings: Sequence[str] | None = None,
-    min_age: int | None = None,
-    max_age: int | None = None,
-    max_images_per_patient: int | None = None,
-) -> list[int]:
-    """Row indices passing every filter, then at most `max_images_per_patient` per patient.
-
-    The cap keeps, for each patient, the images whose names hash lowest: deterministic, independent of row order,
-    and spread over the follow-ups. A filter that leaves nothing raises, naming the filter.
-    """
-    if view_position not in VIEWS:
-        raise ValueError(f"--view_position {view_position!r} is not one of: {', '.join(VIEWS)}")
-    if max_images_per_patient is not None and max_images_per_patient < 1:
-        raise ValueError(f"--max_images_per_patient {max_images_per_patient} must be a positive integer")
-    if min_age is not None and max_age is not None and min_age > max_age:
-        raise ValueError(f"--min_age {min_age} is above --max_age {max_age}")
-    wanted, unwanted = set(include_findings or ()), set(exclude_findings or ())
-    steps = []
-    if view_position != "all":
-        steps.append((f"--view_position {view_position}", "view_position", lambda v: v == view_position))
-    if wanted:
-        steps.append(
-            (f"--include_findings {' '.join(sorted(wanted))}", "finding_labels", lambda f: not wanted.isdisjoint(f))
-        )
-    if unwanted:
-        steps.append((f"--exclude_findings {' '.join(sorted(unwanted))}", "finding_labels", unwanted.isdisjoint))
-    if min_age is not None:
-        steps.append((f"--min_age {min_age}", "patient_age", lambda a: a is not None and a >= min_age))
-    if max_age is not None:
-        steps.append((f"--max_age {max_age}", "patient_age", lambda a: a is not None and a <= max_age))
-    if max_images_per_patient is not None:
-        steps.append((f"--max_images_per_patient {max_images_per_patient}", "patient_id", None))
-    for flag, column, _ in steps:
-        if column not in columns:
-            raise ValueError(f"{flag} needs a {column!r} column; the data has: {', '.join(columns)}")
-    if wanted or unwanted:
-        known = {label for labels in columns["finding_labels"] for label in labels}
-        unknown = sorted((wanted | unwanted) - known)
-        if unknown:
-            raise ValueError(f"unknown finding(s) {unknown}; the data has: {', '.join(sorted(known))}")
-
-    rows = range(len(next(iter(columns.values()))))
-    for flag, column, keep in steps:
-        values = columns[column]
-        if keep is None:  # the per-patient cap
-            names = columns.get("image_index")
-            by_patient = defaultdict(list)
-            for i in rows:
-                by_patient[values[i]].append(i)
-            kept = set()
-            for group in by_patient.values():
-                group.sort(key=lambda i: _unit_hash(str(names[i] if names is not None else i)))
-                kept.update(group[:max_images_per_patient])
-            rows = [i for i in rows if i in kept]
-        else:
-            before = len(rows)
-            rows = [i for i in rows if keep(values[i])]
-            if not rows:
-                raise ValueError(f"{flag} leaves no images (of {before})")
-    return list(rows)
-
-
-def filter_dataset(ds: datasets.Dataset, settings: Any) -> datasets.Dataset:
-    """Apply the filters set on `settings` (a DataConfig) to any dataset with the metadata columns they need."""
-    filters = active_filters(settings)
-    if not filters:
-        return ds
-    needed = {"view_position", "finding_labels", "patient_age", "patient_id", "image_index"} & set(ds.column_names)
-    columns = {name: list(ds[name]) for name in ds.column_names if name in needed}
-    rows = select_rows(columns, **filters)
-    return ds if len(rows) == len(ds) else ds.select(rows)
+    held = defaultdict(list)
+    for name, path in found.items():
+        top = Path(path).relative_to(nih_dir).parts[0]
+        if top in ARCHIVES:
+            held[top].append(name)
+    if not held:
+        return list(missing), [], []
+    published = archive_ranges(names)
+    spans = [published[a] if published else (min(held[a]), max(held[a])) for a in held]
+    inside = [m for m in missing if any(first <= m <= last for first, last in spans)]
+    kept = set(inside)
+    return inside, [m for m in missing if m not in kept], [a for a in ARCHIVES if a not in held]
 
 
 class Plan(NamedTuple):
@@ -342,17 +217,27 @@ def plan_nih(nih_dir: str | Path, settings: Any) -> Plan:
     if not found:
         raise FileNotFoundError(f"{nih_dir}: no PNG files (looked in ., images/, images_*/ and images_*/images/)")
     missing = [table["image_index"][i] for i in rows if table["image_index"][i] not in found]
+    selected = len(rows)
+    missing, elsewhere, absent_archives = sort_missing(table["image_index"], missing, found, root)
+    if elsewhere:
+        logger.warning(
+            f"found {selected - len(elsewhere) - len(missing):,} of {selected:,} images named in {csv_path.name}: "
+            f"archive folder(s) {', '.join(absent_archives)} absent ({len(elsewhere):,} images); preparing the "
+            "images present, the splits restricted to them"
+        )
+    expected = selected - len(elsewhere)
     if missing:
-        fraction = len(missing) / len(rows)
+        fraction = len(missing) / expected
         message = (
-            f"{len(missing)} of {len(rows)} images named in {csv_path.name} are not under {nih_dir} "
+            f"{len(missing)} of {expected} images named in {csv_path.name} are not under {nih_dir} "
             f"(looked in {', '.join(folders)}); first: {', '.join(missing[:5])}"
         )
         if fraction > settings.max_failed_fraction:
             limit = settings.max_failed_fraction
             raise FileNotFoundError(f"{message}; that is more than --max_failed_fraction {limit}")
         logger.warning(message)
-        absent = set(missing)
+    if missing or elsewhere:
+        absent = set(missing) | set(elsewhere)
         rows = [i for i in rows if table["image_index"][i] not in absent]
 
     # Grouped by split, each split is one contiguous slice: no index mapping to read through while training.
@@ -368,7 +253,9 @@ def plan_nih(nih_dir: str | Path, settings: Any) -> Plan:
         "split_seed": settings.split_seed,
         **({"test_fraction": settings.test_fraction} if method.startswith("patient-ID") else {}),
     }
-    key_source = json.dumps([recorded, filters, columns["split"], columns["image_index"]], sort_keys=True)
+    key_source = json.dumps(
+        [FORMAT_VERSION, recorded, filters, columns["split"], columns["image_index"]], sort_keys=True
+    )
     report = {
         "source": "NIH ChestX-ray14",
         "metadata_file": csv_path.name,
@@ -377,9 +264,11 @@ def plan_nih(nih_dir: str | Path, settings: Any) -> Plan:
         "split_method": method,
         "settings": recorded,
         "filters": filters,
-        "selected_images": len(rows) + len(missing),
+        "selected_images": selected,
         "missing_images": len(missing),
-        "key": listing_key(columns["image"], key_source),
+        "absent_archives": absent_archives if elsewhere else [],
+        "images_in_absent_archives": len(elsewhere),
+        "key": files_fingerprint(columns["image"], key_source),
     }
     return Plan(dataset, report, missing)
 
@@ -396,13 +285,13 @@ def describe(dsdict: Mapping[str, datasets.Dataset]) -> dict[str, dict[str, Any]
     }
 
 
-def prepare_nih(plan: Plan, settings: Any, work_dir: str | Path) -> tuple[datasets.DatasetDict, dict, list]:
+def decode_splits(plan: Plan, settings: Any, work_dir: str | Path) -> tuple[datasets.DatasetDict, dict, list]:
     """Decode the planned images once (cached and resumable in `work_dir`) and split them patient-wise.
 
     Returns the DatasetDict, the completed report and (image name, reason) for every missing or unreadable image.
     """
     started = time.perf_counter()
-    prepared, failed = prepare(
+    prepared, failed = decode_images(
         plan.dataset,
         settings.resolution,
         settings.center_crop,
@@ -442,9 +331,7 @@ def write_report(folder: str | Path, report: dict, failures: Sequence[tuple[str,
     writer.writerows(failures)
     files = {"prepare_report.json": json.dumps(report, indent=2) + "\n", "failed_images.csv": rows.getvalue()}
     for name, text in files.items():
-        temporary = folder / f".{name}.{os.getpid()}"
-        temporary.write_text(text)
-        os.replace(temporary, folder / name)
+        atomic_write_text(folder / name, text)
 
 
 def read_report(folder: str | Path) -> dict | None:
