@@ -2,6 +2,7 @@
 
     python -m lunggen_diffusers.evaluate --real data/nih-256:validation --fake synth/ --train data/nih-256:train \
         --features raddino --output_dir eval/
+    accelerate launch --multi_gpu --num_processes 8 -m lunggen_diffusers.evaluate ...   # the same, sharded
 
 Writes eval/metrics.json (read by the model card), eval/report.md, eval/nearest_pairs.png and
 eval/memorized_patients.csv (the last two are local only: they show training images and patient IDs).
@@ -15,16 +16,18 @@ from .cli import run
 from .evaluation.run import EvaluationArguments, run_evaluation
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(args=argv)
     return run(lambda: _report(args))
 
 
-def _report(args: EvaluationArguments) -> dict:
+def _report(args: EvaluationArguments) -> dict | None:
     try:
         report = run_evaluation(args)
     except ImportError as exc:  # a missing optional extra (inception) is a user's setup choice, not a crash
         raise ValueError(str(exc)) from None
+    if report is None:  # not the main process: it wrote nothing and has nothing to say
+        return None
     fake_vs_real, floor = report["metrics"]["fake_vs_real"], report["metrics"]["real_vs_real"]
     print(f"FD {fake_vs_real['fd']:.4g} (real-vs-real floor {floor['fd']:.4g}); "
           f"precision {fake_vs_real['precision']:.3f}, recall {fake_vs_real['recall']:.3f}")

@@ -1,4 +1,5 @@
-"""Process-wide CPU settings for training and sampling: threads and the memory allocator."""
+"""Process-wide settings for training, sampling and evaluation: threads, the memory allocator, and this process's
+place among the ones a launcher started (its share of the work)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import ctypes
 import os
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 # mallopt(3) parameters from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -35,3 +38,40 @@ def set_cpu_threads(threads: int | None, processes_on_machine: int) -> int:
     n = threads or max(1, cores // processes_on_machine)
     torch.set_num_threads(n)
     return n
+
+
+def check_world_size(state) -> None:
+    """A launch where Accelerate and the launcher disagree runs N independent jobs over one output folder.
+    `state` is an Accelerator or a PartialState."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != state.num_processes:
+        raise RuntimeError(
+            f"the launcher started WORLD_SIZE={launched} processes but Accelerate sees {state.num_processes}; "
+            "launch with `accelerate launch --num_processes N SCRIPT` (or torchrun) so they agree"
+        )
+
+
+def process_state() -> PartialState:
+    """This process's PartialState, checked against the launcher. `accelerate launch --cpu` says so only through
+    ACCELERATE_USE_CPU, which Accelerator reads and PartialState does not: without it, CPU processes would each
+    believe they run alone."""
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    check_world_size(state)
+    return state
+
+
+def process_device(state: PartialState) -> str:
+    """This process's device: its own GPU under a multi-GPU launch; plain "cpu" for the "cpu:<rank>" a CPU launch
+    reports, so what a run records does not depend on the process count."""
+    return "cpu" if state.device.type == "cpu" else str(state.device)
+
+
+def process_share(n: int, block: int, state: PartialState) -> range:
+    """This process's contiguous share of range(n), made of whole blocks of `block` items (the last block may be
+    short). Blocks are cut from range(n) the same way whatever the process count, so every item is processed in
+    the same block, with the same neighbours, by 1 process or 8: the arithmetic, hence the result, is the same."""
+    blocks = -(-n // block)
+    with state.split_between_processes(list(range(blocks))) as mine:
+        if not mine:
+            return range(0)
+        return range(mine[0] * block, min(n, (mine[-1] + 1) * block))

@@ -7,14 +7,18 @@ size never changes which image comes out and any image can be regenerated from i
 """
 
 import csv
+import glob
+import io
 import json
 import os
 import random
+import tempfile
 from dataclasses import asdict, dataclass, field
 from inspect import signature
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from diffusers import (
     DDIMScheduler,
     DDPMPipeline,
@@ -29,7 +33,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from .lunggen_pipeline import MODULE_NAME, LungGenPipeline, guided_denoise
-from .runtime import keep_freed_memory
+from .runtime import keep_freed_memory, process_device, process_share, process_state
 from .utils import atomic_path, image_grid, pick_device
 
 # Order 3 is what diffusers' docs recommend for unconditional sampling (2 is for guided sampling); few-step runs
@@ -56,6 +60,7 @@ CONDITIONAL_FIELDS = ("labels", "guidance_scale", "request")
 UNCONDITIONED = "unconditioned"  # the labels column of an image sampled with the null condition
 LABELS_FROM = ("train",)
 SYNTHETIC_NOTICE = "research use only"
+JOURNAL_PREFIX = "manifest.part-"  # one per process and run; merged into manifest.csv when the run completes
 
 
 @dataclass
@@ -291,12 +296,23 @@ def png_info(row: dict) -> PngInfo:
     return info
 
 
-def _read_manifest(path: str, run: dict) -> dict[int, dict]:
-    """Rows already written in this folder, by index; refuses a folder made with other settings."""
-    if not os.path.exists(path):
-        return {}
+def _complete_rows(path: str) -> list[dict]:
+    """A manifest's rows, without a last line that lacks its newline: what a process killed mid-row leaves."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        text = f.read()
+    return list(csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])))
+
+
+def _journals(output_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(glob.escape(output_dir), JOURNAL_PREFIX + "*.csv")))
+
+
+def _read_manifest(output_dir: str, run: dict) -> dict[int, dict]:
+    """Rows already written in this folder, by index: manifest.csv and the journals of interrupted processes.
+    Refuses a folder made with other settings."""
+    manifest = os.path.join(output_dir, "manifest.csv")
+    paths = ([manifest] if os.path.exists(manifest) else []) + _journals(output_dir)
+    rows = [row for path in paths for row in _complete_rows(path)]
     for row in rows:
         clash = [k for k in run if row.get(k) != str(run[k])]
         if clash:
@@ -316,7 +332,8 @@ def write_grid(output_dir: str, rows: list[dict], info: PngInfo) -> str:
             pixels = (pixels.astype(np.uint32) >> 8).astype(np.uint8)
         images.append(Image.fromarray(pixels))
     path = os.path.join(output_dir, "grid.png")
-    image_grid(images).save(path, pnginfo=info)
+    with atomic_path(path) as temporary:
+        image_grid(images).save(temporary, pnginfo=info)
     return path
 
 
@@ -330,17 +347,37 @@ def _request(findings: list[str] | bool, labels_from: str | None) -> str:
     return UNCONDITIONED if findings is False else "findings=" + ("|".join(findings) or "No Finding")
 
 
+def _journal(output_dir: str, fields) -> tuple[csv.DictWriter, object]:
+    """A new row file of this process alone (a unique name: no process, of this run or an earlier one, shares it)."""
+    handle, _ = tempfile.mkstemp(prefix=JOURNAL_PREFIX, suffix=".csv", dir=output_dir)
+    f = open(handle, "w", newline="")
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    return writer, f
+
+
+def _remove_leftovers(output_dir: str) -> None:
+    """Journals, now merged into manifest.csv, and the temporaries atomic_path leaves when a process is killed
+    mid-write (hidden files that would still be read as images by a recursive image listing)."""
+    for path in _journals(output_dir) + glob.glob(os.path.join(glob.escape(output_dir), ".image_*.tmp.png")):
+        os.remove(path)
+
+
 def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS,
                 batch_size=16, start_index=0, bit_depth=8, model="", revision="", progress=True, findings=None,
                 labels_from=None, guidance_scale=None):
     """Write image_<index>.png for each image, manifest.csv and grid.png; returns the manifest rows.
 
-    Resumable: images already listed in the folder's manifest (and present) are skipped. Each PNG is written
-    to a temporary name and renamed, and its manifest row appended after, so an interrupted run never leaves a
-    half-written image that a resume would trust. A conditional model's manifest and PNGs also carry each image's
-    labels and the guidance scale.
+    Under `accelerate launch`, every process runs this with the same arguments and takes its own share of the
+    images still missing, in whole batches cut the same way whatever the process count (so the same files come
+    out of 1 process or 8); the main process alone writes manifest.csv and grid.png, once every image exists.
+    Resumable: images already listed in the folder's manifest or in a killed process's journal (and present) are
+    skipped. Each PNG is written to a temporary name and renamed, and its row appended to its process's journal
+    after, so an interrupted run never leaves a half-written image that a resume would trust. A conditional
+    model's manifest and PNGs also carry each image's labels and the guidance scale.
     """
     _check_output(output_dir, num_images, num_inference_steps, batch_size, start_index, scheduler, bit_depth)
+    state = process_state()
     wanted = range(start_index, start_index + num_images)
     labels = request_labels(pipe, wanted, seed, findings, labels_from)
     scale = resolve_guidance(pipe, guidance_scale)
@@ -352,16 +389,16 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
     if is_conditional(pipe):
         run.update(guidance_scale=scale, request=_request(findings is not None and labels[start_index], labels_from))
         fields = MANIFEST_FIELDS + CONDITIONAL_FIELDS
-    manifest = os.path.join(output_dir, "manifest.csv")
-    done = _read_manifest(manifest, run)
+    done = _read_manifest(output_dir, run)
     todo = [i for i in wanted if not (i in done and os.path.isfile(os.path.join(output_dir, done[i]["file"])))]
-    new_file = not os.path.exists(manifest)
-    with open(manifest, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new_file:
-            writer.writeheader()
-        for batch, images in iter_batches(pipe, todo, seed, scheduler, num_inference_steps, batch_size,
-                                          progress, labels, scale):
+    # Every process must have read the folder before any writes to it, or they would not agree on what is missing.
+    state.wait_for_everyone()
+    mine = [todo[j] for j in process_share(len(todo), batch_size, state)]
+    made = []
+    writer, f = _journal(output_dir, fields)
+    with f:
+        for batch, images in iter_batches(pipe, mine, seed, scheduler, num_inference_steps, batch_size,
+                                          progress and state.is_main_process, labels, scale):
             for index, image in zip(batch, images):
                 row = {"file": f"image_{index:06d}.png", "index": index,
                        "noise_seed": noise_seed(seed, index), **run}
@@ -371,23 +408,30 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
                 with atomic_path(path) as temporary:
                     to_png(image, bit_depth).save(temporary, format="PNG", pnginfo=png_info(row))
                 writer.writerow(row)
-                done[index] = {k: str(v) for k, v in row.items()}
-            f.flush()
-    # Rewrite the manifest whole: one row per image, sorted, with no duplicate left by a re-made image.
-    with atomic_path(manifest) as temporary, open(temporary, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(done[i] for i in sorted(done))
-    rows = [done[i] for i in wanted]
-    write_grid(output_dir, rows, png_info(run))
-    return rows
+                f.flush()  # the row of every renamed image reaches the file before the next image is made
+                made.append({k: str(v) for k, v in row.items()})
+    done.update((int(row["index"]), row) for row in gather_object(made))
+    if state.is_main_process:
+        # The manifest whole: one row per image, sorted, with no duplicate left by a re-made image.
+        with atomic_path(os.path.join(output_dir, "manifest.csv")) as temporary, \
+                open(temporary, "w", newline="") as out:
+            merged = csv.DictWriter(out, fieldnames=fields)
+            merged.writeheader()
+            merged.writerows(done[i] for i in sorted(done))
+        _remove_leftovers(output_dir)
+        write_grid(output_dir, [done[i] for i in wanted], png_info(run))
+    state.wait_for_everyone()  # no process returns before the folder is complete
+    return [done[i] for i in wanted]
 
 
 def sample_from_args(args: SamplingArguments) -> list[dict]:
-    """The CLI's work: check the arguments, load the model, write the images."""
+    """The CLI's work: check the arguments and the launch, load the model (on this process's device), write the
+    images."""
     _check_output(args.output_dir, args.num_images, args.num_inference_steps, args.batch_size, args.start_index,
                   args.scheduler, args.bit_depth)
-    pipe, revision = load_pipeline(args.model, args.revision, args.device, args.dtype)
+    state = process_state()
+    with state.main_process_first():  # a Hub model is downloaded once, then read from the cache by the others
+        pipe, revision = load_pipeline(args.model, args.revision, args.device or process_device(state), args.dtype)
     if pipe.device.type == "cpu":
         keep_freed_memory()
     kwargs = {k: v for k, v in asdict(args).items() if k not in ("model", "revision", "dtype", "device")}

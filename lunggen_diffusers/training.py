@@ -34,7 +34,7 @@ from .data.decode import stored_pixels
 from .data.transforms import augment, to_model_input
 from .lunggen_pipeline import LabelSpace, LungGenPipeline
 from .model import build_scheduler, build_unet
-from .runtime import keep_freed_memory, set_cpu_threads
+from .runtime import check_world_size, keep_freed_memory, set_cpu_threads
 from .sampling import DEFAULT_SCHEDULER, generate, make_scheduler
 from .summaries import RunSummary
 from .utils import image_grid
@@ -120,16 +120,6 @@ class LossMeter:
         if self.first is None or self.last[1] <= self.first[1]:
             return float("nan")
         return (self.last[1] - self.first[1]) * self.images_per_step / (self.last[0] - self.first[0])
-
-
-def check_world_size(accelerator: Accelerator) -> None:
-    """A launch where Accelerate and the launcher disagree runs N independent trainings over one output folder."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        raise RuntimeError(
-            f"the launcher started WORLD_SIZE={launched} processes but Accelerate sees {accelerator.num_processes}; "
-            "launch with `accelerate launch --num_processes N train.py` (or torchrun) so they agree"
-        )
 
 
 def build_accelerator(config: Config) -> Accelerator:

@@ -65,6 +65,28 @@ def test_top_matches_equals_brute_force_across_chunks():
     np.testing.assert_allclose(values, top4[:, :3], atol=1e-5)
 
 
+def test_equal_similarities_rank_by_key_index_whatever_the_chunks():
+    """The rule that lets processes split the keys: an exact tie goes to the lower index, in any chunking."""
+    rng = np.random.default_rng(1)
+    # Small integers: every product and sum is exact in float32, so copies tie exactly in any block shape (with
+    # random floats, the same dot product differs in the last bit between a 2-row and a 4-row block).
+    queries, distinct = rng.integers(-3, 4, (6, 4)).astype(np.float32), rng.integers(-3, 4, (5, 4)).astype(np.float32)
+    # Keys 3, 8 and 9 copy key 0, key 6 copies key 1, key 7 copies key 2.
+    keys = distinct[[0, 1, 2, 0, 3, 4, 1, 2, 0, 0]]
+    groups = ([0, 3, 8, 9], [1, 6], [2, 7])
+    found = []
+    for chunk_size in (1, 3, 4, 10):
+        _, top4 = top_matches(queries, keys, k=4, chunk_size=chunk_size)
+        _, top1 = top_matches(queries, keys, k=1, chunk_size=chunk_size)
+        for row in top4:
+            for group in groups:  # tied keys that made the cut come lowest index first
+                picked = [j for j in row if j in group]
+                assert picked == group[:len(picked)], (chunk_size, row)
+        assert set(top1[:, 0]) <= {0, 1, 2, 4, 5}, chunk_size  # the first copy of each distinct key
+        found.append(top4)
+    assert all(np.array_equal(f, found[0]) for f in found)
+
+
 def test_ncc_ignores_gain_offset_and_shifts_within_range():
     key = phantom_array(1, 5).astype(np.float32) / 255
     keys = np.concatenate([pixel_features(phantom_array(20, 6), SIZE), key.reshape(1, -1)])

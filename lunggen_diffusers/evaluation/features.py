@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from ..runtime import process_share, process_state
 from ..utils import atomic_path, stable_hash
 from .images import ImageSource, cache_root
 
@@ -124,23 +126,39 @@ def get_extractor(name: str, model_name_or_path: str | None = None, device: str 
 
 def extract(source: ImageSource, extractors: dict[str, Extractor], image_size: int, batch_size: int = 64,
             cache_dir: str | None = None) -> dict[str, np.ndarray]:
-    """Features of every image in `source` for each extractor, read from the cache or computed in one pass."""
+    """Features of every image in `source` for each extractor, read from the cache or computed in one pass.
+
+    Under `accelerate launch` each process embeds its own share, in the batches one process would form (so each
+    image's features come out the same), and every process gets the whole array back; the main process alone
+    writes the cache."""
+    state = process_state()
     root = cache_root(cache_dir)
     paths = {key: root / f"{stable_hash([source.fingerprint, ex.identity, image_size])}.npy"
              for key, ex in extractors.items()}
-    result = {key: np.load(path) for key, path in paths.items() if path.exists()}
+    # A hit must be every process's: with per-machine caches, a process that skipped the pass while the others
+    # ran it would leave them waiting for its share.
+    found = gather_object([sorted(key for key, path in paths.items() if path.exists())])
+    result = {key: np.load(paths[key]) for key in set.intersection(*map(set, found))}
     todo = [key for key in extractors if key not in result]
     if not todo:
         return result
+    share = process_share(len(source), batch_size, state)
     parts = {key: [] for key in todo}
-    total = (len(source) + batch_size - 1) // batch_size
-    batches = source.batches(image_size, batch_size)
-    for batch in tqdm(batches, total=total, desc=f"features {source.spec}", unit="batch"):
+    batches = source.batches(image_size, batch_size, share)
+    total = (len(share) + batch_size - 1) // batch_size
+    for batch in tqdm(batches, total=total, desc=f"features {source.spec}", unit="batch",
+                      disable=not state.is_main_process):
         for key in todo:
             parts[key].append(np.asarray(extractors[key].embed(batch), dtype=np.float32))
-    root.mkdir(parents=True, exist_ok=True)
+    mine = {key: np.concatenate(parts[key]) for key in todo if parts[key]}
+    shares = gather_object([mine])  # in process order, which is row order: shares are consecutive
     for key in todo:
-        result[key] = np.concatenate(parts[key])
-        with atomic_path(paths[key]) as temporary:  # an interrupted run never leaves a truncated cache entry
-            np.save(temporary, result[key])
+        result[key] = np.concatenate([part[key] for part in shares if key in part])
+    if state.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        for key in todo:
+            with atomic_path(paths[key]) as temporary:  # an interrupted run never leaves a truncated cache entry
+                np.save(temporary, result[key])
+    # The next extract() call may look up the same entry (two specs of one folder): every process should find it.
+    state.wait_for_everyone()
     return result

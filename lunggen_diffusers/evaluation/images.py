@@ -67,9 +67,11 @@ class ImageSource:
                 out.append(to_eval_image(image, size))
         return np.stack(out)
 
-    def batches(self, size: int, batch_size: int) -> Iterator[np.ndarray]:
-        for start in range(0, len(self), batch_size):
-            yield self.read(range(start, min(start + batch_size, len(self))), size)
+    def batches(self, size: int, batch_size: int, rows: range | None = None) -> Iterator[np.ndarray]:
+        """`rows` (default: all) in consecutive batches of `batch_size` images."""
+        rows = range(len(self)) if rows is None else rows
+        for start in range(rows.start, rows.stop, batch_size):
+            yield self.read(range(start, min(start + batch_size, rows.stop)), size)
 
 
 def _folder_source(spec: str, root: Path) -> ImageSource:

@@ -21,11 +21,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
+
+from ..runtime import process_share, process_state
+
+
+def _chunk_top(similarities: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row, ties in column order: max returns the first maximum (the audit's k=1
+    path, as fast as topk); for k > 1 a stable sort, since topk breaks ties in no documented order."""
+    if k == 1:
+        v, i = similarities.max(dim=1, keepdim=True)
+        return v, i
+    v, i = similarities.sort(dim=1, descending=True, stable=True)
+    return v[:, :k], i[:, :k]
 
 
 def top_matches(queries, keys, k: int = 1, chunk_size: int = 4096,
                 device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """The k largest dot products of each query row with the key rows: (values (Q, k), key indices (Q, k)).
+    """The k largest dot products of each query row with the key rows: (values (Q, k), key indices (Q, k)); equal
+    values are ranked by key index, lowest first, so any split of the keys gives the same answer.
 
     Both sets are moved to `device` once; keys are streamed in chunks with a running top-k, so no similarity
     block larger than chunk_size x chunk_size exists at any time. Rows should already be normalised (unit norm
@@ -41,12 +55,39 @@ def top_matches(queries, keys, k: int = 1, chunk_size: int = 4096,
         best_v = torch.empty((len(q), 0), device=device)
         best_i = torch.empty((len(q), 0), dtype=torch.long, device=device)
         for k0 in range(0, len(keys), chunk_size):
-            v, i = (q @ keys[k0:k0 + chunk_size].T).topk(min(k, len(keys) - k0), dim=1)
-            best_v, order = torch.cat([best_v, v], 1).topk(min(k, best_v.shape[1] + v.shape[1]), dim=1)
+            v, i = _chunk_top(q @ keys[k0:k0 + chunk_size].T, min(k, len(keys) - k0))
+            # The running best holds lower key indices than this chunk, so a stable sort keeps the index order.
+            best_v, order = torch.cat([best_v, v], 1).sort(dim=1, descending=True, stable=True)
+            best_v, order = best_v[:, :k], order[:, :k]
             best_i = torch.cat([best_i, i + k0], 1).gather(1, order)
         values.append(best_v.cpu().numpy())
         indices.append(best_i.cpu().numpy())
     return np.concatenate(values), np.concatenate(indices)
+
+
+def _keep_better(best, where, values, indices) -> None:
+    """Update the running best (value, index) per query in place: a higher value wins, an equal one the lower
+    index. One rule for shifts and for processes, so neither the shift order nor the split decides a tie."""
+    better = (values > best) | ((values == best) & (indices < where))
+    best[better], where[better] = values[better], indices[better]
+
+
+def sharded_search(search, queries: np.ndarray, keys: np.ndarray, chunk_size: int = 4096,
+                   **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """`search(queries, keys, chunk_size=..., **kwargs)` with the keys split over the launched processes, in
+    whole chunks, and the per-process winners gathered and merged: every process forms exactly the chunk products
+    one process would, and the merge keeps the same tie rule, so the result is that of one process, bit for bit.
+    Every process gets the merged result."""
+    state = process_state()
+    share = process_share(len(keys), chunk_size, state)
+    part = []
+    if share:
+        values, indices = search(queries, keys[share.start:share.stop], chunk_size=chunk_size, **kwargs)
+        part = [(values, indices + share.start)]
+    best, where = np.full(len(queries), -np.inf, np.float32), np.zeros(len(queries), np.int64)
+    for values, indices in gather_object(part):
+        _keep_better(best, where, values, indices)
+    return best, where
 
 
 def _unit(x: torch.Tensor, centre: bool) -> torch.Tensor:
@@ -80,9 +121,9 @@ def ncc_search(queries: np.ndarray, keys: np.ndarray, max_shift: int = 2, chunk_
         for dx in range(2 * m + 1):
             crops = q_img[:, 0, dy:dy + inner, dx:dx + inner].reshape(len(queries), n)
             v, i = top_matches(crops, key_rows, 1, chunk_size, device)
-            v = v[:, 0] / norm[:, dy, dx].numpy()
-            better = v > best
-            best[better], where[better] = v[better], i[better, 0]
+            # Compared in float32, as stored: a float64 candidate against a float32 best could rank two values
+            # that round alike differently depending on which came first.
+            _keep_better(best, where, (v[:, 0] / norm[:, dy, dx].numpy()).astype(np.float32), i[:, 0])
     return best, where
 
 
@@ -126,15 +167,17 @@ class Audit:
 def audit(gen_pixels, gen_features, null_pixels, null_features, train_pixels, train_features, percentile=99.9,
           max_shift: int = 2, chunk_size: int = 4096, device: str = "cpu") -> Audit:
     """Nearest training image of every generated and every held-out image on both similarities; thresholds are
-    the held-out (null) similarities' `percentile`."""
+    the held-out (null) similarities' `percentile`. Under `accelerate launch` each process searches its share of
+    the training set (sharded_search); every process returns the same Audit."""
     if not 0 < percentile < 100:
         raise ValueError(f"percentile must lie strictly between 0 and 100, got {percentile}")
     if len(null_pixels) < 2:
         raise ValueError(f"the null needs at least 2 held-out real images, got {len(null_pixels)}")
-    gen_ncc, gen_ncc_index = ncc_search(gen_pixels, train_pixels, max_shift, chunk_size, device)
-    null_ncc, _ = ncc_search(null_pixels, train_pixels, max_shift, chunk_size, device)
-    gen_cos, gen_cos_index = cosine_search(gen_features, train_features, chunk_size, device)
-    null_cos, _ = cosine_search(null_features, train_features, chunk_size, device)
+    ncc = {"max_shift": max_shift, "device": device}
+    gen_ncc, gen_ncc_index = sharded_search(ncc_search, gen_pixels, train_pixels, chunk_size, **ncc)
+    null_ncc, _ = sharded_search(ncc_search, null_pixels, train_pixels, chunk_size, **ncc)
+    gen_cos, gen_cos_index = sharded_search(cosine_search, gen_features, train_features, chunk_size, device=device)
+    null_cos, _ = sharded_search(cosine_search, null_features, train_features, chunk_size, device=device)
     return Audit(gen_ncc, gen_ncc_index, gen_cos, gen_cos_index, null_ncc, null_cos,
                  float(np.percentile(null_ncc, percentile)), float(np.percentile(null_cos, percentile)), percentile)
 

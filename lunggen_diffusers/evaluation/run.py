@@ -10,7 +10,7 @@ from typing import Literal
 import numpy as np
 
 from .. import __version__
-from ..utils import pick_device
+from ..runtime import process_device, process_state
 from .features import DEFAULT_FEATURE_MODEL, extract, get_extractor
 from .images import ImageSource, load_source
 from .memorization import audit, matched_patients
@@ -40,6 +40,9 @@ class EvaluationArguments:
     top_k: int = field(default=16, metadata={"help": "Closest generated/training pairs shown in nearest_pairs.png."})
     audit_size: int = field(default=64, metadata={"help": "Side of the downsampled images the pixel NCC compares."})
     max_shift: int = field(default=2, metadata={"help": "NCC is maximised over shifts up to this many audit pixels."})
+    chunk_size: int = field(default=4096, metadata={
+        "help": "Rows per block of the audit's similarity products: device memory is chunk_size^2 floats; processes "
+                "split the training set in whole blocks."})
     diversity_pairs: int = field(default=500, metadata={"help": "Random image pairs for the MS-SSIM diversity."})
     kid_subsets: int = field(default=100, metadata={"help": "Random subsets averaged by KID."})
     kid_subset_size: int = field(default=1000, metadata={"help": "Rows per KID subset (capped by the set sizes)."})
@@ -50,7 +53,8 @@ class EvaluationArguments:
 
 
 def _check(args: EvaluationArguments) -> None:
-    positive = ("image_size", "batch_size", "k", "audit_size", "diversity_pairs", "kid_subsets", "kid_subset_size")
+    positive = ("image_size", "batch_size", "k", "audit_size", "chunk_size", "diversity_pairs", "kid_subsets",
+                "kid_subset_size")
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -103,15 +107,20 @@ def _check_disjoint(real: ImageSource, train: ImageSource) -> None:
                              "patients (use a patient-wise split)")
 
 
-def run_evaluation(args: EvaluationArguments) -> dict:
-    """Evaluate and write `output_dir/{metrics.json, report.md, nearest_pairs.png, memorized_patients.csv}`."""
+def run_evaluation(args: EvaluationArguments) -> dict | None:
+    """Evaluate and write `output_dir/{metrics.json, report.md, nearest_pairs.png, memorized_patients.csv}`.
+
+    Under `accelerate launch` every process embeds its share of each image set and searches its share of the
+    training set; the main process alone scores, writes and returns the report (the others return None)."""
     _check(args)
-    device = str(pick_device(args.device))
+    state = process_state()
+    device = args.device or process_device(state)
     real, fake = load_source(args.real), load_source(args.fake)
     train = load_source(args.train) if args.train else None
     if train is not None:
         _check_disjoint(real, train)
-    extractor = get_extractor(args.features, args.feature_model, device, args.batch_size)
+    with state.main_process_first():  # a Hub encoder is downloaded once, then read from the cache by the others
+        extractor = get_extractor(args.features, args.feature_model, device, args.batch_size)
     wanted = {"features": extractor}
     if train is not None:
         wanted["pixels"] = get_extractor("pixels", pixel_size=args.audit_size)
@@ -121,6 +130,12 @@ def run_evaluation(args: EvaluationArguments) -> dict:
     if min(len(real_f), len(fake_f)) < 2 * (args.k + 1):
         raise ValueError(f"need at least {2 * (args.k + 1)} real and generated images for k={args.k}, got "
                          f"{len(real_f)} real and {len(fake_f)} generated")
+    result = None
+    if train is not None:
+        result = audit(embed["fake"]["pixels"], fake_f, embed["real"]["pixels"], real_f, embed["train"]["pixels"],
+                       embed["train"]["features"], args.null_percentile, args.max_shift, args.chunk_size, device)
+    if not state.is_main_process:
+        return None
 
     half_a, half_b = split_halves(len(real), real.patient_ids, args.seed)
     same_size = np.sort(np.random.default_rng(args.seed).choice(len(fake_f), min(len(half_b), len(fake_f)), False))
@@ -137,10 +152,8 @@ def run_evaluation(args: EvaluationArguments) -> dict:
     }
     counts = {"real": len(real), "fake": len(fake), "train": len(train) if train else 0,
               "real_half_a": len(half_a), "real_half_b": len(half_b)}
-    result, patients, pairs = None, None, None
-    if train is not None:
-        result = audit(embed["fake"]["pixels"], fake_f, embed["real"]["pixels"], real_f, embed["train"]["pixels"],
-                       embed["train"]["features"], args.null_percentile, args.max_shift, device=device)
+    patients, pairs = None, None
+    if result is not None:
         ids = train.patient_ids or [f"image-{i}" for i in range(len(train))]
         patients = matched_patients(result, ids)
         if train.patient_ids is None:
