@@ -509,7 +509,7 @@ def test_a_cache_or_dataset_of_another_format_version_is_never_read_as_this_one(
         monkeypatch.setattr(nih, "FORMAT_VERSION", version)
         calls[:] = []
         build.build_dataset(config)
-        assert len(calls) == 166  # the raw-folder cache of the other version is not reused
+        assert len(calls) == 166 - 2  # all decoded again (two stand-ins never open): no other version's cache
         calls[:] = []
         if version == 1:
             prepare_cli.main(_prepare_args(nih_dir, out))
