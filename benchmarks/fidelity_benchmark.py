@@ -48,7 +48,7 @@ from lunggen_diffusers.sampling import (  # noqa: E402
     load_pipeline,
     model_label,
 )
-from lunggen_diffusers.utils import atomic_path, atomic_write_text, image_grid, markdown_table, write_json  # noqa: E402
+from lunggen_diffusers.utils import atomic_path, atomic_write_text, markdown_table, write_json  # noqa: E402
 
 NO_FINDING = "No Finding"
 REQUESTS = {NO_FINDING: [], **{f: [f] for f in FINDINGS}}
@@ -100,8 +100,9 @@ def _check(args: FidelityArguments, pipe) -> None:
     unknown = sorted({normalize(f) for f in pipe.labels.findings} - {normalize(f) for f in FINDINGS})
     if unknown:
         raise ValueError(f"--model knows findings {unknown} the phantom does not draw; accepted: {', '.join(FINDINGS)}")
-    if not args.guidance_scales or min(args.guidance_scales) < 1:
-        raise ValueError(f"--guidance_scales must be >= 1 (1 = no guidance), got {args.guidance_scales}")
+    if not args.guidance_scales or min(args.guidance_scales) < 1 or 1.0 not in args.guidance_scales:
+        raise ValueError(f"--guidance_scales must be >= 1 and include 1 (no guidance: the cost baseline), "
+                         f"got {args.guidance_scales}")
     for name in ("num_images", "num_reference", "batch_size", "num_inference_steps"):
         if getattr(args, name) < 2:
             raise ValueError(f"--{name} must be >= 2, got {getattr(args, name)}")
@@ -140,10 +141,10 @@ def benchmark(args: FidelityArguments) -> dict:
                      "fd": fd(images), "ms_per_image": 1000 * seconds / (args.num_images * len(REQUESTS))})
         grids[scale] = np.concatenate([x[:GRID_COLUMNS].transpose(1, 0, 2).reshape(resolution, -1)
                                        for x in images.values()])
-    base = next((r for r in rows if r["guidance_scale"] == 1.0), None)
+    base = next(r for r in rows if r["guidance_scale"] == 1.0)
     for row in rows:
-        row["cost_ratio"] = row["ms_per_image"] / base["ms_per_image"] if base else float("nan")
-        row["shortfall"] = _shortfall(row, bounds) if base else float("nan")
+        row["cost_ratio"] = row["ms_per_image"] / base["ms_per_image"]
+        row["shortfall"] = _shortfall(row, bounds)
     meeting = [r for r in rows if r["shortfall"] == 0]
     best = min(meeting, key=lambda r: r["guidance_scale"]) if meeting else min(rows, key=lambda r: r["shortfall"])
     result = {"settings": {**{k: v for k, v in asdict(args).items() if k != "output_dir"},
@@ -169,7 +170,7 @@ def _write_grid(path: str, pixels: np.ndarray, result: dict) -> None:
     info.add_text("synthetic", SYNTHETIC_NOTICE)
     info.add_text("guidance_scale", str(result["recommended_guidance_scale"]))
     with atomic_path(path) as temporary:
-        image_grid([Image.fromarray(pixels)]).save(temporary, pnginfo=info)
+        Image.fromarray(pixels).save(temporary, pnginfo=info)
 
 
 def table(result: dict) -> str:

@@ -86,7 +86,7 @@ class _Net(nn.Module):
 
 def _to_input(images, resolution: int) -> torch.Tensor:
     """uint8 (N, H, W), or float in [0, 1] -> float32 (N, 1, resolution, resolution) in [-1, 1], antialiased."""
-    x = torch.as_tensor(np.asarray(images))
+    x = torch.as_tensor(np.ascontiguousarray(images))  # a mirrored view has negative strides
     if x.ndim != 3:
         raise ValueError(f"expected images shaped (N, H, W), got {tuple(x.shape)}")
     x = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float())[:, None]
