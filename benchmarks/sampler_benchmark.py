@@ -123,7 +123,7 @@ def benchmark(args: BenchmarkArguments) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print(f"{'':<38}|{'pixels':^39}|{'phantom classifier features':^39}")
+    print(f"{'':<39}|{'pixels':^39}|{'phantom classifier features':^39}")
     print(f"{'sampler':<12} {'steps':>5} {'ms/image':>9} {'speed-up':>9} |" +
           f" {'FD':>8} {'FD/ddpm':>7} {'prec':>4} {'rec':>4} {'dens':>4} {'cov':>4} |" * 2)
     for r in result["rows"]:
