@@ -22,7 +22,7 @@ from ..runtime import process_share, process_state
 from ..utils import atomic_path, stable_hash
 from .images import ImageSource, cache_root
 
-EXTRACTORS = ("pixels", "raddino", "inception")
+EXTRACTORS = ("pixels", "raddino", "inception", "phantom")
 DEFAULT_FEATURE_MODEL = "microsoft/rad-dino"
 INCEPTION_INSTALL = "pip install torch-fidelity"
 
@@ -113,7 +113,8 @@ def _inception(weights_path: str | None, device: str, batch_size: int) -> Extrac
 def get_extractor(name: str, model_name_or_path: str | None = None, device: str = "cpu", batch_size: int = 32,
                   pixel_size: int = 16) -> Extractor:
     """`pixels` (offline, always available), `raddino` (any transformers image encoder, default microsoft/rad-dino;
-    local path or Hub id) or `inception` (optional extra; `model_name_or_path` may name a local weights file)."""
+    local path or Hub id), `inception` (optional extra; `model_name_or_path` may name a local weights file) or
+    `phantom` (the phantom classifier's penultimate layer: the built-in phantom only)."""
     if name == "pixels":
         return _pixels(pixel_size)
     if name == "raddino":
@@ -121,6 +122,11 @@ def get_extractor(name: str, model_name_or_path: str | None = None, device: str 
     if name == "inception":
         local = model_name_or_path if model_name_or_path and Path(model_name_or_path).is_file() else None
         return _inception(local, device, batch_size)
+    if name == "phantom":  # imported here: the classifier trains on first use, and only phantom runs need it
+        from .phantom_classifier import load_classifier
+
+        classifier = load_classifier(device=device)
+        return Extractor("phantom", classifier.identity, classifier.description, classifier.features)
     raise ValueError(f"unknown feature extractor {name!r}; accepted: {', '.join(EXTRACTORS)}")
 
 

@@ -1,0 +1,206 @@
+"""A small CNN that reads the phantom's truth back from an image: its four findings and which side the heart is on.
+
+A measuring instrument, not a shipped model: it turns "does the generated image show what was asked for" into
+numbers, and its penultimate layer is a feature space that sees the phantom's anatomy (Fréchet distance and PRDC
+there rank samplers and guidance scales by what matters, where pixels reward smooth averages). It is trained on
+phantoms from a seed no generator ever trains on, once per setting, and cached under the feature cache root.
+
+Outputs, in order: one probability per finding (`FINDINGS`), then the probability that the heart is on the image's
+right (the radiological convention every real PA film and every phantom follows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.phantom import FINDINGS, MAX_RESOLUTION, MIN_RESOLUTION, phantom_dataset
+from ..utils import atomic_path, stable_hash
+from .images import cache_root
+
+HEART_RIGHT = "heart_on_right"
+OUTPUTS = (*FINDINGS, HEART_RIGHT)
+# The demo generator trains on phantom seed 0 and the sampler benchmark holds out seed 12345; this seed is neither,
+# so the instrument never saw an image any generator learnt from or is compared against.
+CLASSIFIER_SEED = 7_340_033
+VERSION = 1  # bump when the architecture or the training recipe changes: old cache entries must miss
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    resolution: int = 64
+    num_train: int = 1000
+    num_test: int = 300
+    steps: int = 300
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    width: int = 8
+    feature_dim: int = 32
+    # 0.5 per finding: each finding present in half the images, so every output is trained on balanced classes.
+    finding_prob: float = 0.5
+    seed: int = CLASSIFIER_SEED
+
+    def __post_init__(self):
+        if self.resolution not in range(MIN_RESOLUTION, MAX_RESOLUTION + 1):
+            raise ValueError(f"resolution must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}], got {self.resolution!r}")
+        for name in ("steps", "batch_size", "width", "feature_dim", "num_test"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_train < self.batch_size:
+            raise ValueError(f"num_train must be >= batch_size ({self.batch_size}), got {self.num_train!r}")
+
+    def key(self) -> str:
+        return stable_hash({"version": VERSION, **dataclasses.asdict(self)})
+
+
+class _Net(nn.Module):
+    """Strided convs down to a 4x4 map that is flattened, not pooled: where the heart sits is the laterality label,
+    and global pooling would discard it. The first kernel is 5 wide so a 2-3 px nodule (at 64 px) falls inside
+    one whole kernel before the first stride-2 subsampling."""
+
+    def __init__(self, width: int, feature_dim: int):
+        super().__init__()
+        w = width
+        self.convs = nn.Sequential(
+            nn.Conv2d(1, w, 5, stride=2, padding=2), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(4 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU(),
+        )
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, feature_dim), nn.ReLU())
+        self.head = nn.Linear(feature_dim, len(OUTPUTS))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(F.adaptive_avg_pool2d(self.convs(x), 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _to_input(images, resolution: int) -> torch.Tensor:
+    """uint8 (N, H, W), or float in [0, 1] -> float32 (N, 1, resolution, resolution) in [-1, 1], antialiased."""
+    x = torch.as_tensor(np.ascontiguousarray(images))  # a mirrored view has negative strides
+    if x.ndim != 3:
+        raise ValueError(f"expected images shaped (N, H, W), got {tuple(x.shape)}")
+    x = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float())[:, None]
+    if x.shape[-2:] != (resolution, resolution):
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    return x * 2 - 1
+
+
+def _phantom_set(settings: ClassifierSettings, num_images: int, start_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """`num_images` phantoms, then the same phantoms mirrored and labelled "heart on the left"; (2n, H, W), (2n, 5).
+
+    Mirroring is allowed here only because it is the explicit label of an evaluation instrument: the generator's
+    training data are never flipped (a flipped chest teaches the wrong anatomy). Each phantom beside its own
+    mirror makes laterality the only thing that tells the two classes apart."""
+    data = phantom_dataset(num_images, settings.resolution, settings.seed, settings.finding_prob, start_index)
+    images = np.stack([np.asarray(image) for image in data["image"]])
+    labels = np.stack([np.asarray(data[f], np.float32) for f in FINDINGS] + [np.ones(num_images, np.float32)], 1)
+    mirrored = labels.copy()
+    mirrored[:, -1] = 0.0
+    return np.concatenate([images, images[:, :, ::-1]]), np.concatenate([labels, mirrored])
+
+
+def held_out_report(classifier: PhantomClassifier, images: np.ndarray, labels: np.ndarray) -> dict:
+    """Accuracy per output at 0.5, and per finding the false-positive rate on the images without it; findings are
+    scored on the upright images only (the generator's world), laterality on upright and mirrored alike."""
+    predicted = classifier.predict(images) >= 0.5
+    truth = labels >= 0.5
+    upright = truth[:, -1]
+    report = {"num_images": int(len(images)), "laterality_accuracy": float((predicted[:, -1] == truth[:, -1]).mean())}
+    for i, finding in enumerate(FINDINGS):
+        hit, want = predicted[upright, i], truth[upright, i]
+        report[finding] = {"accuracy": float((hit == want).mean()),
+                           "sensitivity": float(hit[want].mean()) if want.any() else float("nan"),
+                           "false_positive_rate": float(hit[~want].mean()) if (~want).any() else float("nan"),
+                           "negatives": int((~want).sum())}
+    return report
+
+
+class PhantomClassifier:
+    """A trained network, its settings and its held-out report; inference only."""
+
+    def __init__(self, net: _Net, settings: ClassifierSettings, report: dict, device: str = "cpu",
+                 batch_size: int = 256):
+        self.net, self.settings, self.report = net.to(device).eval(), settings, report
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.identity = f"phantom-classifier-v{VERSION}:{settings.key()}"
+        self.description = (f"phantom: {settings.feature_dim}-d penultimate layer of a CNN trained to read the "
+                            f"phantom's findings and laterality ({settings.resolution} px, seed {settings.seed}, "
+                            f"{settings.num_train} images, {settings.steps} steps)")
+
+    @torch.inference_mode()
+    def _run(self, images, layer) -> np.ndarray:
+        x = _to_input(images, self.settings.resolution)
+        out = [layer(x[s:s + self.batch_size].to(self.device)).float().cpu() for s in range(0, len(x), self.batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.settings.feature_dim), np.float32)
+
+    def features(self, images) -> np.ndarray:
+        """float32 (N, feature_dim): the penultimate layer."""
+        return self._run(images, self.net.features)
+
+    def predict(self, images) -> np.ndarray:
+        """float32 (N, 5) probabilities: each of FINDINGS, then the heart on the image's right."""
+        return self._run(images, lambda x: torch.sigmoid(self.net(x)))
+
+
+def train_classifier(settings: ClassifierSettings, progress: bool = True) -> tuple[_Net, dict]:
+    """Train on CPU in fp32 from fixed seeds (the same network on every run on one machine); returns the network
+    and its held-out report on phantoms after the training images in the same seed."""
+    with torch.random.fork_rng(devices=[]):  # fixed initialisation without moving the caller's global RNG
+        torch.manual_seed(settings.seed)
+        net = _Net(settings.width, settings.feature_dim)
+    images, labels = _phantom_set(settings, settings.num_train, 0)
+    x, y = _to_input(images, settings.resolution), torch.from_numpy(labels)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.learning_rate, total_steps=settings.steps)
+    rng, size = np.random.default_rng(settings.seed), settings.batch_size
+    per_epoch = len(x) // size  # whole batches only, each epoch a fresh permutation
+    order = np.concatenate([rng.permutation(len(x))[:per_epoch * size]
+                            for _ in range(-(-settings.steps // per_epoch))])
+    net.train()
+    for step in tqdm(range(settings.steps), desc="phantom classifier", unit="step", disable=not progress):
+        batch = torch.from_numpy(order[step * size:(step + 1) * size])
+        loss = F.binary_cross_entropy_with_logits(net(x[batch]), y[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    net.eval()
+    test_images, test_labels = _phantom_set(settings, settings.num_test, settings.num_train)
+    report = held_out_report(PhantomClassifier(net, settings, {}), test_images, test_labels)
+    return net, report
+
+
+def classifier_path(settings: ClassifierSettings, cache_dir: str | None = None) -> Path:
+    return cache_root(cache_dir) / f"phantom-classifier-{settings.key()}.pt"
+
+
+def load_classifier(settings: ClassifierSettings | None = None, cache_dir: str | None = None, device: str = "cpu",
+                    progress: bool = True) -> PhantomClassifier:
+    """The classifier for `settings`, from the cache or trained now (about a minute on 2 CPU cores) and cached."""
+    settings = settings or ClassifierSettings()
+    path = classifier_path(settings, cache_dir)
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        net = _Net(settings.width, settings.feature_dim)
+        net.load_state_dict(saved["state_dict"])
+        return PhantomClassifier(net, settings, saved["report"], device)
+    net, report = train_classifier(settings, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temporary:  # a run killed mid-write never leaves a classifier that loads half-trained
+        torch.save({"state_dict": net.state_dict(), "report": report}, temporary)
+    return PhantomClassifier(net, settings, report, device)
+
+
+def predict(images, classifier: PhantomClassifier | None = None) -> np.ndarray:
+    """Probabilities (N, 5) of OUTPUTS for uint8 (N, H, W) images; the default classifier unless one is given."""
+    return (classifier or load_classifier()).predict(images)
