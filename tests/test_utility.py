@@ -255,7 +255,7 @@ def test_unconditioned_synthetic_images(real_folder, tmp_path, capsys):
 
 
 def test_synthetic_label_the_real_data_lacks(real_folder, tmp_path, capsys):
-    synth = _synthetic(tmp_path / "s", n=6, rename=lambda name: "Hernia" if name == "nodule" else name)
+    synth = _synthetic(tmp_path / "s", n=20, rename=lambda name: "Hernia" if name == "nodule" else name)
     message = _error(capsys, _argv(real_folder, synth, tmp_path))
     assert "'Hernia'" in message and "cardiomegaly" in message
 
