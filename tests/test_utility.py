@@ -87,6 +87,7 @@ def test_auroc_rank_formula_with_ties():
     assert auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
     # A positive tied with both negatives counts half for each: (0.5 + 0.5 + 1 + 1) / 4.
     assert auroc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.9]) == pytest.approx(0.75)
+    assert auroc([1, 0], [0.5, 0.5]) == pytest.approx(0.5)  # one tied pair: half, whatever the sort order
     assert auroc([1, 1, 0], [0.2, 0.3, 0.9]) == pytest.approx(0.0)
     assert np.isnan(auroc([1, 1], [0.2, 0.3]))
 
