@@ -1,0 +1,28 @@
+"""python -m lunggen_diffusers.utility --real phantom --synthetic synth-labeled/ --output_dir utility/"""
+
+from __future__ import annotations
+
+from transformers import HfArgumentParser
+
+from ..cli import run
+from .run import UtilityArguments, run_utility
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(UtilityArguments).parse_args_into_dataclasses(args=argv)
+    return run(lambda: _report(args))
+
+
+def _report(args: UtilityArguments) -> dict:
+    result = run_utility(args)
+    if result:
+        ratio = result.get("tstr_trtr_ratio")
+        macro = {name: r["macro"]["auroc"] for name, r in result["regimes"].items()}
+        print("macro AUROC on the real test split: " + ", ".join(f"{k} {v:.3f}" for k, v in macro.items())
+              + (f"; TSTR/TRTR {ratio['value']:.3f}" if ratio else ""))
+        print(f"report written to {args.output_dir}/report.md")
+    return result
+
+
+if __name__ == "__main__":
+    main()
