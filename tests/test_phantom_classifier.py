@@ -108,3 +108,13 @@ def test_bad_settings_are_refused(change, message):
 def test_images_must_be_a_stack():
     with pytest.raises(ValueError, match=r"\(N, H, W\)"):
         pc._to_input(np.zeros((32, 32), np.uint8), 32)
+
+
+def test_the_evaluate_command_accepts_phantom_features():
+    from transformers import HfArgumentParser
+
+    from lunggen_diffusers.evaluation.run import EvaluationArguments
+
+    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(
+        ["--real", "real/", "--fake", "fake/", "--features", "phantom"])
+    assert args.features == "phantom"

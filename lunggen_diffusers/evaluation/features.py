@@ -1,4 +1,4 @@
-"""Feature extractors (a registry: `pixels`, `raddino`, `inception`) and a per-source feature cache.
+"""Feature extractors (a registry: `pixels`, `raddino`, `inception`, `phantom`) and a per-source feature cache.
 
 Every extractor takes the same input, uint8 grayscale images (N, H, W) at the evaluation size, and returns float32
 (N, D). Features are cached on disk keyed by the source's fingerprint, the extractor's identity and the image size,

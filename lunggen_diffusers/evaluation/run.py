@@ -27,7 +27,7 @@ class EvaluationArguments:
     train: str | None = field(default=None, metadata={"help": "Training images for the memorization audit "
                                                               "(PATH[:SPLIT]); no audit without it."})
     output_dir: str = field(default="eval", metadata={"help": "Where metrics.json, report.md and images go."})
-    features: Literal["raddino", "pixels", "inception"] = field(
+    features: Literal["raddino", "pixels", "inception", "phantom"] = field(
         default="raddino", metadata={"help": "Feature extractor for FD, KID, PRDC and the feature similarity."})
     feature_model: str = field(default=DEFAULT_FEATURE_MODEL, metadata={
         "help": "raddino: Hub id or local folder of a transformers image encoder; inception: optional local "
