@@ -173,7 +173,8 @@ class Config:
 _PARTS = (DataConfig, ModelConfig, TrainingConfig, HubConfig)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Built-in phantom, 64 px, a small UNet: recognisable chest-like samples in about 10 minutes on 2 CPU cores.
+    # Built-in phantom, 64 px, a small UNet: recognisable chest-like samples in minutes on 2 CPU cores (times per CPU
+    # in the README).
     "demo": {
         "resolution": 64,
         "num_phantom_images": 2000,

@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 from lunggen_diffusers.config import from_dict
 
@@ -40,3 +41,14 @@ def tiny_config(tmp_path):
         return from_dict({**TINY, "output_dir": str(tmp_path / "out"), **overrides})
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny models gain nothing from threads (on a busy CPU OpenMP's threads wait on
+    each other), and launched test processes run one thread each (OMP_NUM_THREADS=1), so a reference computed here
+    runs the same kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,7 +10,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from lunggen_diffusers import sampling
@@ -45,13 +44,7 @@ Path(report, "rank" + rank + ".json").write_text(json.dumps(placed))
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The launched processes run one thread each (OMP_NUM_THREADS=1); the reference here runs the same kernels.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def launch(tmp_path, module, *argv, **env):

@@ -28,3 +28,16 @@ def test_requirements_pin_the_cpu_torch_and_install_the_project():
     lines = (REPO / "requirements.txt").read_text().splitlines()
     assert "torch==2.13.0" in lines and "-e ." in lines
     assert not any(line.startswith("torchvision") for line in lines)
+
+
+@pytest.mark.parametrize("name, target, argv", [
+    (name, target, ["card", "--help"] if name == "lunggen-hub" else ["--help"])
+    for name, target in sorted(PYPROJECT["project"]["scripts"].items())
+])
+def test_every_console_command_prints_its_help(name, target, argv, capsys):
+    # argparse expands "%" in help strings: a bare "95%" crashes --help with a TypeError instead of printing it.
+    module, _, function = target.partition(":")
+    with pytest.raises(SystemExit) as exit_info:
+        getattr(importlib.import_module(module), function)(argv)
+    assert exit_info.value.code == 0, name
+    assert "usage:" in capsys.readouterr().out

@@ -54,7 +54,7 @@ class UtilityArguments:
     low_data_fraction: float = field(default=0.1, metadata={"help": "Share of real training patients in the "
                                                                     "low-data regimes."})
     split_seed: int = field(default=0, metadata={"help": "Seed choosing the low-data patients (apart from --seeds)."})
-    bootstrap: int = field(default=1000, metadata={"help": "Patient resamples for the 95% intervals."})
+    bootstrap: int = field(default=1000, metadata={"help": "Patient resamples for the 95%% intervals."})
     cpu_threads: int | None = field(default=None, metadata={
         "help": "Threads per process on CPU (default: the machine's cores shared by its processes). On a busy machine "
                 "1 can be much faster: these models are too small to amortise threads waiting for a core."})
