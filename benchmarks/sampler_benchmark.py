@@ -112,7 +112,10 @@ def benchmark(args: BenchmarkArguments) -> dict:
                            "phantom_features": classifier.description},
               "rows": rows,
               "sheet_rows": ["phantoms"] + [f"{name}-{steps}" for name, steps in SAMPLERS],
-              "default_meets_goal": bool(default["speedup"] >= GOAL_SPEEDUP and default["fd_ratio"] <= GOAL_FD_RATIO)}
+              # Judged on the classifier's features: on 8x8 pixels DDIM-20 scored closer to real than DDPM-1000
+              # while its precision fell from 0.62 to 0.25.
+              "default_meets_goal": bool(default["speedup"] >= GOAL_SPEEDUP
+                                         and default["phantom_fd_ratio"] <= GOAL_FD_RATIO)}
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "sampler_benchmark.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -134,7 +137,8 @@ def print_table(result: dict) -> None:
             columns += (f" {r[p + 'fd']:>8.4f} {ratio} {r[p + 'precision']:>4.2f} {r[p + 'recall']:>4.2f}"
                         f" {r[p + 'density']:>4.2f} {r[p + 'coverage']:>4.2f} |")
         print(f"{r['sampler']:<12} {r['steps']:>5} {r['ms_per_image']:>9.1f} {speed} |{columns}")
-    goal = f">= {GOAL_SPEEDUP:.0f}x faster than ddpm-1000, FD within {100 * (GOAL_FD_RATIO - 1):.0f}%"
+    goal = (f">= {GOAL_SPEEDUP:.0f}x faster than ddpm-1000, FD on the phantom classifier's features within "
+            f"{100 * (GOAL_FD_RATIO - 1):.0f}%")
     print(f"default {DEFAULT[0]}-{DEFAULT[1]} meets the goal ({goal}): {result['default_meets_goal']}")
 
 
