@@ -14,11 +14,14 @@ from transformers import HfArgumentParser
 
 from .cli import run
 from .evaluation.run import EvaluationArguments, run_evaluation
+from .runtime import end_processes
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(args=argv)
-    return run(lambda: _report(args))
+    report = run(lambda: _report(args))
+    end_processes()
+    return report
 
 
 def _report(args: EvaluationArguments) -> dict | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from transformers import HfArgumentParser
 
 from .cli import run
-from .runtime import process_state
+from .runtime import end_processes, process_state
 from .sampling import SamplingArguments, sample_from_args
 
 
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = run(lambda: sample_from_args(args))
     if process_state().is_main_process:
         print(f"{len(rows)} images in {args.output_dir} (manifest.csv, grid.png)")
+    end_processes()
     return rows
 
 

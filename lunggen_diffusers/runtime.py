@@ -60,6 +60,17 @@ def process_state() -> PartialState:
     return state
 
 
+def end_processes() -> None:
+    """Under a launch, at the end of a command: wait for every process, then close the process group. A process that
+    leaves with its gloo or NCCL group still open can abort at interpreter shutdown ("terminate called without an
+    active exception"), failing the launch after all its work was done; evaluation's other processes finish long
+    before the main one, which writes the report."""
+    state = process_state()
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        state.destroy_process_group()
+
+
 def process_device(state: PartialState) -> str:
     """This process's device: its own GPU under a multi-GPU launch; plain "cpu" for the "cpu:<rank>" a CPU launch
     reports, so what a run records does not depend on the process count."""

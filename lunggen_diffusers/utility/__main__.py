@@ -5,12 +5,15 @@ from __future__ import annotations
 from transformers import HfArgumentParser
 
 from ..cli import run
+from ..runtime import end_processes
 from .run import UtilityArguments, run_utility
 
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(UtilityArguments).parse_args_into_dataclasses(args=argv)
-    return run(lambda: _report(args))
+    result = run(lambda: _report(args))
+    end_processes()
+    return result
 
 
 def _report(args: UtilityArguments) -> dict:
