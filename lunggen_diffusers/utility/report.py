@@ -101,21 +101,22 @@ def _setup_line(result: dict) -> str:
             f"95% intervals: {result['bootstrap']['resamples']:,} resamples of test patients.")
 
 
+def _summary(result: dict) -> list[str]:
+    """The lines the report and the card share: the table, the two comparisons, the setup."""
+    return [results_table(result), "", *_comparison_lines(result), "", _setup_line(result), ""]
+
+
 def card_section(result: dict) -> str:
     """The model card's `## Downstream utility` section: no paths, no patient IDs."""
+    low = result["settings"]["low_data_fraction"]
     return "\n".join([
         "## Downstream utility",
         "",
         "Train-on-synthetic, test-on-real: the same classifier trained on real images (TRTR), on this model's "
-        "labeled synthetic images (TSTR), on both, and with a tenth of the real patients with and without synthetic "
-        "images; per-finding AUROC on real test patients no classifier or generator saw.",
+        f"labeled synthetic images (TSTR), on both, and with {low:.0%} of the real patients with and without "
+        "synthetic images; per-finding AUROC on real test patients no classifier or generator saw.",
         "",
-        results_table(result),
-        "",
-        *_comparison_lines(result),
-        "",
-        _setup_line(result),
-        "",
+        *_summary(result),
     ])
 
 
@@ -126,12 +127,7 @@ def report_markdown(result: dict) -> str:
     return "\n".join([
         "# Downstream utility: train on synthetic, test on real",
         "",
-        results_table(result),
-        "",
-        *_comparison_lines(result),
-        "",
-        _setup_line(result),
-        "",
+        *_summary(result),
         "![AUROC per finding](utility.png)",
         "",
         "Test positives per finding: " + ", ".join(f"{f} {n:,}" for f, n in positives.items()) + ".",
