@@ -14,7 +14,9 @@ SHAPE_FIELDS = ("resolution", "block_out_channels", "layers_per_block", "attenti
 def build_unet(config: Config, label_size: int | None = None) -> UNet2DModel | UNet2DConditionModel:
     """The plain UNet2DModel, or with `label_size` a UNet2DConditionModel of the same blocks whose class embedding
     projects the label vector (an MLP added to the timestep embedding), so the projection lives in the UNet's own
-    config and weights. No cross-attention: a few labels need no token sequence."""
+    config and weights. That embedding scales and shifts each ResNet block's normalised features (FiLM, as in
+    Dhariwal & Nichol's class-conditional UNet) rather than only adding a bias: on the phantom the labels were
+    followed far more closely (benchmarks/README). No cross-attention: a few labels need no token sequence."""
     m, res = config.model, config.data.resolution
     sizes = [res // 2**level for level in range(len(m.block_out_channels))]
     with_attention = [size in m.attention_resolutions for size in sizes]
@@ -34,6 +36,7 @@ def build_unet(config: Config, label_size: int | None = None) -> UNet2DModel | U
     return UNet2DConditionModel(
         **blocks,
         mid_block_type="UNetMidBlock2D",
+        resnet_time_scale_shift="scale_shift",
         class_embed_type="projection",
         projection_class_embeddings_input_dim=label_size,
     )

@@ -23,6 +23,17 @@ def test_shipped_yaml_files_match_their_presets():
     assert paper.preset == "lunggen-256" and paper.data.resolution == 256
 
 
+def test_conditioning_applies_the_conditional_preset_under_the_flags(tmp_path):
+    plain, conditional = parse_args([]), parse_args(["--condition_on", "findings"])
+    assert (plain.data.phantom_finding_prob, plain.training.max_train_steps) == (0.1, 800)
+    assert (conditional.data.phantom_finding_prob, conditional.training.max_train_steps) == (0.5, 3000)
+    assert conditional.model.prediction_type == plain.model.prediction_type  # the rest of the demo preset stays
+    flagged = parse_args(["--condition_on", "findings", "--max_train_steps", "7", "--phantom_finding_prob", "0.2"])
+    assert (flagged.data.phantom_finding_prob, flagged.training.max_train_steps) == (0.2, 7)
+    save_config(flagged, tmp_path / "training_config.json")  # a saved run keeps its own values, not the preset's
+    assert load_config(tmp_path / "training_config.json").to_dict() == flagged.to_dict()
+
+
 def test_precedence_preset_then_file_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("preset: lunggen-256\nlearning_rate: 0.0003\ntrain_batch_size: 8\n")
