@@ -174,8 +174,8 @@ _PARTS = (DataConfig, ModelConfig, TrainingConfig, HubConfig)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Built-in phantom, 64 px, a small UNet: recognisable chest-like samples in minutes on 2 CPU cores (times per CPU
-    # in the README). v-prediction learns the phantom in half the images epsilon needs, and attention only in the
-    # 8x8 middle block costs a fifth less per step: the recipe was chosen on the sampler benchmark (benchmarks/README).
+    # in the README). v-prediction learns the phantom from two fifths of the images epsilon needed, and attention in
+    # the 8x8 middle block only makes a step a fifth cheaper: the recipe was chosen on the sampler benchmark.
     "demo": {
         "resolution": 64,
         "num_phantom_images": 2000,
