@@ -13,13 +13,17 @@ For each guidance scale (default 1, 2, 4) it generates `num_images` images per c
 - share of images with the heart on the image's right;
 - Fréchet distance on the classifier's penultimate features to held-out phantoms rendered with the same requests,
   next to a second held-out set (the real-vs-real floor);
-- ms per image, and its ratio to guidance 1 (no guidance: one forward per step) at the same steps (goal <= 2.1x).
+- ms per image, and its ratio to guidance 1 (no guidance: one forward per step) at the same steps (goal <= 2.1x),
+  timed apart from the images scored: the best of `--timing_repeats` runs of one batch, as `timeit` does, the
+  scales taking turns, so the ratio measures the work and not what else the machine was doing (timing the scored
+  images in one pass per scale moved the ratio by +-0.2 between runs of one model).
 The column "real phantoms" scores held-out phantoms rendered with each request: what a perfect generator gets.
 
-Recommended scale: the smallest that meets every goal; if none does, the one with the smallest total shortfall
-(the sum, over goals, of how far each misses). Writes fidelity.json, card_section.md (for the model card; no local
-paths) and conditional_grid.png (one row per request at the recommended scale, same seeds across rows) into
---output_dir, and prints the table.
+Recommended scale: the smallest that meets every fidelity goal (the finding rows); if none does, the one with the
+smallest total shortfall (the sum, over those goals, of how far each misses). The cost goal is reported beside but
+does not pick the scale: every scale above 1 costs the same, so counting it would only ever say "do not guide".
+Writes fidelity.json, card_section.md (for the model card; no local paths) and conditional_grid.png (one row per
+request at the recommended scale, same seeds across rows) into --output_dir, and prints the table.
 """
 
 import os
@@ -72,6 +76,7 @@ class FidelityArguments:
     seed: int = field(default=0)
     device: str | None = field(default=None, metadata={"help": "cuda, mps or cpu; default: the best available."})
     num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch."})
+    timing_repeats: int = field(default=5, metadata={"help": "Timed runs of one batch per scale; the best counts."})
 
 
 def _phantoms(resolution: int, findings: list[str], start: int, count: int) -> np.ndarray:
@@ -90,8 +95,7 @@ def _present(probabilities: dict[str, np.ndarray]) -> dict:
 
 def _shortfall(row: dict, bounds: dict) -> float:
     short = sum(max(0.0, GOAL_PRESENT[f] - row["requested"][f]) for f in FINDINGS)
-    short += sum(max(0.0, row["unrequested"][f] - bounds[f]) for f in FINDINGS)
-    return short + max(0.0, row["cost_ratio"] - GOAL_COST)
+    return short + sum(max(0.0, row["unrequested"][f] - bounds[f]) for f in FINDINGS)
 
 
 def _check(args: FidelityArguments, pipe) -> None:
@@ -106,6 +110,22 @@ def _check(args: FidelityArguments, pipe) -> None:
     for name in ("num_images", "num_reference", "batch_size", "num_inference_steps"):
         if getattr(args, name) < 2:
             raise ValueError(f"--{name} must be >= 2, got {getattr(args, name)}")
+    if args.timing_repeats < 1:
+        raise ValueError(f"--timing_repeats must be >= 1, got {args.timing_repeats}")
+
+
+def _ms_per_image(pipe, args: FidelityArguments) -> dict[float, float]:
+    """Per guidance scale, the best of `timing_repeats` runs of one batch asking for a finding (so a scale above 1
+    does run guided). The scales take turns within each repeat, so a slow spell of the machine hits them alike."""
+    best = dict.fromkeys(args.guidance_scales, float("inf"))
+    for _ in range(args.timing_repeats):
+        for scale in args.guidance_scales:
+            start = time.perf_counter()
+            generate(pipe, args.batch_size, seed=args.seed, scheduler=args.scheduler, batch_size=args.batch_size,
+                     num_inference_steps=args.num_inference_steps, findings=[FINDINGS[0]], guidance_scale=scale,
+                     output_type="np", progress=False)
+            best[scale] = min(best[scale], time.perf_counter() - start)
+    return {scale: 1000 * seconds / args.batch_size for scale, seconds in best.items()}
 
 
 def benchmark(args: FidelityArguments) -> dict:
@@ -129,24 +149,22 @@ def benchmark(args: FidelityArguments) -> dict:
     generate(pipe, 1, num_inference_steps=2, findings=[], guidance_scale=2.0, progress=False)  # warm-up
     rows, grids = [], {}
     for scale in args.guidance_scales:
-        images, seconds = {}, 0.0
+        images = {}
         for name, request in REQUESTS.items():
-            start = time.perf_counter()
             out = generate(pipe, args.num_images, seed=args.seed, scheduler=args.scheduler,
                            num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
                            findings=request, guidance_scale=scale, output_type="np")
-            seconds += time.perf_counter() - start
             images[name] = np.round(out[..., 0] * 255).astype(np.uint8)  # what the PNGs hold
         rows.append({"guidance_scale": scale, **_present({n: classifier.predict(x) for n, x in images.items()}),
-                     "fd": fd(images), "ms_per_image": 1000 * seconds / (args.num_images * len(REQUESTS))})
+                     "fd": fd(images)})
         grids[scale] = np.concatenate([x[:GRID_COLUMNS].transpose(1, 0, 2).reshape(resolution, -1)
                                        for x in images.values()])
-    base = next(r for r in rows if r["guidance_scale"] == 1.0)
+    ms_per_image = _ms_per_image(pipe, args)
     for row in rows:
-        row["cost_ratio"] = row["ms_per_image"] / base["ms_per_image"]
+        row["ms_per_image"] = ms_per_image[row["guidance_scale"]]
+        row["cost_ratio"] = row["ms_per_image"] / ms_per_image[1.0]
         row["shortfall"] = _shortfall(row, bounds)
-    meeting = [r for r in rows if r["shortfall"] == 0]
-    # The smallest scale meeting every goal has shortfall 0 and wins; otherwise the smallest shortfall, ties small.
+    # The smallest scale meeting every fidelity goal has shortfall 0 and wins; otherwise the smallest, ties small.
     best = min(rows, key=lambda r: (r["shortfall"], r["guidance_scale"]))
     result = {"settings": {**{k: v for k, v in asdict(args).items() if k != "output_dir"},
                            "model": model_label(args.model), "model_revision": revision, "resolution": resolution,
@@ -155,7 +173,7 @@ def benchmark(args: FidelityArguments) -> dict:
               "classifier": {"description": classifier.description, "held_out": report},
               "goals": {"requested_present": GOAL_PRESENT, "unrequested_present_max": bounds, "cost_ratio": GOAL_COST},
               "real_phantoms": real, "rows": rows, "recommended_guidance_scale": best["guidance_scale"],
-              "meets_goals": bool(meeting)}
+              "meets_goals": best["shortfall"] == 0, "meets_cost_goal": best["cost_ratio"] <= GOAL_COST}
     os.makedirs(args.output_dir, exist_ok=True)
     write_json(os.path.join(args.output_dir, "fidelity.json"), result)
     atomic_write_text(os.path.join(args.output_dir, "card_section.md"), card_section(result))
@@ -186,17 +204,24 @@ def table(result: dict) -> str:
                       real["unrequested"][f]] + [r["unrequested"][f] for r in rows])
     lines.append(["heart on the image's right", "", real["heart_right"]] + [r["heart_right"] for r in rows])
     lines.append(["FD, phantom features (floor: real vs real)", "", real["fd"]] + [r["fd"] for r in rows])
-    lines.append(["ms / image", "", ""] + [r["ms_per_image"] for r in rows])
+    timing = f"best of {result['settings']['timing_repeats']} batches of {result['settings']['batch_size']}"
+    lines.append([f"ms / image ({timing})", "", ""] + [r["ms_per_image"] for r in rows])
     lines.append(["cost vs guidance 1", f"<= {GOAL_COST}x", ""] + [r["cost_ratio"] for r in rows])
-    lines.append(["total shortfall from the goals", "0", ""] + [r["shortfall"] for r in rows])
+    lines.append(["total shortfall from the finding goals", "0", ""] + [r["shortfall"] for r in rows])
     return markdown_table(header, lines)
+
+
+def best_cost(result: dict) -> float:
+    return next(r["cost_ratio"] for r in result["rows"] if r["guidance_scale"] == result["recommended_guidance_scale"])
 
 
 def card_section(result: dict) -> str:
     s, held = result["settings"], result["classifier"]["held_out"]
     classifier_rows = [[f, held[f]["accuracy"], held[f]["sensitivity"], held[f]["false_positive_rate"]]
                        for f in FINDINGS]
-    verdict = "meets every goal" if result["meets_goals"] else "is the closest to the goals (none meets them all)"
+    verdict = ("meets every finding goal" if result["meets_goals"]
+               else "is the closest to the finding goals (none meets them all)")
+    verdict += f", at {best_cost(result):.2f}x the cost of an unguided image (goal <= {GOAL_COST}x)"
     return "\n".join([
         "## Fidelity on the phantom", "",
         f"Model `{s['model']}`, {s['scheduler']}-{s['num_inference_steps']}, {s['num_images']} images per request "
@@ -205,7 +230,8 @@ def card_section(result: dict) -> str:
         "\"real phantoms\" are held-out phantoms drawn with each request, what a perfect generator would score.", "",
         table(result), "",
         f"Recommended guidance scale: **{result['recommended_guidance_scale']:g}**, which {verdict}; the rule: the "
-        "smallest scale that meets every goal, else the one with the smallest total shortfall.", "",
+        "smallest scale that meets every finding goal, else the one with the smallest total shortfall (cost does not "
+        "choose: every guided scale costs the same).", "",
         f"The classifier on {held['num_images']} held-out phantoms (half of them mirrored, for laterality): "
         f"laterality accuracy {held['laterality_accuracy']:.3f}.", "",
         markdown_table(["finding", "accuracy", "sensitivity", "false-positive rate"], classifier_rows), "",
@@ -216,5 +242,6 @@ if __name__ == "__main__":
     (arguments,) = HfArgumentParser(FidelityArguments).parse_args_into_dataclasses()
     outcome = run(lambda: benchmark(arguments))
     print(table(outcome))
-    print(f"recommended guidance scale: {outcome['recommended_guidance_scale']:g} (meets every goal: "
-          f"{outcome['meets_goals']}; rule: the smallest scale meeting every goal, else the smallest total shortfall)")
+    print(f"recommended guidance scale: {outcome['recommended_guidance_scale']:g} (meets every finding goal: "
+          f"{outcome['meets_goals']}, cost goal: {outcome['meets_cost_goal']}; rule: the smallest scale meeting "
+          "every finding goal, else the smallest total shortfall)")

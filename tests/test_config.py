@@ -27,6 +27,7 @@ def test_conditioning_applies_the_conditional_preset_under_the_flags(tmp_path):
     plain, conditional = parse_args([]), parse_args(["--condition_on", "findings"])
     assert (plain.data.phantom_finding_prob, plain.training.max_train_steps) == (0.1, 800)
     assert (conditional.data.phantom_finding_prob, conditional.training.max_train_steps) == (0.5, 4500)
+    assert (plain.training.snr_gamma, conditional.training.snr_gamma) == (5.0, None)  # None overrides, not ignored
     assert conditional.model.prediction_type == plain.model.prediction_type  # the rest of the demo preset stays
     flagged = parse_args(["--condition_on", "findings", "--max_train_steps", "7", "--phantom_finding_prob", "0.2"])
     assert (flagged.data.phantom_finding_prob, flagged.training.max_train_steps) == (0.2, 7)

@@ -30,15 +30,17 @@ OUTPUTS = (*FINDINGS, HEART_RIGHT)
 # The demo generator trains on phantom seed 0 and the sampler benchmark holds out seed 12345; this seed is neither,
 # so the instrument never saw an image any generator learnt from or is compared against.
 CLASSIFIER_SEED = 7_340_033
-VERSION = 1  # bump when the architecture or the training recipe changes: old cache entries must miss
+VERSION = 2  # bump when the architecture or the training recipe changes: old cache entries must miss
 
 
 @dataclass(frozen=True)
 class ClassifierSettings:
     resolution: int = 64
-    num_train: int = 1000
+    # Nodule sets the budget: at 3,000 steps on 6,000 phantoms its held-out accuracy was 0.86, at 5,000 on 8,000
+    # 0.94; every other output is at >= 0.99 by then.
+    num_train: int = 8000
     num_test: int = 300
-    steps: int = 300
+    steps: int = 5000
     batch_size: int = 32
     learning_rate: float = 3e-3
     width: int = 8
@@ -60,25 +62,29 @@ class ClassifierSettings:
         return stable_hash({"version": VERSION, **dataclasses.asdict(self)})
 
 
+def _block(channels_in: int, channels_out: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1), nn.BatchNorm2d(channels_out), nn.ReLU()]
+
+
 class _Net(nn.Module):
-    """Strided convs down to a 4x4 map that is flattened, not pooled: where the heart sits is the laterality label,
-    and global pooling would discard it. The first kernel is 5 wide so a 2-3 px nodule (at 64 px) falls inside
-    one whole kernel before the first stride-2 subsampling."""
+    """Two paths from one stem. `where`: strided convs down to a 4x4 map that is flattened, not pooled, because
+    where the heart sits is the laterality label and global pooling would discard it. `whether`: a global max over
+    the 16x16 map, because a nodule is a 2-3 px dot (at 64 px) anywhere in either lung. The stem runs at full
+    resolution so that dot is not subsampled away first. Without BatchNorm the nodule output never left chance
+    (accuracy 0.49-0.55 at 1,000-4,000 phantoms and 300-1,500 steps); with it, it trains like the others."""
 
     def __init__(self, width: int, feature_dim: int):
         super().__init__()
         w = width
-        self.convs = nn.Sequential(
-            nn.Conv2d(1, w, 5, stride=2, padding=2), nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(4 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU(),
-        )
-        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, feature_dim), nn.ReLU())
+        self.stem = nn.Sequential(*_block(1, w), *_block(w, w), nn.MaxPool2d(2), *_block(w, 2 * w), nn.MaxPool2d(2))
+        self.where = nn.Sequential(*_block(2 * w, 4 * w, stride=2), *_block(4 * w, 4 * w, stride=2))
+        self.embed = nn.Sequential(nn.Linear(4 * w * 16 + 2 * w, feature_dim), nn.ReLU())
         self.head = nn.Linear(feature_dim, len(OUTPUTS))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(F.adaptive_avg_pool2d(self.convs(x), 4))
+        local = self.stem(x)
+        where = F.adaptive_avg_pool2d(self.where(local), 4).flatten(1)
+        return self.embed(torch.cat([where, local.amax((2, 3))], 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -186,7 +192,7 @@ def classifier_path(settings: ClassifierSettings, cache_dir: str | None = None) 
 
 def load_classifier(settings: ClassifierSettings | None = None, cache_dir: str | None = None, device: str = "cpu",
                     progress: bool = True) -> PhantomClassifier:
-    """The classifier for `settings`, from the cache or trained now (about a minute on 2 CPU cores) and cached."""
+    """The classifier for `settings`, from the cache or trained now (about 3 minutes on 2 CPU cores) and cached."""
     settings = settings or ClassifierSettings()
     path = classifier_path(settings, cache_dir)
     if path.exists():
