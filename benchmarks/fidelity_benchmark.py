@@ -16,7 +16,7 @@ For each guidance scale (default 1, 2, 4) it generates `num_images` images per c
 - ms per image, and its ratio to guidance 1 (no guidance: one forward per step) at the same steps (goal <= 2.1x),
   timed apart from the images scored: the best of `--timing_repeats` runs of one batch, as `timeit` does, the
   scales taking turns, so the ratio measures the work and not what else the machine was doing (timing the scored
-  images in one pass per scale moved the ratio by +-0.2 between runs of one model).
+  images, one pass per scale, gave 1.91x to 2.26x for models of one architecture on one CPU).
 The column "real phantoms" scores held-out phantoms rendered with each request: what a perfect generator gets.
 
 Recommended scale: the smallest that meets every fidelity goal (the finding rows); if none does, the one with the
