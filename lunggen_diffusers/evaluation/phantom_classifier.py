@@ -192,7 +192,8 @@ def classifier_path(settings: ClassifierSettings, cache_dir: str | None = None) 
 
 def load_classifier(settings: ClassifierSettings | None = None, cache_dir: str | None = None, device: str = "cpu",
                     progress: bool = True) -> PhantomClassifier:
-    """The classifier for `settings`, from the cache or trained now (about 3 minutes on 2 CPU cores) and cached."""
+    """The classifier for `settings`, from the cache or trained now and cached (about 3 minutes on 2 Zen 4 EPYC
+    cores: 2 min 24 s of steps, about 30 s of rendering)."""
     settings = settings or ClassifierSettings()
     path = classifier_path(settings, cache_dir)
     if path.exists():
