@@ -7,8 +7,10 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from safetensors import safe_open
 
 from .config import Config, load_config, save_config
 from .model import SHAPE_FIELDS
@@ -45,6 +47,26 @@ def check_compatible(checkpoint: Path, config: Config) -> None:
         raise ValueError(
             f"cannot resume from {checkpoint.name}: the model shape changed ({'; '.join(changed)}); "
             "resume with the original settings or start a new --output_dir"
+        )
+
+
+def check_weights(checkpoint: Path, model: torch.nn.Module) -> None:
+    """Refuse, in one line, a checkpoint whose weights do not fit `model` (the one accelerate prepared), before
+    `load_state` fails deep inside torch: a checkpoint saved by an older version whose UNet had other blocks, say.
+    Reads only the safetensors header."""
+    path = checkpoint / "model.safetensors"
+    if not path.is_file():
+        return
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    with safe_open(str(path), "pt") as f:
+        saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    differ = sorted(n for n in expected.keys() | saved.keys() if expected.get(n) != saved.get(n))
+    if differ:
+        first = differ[0]
+        raise ValueError(
+            f"cannot resume from {checkpoint.name}: {len(differ)} of its weights do not fit this model (first: "
+            f"{first} is {saved.get(first, 'missing')} there, {expected.get(first, 'absent')} here); it was saved "
+            "by another model or version: start a new --output_dir"
         )
 
 

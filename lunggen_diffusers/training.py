@@ -26,7 +26,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from . import hub
-from .checkpoints import check_compatible, checkpoint_step, find_checkpoint, list_checkpoints, save_checkpoint
+from .checkpoints import check_compatible, check_weights, checkpoint_step, find_checkpoint, list_checkpoints, save_checkpoint
 from .conditioning import label_config, label_vectors
 from .config import Config, save_config
 from .data.build import build_dataset
@@ -371,6 +371,8 @@ def train(config: Config) -> TrainResult:
     schedule = Schedule.of(len(dataset), config, accelerator.num_processes)
     optimizer, lr_scheduler = build_optimizer(unet, schedule, config, accelerator)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    if resume_from is not None:
+        check_weights(resume_from, unet)  # the prepared model, as save_state wrote it (before any compile)
     set_seed(t.seed, device_specific=True)  # each process draws its own noise; the data order stays shared
     if t.torch_compile:
         unet = torch.compile(unet)

@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMPipeline
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lunggen_diffusers import training
 from lunggen_diffusers.config import load_config
@@ -183,6 +183,20 @@ def test_resume_refuses_a_changed_model_shape(tiny_config):
     train(tiny_config(max_train_steps=2))
     with pytest.raises(ValueError, match="model shape changed.*block_out_channels"):
         train(tiny_config(block_out_channels=[16, 16], resume_from_checkpoint="latest"))
+
+
+def test_resume_refuses_weights_that_do_not_fit(tiny_config):
+    # A checkpoint whose config matches but whose weights do not: what an older version's UNet left (its ResNet
+    # blocks took a shift only, so each time projection had half the outputs).
+    out = train(tiny_config(max_train_steps=2)).output_dir
+    path = out / "checkpoint-2" / "model.safetensors"
+    weights = load_file(str(path))
+    name = next(k for k in sorted(weights) if k.endswith("time_emb_proj.weight"))
+    weights[name] = weights[name][: weights[name].shape[0] // 2]
+    save_file(weights, str(path))
+    with pytest.raises(ValueError, match=rf"cannot resume from checkpoint-2: 1 of its weights do not fit this model "
+                                         rf"\(first: {name} is \(\d+, \d+\) there, \(\d+, \d+\) here\)"):
+        train(tiny_config(resume_from_checkpoint="latest"))
 
 
 def test_resume_path_that_does_not_exist(tiny_config, tmp_path):
