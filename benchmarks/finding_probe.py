@@ -1,0 +1,116 @@
+"""Why a conditional phantom model does or does not draw a finding: a one-step probe of its denoiser.
+
+    python benchmarks/finding_probe.py --model cond-demo --finding nodule
+
+Each held-out phantom is rendered twice from one seed, with and without the finding (the same anatomy, exposure and
+noise), both are noised to timestep t with the same noise, and the model estimates the clean image in one step.
+Per t (and the noise level it means, sigma = sqrt((1 - alpha_bar) / alpha_bar) in [-1, 1] pixel units):
+- retention: the share of the finding's contrast (with minus without, summed over the pixels it raises by more than
+  0.05) that is still there in the estimates, asked for the finding (label on) or for no finding (label off). A
+  denoiser that can draw the finding keeps it wherever the noise leaves it visible, and keeps more when told it is
+  there;
+- label adds: on the image without the finding, the largest amount by which asking for the finding rather than for
+  no finding raises the estimate anywhere (mean over images), beside the finding's own peak contrast;
+- x0 MSE: the estimate's mean squared error over the whole image (label on), what training minimises, and the
+  share of that squared error that falls on the finding's pixels: how much getting the finding right can lower it.
+Prints a table and writes JSON.
+"""
+
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from transformers import HfArgumentParser
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from lunggen_diffusers.cli import run  # noqa: E402
+from lunggen_diffusers.data.phantom import FINDINGS, render_phantom  # noqa: E402
+from lunggen_diffusers.sampling import is_conditional, load_pipeline, model_label  # noqa: E402
+from lunggen_diffusers.utils import markdown_table, write_json  # noqa: E402
+
+# Neither training (seed 0), the sampler benchmark (12345), the classifier nor the fidelity benchmark (24680).
+PROBE_SEED = 13579
+CONTRAST_THRESHOLD = 0.05
+
+
+@dataclass
+class ProbeArguments:
+    model: str = field(metadata={"help": "A conditional model folder (LungGenPipeline) trained on the phantom."})
+    finding: str = field(default="nodule", metadata={"help": f"One of {', '.join(FINDINGS)}."})
+    timesteps: list[int] = field(default_factory=lambda: [10, 25, 50, 100, 150, 200, 300])
+    num_images: int = field(default=32)
+    num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch."})
+    output: str = field(default="benchmarks/results/finding_probe.json")
+
+
+def _render(resolution: int, count: int, findings: list[str]) -> torch.Tensor:
+    """Phantoms 0 .. count - 1 of the probe's seed as model input; one seed per image, whatever the findings."""
+    pixels = np.stack([render_phantom(resolution, np.random.default_rng([PROBE_SEED, i]), findings)
+                       for i in range(count)])
+    return torch.from_numpy(pixels).float().div(127.5).sub(1).unsqueeze(1)
+
+
+def probe(args: ProbeArguments) -> dict:
+    if args.finding not in FINDINGS:
+        raise ValueError(f"--finding {args.finding!r} is not a phantom finding; choose from {', '.join(FINDINGS)}")
+    if args.num_images < 1:
+        raise ValueError(f"--num_images must be >= 1, got {args.num_images}")
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    pipe, revision = load_pipeline(args.model, device="cpu")
+    if not is_conditional(pipe):
+        raise ValueError(f"--model {model_label(args.model)!r} is unconditional; train one with --condition_on findings")
+    steps = pipe.scheduler.config.num_train_timesteps
+    bad = [t for t in args.timesteps if not 0 <= t < steps]
+    if bad:
+        raise ValueError(f"--timesteps {bad} outside the model's 0..{steps - 1}")
+    resolution, n = pipe.unet.config.sample_size, args.num_images
+    with_it, without = _render(resolution, n, [args.finding]), _render(resolution, n, [])
+    contrast = with_it - without
+    mask = contrast > CONTRAST_THRESHOLD
+    on, off = (pipe.encode([labels] * n, n)[0] for labels in ([args.finding], []))
+    alpha_bar, prediction = pipe.scheduler.alphas_cumprod, pipe.scheduler.config.prediction_type
+
+    def estimate(x0: torch.Tensor, labels: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+        a, s = alpha_bar[t].sqrt(), (1 - alpha_bar[t]).sqrt()
+        x_t = a * x0 + s * noise
+        out = pipe.unet(x_t, t, encoder_hidden_states=None, class_labels=labels).sample
+        return a * x_t - s * out if prediction == "v_prediction" else (x_t - s * out) / a
+
+    rows = []
+    with torch.inference_mode():
+        for t in args.timesteps:
+            noise = torch.randn(with_it.shape, generator=torch.Generator().manual_seed(t))
+            kept = {name: float((estimate(with_it, labels, t, noise) - estimate(without, labels, t, noise))[mask].sum()
+                                / contrast[mask].sum()) for name, labels in (("on", on), ("off", off))}
+            added = (estimate(without, on, t, noise) - estimate(without, off, t, noise)).amax(dim=(1, 2, 3))
+            error = (estimate(with_it, on, t, noise) - with_it) ** 2
+            rows.append({"timestep": t, "sigma": float(((1 - alpha_bar[t]) / alpha_bar[t]).sqrt()),
+                         "retention_label_on": kept["on"], "retention_label_off": kept["off"],
+                         "label_adds": float(added.clamp(min=0).mean()),
+                         "x0_mse": float(error.mean()), "error_share": float(error[mask].sum() / error.sum())})
+    return {"settings": {**{k: v for k, v in asdict(args).items() if k != "output"}, "model": model_label(args.model),
+                         "model_revision": revision, "probe_seed": PROBE_SEED},
+            "finding_peak_contrast": float(contrast.amax(dim=(1, 2, 3)).mean()),
+            "finding_pixels": float(mask.sum() / n), "rows": rows}
+
+
+def table(result: dict) -> str:
+    return markdown_table(
+        ["t", "sigma", "retention, label on", "retention, label off", "label adds (peak)", "x0 MSE",
+         "its share on the finding"],
+        [[r["timestep"], r["sigma"], r["retention_label_on"], r["retention_label_off"], r["label_adds"], r["x0_mse"],
+          r["error_share"]]
+         for r in result["rows"]])
+
+
+if __name__ == "__main__":
+    (arguments,) = HfArgumentParser(ProbeArguments).parse_args_into_dataclasses()
+    outcome = run(lambda: probe(arguments))
+    write_json(arguments.output, outcome)
+    print(table(outcome))
+    print(f"{arguments.finding}: peak contrast {outcome['finding_peak_contrast']:.3f} over "
+          f"{outcome['finding_pixels']:.1f} pixels per image (mean); written {arguments.output}")
