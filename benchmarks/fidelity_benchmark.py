@@ -18,7 +18,7 @@ For each guidance scale (default 1, 2, 4) it generates `num_images` images per c
   scales taking turns, so the ratio measures the work and not what else the machine was doing (timing the scored
   images, one pass per scale, gave 1.91x to 2.26x for models of one architecture on one CPU). On CPU it keeps freed
   memory in the process, as `pipeline.py` does (`runtime.keep_freed_memory`): with glibc's default allocator the
-  guided batch, twice the size, paid more page faults per image (2.24x against 1.89x, demo model, batch 16).
+  guided batch, twice the size, paid more page faults per image (2.24x against 1.95x, demo model, batch 16).
 The column "real phantoms" scores held-out phantoms rendered with each request: what a perfect generator gets.
 
 Recommended scale: the smallest that meets every fidelity goal (the finding rows); if none does, the one with the
@@ -174,8 +174,8 @@ def benchmark(args: FidelityArguments) -> dict:
     best = min(rows, key=lambda r: (r["shortfall"], r["guidance_scale"]))
     result = {"settings": {**{k: v for k, v in asdict(args).items() if k != "output_dir"},
                            "model": model_label(args.model), "model_revision": revision, "resolution": resolution,
-                           "device": str(pipe.device), "kept_freed_memory": kept_freed_memory, "reference_seed": REFERENCE_SEED,
-                           "requests": list(REQUESTS)},
+                           "device": str(pipe.device), "kept_freed_memory": kept_freed_memory,
+                           "reference_seed": REFERENCE_SEED, "requests": list(REQUESTS)},
               "classifier": {"description": classifier.description, "held_out": report},
               "goals": {"requested_present": GOAL_PRESENT, "unrequested_present_max": bounds, "cost_ratio": GOAL_COST},
               "real_phantoms": real, "rows": rows, "recommended_guidance_scale": best["guidance_scale"],

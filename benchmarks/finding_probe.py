@@ -62,7 +62,8 @@ def probe(args: ProbeArguments) -> dict:
         torch.set_num_threads(args.num_threads)
     pipe, revision = load_pipeline(args.model, device="cpu")
     if not is_conditional(pipe):
-        raise ValueError(f"--model {model_label(args.model)!r} is unconditional; train one with --condition_on findings")
+        raise ValueError(f"--model {model_label(args.model)!r} is unconditional; "
+                         "train one with --condition_on findings")
     steps = pipe.scheduler.config.num_train_timesteps
     bad = [t for t in args.timesteps if not 0 <= t < steps]
     if bad:

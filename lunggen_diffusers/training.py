@@ -26,7 +26,14 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from . import hub
-from .checkpoints import check_compatible, check_weights, checkpoint_step, find_checkpoint, list_checkpoints, save_checkpoint
+from .checkpoints import (
+    check_compatible,
+    check_weights,
+    checkpoint_step,
+    find_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+)
 from .conditioning import label_config, label_vectors
 from .config import Config, save_config
 from .data.build import build_dataset
