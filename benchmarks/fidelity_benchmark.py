@@ -179,7 +179,8 @@ def benchmark(args: FidelityArguments) -> dict:
               "classifier": {"description": classifier.description, "held_out": report},
               "goals": {"requested_present": GOAL_PRESENT, "unrequested_present_max": bounds, "cost_ratio": GOAL_COST},
               "real_phantoms": real, "rows": rows, "recommended_guidance_scale": best["guidance_scale"],
-              "meets_goals": best["shortfall"] == 0, "meets_cost_goal": best["cost_ratio"] <= GOAL_COST}
+              "meets_goals": best["shortfall"] == 0, "recommended_cost_ratio": best["cost_ratio"],
+              "meets_cost_goal": best["cost_ratio"] <= GOAL_COST}
     os.makedirs(args.output_dir, exist_ok=True)
     write_json(os.path.join(args.output_dir, "fidelity.json"), result)
     atomic_write_text(os.path.join(args.output_dir, "card_section.md"), card_section(result))
@@ -217,17 +218,13 @@ def table(result: dict) -> str:
     return markdown_table(header, lines)
 
 
-def best_cost(result: dict) -> float:
-    return next(r["cost_ratio"] for r in result["rows"] if r["guidance_scale"] == result["recommended_guidance_scale"])
-
-
 def card_section(result: dict) -> str:
     s, held = result["settings"], result["classifier"]["held_out"]
     classifier_rows = [[f, held[f]["accuracy"], held[f]["sensitivity"], held[f]["false_positive_rate"]]
                        for f in FINDINGS]
     verdict = ("meets every finding goal" if result["meets_goals"]
                else "is the closest to the finding goals (none meets them all)")
-    verdict += f", at {best_cost(result):.2f}x the cost of an unguided image (goal <= {GOAL_COST}x)"
+    verdict += f", at {result['recommended_cost_ratio']:.2f}x the cost of an unguided image (goal <= {GOAL_COST}x)"
     return "\n".join([
         "## Fidelity on the phantom", "",
         f"Model `{s['model']}`, {s['scheduler']}-{s['num_inference_steps']}, {s['num_images']} images per request "
