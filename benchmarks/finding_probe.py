@@ -12,8 +12,15 @@ Per t (and the noise level it means, sigma = sqrt((1 - alpha_bar) / alpha_bar) i
 - label adds: on the image without the finding, the largest amount by which asking for the finding rather than for
   no finding raises the estimate anywhere (mean over images), beside the finding's own peak contrast;
 - x0 MSE: the estimate's mean squared error over the whole image (label on), what training minimises, and the
-  share of that squared error that falls on the finding's pixels: how much getting the finding right can lower it.
-Prints a table and writes JSON.
+  share of that squared error that falls on the finding's pixels: how much getting the finding right can lower it;
+- retention (label on) with the finding's contrast scaled by each of `--contrast_scales`: a linear denoiser keeps
+  the same share at every scale, an exact one keeps more of a finding the further it stands above the noise.
+Per start t0 of the whole reverse chain (DDPM, every step from t0 to 0, the same noise with and without the finding):
+the contrast still there at the end, label on and off, and the share of the label-on images that the phantom
+classifier reads as having the finding, beside its reading of the clean images with the finding at 0.5-1x its
+contrast (how faint a finding it still counts). One step can keep a finding that the chain of steps below it
+erases, and the chain is what sampling runs.
+Prints three tables and writes JSON.
 """
 
 import os
@@ -26,14 +33,19 @@ from transformers import HfArgumentParser
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from diffusers import DDPMScheduler  # noqa: E402
+
 from lunggen_diffusers.cli import run  # noqa: E402
 from lunggen_diffusers.data.phantom import FINDINGS, render_phantom  # noqa: E402
+from lunggen_diffusers.evaluation.phantom_classifier import load_classifier  # noqa: E402
+from lunggen_diffusers.lunggen_pipeline import guided_denoise  # noqa: E402
 from lunggen_diffusers.sampling import is_conditional, load_pipeline, model_label  # noqa: E402
 from lunggen_diffusers.utils import markdown_table, write_json  # noqa: E402
 
 # Neither training (seed 0), the sampler benchmark (12345), the classifier nor the fidelity benchmark (24680).
 PROBE_SEED = 13579
 CONTRAST_THRESHOLD = 0.05
+READ_SCALES = (0.5, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass
@@ -41,6 +53,9 @@ class ProbeArguments:
     model: str = field(metadata={"help": "A conditional model folder (LungGenPipeline) trained on the phantom."})
     finding: str = field(default="nodule", metadata={"help": f"One of {', '.join(FINDINGS)}."})
     timesteps: list[int] = field(default_factory=lambda: [10, 25, 50, 100, 150, 200, 300])
+    contrast_scales: list[float] = field(default_factory=lambda: [0.25, 1.0, 3.0])
+    chain_from: list[int] = field(default_factory=lambda: [10, 25, 50],
+                                  metadata={"help": "Start timesteps of the whole reverse chain (DDPM, every step)."})
     num_images: int = field(default=32)
     num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch."})
     output: str = field(default="benchmarks/results/finding_probe.json")
@@ -58,6 +73,8 @@ def probe(args: ProbeArguments) -> dict:
         raise ValueError(f"--finding {args.finding!r} is not a phantom finding; choose from {', '.join(FINDINGS)}")
     if args.num_images < 1:
         raise ValueError(f"--num_images must be >= 1, got {args.num_images}")
+    if not args.contrast_scales or min(args.contrast_scales) <= 0:
+        raise ValueError(f"--contrast_scales {args.contrast_scales}: give scales > 0 (1 is the finding as rendered)")
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     pipe, revision = load_pipeline(args.model, device="cpu")
@@ -65,9 +82,10 @@ def probe(args: ProbeArguments) -> dict:
         raise ValueError(f"--model {model_label(args.model)!r} is unconditional; "
                          "train one with --condition_on findings")
     steps = pipe.scheduler.config.num_train_timesteps
-    bad = [t for t in args.timesteps if not 0 <= t < steps]
-    if bad:
-        raise ValueError(f"--timesteps {bad} outside the model's 0..{steps - 1}")
+    for name in ("timesteps", "chain_from"):
+        bad = [t for t in getattr(args, name) if not 0 <= t < steps]
+        if bad:
+            raise ValueError(f"--{name} {bad} outside the model's 0..{steps - 1}")
     resolution, n = pipe.unet.config.sample_size, args.num_images
     with_it, without = _render(resolution, n, [args.finding]), _render(resolution, n, [])
     contrast = with_it - without
@@ -87,16 +105,49 @@ def probe(args: ProbeArguments) -> dict:
             noise = torch.randn(with_it.shape, generator=torch.Generator().manual_seed(t))
             kept = {name: float((estimate(with_it, labels, t, noise) - estimate(without, labels, t, noise))[mask].sum()
                                 / contrast[mask].sum()) for name, labels in (("on", on), ("off", off))}
-            added = (estimate(without, on, t, noise) - estimate(without, off, t, noise)).amax(dim=(1, 2, 3))
+            base = estimate(without, on, t, noise)
+            added = (base - estimate(without, off, t, noise)).amax(dim=(1, 2, 3))
             error = (estimate(with_it, on, t, noise) - with_it) ** 2
+            scaled = [float((estimate(without + k * contrast, on, t, noise) - base)[mask].sum()
+                            / (k * contrast[mask].sum())) for k in args.contrast_scales]
             rows.append({"timestep": t, "sigma": float(((1 - alpha_bar[t]) / alpha_bar[t]).sqrt()),
                          "retention_label_on": kept["on"], "retention_label_off": kept["off"],
                          "label_adds": float(added.clamp(min=0).mean()),
-                         "x0_mse": float(error.mean()), "error_share": float(error[mask].sum() / error.sum())})
+                         "x0_mse": float(error.mean()), "error_share": float(error[mask].sum() / error.sum()),
+                         "retention_at_scales": scaled})
+
+    def chain(x0: torch.Tensor, labels: torch.Tensor, t0: int) -> torch.Tensor:
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(timesteps=list(range(t0, -1, -1)))
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t0))
+        x = scheduler.add_noise(x0, noise, torch.full((n,), t0))
+        # The same step noise with and without the finding, so the two ends differ by what is left of it.
+        return guided_denoise(pipe.unet, scheduler, x, labels,
+                              step_kwargs={"generator": torch.Generator().manual_seed(t0 + 1)})
+
+    classifier, column = load_classifier(), FINDINGS.index(args.finding)
+
+    def reads(x: torch.Tensor) -> float:
+        return float((classifier.predict(_to_uint8(x))[:, column] > 0.5).mean())
+
+    chains = []
+    with torch.inference_mode():
+        for t0 in args.chain_from:
+            ends = {name: (chain(with_it, labels, t0), chain(without, labels, t0))
+                    for name, labels in (("on", on), ("off", off))}
+            kept = {name: float((w - wo)[mask].sum() / contrast[mask].sum()) for name, (w, wo) in ends.items()}
+            chains.append({"start_timestep": t0, "sigma": float(((1 - alpha_bar[t0]) / alpha_bar[t0]).sqrt()),
+                           "retention_label_on": kept["on"], "retention_label_off": kept["off"],
+                           "classifier_reads_label_on": reads(ends["on"][0])})
     return {"settings": {**{k: v for k, v in asdict(args).items() if k != "output"}, "model": model_label(args.model),
                          "model_revision": revision, "probe_seed": PROBE_SEED},
             "finding_peak_contrast": float(contrast.amax(dim=(1, 2, 3)).mean()),
-            "finding_pixels": float(mask.sum() / n), "rows": rows}
+            "finding_pixels": float(mask.sum() / n), "rows": rows,
+            "classifier_reads_clean": {k: reads(without + k * contrast) for k in READ_SCALES}, "chains": chains}
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return torch.round((x[:, 0] / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8).numpy()
 
 
 def table(result: dict) -> str:
@@ -113,5 +164,14 @@ if __name__ == "__main__":
     outcome = run(lambda: probe(arguments))
     write_json(arguments.output, outcome)
     print(table(outcome))
+    print(markdown_table(
+        ["t", "sigma", *(f"retention at {k:g}x contrast" for k in arguments.contrast_scales)],
+        [[r["timestep"], r["sigma"], *r["retention_at_scales"]] for r in outcome["rows"]]))
+    print(markdown_table(
+        ["chain from t0", "sigma", "retention, label on", "retention, label off", "classifier reads it (label on)"],
+        [[c["start_timestep"], c["sigma"], c["retention_label_on"], c["retention_label_off"],
+          c["classifier_reads_label_on"]] for c in outcome["chains"]]))
+    print("the classifier reads it on the clean images, at its contrast times "
+          + ", ".join(f"{k:g}: {share:.2f}" for k, share in outcome["classifier_reads_clean"].items()))
     print(f"{arguments.finding}: peak contrast {outcome['finding_peak_contrast']:.3f} over "
           f"{outcome['finding_pixels']:.1f} pixels per image (mean); written {arguments.output}")
