@@ -82,11 +82,14 @@ class Schedule:
 
 
 def diffusion_loss(pred: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                   noise_scheduler, prediction_type: str, snr_gamma: float | None) -> torch.Tensor:
+                   noise_scheduler, prediction_type: str, snr_gamma: float | None,
+                   pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The batch's mean squared error to the target (epsilon, or v for v-prediction), in fp32, each image weighted
-    by min-SNR (Hang et al. 2023) when `snr_gamma` is set: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v."""
+    by min-SNR (Hang et al. 2023) when `snr_gamma` is set: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v.
+    `pixel_weight` scales each pixel's squared error (benchmarks/finding_loss_weight.py)."""
     target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(clean, noise, timesteps)
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    error = F.mse_loss(pred.float(), target.float(), reduction="none")
+    loss = (error if pixel_weight is None else error * pixel_weight).mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         snr = compute_snr(noise_scheduler, timesteps)
         loss = loss * (snr.clamp(max=snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1))
