@@ -112,6 +112,11 @@ def test_diffusion_loss_epsilon_v_and_min_snr_by_hand():
     assert snr[0] > 5 > snr[1]  # one capped, one not: both branches of min(SNR, gamma) are exercised
     weighted_v = training.diffusion_loss(pred, clean, noise, t, scheduler, "v_prediction", 5.0)
     assert weighted_v.item() == pytest.approx((v**2 * snr.clamp(max=5.0) / (snr + 1)).mean().item(), rel=1e-5)
+    # Per-pixel weights: one pixel of each image's four weighted 5x, so each image's mean error is 8/4 = 2x.
+    pixel_weight = torch.ones(2, 1, 2, 2)
+    pixel_weight[:, :, 0, 0] = 5.0
+    weighted_pixels = training.diffusion_loss(pred, clean, noise, t, scheduler, "epsilon", None, pixel_weight)
+    assert weighted_pixels.item() == pytest.approx(2.0)
 
 
 def load_config_tiny():
