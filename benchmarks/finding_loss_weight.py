@@ -32,8 +32,10 @@ from lunggen_diffusers.cli import run  # noqa: E402
 from lunggen_diffusers.config import from_dict  # noqa: E402
 from lunggen_diffusers.data.build import load_source  # noqa: E402
 from lunggen_diffusers.data.phantom import FINDINGS, _draw, render_phantom  # noqa: E402
-from lunggen_diffusers.sampling import is_conditional, load_pipeline, model_label  # noqa: E402
+from lunggen_diffusers.sampling import model_label  # noqa: E402
 from lunggen_diffusers.training import diffusion_loss  # noqa: E402
+
+from finding_probe import load_conditional  # noqa: E402  (beside this file)
 
 CONTRAST_THRESHOLD = 0.05  # as finding_probe.py: the pixels the finding raises by more than this, in [-1, 1]
 
@@ -69,16 +71,9 @@ def phantom_masks(config, finding: str) -> tuple[torch.Tensor, torch.Tensor, lis
 
 
 def train(args: WeightArguments) -> dict:
-    if args.finding not in FINDINGS:
-        raise ValueError(f"--finding {args.finding!r} is not a phantom finding; choose from {', '.join(FINDINGS)}")
     if args.weight < 0:
         raise ValueError(f"--weight {args.weight} must be >= 0 (0 is the plain loss)")
-    if args.num_threads is not None:
-        torch.set_num_threads(args.num_threads)
-    pipe, _ = load_pipeline(args.model, device="cpu")
-    if not is_conditional(pipe):
-        raise ValueError(f"--model {model_label(args.model)!r} is unconditional; "
-                         "train one with --condition_on findings")
+    pipe, _ = load_conditional(args.model, args.finding, args.num_threads)
     with open(os.path.join(args.model, "training_config.json")) as f:
         config = from_dict(json.load(f))
     if config.data.dataset_name or config.data.train_data_dir:

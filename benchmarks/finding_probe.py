@@ -68,19 +68,24 @@ def _render(resolution: int, count: int, findings: list[str]) -> torch.Tensor:
     return torch.from_numpy(pixels).float().div(127.5).sub(1).unsqueeze(1)
 
 
+def load_conditional(model: str, finding: str, num_threads: int | None):
+    """(pipeline, revision) of a conditional phantom model on CPU, once `finding` is known to be a phantom finding."""
+    if finding not in FINDINGS:
+        raise ValueError(f"--finding {finding!r} is not a phantom finding; choose from {', '.join(FINDINGS)}")
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    pipe, revision = load_pipeline(model, device="cpu")
+    if not is_conditional(pipe):
+        raise ValueError(f"--model {model_label(model)!r} is unconditional; train one with --condition_on findings")
+    return pipe, revision
+
+
 def probe(args: ProbeArguments) -> dict:
-    if args.finding not in FINDINGS:
-        raise ValueError(f"--finding {args.finding!r} is not a phantom finding; choose from {', '.join(FINDINGS)}")
     if args.num_images < 1:
         raise ValueError(f"--num_images must be >= 1, got {args.num_images}")
     if not args.contrast_scales or min(args.contrast_scales) <= 0:
         raise ValueError(f"--contrast_scales {args.contrast_scales}: give scales > 0 (1 is the finding as rendered)")
-    if args.num_threads is not None:
-        torch.set_num_threads(args.num_threads)
-    pipe, revision = load_pipeline(args.model, device="cpu")
-    if not is_conditional(pipe):
-        raise ValueError(f"--model {model_label(args.model)!r} is unconditional; "
-                         "train one with --condition_on findings")
+    pipe, revision = load_conditional(args.model, args.finding, args.num_threads)
     steps = pipe.scheduler.config.num_train_timesteps
     for name in ("timesteps", "chain_from"):
         bad = [t for t in getattr(args, name) if not 0 <= t < steps]
