@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from lunggen_diffusers.cli import run  # noqa: E402
 from lunggen_diffusers.config import from_dict  # noqa: E402
 from lunggen_diffusers.data.build import load_source  # noqa: E402
-from lunggen_diffusers.data.phantom import FINDINGS, _draw, render_phantom  # noqa: E402
+from lunggen_diffusers.data.phantom import FINDINGS, render_phantom  # noqa: E402
 from lunggen_diffusers.sampling import model_label  # noqa: E402
 from lunggen_diffusers.training import diffusion_loss  # noqa: E402
 
@@ -54,19 +54,20 @@ def phantom_masks(config, finding: str) -> tuple[torch.Tensor, torch.Tensor, lis
     """The model's training phantoms in [-1, 1], the finding's pixels in each (zeros where it is absent), labels."""
     rows = load_source(config)[0].with_format(None)
     images, masks, labels = [], [], []
-    for patient, findings in zip(rows["patient_id"], rows["finding_labels"]):
-        _, seed, index = patient.split("-")  # phantom-{seed}-{index}: the two numbers that render it
-        pixels, drawn = _draw(int(seed), int(index), config.data.resolution, config.data.phantom_finding_prob)
+    for row in rows:
+        pixels = np.asarray(row["image"], dtype=np.float32)
+        drawn = [f for f in FINDINGS if row[f]]
         mask = np.zeros(pixels.shape, dtype=bool)
         if finding in drawn:
+            _, seed, index = row["patient_id"].split("-")  # phantom-{seed}-{index}: the two numbers that render it
             rng = np.random.default_rng([int(seed), int(index)])
-            rng.random(len(FINDINGS))  # the finding draws come first, as in _draw
+            rng.random(len(FINDINGS))  # the dataset draws the findings first, then renders from the same generator
             without = render_phantom(config.data.resolution, rng, [f for f in drawn if f != finding])
-            mask = (pixels.astype(np.float32) - without) / 127.5 > CONTRAST_THRESHOLD
+            mask = (pixels - without) / 127.5 > CONTRAST_THRESHOLD
         images.append(pixels)
         masks.append(mask)
         labels.append(drawn)
-    images = torch.from_numpy(np.stack(images)).unsqueeze(1).float().div(127.5).sub(1)
+    images = torch.from_numpy(np.stack(images)).unsqueeze(1).div(127.5).sub(1)
     return images, torch.from_numpy(np.stack(masks)).unsqueeze(1).float(), labels
 
 

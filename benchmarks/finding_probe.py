@@ -108,12 +108,13 @@ def probe(args: ProbeArguments) -> dict:
     with torch.inference_mode():
         for t in args.timesteps:
             noise = torch.randn(with_it.shape, generator=torch.Generator().manual_seed(t))
-            kept = {name: float((estimate(with_it, labels, t, noise) - estimate(without, labels, t, noise))[mask].sum()
-                                / contrast[mask].sum()) for name, labels in (("on", on), ("off", off))}
-            base = estimate(without, on, t, noise)
-            added = (base - estimate(without, off, t, noise)).amax(dim=(1, 2, 3))
-            error = (estimate(with_it, on, t, noise) - with_it) ** 2
-            scaled = [float((estimate(without + k * contrast, on, t, noise) - base)[mask].sum()
+            with_on, without_on = estimate(with_it, on, t, noise), estimate(without, on, t, noise)
+            with_off, without_off = estimate(with_it, off, t, noise), estimate(without, off, t, noise)
+            kept = {name: float((w - wo)[mask].sum() / contrast[mask].sum())
+                    for name, (w, wo) in (("on", (with_on, without_on)), ("off", (with_off, without_off)))}
+            added = (without_on - without_off).amax(dim=(1, 2, 3))
+            error = (with_on - with_it) ** 2
+            scaled = [float((estimate(without + k * contrast, on, t, noise) - without_on)[mask].sum()
                             / (k * contrast[mask].sum())) for k in args.contrast_scales]
             rows.append({"timestep": t, "sigma": float(((1 - alpha_bar[t]) / alpha_bar[t]).sqrt()),
                          "retention_label_on": kept["on"], "retention_label_off": kept["off"],
