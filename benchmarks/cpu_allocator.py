@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from lunggen_diffusers.config import from_dict  # noqa: E402
 from lunggen_diffusers.model import build_unet  # noqa: E402
 from lunggen_diffusers.runtime import keep_freed_memory, set_cpu_threads  # noqa: E402
+from common import finish  # noqa: E402  (beside this file)
 
 
 @dataclass
@@ -108,8 +108,7 @@ def main() -> None:
                   f"{m['page_faults_per_step'] / 1e6:>9.2f}M{speedup:>9.2f}x")
     print(f"  peak RSS: {base['peak_rss_mib']:.0f} MiB default, {kept['peak_rss_mib']:.0f} MiB kept")
     report = {"args": asdict(args), "resolution": res, "date": time.strftime("%Y-%m-%d"), "results": results}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    finish(report, args.output)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from transformers import HfArgumentParser
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
@@ -44,20 +44,24 @@ from lunggen_diffusers.cli import run  # noqa: E402
 from lunggen_diffusers.data.phantom import FINDINGS, render_phantom  # noqa: E402
 from lunggen_diffusers.evaluation.metrics import frechet_distance  # noqa: E402
 from lunggen_diffusers.evaluation.phantom_classifier import ClassifierSettings, load_classifier  # noqa: E402
-from lunggen_diffusers.lunggen_pipeline import normalize  # noqa: E402
 from lunggen_diffusers.runtime import keep_freed_memory  # noqa: E402
 from lunggen_diffusers.sampling import (  # noqa: E402
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
-    SYNTHETIC_NOTICE,
     generate,
     is_conditional,
     load_pipeline,
     model_label,
 )
-from lunggen_diffusers.utils import atomic_path, atomic_write_text, markdown_table, write_json  # noqa: E402
-
-NO_FINDING = "No Finding"
+from lunggen_diffusers.utils import (  # noqa: E402
+    SYNTHETIC_NOTICE,
+    atomic_path,
+    atomic_write_text,
+    markdown_table,
+    synthetic_png_info,
+)
+from lunggen_diffusers.vocabulary import NO_FINDING, normalize  # noqa: E402
+from common import finish  # noqa: E402  (beside this file)
 REQUESTS = {NO_FINDING: [], **{f: [f] for f in FINDINGS}}
 GOAL_PRESENT = {"cardiomegaly": 0.90, "pleural_effusion": 0.90, "nodule": 0.70, "consolidation": 0.70}
 GOAL_FPR_FACTOR, GOAL_COST = 2.0, 2.1
@@ -182,19 +186,16 @@ def benchmark(args: FidelityArguments) -> dict:
               "meets_goals": best["shortfall"] == 0, "recommended_cost_ratio": best["cost_ratio"],
               "meets_cost_goal": best["cost_ratio"] <= GOAL_COST}
     os.makedirs(args.output_dir, exist_ok=True)
-    write_json(os.path.join(args.output_dir, "fidelity.json"), result)
+    finish(result, os.path.join(args.output_dir, "fidelity.json"))
     atomic_write_text(os.path.join(args.output_dir, "card_section.md"), card_section(result))
     _write_grid(os.path.join(args.output_dir, "conditional_grid.png"), grids[best["guidance_scale"]], result)
     return result
 
 
 def _write_grid(path: str, pixels: np.ndarray, result: dict) -> None:
-    info = PngImagePlugin.PngInfo()
-    info.add_text("Software", "LungGen-Diffusers")
-    info.add_text("Description", "Synthetic chest X-rays from a diffusion model trained on a procedural phantom; "
-                                 f"rows: {', '.join(REQUESTS)}; not real patients ({SYNTHETIC_NOTICE}).")
-    info.add_text("synthetic", SYNTHETIC_NOTICE)
-    info.add_text("guidance_scale", str(result["recommended_guidance_scale"]))
+    info = synthetic_png_info("Synthetic chest X-rays from a diffusion model trained on a procedural phantom; "
+                              f"rows: {', '.join(REQUESTS)}; not real patients ({SYNTHETIC_NOTICE}).",
+                              guidance_scale=result["recommended_guidance_scale"])
     with atomic_path(path) as temporary:
         Image.fromarray(pixels).save(temporary, pnginfo=info)
 

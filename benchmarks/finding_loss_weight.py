@@ -31,9 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from lunggen_diffusers.cli import run  # noqa: E402
 from lunggen_diffusers.config import from_dict  # noqa: E402
 from lunggen_diffusers.data.build import load_source  # noqa: E402
-from lunggen_diffusers.data.phantom import FINDINGS, render_phantom  # noqa: E402
+from lunggen_diffusers.data.phantom import FINDINGS, draw_phantom  # noqa: E402
 from lunggen_diffusers.sampling import model_label  # noqa: E402
 from lunggen_diffusers.training import diffusion_loss  # noqa: E402
+from common import finish  # noqa: E402  (beside this file)
 
 from finding_probe import load_conditional  # noqa: E402  (beside this file)
 
@@ -60,9 +61,8 @@ def phantom_masks(config, finding: str) -> tuple[torch.Tensor, torch.Tensor, lis
         mask = np.zeros(pixels.shape, dtype=bool)
         if finding in drawn:
             _, seed, index = row["patient_id"].split("-")  # phantom-{seed}-{index}: the two numbers that render it
-            rng = np.random.default_rng([int(seed), int(index)])
-            rng.random(len(FINDINGS))  # the dataset draws the findings first, then renders from the same generator
-            without = render_phantom(config.data.resolution, rng, [f for f in drawn if f != finding])
+            without, _ = draw_phantom(int(seed), int(index), config.data.resolution, config.data.phantom_finding_prob,
+                                      without=[finding])
             mask = (pixels - without) / 127.5 > CONTRAST_THRESHOLD
         images.append(pixels)
         masks.append(mask)
@@ -125,4 +125,4 @@ def train(args: WeightArguments) -> dict:
 if __name__ == "__main__":
     (arguments,) = HfArgumentParser(WeightArguments).parse_args_into_dataclasses()
     outcome = run(lambda: train(arguments))
-    print(json.dumps(outcome, indent=2))
+    finish(outcome, os.path.join(arguments.output_dir, "finding_loss_weight.json"), json.dumps(outcome, indent=2))

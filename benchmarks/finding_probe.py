@@ -40,7 +40,8 @@ from lunggen_diffusers.data.phantom import FINDINGS, render_phantom  # noqa: E40
 from lunggen_diffusers.evaluation.phantom_classifier import load_classifier  # noqa: E402
 from lunggen_diffusers.lunggen_pipeline import guided_denoise  # noqa: E402
 from lunggen_diffusers.sampling import is_conditional, load_pipeline, model_label  # noqa: E402
-from lunggen_diffusers.utils import markdown_table, write_json  # noqa: E402
+from lunggen_diffusers.utils import markdown_table  # noqa: E402
+from common import finish  # noqa: E402  (beside this file)
 
 # Neither training (seed 0), the sampler benchmark (12345), the classifier nor the fidelity benchmark (24680).
 PROBE_SEED = 13579
@@ -168,7 +169,7 @@ def table(result: dict) -> str:
 if __name__ == "__main__":
     (arguments,) = HfArgumentParser(ProbeArguments).parse_args_into_dataclasses()
     outcome = run(lambda: probe(arguments))
-    write_json(arguments.output, outcome)
+    finish(outcome, arguments.output)
     print(table(outcome))
     print(markdown_table(
         ["t", "sigma", *(f"retention at {k:g}x contrast" for k in arguments.contrast_scales)],

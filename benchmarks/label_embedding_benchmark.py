@@ -10,19 +10,17 @@ variants alike. Prints parameters and median step time per variant and writes JS
   learned token per label (the token table has to live outside the UNet, as a second component).
 """
 
-import json
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import UNet2DConditionModel
 from transformers import HfArgumentParser
 
 from lunggen_diffusers.config import from_dict
 from lunggen_diffusers.model import build_unet
+from common import finish  # noqa: E402  (beside this file)
 
 LABELS = 5  # the phantom's 4 findings and the null entry
 
@@ -75,8 +73,7 @@ def main():
             optimizers[name].zero_grad(set_to_none=True)
             if step:  # the first step of each is warm-up
                 times[name].append(time.perf_counter() - start)
-    result = {"preset": args.preset, "batch_size": args.batch_size, "cpu": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads(), "variants": {}}
+    result = {"preset": args.preset, "batch_size": args.batch_size, "variants": {}}
     print(f"{'variant':<16} {'parameters':>11} {'step (ms)':>10} {'vs unconditional':>17}")
     base = statistics.median(times["unconditional"])
     for name, (model, extra, _) in models.items():
@@ -84,8 +81,7 @@ def main():
         median = statistics.median(times[name])
         result["variants"][name] = {"parameters": params, "step_s": median, "ratio": median / base}
         print(f"{name:<16} {params:>11,} {median * 1000:>10.0f} {median / base:>16.2f}x")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    finish(result, args.output)
 
 
 if __name__ == "__main__":

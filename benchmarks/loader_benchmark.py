@@ -9,9 +9,7 @@ untimed epoch that starts the workers. For reference, the same pixels stored as 
 with one Arrow take per batch. Prints a table and writes JSON.
 """
 
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,6 +31,7 @@ from lunggen_diffusers.config import DataConfig, from_dict  # noqa: E402
 from lunggen_diffusers.data import nih  # noqa: E402
 from lunggen_diffusers.data.decode import stored_pixels  # noqa: E402
 from lunggen_diffusers.training import build_dataloader  # noqa: E402
+from common import finish  # noqa: E402  (beside this file)
 
 
 @dataclass
@@ -96,9 +95,6 @@ def main(args: BenchmarkArguments) -> dict:
     result = {
         "num_images": len(ds), "resolution": args.resolution, "batch_size": args.batch_size,
         "mean_png_kb": round(png_kb / 1024, 1), "loader": rows, "uint8_take_images_per_s": reference,
-        "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "load_average": os.getloadavg()},
         "args": asdict(args),
     }
     print(f"\n{len(ds)} images at {args.resolution}px (PNG mean {png_kb / 1024:.1f} KB), batch {args.batch_size}, "
@@ -107,9 +103,7 @@ def main(args: BenchmarkArguments) -> dict:
     for r in rows:
         print(f"{'PNG -> uint8, ' + str(r['num_workers']) + ' workers':<34}{r['images_per_s']:>10,.0f}")
     print(f"{'uint8 Arrow take (before), main':<34}{reference:>10,.0f}")
-    Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output_json}")
+    finish(result, args.output_json)
     return result
 
 

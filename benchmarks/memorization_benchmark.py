@@ -14,14 +14,11 @@ and 768-d features (RAD-DINO's width, the cosine search). Prints a table and wri
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from lunggen_diffusers.evaluation.memorization import audit, cosine_search, ncc_search, sharded_search  # noqa: E402
 from lunggen_diffusers.runtime import process_device, process_state  # noqa: E402
+from common import finish  # noqa: E402  (beside this file)
 
 
 @dataclass
@@ -103,9 +101,7 @@ def main() -> dict:
     if not state.is_main_process:
         return {}
     result = {"args": asdict(args), "processes": state.num_processes, "inputs_rss_mb": round(rss_inputs, 1),
-              "stages": rows, "torch": torch.__version__, "threads_per_process": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(),
-              "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None}
+              "stages": rows}
     print(f"{args.num_generated} generated x {args.num_train} training, audit {args.audit_size}px +-{args.max_shift}, "
           f"{args.feature_dim}-d features, {device}, {state.num_processes} process(es) x {torch.get_num_threads()} "
           "threads")
@@ -113,9 +109,7 @@ def main() -> dict:
     for row in rows:
         print(f"{row['stage']:<32}{row['seconds']:>10.2f}{row['tflop']:>10.3f}{row['gflop_per_s']:>10.1f}"
               f"{row['peak_rss_mb']:>14.1f}")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return finish(result, args.output)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,10 @@ Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +22,7 @@ from transformers import HfArgumentParser
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from lunggen_diffusers.evaluation.metrics import prdc  # noqa: E402
+from common import finish  # noqa: E402  (beside this file)
 
 
 @dataclass
@@ -49,16 +47,13 @@ def main() -> dict:
             scores = prdc(real, other, k=args.k)
             rows.append({"dim": dim, "case": case, "seconds": round(time.perf_counter() - start, 2),
                          **{name: round(value, 4) for name, value in scores.items()}})
-    result = {"args": asdict(args), "rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine()}
+    result = {"args": asdict(args), "rows": rows}
     print(f"{args.num_fake} fake x {args.num_real} real, k={args.k}, {torch.get_num_threads()} threads")
     print(f"{'dim':>5} {'case':<12}{'seconds':>9}{'precision':>11}{'recall':>8}{'density':>9}{'coverage':>10}")
     for r in rows:
         print(f"{r['dim']:>5} {r['case']:<12}{r['seconds']:>9.2f}{r['precision']:>11.4f}{r['recall']:>8.4f}"
               f"{r['density']:>9.4f}{r['coverage']:>10.4f}")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return finish(result, args.output)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ Prints a table and writes JSON. Files are in the page cache for every timing (ea
 read of the files), so the figures are CPU-bound, as on a local SSD.
 """
 
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -21,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import PIL
 from PIL import Image
 from transformers import HfArgumentParser
 
@@ -31,6 +28,7 @@ from lunggen_diffusers.cli import run  # noqa: E402
 from lunggen_diffusers.config import DataConfig  # noqa: E402
 from lunggen_diffusers.data import nih  # noqa: E402
 from lunggen_diffusers.data.phantom import render_phantom  # noqa: E402
+from common import finish  # noqa: E402  (beside this file)
 
 
 @dataclass
@@ -94,8 +92,6 @@ def main(args: BenchmarkArguments) -> dict:
     result = {
         "num_images": args.num_images, "resolution": args.resolution, "mean_png_kb": round(mean_kb, 1),
         "plain_decode_images_per_s": decode, "prepare": rows,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "pillow": PIL.__version__,
-                    "load_average": os.getloadavg()},
         "args": asdict(args),
     }
     print(f"\n{args.num_images} PNGs of 1024x1024 (mean {mean_kb:.0f} KB) -> {args.resolution}px, "
@@ -105,10 +101,7 @@ def main(args: BenchmarkArguments) -> dict:
     for r in rows:
         print(f"{'prepare num_proc=' + str(r['num_proc']):<24}{r['images_per_s']:>10.1f}"
               f"{r['images_per_s_per_process']:>12.1f}{r['fraction_of_plain_decode']:>10.2f}")
-    Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output_json}")
-    return result
+    return finish(result, args.output_json)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ of the same size: the distance that sampling noise alone gives, the floor no sam
 writes JSON and a PNG with the first images of every sampler (one row each, same seeds so rows are comparable).
 """
 
-import json
 import os
 import sys
 import time
@@ -40,6 +39,8 @@ from lunggen_diffusers.sampling import (  # noqa: E402
     load_pipeline,
     model_label,
 )
+
+from common import finish  # noqa: E402  (beside this file)
 
 REFERENCE = ("ddpm", 1000)
 DEFAULT = (DEFAULT_SCHEDULER, DEFAULT_STEPS)
@@ -126,9 +127,7 @@ def benchmark(args: BenchmarkArguments) -> dict:
               # while its precision fell from 0.62 to 0.25.
               "default_meets_goal": None if ref is None or default is None else bool(
                   default["speedup"] >= GOAL_SPEEDUP and default["phantom_fd_ratio"] <= GOAL_FD_RATIO)}
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "sampler_benchmark.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    finish(result, os.path.join(args.output_dir, "sampler_benchmark.json"))
     # Rows: phantoms, then each sampler in --samplers order; columns: the same 8 seeds.
     sheet = np.concatenate([np.concatenate(list(s), axis=1) for s in strips], axis=0)
     Image.fromarray(sheet).save(os.path.join(args.output_dir, "sampler_benchmark.png"))

@@ -16,9 +16,7 @@ Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -36,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from lunggen_diffusers.config import from_dict  # noqa: E402
 from lunggen_diffusers.model import build_unet  # noqa: E402
 from lunggen_diffusers.training import train  # noqa: E402
+from common import cpu_name, finish  # noqa: E402  (beside this file)
 
 
 @dataclass
@@ -154,7 +153,7 @@ def main() -> None:
         "preset": args.preset,
         "resolution": config.data.resolution,
         "batch_size": batch,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.machine()} x{os.cpu_count()}",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {cpu_name()}",
         "dtype": str(dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "steps": args.steps,
@@ -180,8 +179,7 @@ def main() -> None:
     for row in rows:
         print(f"  {row[0]:<26}{row[1]:>10}{row[2]:>8}")
     print(f"  overhead ratio (project / bare): {result['overhead_ratio']:.3f}; peak RSS {result['peak_rss_mib']:.0f} MiB")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    finish(result, args.output)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,49 @@
-"""What every entry point shares: a user's mistake is one `error: ...` line and exit status 2, not a traceback."""
+"""What every command shares, so all of them fail alike:
+
+- an unknown flag or a value of the wrong type: argparse's own message and usage, exit status 2;
+- a bad value or a missing path found later: one `error: ...` line naming the option, exit status 2;
+- never a traceback for a user's mistake (a traceback means a bug).
+"""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import NoReturn, TypeVar
+
+from transformers import HfArgumentParser
 
 T = TypeVar("T")
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)
+# What a user's input (flags, paths, data, a launch, a Hub login) can raise; anything else is a bug and keeps its
+# traceback. ConnectionError: the Hub push's one-line refusals (not logged in, no write access, offline).
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, ConnectionError)
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def parse(parser: HfArgumentParser, argv: Sequence[str] | None = None) -> tuple:
+    """The parser's dataclasses from `argv`; a flag no dataclass has is argparse's error (usage, exit 2), as with a
+    plain ArgumentParser, rather than HfArgumentParser's ValueError."""
+    *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return tuple(parsed)
+
+
+def parse_args(types, argv: Sequence[str] | None = None, prog: str | None = None, **defaults) -> tuple:
+    """`parse` with a new HfArgumentParser over `types` (one dataclass or several), `defaults` overriding theirs."""
+    parser = HfArgumentParser(types, prog=prog)
+    parser.set_defaults(**defaults)
+    return parse(parser, argv)
 
 
 def run(main: Callable[[], T]) -> T:
+    """Run a command's work; a user's mistake ends it with one line and exit status 2."""
     try:
         return main()
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -1,4 +1,4 @@
-"""Labels for conditional training: the vocabulary and label counts of a training split, and its label vectors.
+"""Labels for conditional training: the vocabulary and label counts of a training split, and its condition vectors.
 
 What is stored with a model (`label_config`) is aggregate: the label names and how many training images carry each
 combination of labels. No image or patient identifier goes in.
@@ -11,16 +11,12 @@ from collections import Counter
 import datasets
 import numpy as np
 
-from .config import CONDITIONS
 from .lunggen_pipeline import DEFAULT_GUIDANCE_SCALE, LabelSpace
-
-# --condition_on choice -> the dataset column it reads (NIH metadata, metadata.csv folders and the phantom alike).
-CONDITION_COLUMNS = dict(zip(CONDITIONS, ("finding_labels", "view_position", "patient_sex")))
-NO_FINDING = "No Finding"
+from .vocabulary import CONDITION_COLUMNS, FINDINGS_COLUMN, finding_lists
 
 
 def _row_labels(findings: list[str], extras: dict[str, str]) -> list[str]:
-    return sorted(f for f in findings if f != NO_FINDING) + [f"{g}={v}" for g, v in extras.items()]
+    return sorted(finding_lists([findings])[0]) + [f"{g}={v}" for g, v in extras.items()]
 
 
 def label_config(dataset: datasets.Dataset, condition_on: list[str],
@@ -34,25 +30,25 @@ def label_config(dataset: datasets.Dataset, condition_on: list[str],
                          f"(it has: {', '.join(dataset.column_names)})")
     table = dataset.select_columns(columns).with_format(None).to_dict()
     groups = {c: sorted(set(map(str, table[CONDITION_COLUMNS[c]]))) for c in condition_on if c != "findings"}
-    findings = table["finding_labels"]
+    findings = table[FINDINGS_COLUMN]
     rows = [_row_labels(f, {g: str(table[CONDITION_COLUMNS[g]][i]) for g in groups}) for i, f in enumerate(findings)]
     return {
         "condition_on": list(condition_on),
-        "findings": sorted({f for row in findings for f in row} - {NO_FINDING}),
+        "findings": sorted({f for row in finding_lists(findings) for f in row}),
         "groups": groups,
         "combination_counts": dict(sorted(Counter("|".join(r) for r in rows).items())),
         "guidance_scale": guidance_scale,
     }
 
 
-def label_vectors(dataset: datasets.Dataset, config: dict) -> np.ndarray:
-    """(N, size) float32 label vectors of every image of `dataset`, in row order (the null entry is 0)."""
+def condition_vectors(dataset: datasets.Dataset, config: dict) -> np.ndarray:
+    """(N, size) float32 condition vectors of every image of `dataset`, in row order (the null entry is 0)."""
     space = LabelSpace(config)
     columns = [CONDITION_COLUMNS[c] for c in config["condition_on"]]
     table = dataset.select_columns(columns).with_format(None).to_dict()
     index = {name: i for i, name in enumerate(space.names)}
     vectors = np.zeros((len(dataset), space.size), np.float32)
-    for i, findings in enumerate(table["finding_labels"]):
+    for i, findings in enumerate(table[FINDINGS_COLUMN]):
         extras = {g: str(table[CONDITION_COLUMNS[g]][i]) for g in space.groups}
         vectors[i, [index[name] for name in _row_labels(findings, extras)]] = 1.0
     return vectors

@@ -15,6 +15,8 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
+from .cli import parse
+
 
 @dataclass
 class DataConfig:
@@ -172,55 +174,22 @@ class Config:
 
 _PARTS = (DataConfig, ModelConfig, TrainingConfig, HubConfig)
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # Built-in phantom, 64 px, a small UNet: recognisable chest-like samples in minutes on 2 CPU cores (times per CPU
-    # in the README). v-prediction learns the phantom from two fifths of the images epsilon needed, and attention in
-    # the 8x8 middle block only makes a step a fifth cheaper: the recipe was chosen on the sampler benchmark.
-    "demo": {
-        "resolution": 64,
-        "num_phantom_images": 2000,
-        "block_out_channels": [16, 32, 64, 128],
-        "layers_per_block": 1,
-        "attention_resolutions": [],
-        "norm_num_groups": 8,
-        "prediction_type": "v_prediction",
-        "train_batch_size": 8,
-        "max_train_steps": 800,
-        "learning_rate": 2e-3,
-        "lr_warmup_steps": 50,
-        "ema_max_decay": 0.999,
-        "checkpointing_steps": 400,
-        "save_images_steps": 400,
-        "snr_gamma": 5.0,
-    },
-    # The LungGen paper's setting: 256x256x1, six levels, attention at 16x16, 1000-step linear DDPM, EMA.
-    "lunggen-256": {
-        "resolution": 256,
-        "block_out_channels": [128, 128, 256, 256, 512, 512],
-        "layers_per_block": 2,
-        "attention_resolutions": [16],
-        "ddpm_num_steps": 1000,
-        "ddpm_beta_schedule": "linear",
-        "train_batch_size": 16,
-        "num_epochs": 100,
-        "learning_rate": 1e-4,
-        "lr_warmup_steps": 500,
-        "use_ema": True,
-        "checkpointing_steps": 2500,
-        "save_images_steps": 2500,
-    },
-}
-
+# A preset is a YAML file of options in presets/, named by its file, that `--config` reads as well; its
+# `when_conditioned` block applies on top when --condition_on is given (any --config file may hold one too).
+PRESET_DIR = Path(__file__).with_name("presets")
+WHEN_CONDITIONED = "when_conditioned"
 CONDITIONS = ("findings", "view_position", "patient_sex")  # --condition_on choices; findings always among them
-# Applied on top of a preset when --condition_on is given: what a conditional model of that preset needs.
-CONDITIONAL_PRESETS: dict[str, dict[str, Any]] = {
-    # Each finding in half the phantoms (every label as often present as absent) and 4,500 steps: at 0.3 or 3,000
-    # steps the labels were followed too loosely. No min-SNR weighting: it gives the low-noise steps, where small
-    # findings are drawn, almost no weight; without it consolidation asked for went from 0.72 to 1.00 at guidance 2
-    # (fidelity tables in benchmarks/README). The default guidance (2) is the one that benchmark recommends.
-    "demo": {"phantom_finding_prob": 0.5, "max_train_steps": 4500, "checkpointing_steps": 1500,
-             "save_images_steps": 1500, "snr_gamma": None},
-}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_file(name: str) -> Path:
+    if name not in preset_names():
+        raise ValueError(f"--preset {name!r} is not one of: {', '.join(preset_names())}")
+    return PRESET_DIR / f"{name}.yaml"
+
 
 CHOICES = {
     "ddpm_beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
@@ -253,9 +222,27 @@ def known_options() -> set[str]:
 
 
 def _check_keys(values: dict[str, Any], where: str) -> None:
-    unknown = sorted(set(values) - known_options())
+    overlay = values.get(WHEN_CONDITIONED) or {}
+    if not isinstance(overlay, dict):
+        raise ValueError(f"{where}: {WHEN_CONDITIONED} must be a mapping of option names to values")
+    unknown = sorted(set(values) - known_options() - {WHEN_CONDITIONED}) + sorted(set(overlay) - known_options())
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}")
+
+
+def _options(values: dict[str, Any], conditional: bool) -> dict[str, Any]:
+    """A file's options, its `when_conditioned` block applied when the run is conditional."""
+    overlay = values.get(WHEN_CONDITIONED) or {}
+    return {**{k: v for k, v in values.items() if k != WHEN_CONDITIONED}, **(overlay if conditional else {})}
+
+
+def preset_values(name: str, conditional: bool = False) -> dict[str, Any]:
+    """The options preset `name` sets (its file's, without the `preset` key naming it)."""
+    values = _read_file(str(preset_file(name)))
+    _check_keys(values, f"preset {name}")
+    if values.get("preset", name) != name:
+        raise ValueError(f"{preset_file(name)} names preset {values['preset']!r}; a preset file names itself")
+    return {k: v for k, v in _options(values, conditional).items() if k != "preset"}
 
 
 def validate(config: Config) -> Config:
@@ -294,17 +281,12 @@ def validate(config: Config) -> Config:
     return config
 
 
-def _preset_values(preset: str, conditional: bool) -> dict[str, Any]:
-    return {**PRESETS[preset], **(CONDITIONAL_PRESETS.get(preset, {}) if conditional else {})}
-
-
 def from_dict(values: dict[str, Any]) -> Config:
     """Build a validated Config from a flat mapping (a saved `training_config.json`, say), preset applied first."""
     _check_keys(values, "config")
     preset = values.get("preset", "demo")
-    if preset not in PRESETS:
-        raise ValueError(f"--preset {preset!r} is not one of: {', '.join(PRESETS)}")
-    merged = {**_preset_values(preset, bool(values.get("condition_on"))), **values}
+    conditional = bool(values.get("condition_on"))
+    merged = {**preset_values(preset, conditional), **_options(values, conditional)}
     parts = [
         part(**{f.name: merged[f.name] for f in dataclasses.fields(part) if f.name in merged}) for part in _PARTS
     ]
@@ -320,18 +302,18 @@ def parse_args(argv: list[str] | None = None) -> Config:
     file_values = _read_file(known.config) if known.config else {}
     _check_keys(file_values, f"--config {known.config}")
     preset = known.preset or file_values.get("preset", "demo")
-    if preset not in PRESETS:
-        raise ValueError(f"--preset {preset!r} is not one of: {', '.join(PRESETS)}")
+    preset_file(preset)  # an unknown name is refused before anything else
 
     parser = HfArgumentParser(_PARTS)
-    parser.add_argument("--preset", default=preset, help=f"One of: {', '.join(PRESETS)}.")
+    parser.add_argument("--preset", default=preset, help=f"One of: {', '.join(preset_names())} "
+                                                         f"(lunggen_diffusers/presets/NAME.yaml).")
     parser.add_argument("--config", default=None, help="A .yaml or .json file of options; flags override it.")
     conditioned = argparse.ArgumentParser(add_help=False)
     conditioned.add_argument("--condition_on", nargs="*", default=None)
     on = conditioned.parse_known_args(rest)[0].condition_on or file_values.get("condition_on")
-    defaults = {**_preset_values(preset, bool(on)), **{k: v for k, v in file_values.items() if k != "preset"}}
-    parser.set_defaults(**defaults)
-    *parts, extra = parser.parse_args_into_dataclasses(args=rest + ["--preset", preset])
+    file_options = {k: v for k, v in _options(file_values, bool(on)).items() if k != "preset"}
+    parser.set_defaults(**{**preset_values(preset, bool(on)), **file_options})
+    *parts, extra = parse(parser, rest + ["--preset", preset])
     return validate(Config(*parts, preset=extra.preset))
 
 

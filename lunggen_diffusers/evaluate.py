@@ -10,18 +10,17 @@ eval/memorized_patients.csv (the last two are local only: they show training ima
 
 from __future__ import annotations
 
-from transformers import HfArgumentParser
+from collections.abc import Sequence
 
-from .cli import run
+from .cli import parse_args, run
 from .evaluation.run import EvaluationArguments, run_evaluation
 from .runtime import end_processes
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(args=argv)
-    report = run(lambda: _report(args))
+def main(argv: Sequence[str] | None = None) -> None:
+    (args,) = parse_args(EvaluationArguments, argv)
+    run(lambda: _report(args))
     end_processes()
-    return report
 
 
 def _report(args: EvaluationArguments) -> dict | None:

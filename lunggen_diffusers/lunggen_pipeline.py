@@ -3,11 +3,14 @@
 This file is self-contained (torch and diffusers only) because it is also copied into every conditional model
 folder, where `DiffusionPipeline.from_pretrained(folder_or_hub_id, trust_remote_code=True)` loads it for people who
 do not have the lunggen_diffusers package. In the package it is imported as `from lunggen_diffusers import
-LungGenPipeline`; both are the same code.
+LungGenPipeline`; both are the same code. It follows diffusers' own pipelines (DDPMPipeline, DiTPipeline,
+StableDiffusionPipeline): `_execution_device`, `callback_on_step_end`, `maybe_free_model_hooks`, `output_type`,
+`return_dict`.
 
 Labels: a multi-hot vector of the model's findings, then one one-hot block per extra group (view position, sex),
-then one "unconditioned" entry. "No Finding" is a condition (every finding 0, the null entry 0); the null condition
-used for guidance has only the null entry set, so the two never meet.
+then one "unconditioned" entry (the condition vector; `LabelSpace` lays it out). "No Finding" is a condition (every
+finding 0, the null entry 0); the null condition used for guidance has only the null entry set, so the two never
+meet.
 """
 
 from __future__ import annotations
@@ -16,17 +19,25 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from inspect import signature
 
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
 
-NO_FINDING = "no finding"
+NO_FINDING = "No Finding"  # the one spelling; matched whatever its case (see normalize)
 # The file name in a model folder; not `pipeline`, which is the project's command-line script.
 MODULE_NAME = "lunggen_pipeline"
 DEFAULT_GUIDANCE_SCALE = 2.0
+# "latent" does not apply: this is a pixel-space model.
+OUTPUT_TYPES = ("pil", "np", "pt")
+# What `from_pretrained` hands on (to huggingface_hub's download and to diffusers' model loading); anything else is
+# refused rather than silently ignored, so a misspelt `token=` never turns into an anonymous download.
+LOAD_KEYWORDS = ("token", "revision", "cache_dir", "local_files_only", "force_download", "proxies", "torch_dtype",
+                 "dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "trust_remote_code", "unet", "scheduler")
 
 
 def normalize(name: str) -> str:
@@ -35,7 +46,7 @@ def normalize(name: str) -> str:
 
 
 class LabelSpace:
-    """The model's vocabulary and the layout of its label vector, from the `label_config` stored with the model."""
+    """The model's vocabulary and the layout of its condition vector, from the `label_config` stored with it."""
 
     def __init__(self, label_config: dict):
         self.findings = list(label_config["findings"])
@@ -47,7 +58,7 @@ class LabelSpace:
         self._index = {normalize(n): i for i, n in enumerate(self.names)}
 
     def _unknown(self, name: str) -> ValueError:
-        return ValueError(f"unknown label {name!r}; this model knows: {', '.join(self.names)} (and 'No Finding')")
+        return ValueError(f"unknown label {name!r}; this model knows: {', '.join(self.names)} (and '{NO_FINDING}')")
 
     def canonical(self, labels: Sequence[str]) -> list[str]:
         """Requested names (any case; "No Finding" alone asks for none) -> the model's names, in vector order.
@@ -60,7 +71,7 @@ class LabelSpace:
         wanted = set()
         for name in labels:
             key = normalize(name)
-            if key == NO_FINDING:
+            if key == normalize(NO_FINDING):
                 continue
             if key not in self._index:
                 raise self._unknown(name)
@@ -82,7 +93,7 @@ class LabelSpace:
         return max(totals, key=lambda v: (totals[v], v == self.groups[group][0]))
 
     def encode(self, labels: Sequence[str] | None) -> torch.Tensor:
-        """One image's labels -> its float vector; None -> the null (unconditioned) vector."""
+        """One image's labels -> its condition vector; None -> the null (unconditioned) vector."""
         vector = torch.zeros(self.size)
         if labels is None:
             vector[self.null_index] = 1.0
@@ -90,6 +101,11 @@ class LabelSpace:
             for name in self.canonical(labels):
                 vector[self.names.index(name)] = 1.0
         return vector
+
+    def encode_batch(self, findings: Sequence[Sequence[str] | None] | None, batch_size: int) -> tuple:
+        """(condition vectors, null vectors) of a batch on the CPU; `findings` None: every image unconditioned."""
+        rows = [None] * batch_size if findings is None else list(findings)
+        return torch.stack([self.encode(row) for row in rows]), self.encode(None).expand(len(rows), -1)
 
     def draw(self, rng: random.Random) -> list[str]:
         """A label combination drawn from the training split's joint distribution (its stored counts)."""
@@ -100,16 +116,33 @@ class LabelSpace:
         return chosen.split("|") if chosen else []
 
 
+def postprocess(sample: torch.Tensor, output_type: str = "np"):
+    """The model's output in [-1, 1] (N, C, H, W) -> images in [0, 1]: "pt" a float32 tensor (N, C, H, W), "np" a
+    float32 array (N, H, W, C), "pil" a list of PIL images (mode L for one channel). The one post-processing step of
+    the pipeline class and of the project's sampling CLI; 8- or 16-bit files are cut from "np"."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)} ('latent' does not "
+                         "apply to a pixel-space model)")
+    # float() first: numpy has no bfloat16 (the stock pipeline's output path crashes there).
+    image = (sample.float() / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image
+    image = image.cpu().permute(0, 2, 3, 1).numpy()
+    return DiffusionPipeline.numpy_to_pil(image) if output_type == "pil" else image
+
+
 def guided_denoise(unet, scheduler, x, class_labels=None, null_labels=None, guidance_scale=1.0, step_kwargs=None,
-                   progress=None):
+                   progress=None, on_step: Callable | None = None):
     """The reverse process from noise `x`; with labels, classifier-free guidance in one batched forward per step.
 
     `guidance_scale` 1 means the conditional model alone (one forward); rows of `class_labels` that are the null
-    condition need no guidance. Returns the final sample.
+    condition need no guidance. `on_step(i, t, x)`, when given, runs after each step and returns the sample to go on
+    with (the pipeline's `callback_on_step_end`). Returns the final sample.
     """
     step_kwargs = step_kwargs or {}
     guided = class_labels is not None and guidance_scale != 1.0 and not bool((class_labels == null_labels).all())
-    for t in progress(scheduler.timesteps) if progress else scheduler.timesteps:
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(progress(timesteps) if progress else timesteps):
         model_input = scheduler.scale_model_input(x, t)
         if class_labels is None:
             output = unet(model_input, t).sample
@@ -121,17 +154,20 @@ def guided_denoise(unet, scheduler, x, class_labels=None, null_labels=None, guid
             conditional, unconditional = both.chunk(2)
             output = unconditional + guidance_scale * (conditional - unconditional)
         x = scheduler.step(output, t, x, **step_kwargs).prev_sample
+        if on_step is not None:
+            x = on_step(i, t, x)
     return x
 
 
 class LungGenPipeline(DiffusionPipeline):
-    """A UNet2DConditionModel whose class embedding projects the label vector, a DDPM scheduler, and the labels.
+    """A UNet2DConditionModel whose class embedding projects the condition vector, a DDPM scheduler, and the labels.
 
     pipe(findings=[["Cardiomegaly"], []], guidance_scale=2.0).images  # [] asks for no finding
     pipe(batch_size=4).images                                          # unconditional (the null condition)
     """
 
     model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler, label_config: dict | None = None):
         super().__init__()
@@ -144,23 +180,33 @@ class LungGenPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load the components directly: the generic loader would route a model folder that carries this file
-        through remote code, which our own package does not need."""
-        revision, dtype = kwargs.pop("revision", None), kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+        """Load a folder or Hub id with this class. Every keyword of LOAD_KEYWORDS reaches huggingface_hub (token,
+        revision, cache_dir, local_files_only, force_download, proxies) or diffusers' model loading (torch_dtype,
+        variant, use_safetensors, low_cpu_mem_usage); `unet` / `scheduler` replace a component; others are refused.
+        The components are loaded directly: diffusers' generic loader would route a folder that carries this file
+        through remote code (trust_remote_code), which the package does not need."""
+        unknown = sorted(set(kwargs) - set(LOAD_KEYWORDS))
+        if unknown:
+            raise TypeError(f"LungGenPipeline.from_pretrained() got unknown keyword(s) {', '.join(unknown)}; "
+                            f"accepted: {', '.join(LOAD_KEYWORDS)}")
+        kwargs.pop("trust_remote_code", None)  # nothing remote is run: this class is the code
+        hub = {k: kwargs.pop(k) for k in ("token", "revision", "cache_dir", "local_files_only", "force_download",
+                                          "proxies") if k in kwargs}
+        dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
+        unet, scheduler = kwargs.pop("unet", None), kwargs.pop("scheduler", None)
         folder = str(pretrained_model_name_or_path)
         if not os.path.isdir(folder):
-            from huggingface_hub import snapshot_download
-
-            folder = snapshot_download(folder, revision=revision, allow_patterns=[
-                "model_index.json", "scheduler/*", "unet/config.json", "unet/*.safetensors"])
+            folder = snapshot_download(folder, allow_patterns=["model_index.json", "scheduler/*", "unet/*"], **hub)
         with open(os.path.join(folder, "model_index.json")) as f:
             label_config = json.load(f).get("label_config")
         if not label_config:
             raise ValueError(f"{pretrained_model_name_or_path}: model_index.json has no label_config; "
                              "it is not a conditional LungGen model")
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True,
-                                                    **({"torch_dtype": dtype} if dtype is not None else {}))
-        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        if unet is None:
+            unet = UNet2DConditionModel.from_pretrained(
+                folder, subfolder="unet", **({"torch_dtype": dtype} if dtype is not None else {}), **kwargs)
+        if scheduler is None:
+            scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
         return cls(unet=unet, scheduler=scheduler, label_config=label_config)
 
     def save_pretrained(self, save_directory, **kwargs):
@@ -176,35 +222,82 @@ class LungGenPipeline(DiffusionPipeline):
             f.write("\n")
         shutil.copyfile(__file__, os.path.join(save_directory, f"{MODULE_NAME}.py"))
 
-    def encode(self, findings: Sequence[Sequence[str] | None] | None, batch_size: int) -> tuple:
-        """(class_labels, null_labels) for a batch; `findings` None means every image unconditioned."""
-        rows = [None] * batch_size if findings is None else list(findings)
-        labels = torch.stack([self.labels.encode(row) for row in rows])
-        null = self.labels.encode(None).expand(len(rows), -1)
-        return labels.to(self.device, self.unet.dtype), null.to(self.device, self.unet.dtype)
+    def encode(self, findings: Sequence[Sequence[str] | None] | None, batch_size: int, device=None) -> tuple:
+        """(condition vectors, null vectors) for a batch, on `device` (default: where the pipeline runs)."""
+        labels, null = self.labels.encode_batch(findings, batch_size)
+        device = device or self._execution_device
+        return labels.to(device, self.unet.dtype), null.to(device, self.unet.dtype)
 
-    @torch.no_grad()
-    def __call__(self, findings: Sequence[Sequence[str] | None] | None = None, batch_size: int = 1,
-                 guidance_scale: float | None = None, generator=None, num_inference_steps: int = 1000,
-                 output_type: str = "pil", return_dict: bool = True):
-        if guidance_scale is None:
-            guidance_scale = (self.config.label_config or {}).get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    def check_inputs(self, findings, batch_size, guidance_scale, num_inference_steps, output_type,
+                     callback_on_step_end_tensor_inputs):
+        if findings is not None and (isinstance(findings, str) or any(isinstance(f, str) for f in findings)):
+            raise TypeError("findings must be a list of name lists, one per image (e.g. [['Cardiomegaly'], []])")
+        if findings is not None and batch_size is not None and batch_size != len(findings):
+            raise ValueError(f"batch_size {batch_size} contradicts the {len(findings)} images `findings` asks for; "
+                             "give one of them, or both equal")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         if guidance_scale < 1:
             raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
-        if findings is not None:
-            batch_size = len(findings)
-        class_labels, null_labels = self.encode(findings, batch_size)
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)} ('latent' does "
+                             "not apply to a pixel-space model)")
+        bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not among {self._callback_tensor_inputs}")
+
+    @torch.no_grad()
+    def __call__(self, findings: Sequence[Sequence[str] | None] | None = None, batch_size: int | None = None,
+                 guidance_scale: float | None = None, num_inference_steps: int = 1000,
+                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
+                 return_dict: bool = True, callback_on_step_end: Callable | PipelineCallback | None = None,
+                 callback_on_step_end_tensor_inputs: list[str] = ("latents",)):
+        """Generate images; `findings` holds one list of finding names per image ([] = "No Finding"), None samples
+        the null (unconditioned) condition for `batch_size` images. `guidance_scale` None takes the model's own.
+
+        Returns an `ImagePipelineOutput` (or a one-tuple when `return_dict` is False) of images in [0, 1] as
+        `output_type` says: "pil", "np" (N, H, W, C) or "pt" (N, C, H, W).
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if guidance_scale is None:
+            guidance_scale = (self.config.label_config or {}).get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+        self.check_inputs(findings, batch_size, guidance_scale, num_inference_steps, output_type,
+                          callback_on_step_end_tensor_inputs)
+        batch_size = len(findings) if findings is not None else batch_size or 1
+        self._guidance_scale = guidance_scale
+        device = self._execution_device
+        class_labels, null_labels = self.encode(findings, batch_size, device)
         size = self.unet.config.sample_size
         shape = (batch_size, self.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
-        x = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
         step_kwargs = {"generator": generator} if "generator" in signature(self.scheduler.step).parameters else {}
-        x = guided_denoise(self.unet, self.scheduler, x * self.scheduler.init_noise_sigma, class_labels,
-                           null_labels, guidance_scale, step_kwargs, self.progress_bar)
-        image = (x.float() / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
-        if output_type == "pil":
-            image = self.numpy_to_pil(image)
+
+        def on_step(i, t, latents):
+            if callback_on_step_end is None:
+                return latents
+            names = {"latents": latents}
+            outputs = callback_on_step_end(self, i, t, {k: names[k] for k in callback_on_step_end_tensor_inputs})
+            return outputs.pop("latents", latents)
+
+        latents = guided_denoise(self.unet, self.scheduler, latents * self.scheduler.init_noise_sigma, class_labels,
+                                 null_labels, guidance_scale, step_kwargs, self.progress_bar, on_step)
+        image = postprocess(latents, output_type)
+        self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=image) if return_dict else (image,)
 
 
-__all__ = ["LungGenPipeline", "LabelSpace", "guided_denoise", "normalize", "DEFAULT_GUIDANCE_SCALE"]
+__all__ = ["LungGenPipeline", "LabelSpace", "guided_denoise", "postprocess", "normalize", "DEFAULT_GUIDANCE_SCALE",
+           "NO_FINDING"]

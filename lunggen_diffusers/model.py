@@ -1,10 +1,11 @@
-"""The denoiser and the noise schedule, built from the config (presets live in config.py)."""
+"""The denoiser, the noise schedule and the pipeline that holds them, built from the config."""
 
 from __future__ import annotations
 
-from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from .config import Config
+from .lunggen_pipeline import LungGenPipeline
 
 # Fields that fix the UNet's weight shapes: resuming with any of them changed is refused.
 SHAPE_FIELDS = ("resolution", "block_out_channels", "layers_per_block", "attention_resolutions", "norm_num_groups",
@@ -49,3 +50,10 @@ def build_scheduler(config: Config) -> DDPMScheduler:
         beta_schedule=m.ddpm_beta_schedule,
         prediction_type=m.prediction_type,
     )
+
+
+def build_pipeline(unet, scheduler, label_config: dict | None = None) -> DDPMPipeline | LungGenPipeline:
+    """A standard DDPMPipeline, or a LungGenPipeline for a conditional model (`label_config` describes its labels)."""
+    if label_config is None:
+        return DDPMPipeline(unet=unet, scheduler=scheduler)
+    return LungGenPipeline(unet=unet, scheduler=scheduler, label_config=label_config)

@@ -17,7 +17,7 @@ from pathlib import Path
 from huggingface_hub import DatasetCard, DatasetCardData
 from transformers import HfArgumentParser
 
-from .cli import run
+from .cli import parse, run
 from .config import DataConfig
 from .data import nih
 
@@ -48,13 +48,13 @@ class PrepareArguments:
     hub_token: str | None = field(default=None, metadata={"help": "Else HF_TOKEN or the cached login."})
 
 
-def parse(argv: list[str] | None = None) -> tuple[PrepareArguments, DataConfig]:
+def parse_command_line(argv: list[str] | None = None) -> tuple[PrepareArguments, DataConfig]:
     """The command line -> (this command's arguments, the DataConfig); defaults: 256 px, all cores decoding."""
     parser = HfArgumentParser((PrepareArguments, DataConfig))
     parser.set_defaults(resolution=256, preprocessing_num_workers=os.cpu_count())
     argv = sys.argv[1:] if argv is None else argv
     renamed = [OLD_FLAGS.get(flag, flag) + sep + value for flag, sep, value in (a.partition("=") for a in argv)]
-    return parser.parse_args_into_dataclasses(args=renamed)
+    return parse(parser, renamed)
 
 
 def counts_table(splits: dict) -> str:
@@ -174,7 +174,11 @@ def make_prepared_dataset(args: PrepareArguments, settings: DataConfig) -> tuple
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    args, settings = parse(argv)
+    args, settings = parse_command_line(argv)
+    run(lambda: _prepare(args, settings))
+
+
+def _prepare(args: PrepareArguments, settings: DataConfig) -> None:
     if args.push_to_hub and not args.hub_dataset_id:
         raise ValueError("--push_to_hub needs --hub_dataset_id (e.g. my-org/nih-chestxray14-256)")
     report, reused = make_prepared_dataset(args, settings)
@@ -187,4 +191,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    main()

@@ -20,12 +20,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
-from . import hub
 from .checkpoints import (
     check_compatible,
     check_weights,
@@ -34,13 +33,14 @@ from .checkpoints import (
     list_checkpoints,
     save_checkpoint,
 )
-from .conditioning import label_config, label_vectors
+from .conditioning import condition_vectors, label_config
 from .config import Config, save_config
 from .data.build import build_dataset
 from .data.decode import stored_pixels
 from .data.transforms import augment, to_model_input
-from .lunggen_pipeline import LabelSpace, LungGenPipeline
-from .model import build_scheduler, build_unet
+from .hub.export import export_pipeline
+from .lunggen_pipeline import LabelSpace
+from .model import build_pipeline, build_scheduler, build_unet
 from .runtime import check_world_size, keep_freed_memory, set_cpu_threads
 from .sampling import DEFAULT_SCHEDULER, generate, make_scheduler
 from .summaries import RunSummary
@@ -220,7 +220,7 @@ def _as_is(batch):
 def build_dataloader(dataset, labels: dict | None, config: Config, accelerator: Accelerator):
     t = config.training
     return torch.utils.data.DataLoader(
-        _WholeBatches(dataset, label_vectors(dataset, labels) if labels else None),
+        _WholeBatches(dataset, condition_vectors(dataset, labels) if labels else None),
         batch_size=t.train_batch_size,
         collate_fn=_as_is,
         shuffle=True,
@@ -307,13 +307,6 @@ class _EMAWeights:
             self.ema.restore(self.model.parameters())
 
 
-def make_pipeline(unet, noise_scheduler, labels: dict | None):
-    """A standard DDPMPipeline, or a LungGenPipeline for a conditional model."""
-    if labels is None:
-        return DDPMPipeline(unet=unet, scheduler=noise_scheduler)
-    return LungGenPipeline(unet=unet, scheduler=noise_scheduler, label_config=labels)
-
-
 @torch.no_grad()
 def render_samples(unet, noise_scheduler, num_images: int, steps: int, seed: int, labels: dict | None = None):
     """A fixed-seed grid with the default fast sampler (seconds, where 1000 DDPM steps would take minutes).
@@ -323,7 +316,7 @@ def render_samples(unet, noise_scheduler, num_images: int, steps: int, seed: int
     """
     was_training = unet.training
     unet.eval()
-    pipe = make_pipeline(unet, make_scheduler(DEFAULT_SCHEDULER, noise_scheduler.config), labels)
+    pipe = build_pipeline(unet, make_scheduler(DEFAULT_SCHEDULER, noise_scheduler.config), labels)
     pipe.set_progress_bar_config(disable=True)
     if labels is None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -351,19 +344,13 @@ def _hardware(accelerator: Accelerator) -> str:
 
 
 def export(accelerator, unet, ema, noise_scheduler, labels, config: Config, data_summary, run: RunSummary) -> None:
-    """The EMA weights as a safetensors pipeline, samples.png, manifest and model card; the push when asked."""
+    """The EMA weights as a safetensors pipeline, with its samples, manifest and model card (hub.export)."""
     t, output_dir = config.training, Path(config.training.output_dir)
     model = accelerator.unwrap_model(unet)
     with _EMAWeights(ema, model):
-        make_pipeline(model, noise_scheduler, labels).save_pretrained(output_dir, safe_serialization=True)
-        render_samples(model, noise_scheduler, t.eval_batch_size, t.preview_inference_steps, t.seed, labels).save(
-            output_dir / "samples.png"
-        )
-    hub.write_manifest(output_dir, config, data_summary, run)
-    hub.write_model_card(output_dir)
-    if config.hub.push_to_hub:
-        hub.push_to_hub(output_dir, config.hub.hub_model_id, private=config.hub.hub_private_repo,
-                        token=config.hub.hub_token)
+        samples = render_samples(model, noise_scheduler, t.eval_batch_size, t.preview_inference_steps, t.seed, labels)
+        export_pipeline(output_dir, build_pipeline(model, noise_scheduler, labels), samples, config, data_summary,
+                        run)
     logger.info(f"exported the pipeline to {output_dir} ({run.global_step} steps, final loss {run.final_loss:.4f})")
 
 

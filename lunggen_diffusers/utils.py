@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 # Every image suffix PIL reads that chest X-ray collections ship in (NIH PNG, CheXpert/MIMIC JPEG, DICOM exports
 # to TIFF). Training and evaluation both read this list, so a folder that trains also evaluates.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+SYNTHETIC_NOTICE = "research use only"
 
 
 @contextlib.contextmanager
@@ -85,6 +87,18 @@ def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.
     for i, image in enumerate(images):
         grid.paste(image.convert("L"), ((i % cols) * width, (i // cols) * height))
     return grid
+
+
+def synthetic_png_info(description: str, synthetic: str = SYNTHETIC_NOTICE, **fields: Any) -> PngInfo:
+    """PNG text chunks that mark an image as synthetic (generated samples, grids, phantoms) and say how it was
+    made: one set of chunk names for every image the project writes."""
+    info = PngInfo()
+    info.add_text("Software", "LungGen-Diffusers")
+    info.add_text("Description", description)
+    info.add_text("synthetic", synthetic)
+    for key, value in fields.items():
+        info.add_text(key, str(value))
+    return info
 
 
 def _cell(value: Any) -> str:

@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
 from lunggen_diffusers import LungGenPipeline
 from lunggen_diffusers.config import parse_args
-from lunggen_diffusers.conditioning import label_config, label_vectors, prevalence
+from lunggen_diffusers.conditioning import condition_vectors, label_config, prevalence
 from lunggen_diffusers.data.phantom import FINDINGS, phantom_dataset
 from lunggen_diffusers.lunggen_pipeline import LabelSpace, guided_denoise
 
@@ -30,7 +30,7 @@ def test_label_config_counts_every_combination_and_names_no_one(phantoms):
     assert config["findings"] == sorted(FINDINGS) and config["groups"] == {}
     assert sum(config["combination_counts"].values()) == 40
     assert "phantom-" not in json.dumps(config)  # counts only: no image or patient identifier is stored
-    vectors = label_vectors(phantoms, config)
+    vectors = condition_vectors(phantoms, config)
     truth = np.array([[row[f] for f in sorted(FINDINGS)] for row in phantoms.with_format(None)], np.float32)
     assert vectors.shape == (40, 5) and (vectors[:, :4] == truth).all() and (vectors[:, 4] == 0).all()
     assert prevalence(config)["cardiomegaly"] == truth[:, sorted(FINDINGS).index("cardiomegaly")].mean()
@@ -154,7 +154,8 @@ import huggingface_hub.constants  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import pipeline  # noqa: E402
-from lunggen_diffusers.sampling import generate, load_pipeline, save_images  # noqa: E402
+from lunggen_diffusers.output_folder import save_images  # noqa: E402
+from lunggen_diffusers.sampling import generate, load_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")

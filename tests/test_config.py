@@ -4,8 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lunggen_diffusers.config import PRESETS, load_config, parse_args, save_config
+from lunggen_diffusers.config import load_config, parse_args, preset_names, preset_values, save_config
 from lunggen_diffusers.model import build_unet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,10 +18,33 @@ def test_no_arguments_is_the_demo():
     assert config.data.dataset_name is None and config.data.train_data_dir is None  # the built-in phantom
 
 
-def test_shipped_yaml_files_match_their_presets():
-    assert parse_args(["--config", str(REPO / "configs/demo.yaml")]).to_dict() == parse_args([]).to_dict()
-    paper = parse_args(["--config", str(REPO / "configs/lunggen-256.yaml")])
-    assert paper.preset == "lunggen-256" and paper.data.resolution == 256
+PRESET_FILES = sorted((REPO / "lunggen_diffusers" / "presets").glob("*.yaml"))
+
+
+def test_the_shipped_presets_are_demo_and_lunggen_256():
+    assert preset_names() == [p.stem for p in PRESET_FILES] == ["demo", "lunggen-256"]
+
+
+@pytest.mark.parametrize("path", PRESET_FILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("conditioned", [[], ["--condition_on", "findings"]], ids=["plain", "conditioned"])
+def test_every_preset_file_is_what_its_preset_flag_gives(path, conditioned):
+    by_file = parse_args(["--config", str(path), *conditioned]).to_dict()
+    assert by_file == parse_args(["--preset", path.stem, *conditioned]).to_dict()
+    assert by_file["preset"] == path.stem
+    # and the preset really sets what its file says (no key is silently dropped on the way)
+    values = yaml.safe_load(path.read_text())
+    overlay = values.pop("when_conditioned", {}) if conditioned else {}
+    values.pop("when_conditioned", None)
+    assert {k: by_file[k] for k in {**values, **overlay}} == {**values, **overlay}
+
+
+def test_the_demo_presets_values_are_the_documented_recipe():
+    demo, conditional = parse_args([]), parse_args(["--condition_on", "findings"])
+    assert (demo.data.resolution, demo.model.block_out_channels, demo.model.prediction_type) == \
+        (64, [16, 32, 64, 128], "v_prediction")
+    assert (demo.training.max_train_steps, demo.training.train_batch_size, demo.training.learning_rate) == \
+        (800, 8, 2e-3)
+    assert (conditional.training.max_train_steps, conditional.data.phantom_finding_prob) == (4500, 0.5)
 
 
 def test_conditioning_applies_the_conditional_preset_under_the_flags(tmp_path):
@@ -39,7 +63,7 @@ def test_precedence_preset_then_file_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("preset: lunggen-256\nlearning_rate: 0.0003\ntrain_batch_size: 8\n")
     config = parse_args(["--config", str(path), "--train_batch_size", "4"])
-    assert config.model.block_out_channels == PRESETS["lunggen-256"]["block_out_channels"]  # preset
+    assert config.model.block_out_channels == preset_values("lunggen-256")["block_out_channels"]  # preset
     assert config.training.learning_rate == 3e-4  # file over preset
     assert config.training.train_batch_size == 4  # flag over file
 
@@ -72,13 +96,19 @@ def test_paper_preset_builds_the_paper_unet():
         (["--train_batch_size", "0"], "--train_batch_size 0 must be a positive integer"),
         (["--push_to_hub", "true"], "--push_to_hub needs --hub_model_id"),
         (["--dataset_name", "a", "--train_data_dir", "b"], "either --dataset_name or --train_data_dir"),
-        (["--no_such_flag", "1"], "not used by the HfArgumentParser"),
         (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
     ],
 )
 def test_bad_values_are_named(argv, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_args(argv)
+
+
+def test_an_unknown_flag_is_argparses_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--no_such_flag", "1"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --no_such_flag 1" in capsys.readouterr().err
 
 
 def test_unknown_key_in_a_file(tmp_path):

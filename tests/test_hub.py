@@ -19,6 +19,7 @@ from PIL import Image
 
 from lunggen_diffusers import LungGenPipeline, hub
 from lunggen_diffusers.hub import card as card_module
+from lunggen_diffusers.hub import cli as hub_cli
 from lunggen_diffusers.config import save_config
 from lunggen_diffusers.lunggen_pipeline import LabelSpace
 from lunggen_diffusers.model import build_scheduler, build_unet
@@ -258,7 +259,7 @@ def test_push_is_private_by_default_and_uploads_only_the_allow_list(export, fake
 @pytest.mark.parametrize("flag", ["--private", "--hub_private_repo"])
 def test_cli_push_public_on_request(export, fake_hub, capsys, flag):
     out = export(with_eval=False)
-    assert hub.main(["push", str(out), "--repo_id", "org/name", flag, "false", "--hub_token", TOKEN]) == 0
+    assert hub_cli.main(["push", str(out), "--repo_id", "org/name", flag, "false", "--hub_token", TOKEN]) is None
     assert fake_hub["repo"]["private"] is False and fake_hub["repo"]["token"] == TOKEN
     printed = capsys.readouterr().out
     assert "public" in printed and TOKEN not in printed
@@ -283,7 +284,9 @@ def test_push_failures_are_one_clear_line_and_leave_the_output(export, monkeypat
         raise error
 
     monkeypatch.setattr(HfApi, "create_repo", fail)
-    assert hub.main(["push", str(out), "--repo_id", "org/name", "--token", TOKEN]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        hub_cli.main(["push", str(out), "--repo_id", "org/name", "--token", TOKEN])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot push to org/name:") and words in err and err.count("\n") == 1
     assert TOKEN not in err and "Traceback" not in err
@@ -295,13 +298,17 @@ def test_cli_card_reads_eval_dir_and_the_push_keeps_it(export, fake_hub, tmp_pat
     eval_dir = tmp_path / "eval"
     eval_dir.mkdir()
     (eval_dir / "metrics.json").write_text(json.dumps(EVAL))
-    assert hub.main(["card", str(out), "--eval_dir", str(eval_dir)]) == 0
+    assert hub_cli.main(["card", str(out), "--eval_dir", str(eval_dir)]) is None
     assert ModelCard.load(out / "README.md").data.eval_results[0].metric_value == 12.5
     hub.push_to_hub(out, "org/name")  # regenerates the card from manifest + the kept eval summary
     assert "| `coverage` | 0.5 |" in fake_hub["files"]["README.md"].decode()
-    assert hub.main(["card", str(out), "--eval_dir", str(tmp_path / "missing")]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        hub_cli.main(["card", str(out), "--eval_dir", str(tmp_path / "missing")])
+    assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith("error: ")
-    assert hub.main(["publish", str(out)]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        hub_cli.main(["publish", str(out)])
+    assert exit_.value.code == 2
 
 
 def test_pushed_files_load_from_the_hub_cache_as_users_will(export, fake_hub, tmp_path):
@@ -419,7 +426,7 @@ def _section_dir(root, name, text):
 def test_sections_are_included_verbatim_in_a_fixed_place_and_the_push_keeps_them(export, fake_hub, tmp_path):
     out = export(labels=LABELS)
     fidelity, utility = _section_dir(tmp_path, "fid", FIDELITY), _section_dir(tmp_path, "util", UTILITY)
-    assert hub.main(["card", str(out), "--utility_dir", str(utility), "--fidelity_dir", str(fidelity)]) == 0
+    assert hub_cli.main(["card", str(out), "--utility_dir", str(utility), "--fidelity_dir", str(fidelity)]) is None
     text = (out / "README.md").read_text()
     order = [text.index(s) for s in ("### Memorization audit", FIDELITY.strip(), UTILITY.strip(), "## Intended use")]
     assert order == sorted(order)  # after the evaluation, fidelity before utility, whatever the flag order
@@ -428,7 +435,7 @@ def test_sections_are_included_verbatim_in_a_fixed_place_and_the_push_keeps_them
     pushed = fake_hub["files"]["README.md"].decode()
     assert FIDELITY.strip() in pushed and UTILITY.strip() in pushed
     assert not [name for name in fake_hub["files"] if name.startswith("card_sections")]  # local copies only
-    assert hub.main(["card", str(out)]) == 0 and UTILITY.strip() in (out / "README.md").read_text()
+    assert hub_cli.main(["card", str(out)]) is None and UTILITY.strip() in (out / "README.md").read_text()
 
 
 def test_a_card_without_sections_has_none(export):
@@ -447,7 +454,9 @@ def test_a_section_dir_without_a_usable_card_section_is_refused(export, tmp_path
     folder.mkdir()
     if content is not None:
         (folder / "card_section.md").write_text(content)
-    assert hub.main(["card", str(out), flag, str(folder)]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        hub_cli.main(["card", str(out), flag, str(folder)])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and words.format(dir=folder) in err and err.count("\n") == 1
     assert _snapshot(out) == before
@@ -467,7 +476,9 @@ def test_a_leaking_section_is_refused_by_card_and_push(export, fake_hub, tmp_pat
     folder = tmp_path / "fid"
     text = FIDELITY + "\n" + leak.format(secret=secret_dir, section=folder.resolve()) + "\n"
     _section_dir(tmp_path, "fid", text)
-    assert hub.main(["card", str(out), "--fidelity_dir", str(folder)]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        hub_cli.main(["card", str(out), "--fidelity_dir", str(folder)])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: fid/card_section.md would publish ") and words in err and err.count("\n") == 1
     with pytest.raises(ValueError, match="fid/card_section.md would publish"):

@@ -154,7 +154,9 @@ def test_grid_png_is_written_and_marked_synthetic(tmp_path):
 
 def test_cli_writes_grid_and_reports_bad_arguments(tmp_path, capsys):
     path = tmp_path / "grid.png"
-    assert main(["--grid", str(path), "--resolution", "32", "--rows", "1", "--cols", "2"]) == 0
+    assert main(["--grid", str(path), "--resolution", "32", "--rows", "1", "--cols", "2"]) is None
     assert Image.open(path).size == (64, 32)
-    assert main(["--grid", str(path), "--resolution", "16"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["--grid", str(path), "--resolution", "16"])
+    assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == "error: resolution must be an integer in [32, 1024], got 16"

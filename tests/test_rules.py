@@ -11,7 +11,8 @@ from diffusers import UNet2DModel
 from huggingface_hub import HfApi
 
 from conftest import TINY
-from lunggen_diffusers import hub, training
+from lunggen_diffusers import training
+from lunggen_diffusers.hub import cli as hub_cli
 from lunggen_diffusers.config import from_dict
 from lunggen_diffusers.data.build import build_dataset, load_source
 from lunggen_diffusers.evaluation.memorization import Audit
@@ -109,7 +110,7 @@ def test_the_push_at_export_is_private_by_default(augmented_run):
 
 def test_the_push_command_is_private_by_default(augmented_run, monkeypatch):
     fake_hub = FakeHub(monkeypatch)
-    assert hub.main(["push", str(augmented_run["result"].output_dir), "--repo_id", "org/other"]) == 0
+    assert hub_cli.main(["push", str(augmented_run["result"].output_dir), "--repo_id", "org/other"]) is None
     assert fake_hub.repos[0]["repo_id"] == "org/other" and fake_hub.repos[0]["private"] is True
 
 

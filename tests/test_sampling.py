@@ -11,16 +11,15 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
 import pipeline
-from lunggen_diffusers import sampling
+from lunggen_diffusers import generate as generate_cli
+from lunggen_diffusers.output_folder import MANIFEST_FIELDS, save_images
 from lunggen_diffusers.sampling import (
     DEFAULT_SCHEDULER,
-    MANIFEST_FIELDS,
     SCHEDULERS,
     generate,
     load_pipeline,
     make_scheduler,
     noise_seed,
-    save_images,
 )
 
 STEPS = 4
@@ -168,7 +167,7 @@ def test_loads_a_hub_id_offline_from_the_cache(model_dir, tmp_path, monkeypatch)
 
 def test_cli_writes_the_images(model_dir, tmp_path, monkeypatch):
     kept = []
-    monkeypatch.setattr(sampling, "keep_freed_memory", lambda: kept.append(True))
+    monkeypatch.setattr(generate_cli, "keep_freed_memory", lambda: kept.append(True))
     out = tmp_path / "synth"
     argv = ["--model", model_dir, "--output_dir", str(out), "--num_images", "3", "--scheduler", "unipc",
             "--num_inference_steps", str(STEPS), "--batch_size", "2", "--seed", "5"]

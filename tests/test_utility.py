@@ -14,7 +14,7 @@ import torch
 import transformers
 from PIL import Image
 
-from lunggen_diffusers.config import CONDITIONAL_PRESETS
+from lunggen_diffusers.config import preset_values
 from lunggen_diffusers.data.phantom import FINDINGS, phantom_dataset
 from lunggen_diffusers.utility import data as utility_data
 from lunggen_diffusers.utility import run as utility_run
@@ -157,7 +157,7 @@ def test_phantom_splits_are_the_demo_training_set_and_held_out_phantoms(monkeypa
     assert splits["train"]["patient_id"] == [f"phantom-0-{i}" for i in range(12)]
     assert splits["validation"]["patient_id"] == [f"phantom-0-{i}" for i in range(12, 16)]
     assert splits["test"]["patient_id"] == [f"phantom-0-{i}" for i in range(16, 22)]
-    assert small.data.phantom_finding_prob == CONDITIONAL_PRESETS["demo"]["phantom_finding_prob"]  # its prevalence
+    assert small.data.phantom_finding_prob == preset_values("demo", conditional=True)["phantom_finding_prob"]  # its prevalence
 
 
 # --- leakage, resume, report ---

@@ -11,17 +11,18 @@ antialiases at any resolution without supersampling.
 from __future__ import annotations
 
 import io
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from tqdm.auto import tqdm
 
-from ..utils import image_grid
+from ..cli import parse_args, run
+from ..utils import image_grid, synthetic_png_info
+from ..vocabulary import NO_FINDING
 
 FINDINGS = ("cardiomegaly", "pleural_effusion", "nodule", "consolidation")
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
@@ -231,11 +232,14 @@ def _check_dataset_args(num_images, seed, finding_prob, start_index) -> None:
         raise ValueError(f"finding_prob must be in [0, 1], got {finding_prob!r}")
 
 
-def _draw(seed: int, index: int, resolution: int, finding_prob: float) -> tuple[np.ndarray, list[str]]:
-    """Image `index` of the set `seed`, from those two numbers alone so any subset can be regenerated."""
+def draw_phantom(seed: int, index: int, resolution: int, finding_prob: float,
+                 without: Sequence[str] = ()) -> tuple[np.ndarray, list[str]]:
+    """Image `index` of the set `seed`, from those two numbers alone so any subset can be regenerated, and its
+    findings. `without` renders the same image with those of its findings left out (the findings returned are
+    still the ones it was drawn with): the difference is the finding's own pixels."""
     rng = np.random.default_rng([seed, index])
     findings = [f for f, draw in zip(FINDINGS, rng.random(len(FINDINGS))) if draw < finding_prob]
-    return render_phantom(resolution, rng, findings), findings
+    return render_phantom(resolution, rng, [f for f in findings if f not in without]), findings
 
 
 def phantom_dataset(num_images: int, resolution: int = 64, seed: int = 0, finding_prob: float = 0.0,
@@ -249,12 +253,12 @@ def phantom_dataset(num_images: int, resolution: int = 64, seed: int = 0, findin
     _check_dataset_args(num_images, seed, finding_prob, start_index)
     rows = {"image": [], "patient_id": [], "finding_labels": [], **{f: [] for f in FINDINGS}}
     for index in tqdm(range(start_index, start_index + num_images), desc="phantom", disable=num_images < 1000):
-        pixels, findings = _draw(seed, index, resolution, finding_prob)
+        pixels, findings = draw_phantom(seed, index, resolution, finding_prob)
         buffer = io.BytesIO()
         Image.fromarray(pixels, "L").save(buffer, format="PNG", compress_level=1)
         rows["image"].append({"bytes": buffer.getvalue(), "path": None})
         rows["patient_id"].append(f"phantom-{seed}-{index}")
-        rows["finding_labels"].append(findings or ["No Finding"])
+        rows["finding_labels"].append(findings or [NO_FINDING])
         for f in FINDINGS:
             rows[f].append(f in findings)
     features = datasets.Features({
@@ -271,13 +275,10 @@ def phantom_grid(path, resolution: int = 128, rows: int = 2, cols: int = 4, seed
         raise ValueError(f"rows and cols must be >= 1, got rows={rows!r}, cols={cols!r}")
     _check_resolution(resolution)
     _check_dataset_args(rows * cols, seed, finding_prob, 0)
-    images = [Image.fromarray(_draw(seed, i, resolution, finding_prob)[0], "L") for i in range(rows * cols)]
+    images = [Image.fromarray(draw_phantom(seed, i, resolution, finding_prob)[0], "L") for i in range(rows * cols)]
     grid = image_grid(images, cols)
-    info = PngImagePlugin.PngInfo()
-    # The same chunk names sampling.py writes on generated images.
-    info.add_text("Software", "LungGen-Diffusers")
-    info.add_text("Description", "Synthetic procedural chest phantom; not a real patient; not for diagnosis.")
-    info.add_text("synthetic", "procedural phantom")
+    info = synthetic_png_info("Synthetic procedural chest phantom; not a real patient; not for diagnosis.",
+                              synthetic="procedural phantom")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     grid.save(path, pnginfo=info)
     return grid
@@ -293,18 +294,11 @@ class GridArguments:
     finding_prob: float = field(default=0.3, metadata={"help": "per-finding probability, 0..1"})
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from transformers import HfArgumentParser
-
-    (args,) = HfArgumentParser(GridArguments).parse_args_into_dataclasses(args=argv)
-    try:
-        phantom_grid(args.grid, args.resolution, args.rows, args.cols, args.seed, args.finding_prob)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def main(argv: Sequence[str] | None = None) -> None:
+    (args,) = parse_args(GridArguments, argv)
+    run(lambda: phantom_grid(args.grid, args.resolution, args.rows, args.cols, args.seed, args.finding_prob))
     print(f"wrote {args.grid}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -7,7 +7,6 @@ so a reference set is embedded once however many checkpoints are evaluated again
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path

@@ -15,16 +15,14 @@ The same dirs are keyword arguments of `write_model_card` and `push_to_hub`:
 
 One module per concern:
     privacy.py      what is scrubbed, which files may be uploaded, the leak check every published text passes
-    manifest.py     manifest.json (config, seed, data summary, versions, commit)
     card.py         the facts a card shows; its wording is the Jinja template model_card.md
     push.py         the private-by-default, allow-listed, single-commit upload
-    cli.py          the two commands above
+    export.py       the export folder: pipeline, samples, manifest.json (provenance), card; training and cli use it
+    cli.py          the two commands above (`main`; the console script lunggen-hub)
 """
 
-from .card import write_model_card
-from .cli import main
-from .manifest import write_manifest
+from .export import export_pipeline, write_manifest, write_model_card
 from .privacy import files_to_upload, scrub_config
 from .push import push_to_hub
 
-__all__ = ["write_manifest", "write_model_card", "push_to_hub", "files_to_upload", "scrub_config", "main"]
+__all__ = ["export_pipeline", "write_manifest", "write_model_card", "push_to_hub", "files_to_upload", "scrub_config"]

@@ -19,7 +19,8 @@ from ..conditioning import prevalence
 from ..lunggen_pipeline import DEFAULT_GUIDANCE_SCALE, LabelSpace, normalize
 from ..sampling import DEFAULT_STEPS
 from ..utils import atomic_write_text
-from .privacy import CARD, EVAL_SUMMARY, LOCAL, MANIFEST, PIPELINE_CODE, TRAINING_CONFIG, check_published, local_paths
+from .privacy import CARD, EVAL_SUMMARY, LOCAL, MANIFEST, PIPELINE_CODE, SAMPLES, TRAINING_CONFIG, check_published, \
+    local_paths
 
 TEMPLATE = Path(__file__).with_name("model_card.md")
 SECTION_FILE = "card_section.md"
@@ -162,7 +163,7 @@ def _context(folder: Path, manifest: dict, summary: dict | None, model_id: str, 
         "channels": unet["in_channels"], "steps": steps, "scheduler": scheduler,
         # DDIM is the project's default fast sampler (benchmarks/sampler_benchmark.py); it keeps x0 clipping.
         "fast_steps": min(DEFAULT_STEPS, max(1, steps // 2)),
-        "samples": (folder / "samples.png").is_file(), "nih": nih, "phantom": phantom,
+        "samples": (folder / SAMPLES).is_file(), "nih": nih, "phantom": phantom,
         "data": manifest["data"], "config": manifest["config"], "seed": manifest["seed"],
         "training": manifest["training"], "duration": _duration(manifest["training"]["wall_time_s"]),
         "libraries": manifest["libraries"], "git_commit": manifest.get("git_commit"),
@@ -208,15 +209,3 @@ def card_files(folder: Path, card: ModelCard, summary: dict | None) -> dict[str,
     for name, text in files.items():
         check_published(text, paths, name)
     return files
-
-
-def write_model_card(output_dir, eval_metrics: dict | None = None, repo_id: str | None = None, eval_dir=None,
-                     fidelity_dir=None, utility_dir=None) -> ModelCard:
-    """(Re)write README.md from manifest.json, plus the evaluation's `model_card` section (`eval_metrics`, or
-    `eval_dir`/metrics.json) and the `card_section.md` of `fidelity_dir` / `utility_dir` when given."""
-    folder = Path(output_dir)
-    card, summary, sections = build_card(folder, eval_metrics, repo_id, eval_dir, fidelity_dir, utility_dir)
-    for name, text in card_files(folder, card, summary).items():
-        atomic_write_text(folder / name, text)
-    keep_sections(folder, sections)
-    return card

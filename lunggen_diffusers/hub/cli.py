@@ -8,7 +8,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from .card import write_model_card
+from ..cli import fail, parse, run
+from .export import write_model_card
 from .privacy import CARD
 from .push import push_to_hub
 
@@ -38,26 +39,24 @@ class CardArguments:
 
 
 COMMANDS = {"push": (PushArguments, SectionArguments), "card": (CardArguments, SectionArguments)}
+USAGE = "usage: python -m lunggen_diffusers.hub {push,card} OUTPUT_DIR [options] (--help for options)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: python -m lunggen_diffusers.hub {push,card} OUTPUT_DIR [options] (--help for options)",
-              file=sys.stderr)
-        return 2
+        print(USAGE, file=sys.stderr)
+        fail(f"choose a command: {' or '.join(COMMANDS)}" + (f" (got {argv[0]!r})" if argv else ""))
     parser = HfArgumentParser(COMMANDS[argv[0]], prog=f"python -m lunggen_diffusers.hub {argv[0]}")
     parser.add_argument("output_dir", help="The exported training output folder.")
-    args, sections, extra = parser.parse_args_into_dataclasses(args=argv[1:])
-    try:
-        if isinstance(args, PushArguments):
-            url = push_to_hub(extra.output_dir, args.repo_id, args.private, args.token, args.commit_message,
-                              **vars(sections))
-            print(f"pushed {extra.output_dir} to {url} ({'private' if args.private else 'public'})")
-        else:
-            write_model_card(extra.output_dir, repo_id=args.repo_id, **vars(sections))
-            print(f"wrote {Path(extra.output_dir) / CARD}")
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    args, sections, extra = parse(parser, argv[1:])
+    run(lambda: _command(args, sections, extra.output_dir))
+
+
+def _command(args, sections: SectionArguments, output_dir: str) -> None:
+    if isinstance(args, PushArguments):
+        url = push_to_hub(output_dir, args.repo_id, args.private, args.token, args.commit_message, **vars(sections))
+        print(f"pushed {output_dir} to {url} ({'private' if args.private else 'public'})")
+    else:
+        write_model_card(output_dir, repo_id=args.repo_id, **vars(sections))
+        print(f"wrote {Path(output_dir) / CARD}")

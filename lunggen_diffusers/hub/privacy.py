@@ -22,9 +22,10 @@ TRAINING_CONFIG = "training_config.json"
 CARD = "README.md"
 EVAL_SUMMARY = "eval_results.json"  # the eval report's non-identifying `model_card` section, kept for the card
 PIPELINE_CODE = "lunggen_pipeline.py"  # a conditional model's pipeline class: the project's code, no data
+SAMPLES = "samples.png"
 ALLOW_PATTERNS = [
     "model_index.json", "scheduler/*.json", "unet/config.json", "unet/*.safetensors", PIPELINE_CODE,
-    CARD, MANIFEST, TRAINING_CONFIG, EVAL_SUMMARY, "samples.png", "samples/*.png",
+    CARD, MANIFEST, TRAINING_CONFIG, EVAL_SUMMARY, SAMPLES, "samples/*.png",
 ]
 # Belt and braces under the allow-list: what must never leave the machine even if a pattern above widens.
 IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "eval/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle",

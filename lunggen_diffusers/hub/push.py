@@ -14,7 +14,7 @@ from .privacy import CARD, EVAL_SUMMARY, MANIFEST, TRAINING_CONFIG, check_publis
     scrub_config
 
 
-def _hub_error(err: Exception, repo_id: str, folder: Path) -> RuntimeError:
+def _hub_error(err: Exception, repo_id: str, folder: Path) -> ConnectionError:
     kept = f"nothing was uploaded and {folder.name}/ is unchanged"
     status = getattr(getattr(err, "response", None), "status_code", None)
     if isinstance(err, OfflineModeIsEnabled):
@@ -27,7 +27,7 @@ def _hub_error(err: Exception, repo_id: str, folder: Path) -> RuntimeError:
         why = f"the Hub answered HTTP {status}"
     else:
         why = f"the Hub is unreachable ({type(err).__name__})"
-    return RuntimeError(f"cannot push to {repo_id}: {why}; {kept}")
+    return ConnectionError(f"cannot push to {repo_id}: {why}; {kept}")
 
 
 def push_to_hub(output_dir, repo_id: str, private: bool = True, token: str | None = None,

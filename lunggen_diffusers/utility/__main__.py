@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from transformers import HfArgumentParser
+from collections.abc import Sequence
 
-from ..cli import run
+from ..cli import parse_args, run
 from ..runtime import end_processes
 from .run import UtilityArguments, run_utility
 
 
-def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(UtilityArguments).parse_args_into_dataclasses(args=argv)
-    result = run(lambda: _report(args))
+def main(argv: Sequence[str] | None = None) -> None:
+    (args,) = parse_args(UtilityArguments, argv)
+    run(lambda: _report(args))
     end_processes()
-    return result
 
 
 def _report(args: UtilityArguments) -> dict:

@@ -7,7 +7,6 @@ and a patient per image. Real labels come from `finding_labels`; synthetic label
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,13 @@ from ..data.build import build_dataset
 from ..data.nih import check_patient_disjoint
 from ..data.phantom import phantom_dataset
 from ..evaluation.images import IMAGE_COLUMNS, to_eval_image
-from ..lunggen_pipeline import NO_FINDING, normalize
-from ..sampling import UNCONDITIONED
+from ..output_folder import read_manifest
 from ..utils import stable_hash
+from ..vocabulary import FINDINGS_COLUMN, MANIFEST_LABELS, NO_FINDING, finding_lists, normalize, parse_label_cell
 
 SPLITS = ("train", "validation", "test")
 PATIENT_COLUMNS = ("patient_id", "Patient ID")
-LABEL_COLUMNS = ("finding_labels", "Finding Labels")
+LABEL_COLUMNS = (FINDINGS_COLUMN, "Finding Labels")
 # Held-out phantoms (never in the demo's 2,000 training images): at the conditional demo's 0.5 per finding, 1,000
 # test patients give about 500 positives per finding, a 95% interval about +-0.02 wide at AUROC 0.9.
 PHANTOM_HELD_OUT = {"validation": 500, "test": 1000}
@@ -73,12 +72,6 @@ def _column(dataset: datasets.Dataset, names: tuple[str, ...], what: str, split:
     return dataset.select_columns([name]).with_format(None)[name]
 
 
-def _finding_lists(cells: list) -> list[list[str]]:
-    """`finding_labels` cells (a list, or NIH's "A|B" text) -> lists of names, "No Finding" dropped."""
-    lists = [cell.split("|") if isinstance(cell, str) else list(cell) for cell in cells]
-    return [[name for name in names if name and normalize(name) != normalize(NO_FINDING)] for names in lists]
-
-
 def multi_hot(findings: list[list[str]], vocabulary: list[str]) -> np.ndarray:
     index = {normalize(name): k for k, name in enumerate(vocabulary)}
     out = np.zeros((len(findings), len(vocabulary)), np.float32)
@@ -116,10 +109,10 @@ def _saved_splits(path: str) -> dict[str, datasets.Dataset]:
 def real_splits(spec: str, size: int) -> tuple[dict[str, ImageSet], list[str], str]:
     """The real train/validation/test `ImageSet`s (patient-disjoint, checked), their findings, and a description."""
     raw = _phantom_splits() if spec == "phantom" else _saved_splits(spec)
-    findings = {s: _finding_lists(_column(raw[s], LABEL_COLUMNS, "finding labels", s)) for s in SPLITS}
+    findings = {s: finding_lists(_column(raw[s], LABEL_COLUMNS, "finding labels", s)) for s in SPLITS}
     vocabulary = sorted({name for names in findings["train"] for name in names}, key=normalize)
     if not vocabulary:
-        raise ValueError(f"--real {spec}: the train split carries no finding labels (only 'No Finding')")
+        raise ValueError(f"--real {spec}: the train split carries no finding labels (only '{NO_FINDING}')")
     out = {}
     for s in SPLITS:
         unknown = sorted({n for names in findings[s] for n in names if normalize(n) not in map(normalize, vocabulary)})
@@ -136,26 +129,24 @@ def real_splits(spec: str, size: int) -> tuple[dict[str, ImageSet], list[str], s
 def synthetic_set(folder: str, vocabulary: list[str], size: int) -> ImageSet:
     """A `pipeline.py` output folder as an `ImageSet`; every image its own 'patient'. Refuses a folder without
     labels, unconditioned images and labels the real data does not have."""
-    manifest = Path(folder) / "manifest.csv"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"--synthetic {folder}: no manifest.csv (expected a pipeline.py output folder)")
-    with open(manifest, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "labels" not in rows[0]:
-        raise ValueError(f"--synthetic {folder}: manifest.csv has no labels column; generate the set with a "
-                         f"conditional model and --labels_from train (or --findings)")
+    try:
+        rows = read_manifest(folder)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--synthetic {err}") from None
+    if not rows or MANIFEST_LABELS not in rows[0]:
+        raise ValueError(f"--synthetic {folder}: manifest.csv has no {MANIFEST_LABELS} column; generate the set with "
+                         f"a conditional model and --labels_from train (or --findings)")
     known = {normalize(name) for name in vocabulary}
     findings = []
     for row in rows:
-        cell = row["labels"]
-        if cell == UNCONDITIONED:
+        names = parse_label_cell(row[MANIFEST_LABELS])
+        if names is None:
             raise ValueError(f"--synthetic {folder}: {row['file']} was sampled unconditioned and has no labels; "
                              f"generate with --labels_from train (or --findings)")
-        names = _finding_lists([cell])[0]
         unknown = [name for name in names if normalize(name) not in known]
         if unknown:
             raise ValueError(f"--synthetic {folder}: label {unknown[0]!r} ({row['file']}) is not a finding of the "
-                             f"real data (accepted: {', '.join(vocabulary)}, No Finding)")
+                             f"real data (accepted: {', '.join(vocabulary)}, {NO_FINDING})")
         findings.append(names)
     images = np.empty((len(rows), size, size), np.uint8)
     for i, row in enumerate(tqdm(rows, desc="synthetic images", unit="img", leave=False)):

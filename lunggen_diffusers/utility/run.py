@@ -150,8 +150,7 @@ def _load_run(path: Path, settings: dict) -> dict | None:
 def run_utility(args: UtilityArguments) -> dict:
     from accelerate import Accelerator
 
-    from ..runtime import set_cpu_threads
-    from ..training import check_world_size
+    from ..runtime import check_world_size, set_cpu_threads
 
     check_arguments(args)
     started = time.time()

@@ -1,4 +1,16 @@
-"""`manifest.json`: what it takes to reproduce (and describe) an export, scrubbed like every published file."""
+"""The export folder, written in one place for training and for the `hub` command:
+
+    model_index.json, unet/, scheduler/   the pipeline (DDPMPipeline, or LungGenPipeline + lunggen_pipeline.py);
+                                          safetensors, the EMA weights
+    samples.png                           a fixed-seed grid of the default sampler
+    training_config.json                  the run's config (written by training when it starts)
+    manifest.json                         provenance: config (scrubbed), seed, data summary, versions, commit
+    README.md, eval_results.json          the model card and the evaluation summary it shows
+    card_sections/                        kept copies of the sections other tools wrote (never uploaded)
+
+`export_pipeline` writes all of it (and pushes when the config asks); `write_model_card` rewrites the card alone
+(`python -m lunggen_diffusers.hub card`). Every text goes through the privacy check before a byte is written.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +25,9 @@ from pathlib import Path
 from ..config import Config
 from ..summaries import DataSummary, RunSummary
 from ..utils import atomic_write_text
-from .privacy import MANIFEST, check_published, local_paths, scrub_config
+from .card import build_card, card_files, keep_sections
+from .privacy import MANIFEST, SAMPLES, check_published, local_paths, scrub_config
+from .push import push_to_hub
 
 LIBRARIES = ("torch", "diffusers", "accelerate", "transformers", "datasets", "huggingface_hub", "safetensors",
              "numpy", "pillow")
@@ -64,3 +78,27 @@ def write_manifest(output_dir, config: Config, data: DataSummary, run: RunSummar
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / MANIFEST, text)
     return manifest
+
+
+def write_model_card(output_dir, eval_metrics: dict | None = None, repo_id: str | None = None, eval_dir=None,
+                     fidelity_dir=None, utility_dir=None):
+    """(Re)write README.md from manifest.json, plus the evaluation's `model_card` section (`eval_metrics`, or
+    `eval_dir`/metrics.json) and the `card_section.md` of `fidelity_dir` / `utility_dir` when given."""
+    folder = Path(output_dir)
+    card, summary, sections = build_card(folder, eval_metrics, repo_id, eval_dir, fidelity_dir, utility_dir)
+    for name, text in card_files(folder, card, summary).items():
+        atomic_write_text(folder / name, text)
+    keep_sections(folder, sections)
+    return card
+
+
+def export_pipeline(output_dir, pipe, samples, config: Config, data: DataSummary, run: RunSummary) -> None:
+    """The whole export folder from a built pipeline and its sample grid (a PIL image); the push when the config
+    asks for it. Main process only."""
+    folder = Path(output_dir)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    samples.save(folder / SAMPLES)
+    write_manifest(folder, config, data, run)
+    write_model_card(folder)
+    if config.hub.push_to_hub:
+        push_to_hub(folder, config.hub.hub_model_id, private=config.hub.hub_private_repo, token=config.hub.hub_token)

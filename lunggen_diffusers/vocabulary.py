@@ -1,0 +1,75 @@
+"""The one label vocabulary: finding names, each collection's aliases, and the names of the places labels live.
+
+Four things are called "labels" in this project; each has its own name here:
+- `FINDINGS_COLUMN` ("finding_labels"): a dataset's metadata column, a list of finding names per image (NIH's
+  "A|B" text is split on read); "No Finding" alone when there is none.
+- `CONDITION_COLUMNS`: the dataset columns a `--condition_on` choice reads (findings, view position, sex).
+- the condition vector: what the UNet takes, laid out by `LabelSpace` (lunggen_pipeline.py): a multi-hot block of
+  the model's findings, a one-hot block per extra condition, then the null ("unconditioned") entry.
+- `MANIFEST_LABELS` ("labels"): the column of a generated folder's manifest.csv holding what each image was asked
+  for, "|"-joined (`label_cell`), `NO_FINDING` for none, `UNCONDITIONED` for the null condition.
+
+"No Finding" has one spelling (`NO_FINDING`); names match whatever their case, spaces, "_" or "-" (`normalize`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .config import CONDITIONS
+
+# Defined in the pipeline file, which must stay self-contained (it ships as remote code): one definition each.
+from .lunggen_pipeline import NO_FINDING, normalize
+
+FINDINGS_COLUMN = "finding_labels"
+CONDITION_COLUMNS = dict(zip(CONDITIONS, (FINDINGS_COLUMN, "view_position", "patient_sex"), strict=True))
+MANIFEST_LABELS = "labels"
+UNCONDITIONED = "unconditioned"
+
+# Canonical finding names: NIH ChestX-ray14's fourteen, as NIH spells them, then what other collections add.
+FINDINGS = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
+    "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
+    "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion", "Lung Opacity", "Pleural Other", "Support Devices",
+)
+# Each source's own spellings -> the canonical name (a name equal to a canonical one after `normalize` needs no
+# entry). The collection readers extend this table; the README shows it.
+ALIASES = {
+    "phantom": {"pleural_effusion": "Effusion"},
+    "chexpert": {"Pleural Effusion": "Effusion"},
+}
+_CANONICAL = {normalize(name): name for name in FINDINGS}
+
+
+def is_no_finding(name: str) -> bool:
+    return normalize(name) == normalize(NO_FINDING)
+
+
+def canonical_finding(name: str, source: str | None = None) -> str:
+    """`name` as the vocabulary spells it: an alias of `source` (or of any source, when None) mapped, a known name
+    in its canonical spelling, "No Finding" in its one spelling; an unknown name is kept as it is."""
+    if is_no_finding(name):
+        return NO_FINDING
+    tables = [ALIASES.get(source, {})] if source else list(ALIASES.values())
+    for table in tables:
+        for alias, canonical in table.items():
+            if normalize(alias) == normalize(name):
+                return canonical
+    return _CANONICAL.get(normalize(name), name)
+
+
+def finding_lists(cells: Iterable) -> list[list[str]]:
+    """`finding_labels` cells (a list, or NIH's "A|B" text) -> lists of finding names, "No Finding" dropped."""
+    lists = [cell.split("|") if isinstance(cell, str) else list(cell) for cell in cells]
+    return [[name for name in names if name and not is_no_finding(name)] for names in lists]
+
+
+def label_cell(labels: list[str] | None) -> str:
+    """An image's request as its manifest cell: "A|B", `NO_FINDING` for none, `UNCONDITIONED` for the null
+    condition."""
+    return UNCONDITIONED if labels is None else "|".join(labels) or NO_FINDING
+
+
+def parse_label_cell(cell: str) -> list[str] | None:
+    """The inverse of `label_cell`: None for an unconditioned image, else its finding names ("No Finding": [])."""
+    return None if cell == UNCONDITIONED else finding_lists([cell])[0]
