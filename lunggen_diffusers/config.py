@@ -50,6 +50,11 @@ class DataConfig:
         default=0.5, metadata={"help": "Error out when more than this fraction of image files cannot be read."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where prepared (decoded, resized) data is cached."})
+    dicom_percentiles: list[float] | None = field(
+        default=None,
+        metadata={"help": "DICOM images with no VOI (no window, no VOI LUT): map these two percentiles of each image "
+                          "to black and white (e.g. 0.5 99.5) instead of its minimum and maximum."},
+    )
     # NIH ChestX-ray14 filters (used when the source is an NIH folder or a prepared NIH dataset).
     view_position: str = field(default="all", metadata={"help": "NIH view filter: PA, AP or all."})
     include_findings: list[str] | None = field(
@@ -268,6 +273,9 @@ def validate(config: Config) -> Config:
         raise ValueError(f"--max_train_steps {config.training.max_train_steps} must be a positive integer")
     if config.data.dataset_name and config.data.train_data_dir:
         raise ValueError("give either --dataset_name or --train_data_dir, not both")
+    p = config.data.dicom_percentiles
+    if p is not None and not (len(p) == 2 and 0 <= p[0] < p[1] <= 100):
+        raise ValueError(f"--dicom_percentiles {' '.join(map(str, p))}: give two percentiles, low < high, in [0, 100]")
     if not 0 <= config.training.condition_dropout < 1:
         raise ValueError(f"--condition_dropout {config.training.condition_dropout} must be in [0, 1)")
     if config.training.guidance_scale < 1:

@@ -20,6 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 # Every image suffix PIL reads that chest X-ray collections ship in (NIH PNG, CheXpert/MIMIC JPEG, DICOM exports
 # to TIFF). Training and evaluation both read this list, so a folder that trains also evaluates.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+DICOM_SUFFIXES = (".dcm", ".dicom")
 SYNTHETIC_NOTICE = "research use only"
 
 
@@ -49,9 +50,26 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def has_dicom_preamble(path: str | Path) -> bool:
+    """The DICOM file format's mark: 128 bytes of preamble, then b"DICM"."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom(path: str | Path) -> bool:
+    """A `.dcm` / `.dicom` file, or a file without a suffix that carries the DICM mark (PACS exports often do)."""
+    path = Path(path)
+    return path.suffix.lower() in DICOM_SUFFIXES or (not path.suffix and path.is_file() and has_dicom_preamble(path))
+
+
 def list_images(root: str | Path) -> list[Path]:
-    """Every image file under `root` (recursive, any case of IMAGE_EXTENSIONS), sorted."""
-    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Every image file under `root` (recursive, sorted): any case of IMAGE_EXTENSIONS, and DICOM files (`is_dicom`;
+    only suffix-less files are opened to look for the mark)."""
+    return sorted(p for p in Path(root).rglob("*")
+                  if p.is_file() and (p.suffix.lower() in IMAGE_EXTENSIONS or is_dicom(p)))
 
 
 def split_spec(spec: str) -> tuple[Path, str | None]:

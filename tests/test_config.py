@@ -96,6 +96,7 @@ def test_paper_preset_builds_the_paper_unet():
         (["--train_batch_size", "0"], "--train_batch_size 0 must be a positive integer"),
         (["--push_to_hub", "true"], "--push_to_hub needs --hub_model_id"),
         (["--dataset_name", "a", "--train_data_dir", "b"], "either --dataset_name or --train_data_dir"),
+        (["--dicom_percentiles", "99", "1"], "--dicom_percentiles 99.0 1.0: give two percentiles, low < high"),
         (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
     ],
 )

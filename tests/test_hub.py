@@ -467,6 +467,7 @@ def test_a_section_dir_without_a_usable_card_section_is_refused(export, tmp_path
     ("{section}/grid.png", "local path"),  # the section folder is a local path too
     ("nearest pair: 00012345_001.png", "an NIH image name ('00012345_001.png')"),
     ("most copied: phantom-3-17", "a phantom patient id ('phantom-3-17')"),
+    ("nearest: dicom-0123456789abcdef", "a DICOM patient pseudonym ('dicom-0123456789abcdef')"),
     ("worst case Patient ID: 12345", "a patient id ('Patient ID: 12345')"),
     ("| patient_id | flagged_matches |\n|---|---|\n| 7 | 3 |", "a patient id ('| patient_id |')"),
 ])

@@ -14,14 +14,15 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import datasets
 
 from ..config import Config
 from ..summaries import DataSummary
-from ..utils import IMAGE_EXTENSIONS, list_images
-from . import nih
+from ..utils import IMAGE_EXTENSIONS, atomic_path, is_dicom, list_images
+from . import dicom, nih
 from .decode import decode_images, prepared_resolution
 from .phantom import phantom_dataset
 from .splits import filter_dataset, split_by_patient
@@ -29,6 +30,7 @@ from .splits import filter_dataset, split_by_patient
 logger = logging.getLogger(__name__)
 
 METADATA_CSV = "metadata.csv"
+SKIPPED_CSV = "skipped_files.csv"
 
 
 def _cache_dir(config: Config) -> Path:
@@ -58,6 +60,44 @@ def image_folder(path: str | Path) -> datasets.Dataset:
     )
 
 
+def is_dicom_folder(path: str | Path) -> bool:
+    """A folder (recursive) whose image files include DICOM files (`dicom_folder` refuses a mixed one)."""
+    return Path(path).is_dir() and any(is_dicom(p) for p in list_images(path))
+
+
+def write_skipped(folder: Path, skipped: list[tuple[str, str]]) -> Path:
+    """skipped_files.csv: each file left out and why (paths relative to the source folder; no header value)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SKIPPED_CSV
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "reason"])
+        writer.writerows(skipped)
+    return path
+
+
+def dicom_dataset(path: str | Path, report_dir: Path) -> datasets.Dataset:
+    """A folder of DICOM files as a dataset: the image paths and the kept header columns; the files that are no
+    usable radiograph are listed in report_dir/skipped_files.csv and counted in one warning line."""
+    paths, columns, skipped = dicom.dicom_folder(path)
+    listed = write_skipped(report_dir, skipped)
+    if skipped:
+        reasons = Counter(reason.split(" (")[0] for _, reason in skipped)
+        logger.warning("skipped %d of %d DICOM files (%s); the list is in %s", len(skipped), len(skipped) + len(paths),
+                       ", ".join(f"{n} {r}" for r, n in reasons.most_common()), listed)
+    if not paths:
+        raise ValueError(f"--train_data_dir {path}: no usable DICOM image among {len(skipped)} file(s) (first: "
+                         f"{skipped[0][0]}: {skipped[0][1]}); the list is in {listed}")
+    if not all(columns["patient_id"]):
+        logger.warning("%d of %d DICOM images have no Patient ID: each is its own patient, so the split is image-wise "
+                       "for them (a patient's images may land in two splits)",
+                       columns["patient_id"].count(""), len(paths))
+        columns["patient_id"] = [p or f"dicom-image-{i}" for i, p in enumerate(columns["patient_id"])]
+    features = {"image": datasets.Image(decode=False), "patient_age": datasets.Value("float32"),
+                **{name: datasets.Value("string") for name in ("patient_id", "patient_sex", "view_position")}}
+    return datasets.Dataset.from_dict({"image": paths, **columns}, features=datasets.Features(features))
+
+
 def _listed_folder(root: Path) -> datasets.Dataset:
     with open(root / METADATA_CSV, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -83,11 +123,14 @@ def _listed_folder(root: Path) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
+def _folder_key(path: str) -> str:
+    return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
+
+
 def _nih_split(config: Config) -> datasets.Dataset:
     """One split of an NIH folder, prepared on first use into the cache (only there: the main process comes first)."""
     d = config.data
-    folder_key = hashlib.sha256(str(Path(d.train_data_dir).resolve()).encode()).hexdigest()[:12]
-    work_dir = _cache_dir(config) / f"nih-{folder_key}"
+    work_dir = _cache_dir(config) / f"nih-{_folder_key(d.train_data_dir)}"
     dsdict, report, failures = nih.decode_splits(nih.plan_nih(d.train_data_dir, d), d, work_dir)
     nih.write_report(work_dir, report, failures)
     if d.split not in dsdict:
@@ -117,6 +160,10 @@ def load_source(config: Config) -> tuple[datasets.Dataset, str]:
     if d.train_data_dir:
         if nih.is_nih_folder(d.train_data_dir):
             return _nih_split(config), "the NIH ChestX-ray14 dataset"
+        if is_dicom_folder(d.train_data_dir):
+            report_dir = _cache_dir(config) / f"dicom-{_folder_key(d.train_data_dir)}"
+            ds = split_by_patient(dicom_dataset(d.train_data_dir, report_dir), d)
+            return filter_dataset(ds, d), "a local DICOM folder"
         ds = image_folder(d.train_data_dir)
         if "patient_id" in ds.column_names:
             ds = split_by_patient(ds, d)
@@ -167,6 +214,7 @@ def build_dataset(config: Config) -> tuple[datasets.Dataset, DataSummary]:
             num_proc=d.preprocessing_num_workers,
             work_dir=work_dir,
             max_failed_fraction=d.max_failed_fraction,
+            dicom_percentiles=tuple(d.dicom_percentiles) if d.dicom_percentiles else None,
         )
     if d.max_train_samples is not None:
         prepared = prepared.select(range(min(d.max_train_samples, len(prepared))))

@@ -22,8 +22,8 @@ import pyarrow as pa
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..utils import files_fingerprint
-from . import transforms
+from ..utils import files_fingerprint, is_dicom
+from . import dicom, transforms
 from .transforms import preprocess_image
 
 logger = logging.getLogger(__name__)
@@ -37,10 +37,15 @@ FORMAT_VERSION = 2
 _MARK = "lunggen_diffusers prepared images"
 
 
-def _open(value) -> Image.Image:
-    """A datasets Image cell (decoded PIL, or {"bytes", "path"} when decode=False) -> a loaded PIL image."""
+def open_image(value, dicom_percentiles: tuple[float, float] | None = None) -> Image.Image:
+    """A datasets Image cell (decoded PIL, or {"bytes", "path"} when decode=False) or a file path -> a loaded PIL
+    image; a DICOM file through its grey pipeline (`dicom.read_image`)."""
     if isinstance(value, Image.Image):
         return value
+    if isinstance(value, (str, Path)):
+        value = {"bytes": None, "path": str(value)}
+    if not value.get("bytes") and is_dicom(value["path"]):
+        return dicom.read_image(value["path"], dicom_percentiles)
     image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
     image.load()  # surface truncation errors here, inside the try below
     return image
@@ -52,11 +57,11 @@ def _png(pixels: np.ndarray) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def _decode_batch(batch: dict, image_column: str, resolution: int, center_crop: bool) -> dict:
+def _decode_batch(batch: dict, image_column: str, resolution: int, center_crop: bool, dicom_percentiles) -> dict:
     images, errors = [], []
     for value in batch[image_column]:
         try:
-            images.append(_png(preprocess_image(_open(value), resolution, center_crop)))
+            images.append(_png(preprocess_image(open_image(value, dicom_percentiles), resolution, center_crop)))
             errors.append("")
         except Exception as exc:  # an unreadable file is skipped and reported, never a crash deep in a worker
             images.append(_png(np.zeros((resolution, resolution), dtype=np.uint8)))
@@ -70,8 +75,9 @@ def _source_name(value) -> str:
     return "<in-memory image>"
 
 
-# Editing the preprocessing code invalidates every prepared-image cache.
+# Editing the preprocessing code (or DICOM's grey pipeline) invalidates every prepared-image cache.
 _TRANSFORMS_DIGEST = hashlib.sha256(Path(transforms.__file__).read_bytes()).hexdigest()[:12]
+_DICOM_DIGEST = hashlib.sha256(Path(dicom.__file__).read_bytes()).hexdigest()[:12]
 
 
 def decode_images(
@@ -82,6 +88,7 @@ def decode_images(
     num_proc: int | None = None,
     work_dir: str | Path | None = None,
     max_failed_fraction: float = 0.5,
+    dicom_percentiles: tuple[float, float] | None = None,
 ) -> tuple[datasets.Dataset, list[tuple[str, str]]]:
     """Decode and resize once; returns the prepared dataset and (file name, reason) for each unreadable image.
 
@@ -100,7 +107,7 @@ def decode_images(
     features = datasets.Features({"image": datasets.Image(), "prepare_error": datasets.Value("string")})
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
-    salt = f"{resolution}|{center_crop}|{_TRANSFORMS_DIGEST}|v{FORMAT_VERSION}"
+    salt = f"{resolution}|{center_crop}|{_TRANSFORMS_DIGEST}|{_DICOM_DIGEST}|{dicom_percentiles}|v{FORMAT_VERSION}"
     chunk = CHUNK_PER_PROCESS * max(1, num_proc or 1)
     parts = []
     bars_were_on = datasets.is_progress_bar_enabled()
@@ -122,7 +129,8 @@ def decode_images(
                         num_proc=num_proc if num_proc and num_proc > 1 and len(part) >= 4 * num_proc else None,
                         remove_columns=[image_column],
                         features=features,
-                        fn_kwargs={"image_column": image_column, "resolution": resolution, "center_crop": center_crop},
+                        fn_kwargs={"image_column": image_column, "resolution": resolution, "center_crop": center_crop,
+                                   "dicom_percentiles": dicom_percentiles},
                         cache_file_name=cache_file,
                     )
                 )

@@ -7,7 +7,6 @@ training set never has to sit in memory at full size.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from ..data.decode import open_image
 from ..data.transforms import preprocess_image
 from ..utils import IMAGE_EXTENSIONS, list_images, split_spec, stable_hash
 
@@ -27,7 +27,7 @@ def to_eval_image(image, size: int) -> np.ndarray:
     """A PIL image, a datasets Image cell ({"bytes", "path"}) or an array (HxW, or with a singleton channel) ->
     uint8 (size, size), through the training preprocessing (any mode -> L, centre-crop, antialiased resize)."""
     if isinstance(image, dict):
-        image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+        image = open_image(image)
     if not isinstance(image, Image.Image):
         array = np.asarray(image)
         if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
@@ -63,7 +63,7 @@ class ImageSource:
             return np.stack([to_eval_image(image, size) for image in self._dataset[indices][self._column]])
         out = []
         for i in indices:
-            with Image.open(self._folder_files[i]) as image:
+            with open_image(self._folder_files[i]) as image:  # a DICOM file through its grey pipeline
                 out.append(to_eval_image(image, size))
         return np.stack(out)
 

@@ -38,6 +38,8 @@ PATIENT_ID_PATTERNS = {
     "an NIH image name": re.compile(r"\b\d{8}_\d{3}(?:\.png)?\b", re.IGNORECASE),
     # The built-in phantom's patient ids (lunggen_diffusers/data/phantom.py).
     "a phantom patient id": re.compile(r"\bphantom-\d+-\d+\b"),
+    # The DICOM reader's patient pseudonyms (lunggen_diffusers/data/dicom.py): local keys, never published either.
+    "a DICOM patient pseudonym": re.compile(r"\bdicom-(?:[0-9a-f]{16}|image-\d+)\b"),
     # A value labelled as a patient id, or a table column of them (memorized_patients.csv's layout).
     "a patient id": re.compile(r"\bpatient[ _-]?id\s*[:=#]?\s*\d+|\bpatient\s*#\s*\d+|\|\s*patient[ _-]?id\s*\|",
                                re.IGNORECASE),
