@@ -2,7 +2,7 @@
 against pydicom's own `pixel_array` + `apply_modality_lut` + `apply_voi_lut` on the same files, per transfer
 syntax; then the whole prepare pass (decode, square, resize, PNG) over all of them with 1 and all processes.
 
-    python benchmarks/dicom_benchmark.py --num_images 48 --size 1024
+    python benchmarks/dicom_benchmark.py --num_images 128 --size 1024
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ GOAL = 0.8  # of pydicom's own rate
 
 @dataclass
 class DicomBenchmarkArguments:
-    num_images: int = field(default=48, metadata={"help": "Files per transfer syntax."})
+    num_images: int = field(default=128, metadata={"help": "Files per transfer syntax."})
     size: int = field(default=1024, metadata={"help": "Rows and columns of each 12-bit image."})
     resolution: int = field(default=256, metadata={"help": "Prepared resolution of the prepare pass."})
     output: str = field(default="benchmarks/results/dicom_benchmark.json")
