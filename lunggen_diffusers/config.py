@@ -50,6 +50,11 @@ class DataConfig:
         default=0.5, metadata={"help": "Error out when more than this fraction of image files cannot be read."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where prepared (decoded, resized) data is cached."})
+    vindr_label_rule: str = field(
+        default="majority",
+        metadata={"help": "VinDr-CXR: a finding is present when a majority of the image's radiologists marked it, "
+                          "or 'any' one of them (more sensitive, more single-reader false positives)."},
+    )
     dicom_percentiles: list[float] | None = field(
         default=None,
         metadata={"help": "DICOM images with no VOI (no window, no VOI LUT): map these two percentiles of each image "
@@ -202,6 +207,7 @@ CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "logger": ("tensorboard", "wandb", "all", "none"),
     "view_position": ("PA", "AP", "all"),
+    "vindr_label_rule": ("majority", "any"),
 }
 
 

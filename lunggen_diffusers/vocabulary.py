@@ -26,17 +26,22 @@ CONDITION_COLUMNS = dict(zip(CONDITIONS, (FINDINGS_COLUMN, "view_position", "pat
 MANIFEST_LABELS = "labels"
 UNCONDITIONED = "unconditioned"
 
-# Canonical finding names: NIH ChestX-ray14's fourteen, as NIH spells them, then what other collections add.
+# Canonical finding names: NIH ChestX-ray14's fourteen, as NIH spells them, then what other collections add
+# (CheXpert; VinDr-CXR; RSNA Pneumonia's two labels for images without opacity, which are not "No Finding").
 FINDINGS = (
     "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
     "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
     "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion", "Lung Opacity", "Pleural Other", "Support Devices",
+    "Aortic Enlargement", "Calcification", "ILD", "Nodule/Mass", "Other Lesion",
+    "No Lung Opacity / Not Normal", "No Lung Opacity",
 )
 # Each source's own spellings -> the canonical name (a name equal to a canonical one after `normalize` needs no
 # entry). The collection readers extend this table; the README shows it.
 ALIASES = {
     "phantom": {"pleural_effusion": "Effusion"},
     "chexpert": {"Pleural Effusion": "Effusion"},
+    "vindr": {"Pleural effusion": "Effusion", "Pleural thickening": "Pleural_Thickening",
+              "Pulmonary fibrosis": "Fibrosis"},
 }
 _CANONICAL = {normalize(name): name for name in FINDINGS}
 

@@ -22,7 +22,8 @@ import datasets
 from ..config import Config
 from ..summaries import DataSummary
 from ..utils import IMAGE_EXTENSIONS, atomic_path, is_dicom, list_images
-from . import dicom, nih
+from ..vocabulary import FINDINGS_COLUMN
+from . import dicom, dicom_collections, nih
 from .decode import decode_images, prepared_resolution
 from .phantom import phantom_dataset
 from .splits import filter_dataset, split_by_patient
@@ -76,10 +77,17 @@ def write_skipped(folder: Path, skipped: list[tuple[str, str]]) -> Path:
     return path
 
 
-def dicom_dataset(path: str | Path, report_dir: Path) -> datasets.Dataset:
-    """A folder of DICOM files as a dataset: the image paths and the kept header columns; the files that are no
-    usable radiograph are listed in report_dir/skipped_files.csv and counted in one warning line."""
+def dicom_dataset(path: str | Path, report_dir: Path, labels: dict[str, list[str]] | None = None) -> datasets.Dataset:
+    """A folder of DICOM files as a dataset: the image paths and the kept header columns, and with `labels` (file
+    name without suffix -> finding names) a `finding_labels` column. The files that are no usable radiograph, or
+    that `labels` does not name, are listed in report_dir/skipped_files.csv and counted in one warning line."""
     paths, columns, skipped = dicom.dicom_folder(path)
+    if labels is not None:
+        keep = [i for i, p in enumerate(paths) if Path(p).stem in labels]
+        skipped += [(str(Path(paths[i]).relative_to(path)), "not in the labels file")
+                    for i in sorted(set(range(len(paths))) - set(keep))]
+        paths, columns = [paths[i] for i in keep], {k: [v[i] for i in keep] for k, v in columns.items()}
+        columns[FINDINGS_COLUMN] = [labels[Path(p).stem] for p in paths]
     listed = write_skipped(report_dir, skipped)
     if skipped:
         reasons = Counter(reason.split(" (")[0] for _, reason in skipped)
@@ -95,6 +103,8 @@ def dicom_dataset(path: str | Path, report_dir: Path) -> datasets.Dataset:
         columns["patient_id"] = [p or f"dicom-image-{i}" for i, p in enumerate(columns["patient_id"])]
     features = {"image": datasets.Image(decode=False), "patient_age": datasets.Value("float32"),
                 **{name: datasets.Value("string") for name in ("patient_id", "patient_sex", "view_position")}}
+    if labels is not None:
+        features[FINDINGS_COLUMN] = datasets.List(datasets.Value("string"))
     return datasets.Dataset.from_dict({"image": paths, **columns}, features=datasets.Features(features))
 
 
@@ -162,8 +172,15 @@ def load_source(config: Config) -> tuple[datasets.Dataset, str]:
             return _nih_split(config), "the NIH ChestX-ray14 dataset"
         if is_dicom_folder(d.train_data_dir):
             report_dir = _cache_dir(config) / f"dicom-{_folder_key(d.train_data_dir)}"
-            ds = split_by_patient(dicom_dataset(d.train_data_dir, report_dir), d)
-            return filter_dataset(ds, d), "a local DICOM folder"
+            labels, source = None, "a local DICOM folder"
+            if dicom_collections.is_vindr_folder(d.train_data_dir):
+                labels = dicom_collections.vindr_labels(d.train_data_dir, d.vindr_label_rule)
+                source = "the VinDr-CXR dataset"
+            elif dicom_collections.is_rsna_folder(d.train_data_dir):
+                labels = dicom_collections.rsna_labels(d.train_data_dir)
+                source = "the RSNA Pneumonia Detection Challenge data"
+            ds = split_by_patient(dicom_dataset(d.train_data_dir, report_dir, labels), d)
+            return filter_dataset(ds, d), source
         ds = image_folder(d.train_data_dir)
         if "patient_id" in ds.column_names:
             ds = split_by_patient(ds, d)

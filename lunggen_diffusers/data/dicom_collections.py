@@ -1,0 +1,85 @@
+"""Label files of the public DICOM collections, read into the project's vocabulary and joined onto their images by
+file name: VinDr-CXR (`train.csv`, one row per radiologist and finding) and the RSNA Pneumonia Detection Challenge
+(`stage_2_train_labels.csv`, one row per box). The images themselves go through `dicom.py` like any DICOM folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from collections import defaultdict
+from pathlib import Path
+
+from ..vocabulary import NO_FINDING, canonical_finding
+
+LABEL_RULES = ("majority", "any")
+VINDR_LABELS = "train.csv"
+VINDR_NO_FINDING = "No finding"
+RSNA_LABELS = "stage_2_train_labels.csv"
+RSNA_CLASSES = "stage_2_detailed_class_info.csv"
+# RSNA's three classes: "Normal" is no finding; "No Lung Opacity / Not Normal" is abnormal without opacity, a label
+# of its own (never "No Finding"); a box is "Lung Opacity" (the challenge's evidence of pneumonia).
+RSNA_NOT_NORMAL = "No Lung Opacity / Not Normal"
+RSNA_NO_OPACITY = "No Lung Opacity"  # Target 0 when the class file is absent: normal or not normal, unknown
+
+
+def _rows(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _find(root: Path, name: str) -> Path | None:
+    return next((p for p in (root / name, root / f"{name}.gz") if p.is_file()), None)
+
+
+def is_vindr_folder(root: str | Path) -> bool:
+    path = _find(Path(root), VINDR_LABELS)
+    if path is None:
+        return False
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return {"image_id", "class_name", "rad_id"} <= set(f.readline().strip().split(","))
+
+
+def is_rsna_folder(root: str | Path) -> bool:
+    return _find(Path(root), RSNA_LABELS) is not None
+
+
+def vindr_labels(root: str | Path, rule: str = "majority") -> dict[str, list[str]]:
+    """image_id -> its findings (canonical names) under `rule`: "majority", a finding more than half of the image's
+    radiologists marked, or "any", a finding at least one marked; [NO_FINDING] when none is."""
+    if rule not in LABEL_RULES:
+        raise ValueError(f"--vindr_label_rule {rule!r} is not one of: {', '.join(LABEL_RULES)}")
+    readers, marked = defaultdict(set), defaultdict(lambda: defaultdict(set))
+    for row in _rows(_find(Path(root), VINDR_LABELS)):
+        readers[row["image_id"]].add(row["rad_id"])
+        if row["class_name"] != VINDR_NO_FINDING:
+            marked[row["image_id"]][canonical_finding(row["class_name"], "vindr")].add(row["rad_id"])
+    labels = {}
+    for image, rads in readers.items():
+        need = len(rads) // 2 + 1 if rule == "majority" else 1
+        labels[image] = sorted(f for f, who in marked[image].items() if len(who) >= need) or [NO_FINDING]
+    return labels
+
+
+def rsna_labels(root: str | Path) -> dict[str, list[str]]:
+    """patientId (one image each) -> its labels: "Lung Opacity" with any box; without a box "No Finding" for the
+    class "Normal", RSNA_NOT_NORMAL for "No Lung Opacity / Not Normal", or RSNA_NO_OPACITY when the class file
+    (stage_2_detailed_class_info.csv) is absent and the two cannot be told apart."""
+    root = Path(root)
+    classes = {}
+    if _find(root, RSNA_CLASSES):
+        classes = {row["patientId"]: row["class"] for row in _rows(_find(root, RSNA_CLASSES))}
+    boxed = defaultdict(bool)
+    for row in _rows(_find(root, RSNA_LABELS)):
+        boxed[row["patientId"]] |= row["Target"] == "1"
+    labels = {}
+    for image, opacity in boxed.items():
+        if opacity:
+            labels[image] = ["Lung Opacity"]
+        elif image in classes:
+            labels[image] = [NO_FINDING] if classes[image] == "Normal" else [RSNA_NOT_NORMAL]
+        else:
+            labels[image] = [RSNA_NO_OPACITY]
+    return labels
