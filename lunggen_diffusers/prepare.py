@@ -1,4 +1,5 @@
-"""Prepare NIH ChestX-ray14 once: `python -m lunggen_diffusers.prepare --nih_dir /data/NIH --output_dir data/nih-256`.
+"""Prepare a source once: `python -m lunggen_diffusers.prepare --nih_dir /data/NIH --output_dir data/nih-256`, or
+`--train_data_dir DIR` for any other (a DICOM folder, VinDr-CXR, RSNA Pneumonia, an image folder with patient IDs).
 
 Writes a `save_to_disk` DatasetDict (train / validation / test; grayscale PNGs in `image` + metadata) that
 `train.py --dataset_name data/nih-256` reads directly, with `prepare_report.json`, `failed_images.csv` and a dataset
@@ -11,15 +12,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import datasets
 from huggingface_hub import DatasetCard, DatasetCardData
 from transformers import HfArgumentParser
 
 from .cli import parse, run
 from .config import DataConfig
-from .data import nih
+from .data import build, nih
+from .data.decode import decode_images
+from .data.splits import SPLITS, assign_splits, check_patient_disjoint, filter_dataset
+from .utils import files_fingerprint, list_images, stable_hash
 
 CITATION = """@inproceedings{wang2017chestxray8,
   author    = {Wang, Xiaosong and Peng, Yifan and Lu, Le and Lu, Zhiyong and Bagheri, Mohammadhadi and
@@ -40,8 +45,10 @@ OLD_FLAGS = {"--num_proc": "--preprocessing_num_workers", "--seed": "--split_see
 class PrepareArguments:
     """What only this command has; every data setting (resolution, filters, splits, workers) is a DataConfig field."""
 
-    nih_dir: str = field(metadata={"help": "The NIH ChestX-ray14 folder (Data_Entry_2017_v2020.csv and the PNGs)."})
     output_dir: str = field(metadata={"help": "Where the prepared dataset goes (a `save_to_disk` folder)."})
+    nih_dir: str | None = field(default=None, metadata={
+        "help": "The NIH ChestX-ray14 folder (Data_Entry_2017_v2020.csv and the PNGs). Other sources (a DICOM folder, "
+                "VinDr-CXR, RSNA Pneumonia, an image folder with a metadata.csv of patient IDs): --train_data_dir."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a dataset prepared differently."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload as a PRIVATE Hub dataset."})
     hub_dataset_id: str | None = field(default=None, metadata={"help": "e.g. my-org/nih-chestxray14-256."})
@@ -140,8 +147,6 @@ on Weakly-Supervised Classification and Localization of Common Thorax Diseases. 
 
 def push_prepared(folder: str | Path, repo_id: str, token: str | None = None) -> None:
     """Upload the prepared dataset as a private Hub dataset; its card body comes from the local README.md."""
-    import datasets
-
     datasets.load_from_disk(str(folder)).push_to_hub(repo_id, private=True, token=token)
     # push_to_hub wrote a card whose YAML says how to load the data; keep that YAML, add ours and our text.
     hub_card = DatasetCard.load(repo_id, repo_type="dataset", token=token)
@@ -151,25 +156,108 @@ def push_prepared(folder: str | Path, repo_id: str, token: str | None = None) ->
     card.push_to_hub(repo_id, token=token, repo_type="dataset")
 
 
+def _previous(output: Path, key: str, overwrite: bool) -> dict | None:
+    """The report of `output` when it was prepared from the same inputs and settings (nothing to do); None when it
+    may be (re)made; refused when it holds something else."""
+    if not output.exists():
+        return None
+    previous = nih.read_report(output)
+    if previous is not None and previous.get("key") == key:
+        return previous
+    if previous is None and any(output.iterdir()):
+        raise FileExistsError(f"--output_dir {output} is not a prepared dataset; refusing to replace it")
+    if previous is not None and not overwrite:
+        raise FileExistsError(
+            f"--output_dir {output} holds a dataset prepared from other inputs or settings; "
+            "pass --overwrite_output_dir to replace it"
+        )
+    return None
+
+
 def make_prepared_dataset(args: PrepareArguments, settings: DataConfig) -> tuple[dict, bool]:
     """Decode, split and save (or reuse) `args.output_dir`; returns its report and whether it reused one."""
+    if bool(args.nih_dir) == bool(settings.train_data_dir):
+        raise ValueError("give --nih_dir (NIH ChestX-ray14) or --train_data_dir (any other source), one of them")
+    if settings.train_data_dir:
+        return prepare_folder(args, settings)
     output = Path(args.output_dir)
     plan = nih.plan_nih(args.nih_dir, settings)
-    if output.exists():
-        previous = nih.read_report(output)
-        if previous is not None and previous.get("key") == plan.report["key"]:
-            return previous, True
-        if previous is None and any(output.iterdir()):
-            raise FileExistsError(f"--output_dir {output} is not a prepared dataset; refusing to replace it")
-        if previous is not None and not args.overwrite_output_dir:
-            raise FileExistsError(
-                f"--output_dir {output} holds a dataset prepared from other inputs or settings; "
-                "pass --overwrite_output_dir to replace it"
-            )
+    previous = _previous(output, plan.report["key"], args.overwrite_output_dir)
+    if previous is not None:
+        return previous, True
     work_dir = output.with_name(output.name + ".partial")
     dsdict, report, failures = nih.decode_splits(plan, settings, work_dir)
     nih.save_prepared(dsdict, output, work_dir, report, failures, {"README.md": dataset_card(report)})
     return report, False
+
+
+def prepare_folder(args: PrepareArguments, settings: DataConfig) -> tuple[dict, bool]:
+    """Any other folder (DICOM, VinDr-CXR, RSNA Pneumonia, an image folder with patient IDs) into the same layout as
+    NIH's: train / validation / test split by patient, decoded once, with its report, failed and skipped files."""
+    root = Path(settings.train_data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--train_data_dir {root}: no such folder")
+    output = Path(args.output_dir)
+    options = {k: v for k, v in asdict(settings).items() if k not in ("preprocessing_num_workers", "cache_dir")}
+    key = stable_hash({"files": files_fingerprint(list_images(root)), "settings": options})
+    previous = _previous(output, key, args.overwrite_output_dir)
+    if previous is not None:
+        return previous, True
+    raw, source = build.folder_source(settings)
+    if "patient_id" not in raw.column_names:
+        raise ValueError(f"--train_data_dir {root}: no patient IDs (add a metadata.csv with file_name and patient_id)"
+                         ", so no patient-wise split can be made; train on the folder directly instead")
+    split, _ = assign_splits({"patient_id": raw["patient_id"]}, None, None, settings.validation_fraction,
+                             settings.test_fraction, settings.split_seed)
+    raw = filter_dataset(raw.add_column("split", split), settings)
+    work_dir = output.with_name(output.name + ".partial")
+    prepared, failures = decode_images(
+        raw, settings.resolution, settings.center_crop, num_proc=settings.preprocessing_num_workers,
+        work_dir=work_dir, max_failed_fraction=settings.max_failed_fraction,
+        dicom_percentiles=tuple(settings.dicom_percentiles) if settings.dicom_percentiles else None)
+    names = prepared["split"]
+    dsdict = datasets.DatasetDict({s: prepared.select([i for i, n in enumerate(names) if n == s])
+                                   for s in SPLITS if s in names})
+    check_patient_disjoint(dsdict)
+    skipped = build.dicom_report_dir(settings) / build.SKIPPED_CSV
+    report = {"key": key, "source": source, "split_method": "by a hash of the patient IDs",
+              "splits": nih.describe(dsdict), "failed_images": len(failures),
+              "skipped_files": max(0, len(skipped.read_text().splitlines()) - 1) if skipped.is_file() else 0,
+              "settings": {"resolution": settings.resolution, "center_crop": settings.center_crop,
+                           "validation_fraction": settings.validation_fraction, "split_seed": settings.split_seed}}
+    extra = {"README.md": folder_card(report)}
+    if skipped.is_file():
+        extra[build.SKIPPED_CSV] = skipped.read_text()
+    nih.save_prepared(dsdict, output, work_dir, report, failures, extra)
+    return report, False
+
+
+def folder_card(report: dict) -> str:
+    """The prepared folder's README.md for a source other than NIH: counts, splits, preprocessing (no identifiers)."""
+    s = report["settings"]
+    data = DatasetCardData(pretty_name=f"Chest radiographs prepared at {s['resolution']}x{s['resolution']}",
+                           task_categories=["unconditional-image-generation"],
+                           tags=["medical-imaging", "chest-x-ray", "lunggen-diffusers"])
+    body = f"""
+# Chest radiographs prepared at {s['resolution']}x{s['resolution']}
+
+Prepared with `python -m lunggen_diffusers.prepare --train_data_dir ...` (LungGen-Diffusers) from {report['source']}.
+
+{counts_table(report['splits'])}
+
+- Splits are patient-wise and no patient is in two of them (checked when prepared), {report['split_method']};
+  validation holds {s['validation_fraction']:.0%} of the train/validation patients (seed {s['split_seed']}).
+- {report['failed_images']:,} image(s) could not be decoded (`failed_images.csv`); {report['skipped_files']:,} file(s)
+  were no usable radiograph (`skipped_files.csv`: non-image DICOM objects, multi-frame, colour, unreadable).
+- Each image was decoded once (DICOM through its modality LUT, VOI and MONOCHROME1 inversion), converted to 8-bit
+  grayscale, {'centre-cropped' if s['center_crop'] else 'padded with black'} to a square and resized with Lanczos
+  to {s['resolution']}x{s['resolution']}; nothing was flipped. DICOM headers keep only a patient pseudonym, age,
+  sex and view.
+
+Research use only, under the source collection's own terms. The patient pseudonyms allow patient-wise splits;
+keep any copy of this dataset private.
+"""
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,7 +272,8 @@ def _prepare(args: PrepareArguments, settings: DataConfig) -> None:
     report, reused = make_prepared_dataset(args, settings)
     print(("Reused" if reused else "Prepared") + f" {args.output_dir} ({report['split_method']}):")
     print(counts_table(report["splits"]))
-    print(f"missing: {report['missing_images']}, unreadable: {report['failed_images']} (see failed_images.csv)")
+    print(f"missing: {report.get('missing_images', 0)}, unreadable: {report['failed_images']} (see failed_images.csv)"
+          + (f", skipped: {report['skipped_files']} (see skipped_files.csv)" if "skipped_files" in report else ""))
     if args.push_to_hub:
         push_prepared(args.output_dir, args.hub_dataset_id, args.hub_token)
         print(f"Pushed to the Hub as the private dataset {args.hub_dataset_id}")

@@ -220,3 +220,34 @@ def test_evaluation_reads_a_dicom_folder_through_the_same_grey_pipeline(tmp_path
     assert images.shape == (2, 32, 32)
     for image, name in zip(images, ["IM0002", "a.dcm"]):
         assert np.array_equal(image, to_eval_image(dicom.read_image(tmp_path / "real" / name), 32))
+
+
+def test_prepare_a_dicom_folder_into_patient_wise_splits_with_its_skipped_list(tmp_path, capsys):
+    from lunggen_diffusers import prepare
+
+    for i in range(20):
+        chest(tmp_path / "pacs" / f"IM{i:04d}", patient=f"P-{i // 2}", seed=i, view="AP" if i % 5 == 0 else "PA")
+    structured_report(tmp_path / "pacs" / "report.dcm")
+    argv = ["--train_data_dir", str(tmp_path / "pacs"), "--output_dir", str(tmp_path / "prepared"), "--resolution",
+            "32", "--cache_dir", str(tmp_path / "cache"), "--validation_fraction", "0.2"]
+    prepare.main(argv)
+    out = tmp_path / "prepared"
+    import datasets
+
+    splits = datasets.load_from_disk(str(out))
+    assert sum(len(s) for s in splits.values()) == 20 and set(splits) == {"train", "validation", "test"}
+    patients = {name: set(s["patient_id"]) for name, s in splits.items()}
+    assert not (patients["train"] & patients["validation"] or patients["train"] & patients["test"]
+                or patients["validation"] & patients["test"])
+    assert splits["train"][0]["image"].size == (32, 32)
+    assert (out / "skipped_files.csv").read_text().splitlines()[1] == "report.dcm,no pixel data (Basic Text SR Storage)"
+    card = (out / "README.md").read_text()
+    assert "1 file(s)\n  were no usable radiograph" in card and "P-" not in card
+    assert "Prepared" in capsys.readouterr().out
+    prepare.main(argv)
+    assert "Reused" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        prepare.main([*argv, "--view_position", "PA"])  # other settings: refused without --overwrite_output_dir
+    prepare.main([*argv, "--view_position", "PA", "--overwrite_output_dir"])
+    assert set(datasets.concatenate_datasets(list(datasets.load_from_disk(str(out)).values()))["view_position"]) \
+        == {"PA"}

@@ -35,7 +35,12 @@ SKIPPED_CSV = "skipped_files.csv"
 
 
 def _cache_dir(config: Config) -> Path:
-    root = config.data.cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "lunggen_prepared")
+    return cache_root(config.data)
+
+
+def cache_root(d) -> Path:
+    """Where prepared data of the DataConfig `d` is cached (`--cache_dir`, else under datasets' cache)."""
+    root = d.cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "lunggen_prepared")
     Path(root).mkdir(parents=True, exist_ok=True)
     return Path(root)
 
@@ -149,6 +154,24 @@ def _nih_split(config: Config) -> datasets.Dataset:
     return dsdict[d.split]
 
 
+def folder_source(d) -> tuple[datasets.Dataset, str]:
+    """A folder other than NIH's (`d.train_data_dir` of the DataConfig `d`), whole and unprepared: a DICOM folder
+    (VinDr-CXR and RSNA Pneumonia with their labels) or an image folder; and a short description of it. A DICOM
+    folder's skipped files are listed in the cache (cache_root/dicom-<folder>/skipped_files.csv)."""
+    if not is_dicom_folder(d.train_data_dir):
+        return image_folder(d.train_data_dir), "a local image folder"
+    labels, source = None, "a local DICOM folder"
+    if dicom_collections.is_vindr_folder(d.train_data_dir):
+        labels, source = dicom_collections.vindr_labels(d.train_data_dir, d.vindr_label_rule), "the VinDr-CXR dataset"
+    elif dicom_collections.is_rsna_folder(d.train_data_dir):
+        labels, source = dicom_collections.rsna_labels(d.train_data_dir), "the RSNA Pneumonia Detection Challenge data"
+    return dicom_dataset(d.train_data_dir, dicom_report_dir(d), labels), source
+
+
+def dicom_report_dir(d) -> Path:
+    return cache_root(d) / f"dicom-{_folder_key(d.train_data_dir)}"
+
+
 def load_source(config: Config) -> tuple[datasets.Dataset, str]:
     """The training split, filtered, and a short, non-identifying description of where it came from.
 
@@ -170,21 +193,10 @@ def load_source(config: Config) -> tuple[datasets.Dataset, str]:
     if d.train_data_dir:
         if nih.is_nih_folder(d.train_data_dir):
             return _nih_split(config), "the NIH ChestX-ray14 dataset"
-        if is_dicom_folder(d.train_data_dir):
-            report_dir = _cache_dir(config) / f"dicom-{_folder_key(d.train_data_dir)}"
-            labels, source = None, "a local DICOM folder"
-            if dicom_collections.is_vindr_folder(d.train_data_dir):
-                labels = dicom_collections.vindr_labels(d.train_data_dir, d.vindr_label_rule)
-                source = "the VinDr-CXR dataset"
-            elif dicom_collections.is_rsna_folder(d.train_data_dir):
-                labels = dicom_collections.rsna_labels(d.train_data_dir)
-                source = "the RSNA Pneumonia Detection Challenge data"
-            ds = split_by_patient(dicom_dataset(d.train_data_dir, report_dir, labels), d)
-            return filter_dataset(ds, d), source
-        ds = image_folder(d.train_data_dir)
+        ds, source = folder_source(d)
         if "patient_id" in ds.column_names:
             ds = split_by_patient(ds, d)
-        return filter_dataset(ds, d), "a local image folder"
+        return filter_dataset(ds, d), source
     ds = phantom_dataset(
         d.num_phantom_images, d.resolution, seed=config.training.seed, finding_prob=d.phantom_finding_prob
     )
