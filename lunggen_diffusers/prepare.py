@@ -220,14 +220,16 @@ def prepare_folder(args: PrepareArguments, settings: DataConfig) -> tuple[dict, 
                                    for s in SPLITS if s in names})
     check_patient_disjoint(dsdict)
     skipped = build.dicom_report_dir(settings) / build.SKIPPED_CSV
+    digests = build.dicom_report_dir(settings) / build.PHI_DIGESTS  # so that runs on the prepared copy are checked
     report = {"key": key, "source": source, "split_method": "by a hash of the patient IDs",
               "splits": nih.describe(dsdict), "failed_images": len(failures),
               "skipped_files": max(0, len(skipped.read_text().splitlines()) - 1) if skipped.is_file() else 0,
               "settings": {"resolution": settings.resolution, "center_crop": settings.center_crop,
                            "validation_fraction": settings.validation_fraction, "split_seed": settings.split_seed}}
     extra = {"README.md": folder_card(report)}
-    if skipped.is_file():
-        extra[build.SKIPPED_CSV] = skipped.read_text()
+    for path in (skipped, digests):
+        if path.is_file():
+            extra[path.name] = path.read_text()
     nih.save_prepared(dsdict, output, work_dir, report, failures, extra)
     return report, False
 

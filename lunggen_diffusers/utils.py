@@ -94,6 +94,27 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def secret_digests(values: Iterable[str]) -> dict:
+    """Salted SHA-256 digests of strings that must never be published, and their lengths: enough to find them in a
+    text (`find_secret`) without keeping them anywhere."""
+    salt = os.urandom(16).hex()
+    values = {v for v in values if v}
+    return {"salt": salt, "lengths": sorted({len(v) for v in values}),
+            "digests": sorted(hashlib.sha256((salt + v).encode()).hexdigest() for v in values)}
+
+
+def find_secret(text: str, digests: dict) -> str | None:
+    """The first substring of `text` that is one of the digested strings (case-insensitively; the digests hold
+    upper-cased strings), or None."""
+    salt, wanted, upper = digests["salt"], set(digests["digests"]), text.upper()
+    for length in digests["lengths"]:
+        for start in range(len(upper) - length + 1):
+            piece = upper[start:start + length]
+            if hashlib.sha256((salt + piece).encode()).hexdigest() in wanted:
+                return piece
+    return None
+
+
 def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
     """An 8-bit grayscale grid, row by row, `cols` wide (default: as square as it gets); the last row padded black."""
     if not images:

@@ -174,7 +174,7 @@ PHI = {
     "AcquisitionDateTime": "20070809101113", "EthnicGroup": "PhiEthnic", "Occupation": "PhiOccupation",
     "AdditionalPatientHistory": "phi history zqx", "PatientComments": "phi comment zqx", "MilitaryRank": "PhiRank",
     "MedicalRecordLocator": "MRLPHI7f3a", "RequestedProcedureID": "RPPHI7f3a", "PerformedProcedureStepID": "PPSPHI7f3a",
-    "ImageComments": "phi image comment zqx", "DerivationDescription": "phi derivation zqx",
+    "ImageComments": "phi image comment zqx",
 }
 
 
@@ -195,9 +195,21 @@ def test_training_on_a_dicom_folder_writes_no_header_value_anywhere(tmp_path):
     assert any(p.name == "skipped_files.csv" for p in written) and any(p.suffix == ".arrow" for p in written)
     values = sorted({v for v in PHI.values()} | {f"{PHI['PatientID']}-{i}" for i in range(6)})
     for path in written:
-        content = path.read_bytes()
-        leaked = [v for v in values if v.encode() in content or v.replace("^", " ").encode() in content]
+        content = path.read_bytes().upper()
+        leaked = [v for v in values if v.upper().encode() in content or v.replace("^", " ").upper().encode() in content]
         assert not leaked, f"{path.relative_to(tmp_path)} holds {leaked}"
+    # The card check knows the values it must refuse, from their digests (any case), and says where, not what.
+    from lunggen_diffusers.hub import export
+
+    for value in ("Zqx Phi Hospital", "zqx phi hospital", "Phiname3", "Zqx Phiname3", PHI["AccessionNumber"], "19230405"):
+        section = tmp_path / "utility"
+        section.mkdir(exist_ok=True)
+        (section / "card_section.md").write_text(f"## Downstream utility\n\nTrained at {value}.\n")
+        with pytest.raises(ValueError, match="would publish an identifying DICOM header value") as refused:
+            export.write_model_card(out, utility_dir=section)
+        assert value.lower() not in str(refused.value).lower()
+    (section / "card_section.md").write_text("## Downstream utility\n\nNothing identifying.\n")
+    export.write_model_card(out, utility_dir=section)
 
 
 def test_a_truncated_file_is_reported_by_the_decode_pass_not_a_traceback(tmp_path):

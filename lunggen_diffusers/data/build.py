@@ -21,7 +21,7 @@ import datasets
 
 from ..config import Config
 from ..summaries import DataSummary
-from ..utils import IMAGE_EXTENSIONS, atomic_path, is_dicom, list_images
+from ..utils import IMAGE_EXTENSIONS, atomic_path, is_dicom, list_images, secret_digests, write_json
 from ..vocabulary import FINDINGS_COLUMN
 from . import dicom, dicom_collections, nih
 from .decode import decode_images, prepared_resolution
@@ -32,17 +32,19 @@ logger = logging.getLogger(__name__)
 
 METADATA_CSV = "metadata.csv"
 SKIPPED_CSV = "skipped_files.csv"
+PHI_DIGESTS = "phi_digests.json"  # digests of the DICOM headers' identifying values (local; hub/privacy.py reads it)
 
 
 def _cache_dir(config: Config) -> Path:
-    return cache_root(config.data)
+    root = cache_root(config.data)
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def cache_root(d) -> Path:
-    """Where prepared data of the DataConfig `d` is cached (`--cache_dir`, else under datasets' cache)."""
-    root = d.cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "lunggen_prepared")
-    Path(root).mkdir(parents=True, exist_ok=True)
-    return Path(root)
+    """Where prepared data of the DataConfig `d` (or any object with its cache_dir) is cached: `--cache_dir`, else
+    under datasets' cache."""
+    return Path(d.cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "lunggen_prepared"))
 
 
 def image_folder(path: str | Path) -> datasets.Dataset:
@@ -86,7 +88,10 @@ def dicom_dataset(path: str | Path, report_dir: Path, labels: dict[str, list[str
     """A folder of DICOM files as a dataset: the image paths and the kept header columns, and with `labels` (file
     name without suffix -> finding names) a `finding_labels` column. The files that are no usable radiograph, or
     that `labels` does not name, are listed in report_dir/skipped_files.csv and counted in one warning line."""
-    paths, columns, skipped = dicom.dicom_folder(path)
+    phi = set()
+    paths, columns, skipped = dicom.dicom_folder(path, phi)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    write_json(report_dir / PHI_DIGESTS, secret_digests(phi))
     if labels is not None:
         keep = [i for i, p in enumerate(paths) if Path(p).stem in labels]
         skipped += [(str(Path(paths[i]).relative_to(path)), "not in the labels file")
@@ -169,6 +174,8 @@ def folder_source(d) -> tuple[datasets.Dataset, str]:
 
 
 def dicom_report_dir(d) -> Path:
+    """The cache folder of a DICOM folder's skipped_files.csv and phi_digests.json (`d`: a DataConfig, or any object
+    with its cache_dir and train_data_dir)."""
     return cache_root(d) / f"dicom-{_folder_key(d.train_data_dir)}"
 
 

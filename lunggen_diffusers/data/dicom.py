@@ -28,6 +28,21 @@ from PIL import Image
 from ..utils import is_dicom, list_images
 
 KEPT_COLUMNS = ("patient_id", "patient_age", "patient_sex", "view_position")
+# Identifying attributes of PS3.15's Basic Application Level Confidentiality Profile that chest radiographs carry.
+# Their values are never stored; their digests are (`phi_digests.json`, local), so that every text the project
+# publishes is checked for them (hub/privacy.py).
+PHI_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
+    "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers", "MedicalRecordLocator", "MilitaryRank",
+    "EthnicGroup", "Occupation", "AdditionalPatientHistory", "PatientComments", "InstitutionName",
+    "InstitutionAddress", "InstitutionalDepartmentName", "ReferringPhysicianName", "ReferringPhysicianAddress",
+    "PerformingPhysicianName", "OperatorsName", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy",
+    "RequestingPhysician", "AccessionNumber", "StudyID", "StationName", "DeviceSerialNumber", "StudyInstanceUID",
+    "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID", "StudyDate", "SeriesDate", "AcquisitionDate",
+    "ContentDate", "StudyTime", "AcquisitionDateTime", "RequestedProcedureID", "PerformedProcedureStepID",
+    "ImageComments",
+)
+MIN_PHI_LENGTH = 6  # shorter values (initials, "M", "2") would be found in any text by chance
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 # Whole words of a Series Description / Protocol Name that name a view; used only when exactly one view is named.
@@ -90,9 +105,28 @@ def _view(ds) -> str:
     return named.pop() if len(named) == 1 else ""
 
 
-def read_header(path: str | Path) -> dict:
-    """The kept columns of one DICOM file (the pixel data is not read); SkippedFile if it is no usable image."""
+def phi_values(ds) -> set[str]:
+    """The identifying values of a header (PHI_KEYWORDS; a person's name also by its parts), upper-cased, at least
+    MIN_PHI_LENGTH long: what `phi_digests.json` holds the digests of."""
+    found = set()
+    for keyword in PHI_KEYWORDS:
+        value = ds.get(keyword)
+        if value is None:
+            continue
+        for item in (value if type(value).__name__ == "MultiValue" else [value]):
+            text = str(item).strip()
+            found.add(text)
+            found.update(part.strip() for part in re.split(r"[\^=]", text))
+            found.add(" ".join(p for p in text.split("^") if p))
+    return {v.upper() for v in found if len(v) >= MIN_PHI_LENGTH}
+
+
+def read_header(path: str | Path, phi: set[str] | None = None) -> dict:
+    """The kept columns of one DICOM file (the pixel data is not read); SkippedFile if it is no usable image.
+    `phi`, when given, collects the file's identifying values (`phi_values`)."""
     ds = _read(path, defer_size="1 KB")
+    if phi is not None:
+        phi.update(phi_values(ds))
     check_image(ds)
     patient = str(ds.get("PatientID", "")).strip()
     sex = str(ds.get("PatientSex", "")).strip().upper()
@@ -147,10 +181,12 @@ def read_image(path: str | Path, percentiles: tuple[float, float] | None = None)
     return Image.fromarray(np.round(grey_levels(_read(path), percentiles) * 255).astype(np.uint8), "L")
 
 
-def dicom_folder(root: str | Path) -> tuple[list[str], dict[str, list], list[tuple[str, str]]]:
+def dicom_folder(root: str | Path, phi: set[str] | None = None
+                 ) -> tuple[list[str], dict[str, list], list[tuple[str, str]]]:
     """Every DICOM file below `root` that is a usable radiograph: (paths, kept columns, skipped). `skipped` holds
-    (path relative to `root`, reason) for each file left out. A folder that mixes DICOM with other images is
-    refused: its non-DICOM images would carry no patient, and the split could not be patient-wise."""
+    (path relative to `root`, reason) for each file left out; `phi` collects every file's identifying values. A
+    folder that mixes DICOM with other images is refused: its non-DICOM images would carry no patient, and the
+    split could not be patient-wise."""
     root = Path(root)
     files = list_images(root)
     others = [p for p in files if not is_dicom(p)]
@@ -160,7 +196,7 @@ def dicom_folder(root: str | Path) -> tuple[list[str], dict[str, list], list[tup
     paths, columns, skipped = [], {name: [] for name in KEPT_COLUMNS}, []
     for path in files:
         try:
-            header = read_header(path)
+            header = read_header(path, phi)
         except SkippedFile as why:
             skipped.append((str(path.relative_to(root)), str(why)))
             continue

@@ -4,18 +4,25 @@
   (`output_dir`, `logging_dir`, `resume_from_checkpoint`) keep their last folder name; the token never travels.
 - Uploaded: only ALLOW_PATTERNS, minus IGNORE_PATTERNS (checkpoints, logs, evaluation pairs, pickles).
 - Checked: every published text (card, manifest, config, eval summary, included card sections) is refused if it
-  holds one of the run's local paths or something shaped like a patient identifier (PATIENT_ID_PATTERNS). This is
-  the second line of defence: manifests and label counts carry no identifier by construction.
+  holds one of the run's local paths, something shaped like a patient identifier (PATIENT_ID_PATTERNS), or, for a
+  run on DICOM, any identifying header value the reader saw (found through the salted digests it left beside the
+  data, `phi_digests.json`; the values themselves are kept nowhere). This is the second line of defence: manifests
+  and label counts carry no identifier by construction.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from huggingface_hub.utils import filter_repo_objects
+
+from ..data.build import PHI_DIGESTS, dicom_report_dir
+from ..utils import find_secret
 
 MANIFEST = "manifest.json"
 TRAINING_CONFIG = "training_config.json"
@@ -29,7 +36,7 @@ ALLOW_PATTERNS = [
 ]
 # Belt and braces under the allow-list: what must never leave the machine even if a pattern above widens.
 IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "eval/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle",
-                   "*memorized_patients*", "*nearest_pairs*"]
+                   "*memorized_patients*", "*nearest_pairs*", f"*{PHI_DIGESTS}"]
 LOCAL = "<local>"
 DATA_PATH_OPTIONS = ("train_data_dir", "cache_dir")  # scrubbed to "<local>" (dataset_name too, when a folder)
 RUN_PATH_OPTIONS = ("output_dir", "logging_dir", "resume_from_checkpoint")  # scrubbed to their folder name
@@ -65,8 +72,29 @@ def scrub_config(flat: dict[str, Any]) -> dict[str, Any]:
     return clean
 
 
-def local_paths(flat: dict[str, Any], output_dir: Path, *folders: Path) -> list[str]:
-    """The run's local path strings (as written and absolute), plus `folders`', that no published text may hold."""
+class Forbidden(list):
+    """What no published text may hold: the run's local path strings (the list) and the digests of the identifying
+    DICOM header values of its source (`phi`, one dict per digests file found)."""
+
+    def __init__(self, paths: list[str], phi: list[dict]):
+        super().__init__(paths)
+        self.phi = phi
+
+
+def _phi_digests(flat: dict[str, Any]) -> list[dict]:
+    """The digests a DICOM source left: in the cache beside a --train_data_dir folder, or in a prepared folder."""
+    places = []
+    if flat.get("train_data_dir"):
+        source = SimpleNamespace(cache_dir=flat.get("cache_dir"), train_data_dir=flat["train_data_dir"])
+        places.append(dicom_report_dir(source) / PHI_DIGESTS)
+    if flat.get("dataset_name") and _is_local_dataset(flat["dataset_name"]):
+        places.append(Path(flat["dataset_name"].partition(":")[0]) / PHI_DIGESTS)
+    return [json.loads(p.read_text()) for p in places if p.is_file()]
+
+
+def local_paths(flat: dict[str, Any], output_dir: Path, *folders: Path) -> Forbidden:
+    """The run's local path strings (as written and absolute), plus `folders`', that no published text may hold,
+    with the digests of its DICOM source's identifying header values."""
     values = [flat.get(name) for name in DATA_PATH_OPTIONS + RUN_PATH_OPTIONS]
     if flat.get("dataset_name") and _is_local_dataset(flat["dataset_name"]):
         values.append(flat["dataset_name"].partition(":")[0])
@@ -75,11 +103,12 @@ def local_paths(flat: dict[str, Any], output_dir: Path, *folders: Path) -> list[
         paths.add(os.path.abspath(os.path.expanduser(value)))
         if os.path.basename(os.path.normpath(value)) != value:  # a bare folder name is what scrubbing keeps
             paths.add(value)
-    return sorted(p for p in paths if len(p) > 1)
+    return Forbidden(sorted(p for p in paths if len(p) > 1), _phi_digests(flat))
 
 
 def check_published(text: str, paths: list[str], what: str) -> None:
-    """Refuse `text` (one line naming the leak) if it holds a local path or looks like it names a patient."""
+    """Refuse `text` (one line naming the leak) if it holds a local path, looks like it names a patient, or holds
+    an identifying DICOM header value of the source (never repeated in the message)."""
     for path in paths:
         if path in text:
             raise ValueError(f"{what} would publish the local path {path!r}; remove it (published files hold no "
@@ -89,6 +118,12 @@ def check_published(text: str, paths: list[str], what: str) -> None:
         if found:
             raise ValueError(f"{what} would publish {kind} ({found.group(0).strip()!r}); remove it (published files "
                              "hold no local paths or patient identifiers)")
+    for digests in getattr(paths, "phi", []):
+        found = find_secret(text, digests)
+        if found is not None:
+            at = text.upper().index(found)
+            raise ValueError(f"{what} would publish an identifying DICOM header value of the training data (at "
+                             f"character {at}, {len(found)} characters); remove it")
 
 
 def files_to_upload(output_dir) -> list[str]:
