@@ -41,6 +41,18 @@ def test_vindr_majority_and_any_on_a_small_file(tmp_path):
         vindr_labels(tmp_path, "most")
 
 
+def test_vindr_image_labels_file_wins_and_brings_the_diagnoses(tmp_path):
+    (tmp_path / "train.csv").write_text("image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max\n"
+                                        "a,Cardiomegaly,3,R1,,,,\n")
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "image_labels_train.csv").write_text(
+        "image_id,rad_ID,Cardiomegaly,Pleural effusion,Tuberculosis,No finding\n"
+        "a,R1,0,1,1,0\na,R2,0,1,0,0\na,R3,0,0,0,1\n"
+        "b,R1,0,0,0,1\nb,R2,0,0,0,1\nb,R3,1,0,0,0\n")
+    assert vindr_labels(tmp_path, "majority") == {"a": ["Effusion"], "b": [NO_FINDING]}
+    assert vindr_labels(tmp_path, "any") == {"a": ["Effusion", "Tuberculosis"], "b": ["Cardiomegaly"]}
+
+
 @needs["VinDr-CXR"]
 @pytest.mark.parametrize("rule", ["majority", "any"])
 def test_vindr_counts_match_the_csv(rule, tmp_path):

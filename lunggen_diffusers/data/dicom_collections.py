@@ -1,6 +1,8 @@
 """Label files of the public DICOM collections, read into the project's vocabulary and joined onto their images by
-file name: VinDr-CXR (`train.csv`, one row per radiologist and finding) and the RSNA Pneumonia Detection Challenge
-(`stage_2_train_labels.csv`, one row per box). The images themselves go through `dicom.py` like any DICOM folder.
+file name: VinDr-CXR (the Kaggle challenge's `train.csv`, one row per radiologist and finding, or PhysioNet's
+`annotations/image_labels_train.csv`, one row per radiologist with a 0/1 column per finding and diagnosis) and the
+RSNA Pneumonia Detection Challenge (`stage_2_train_labels.csv`, one row per box). The images themselves go through
+`dicom.py` like any DICOM folder.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from ..vocabulary import NO_FINDING, canonical_finding
 
 LABEL_RULES = ("majority", "any")
 VINDR_LABELS = "train.csv"
+VINDR_IMAGE_LABELS = ("image_labels_train.csv", "annotations/image_labels_train.csv")  # preferred when present
 VINDR_NO_FINDING = "No finding"
 RSNA_LABELS = "stage_2_train_labels.csv"
 RSNA_CLASSES = "stage_2_detailed_class_info.csv"
@@ -33,7 +36,13 @@ def _find(root: Path, name: str) -> Path | None:
     return next((p for p in (root / name, root / f"{name}.gz") if p.is_file()), None)
 
 
+def _vindr_image_labels(root: Path) -> Path | None:
+    return next((path for name in VINDR_IMAGE_LABELS if (path := _find(root, name))), None)
+
+
 def is_vindr_folder(root: str | Path) -> bool:
+    if _vindr_image_labels(Path(root)):
+        return True
     path = _find(Path(root), VINDR_LABELS)
     if path is None:
         return False
@@ -52,10 +61,19 @@ def vindr_labels(root: str | Path, rule: str = "majority") -> dict[str, list[str
     if rule not in LABEL_RULES:
         raise ValueError(f"--vindr_label_rule {rule!r} is not one of: {', '.join(LABEL_RULES)}")
     readers, marked = defaultdict(set), defaultdict(lambda: defaultdict(set))
-    for row in _rows(_find(Path(root), VINDR_LABELS)):
-        readers[row["image_id"]].add(row["rad_id"])
-        if row["class_name"] != VINDR_NO_FINDING:
-            marked[row["image_id"]][canonical_finding(row["class_name"], "vindr")].add(row["rad_id"])
+    image_labels = _vindr_image_labels(Path(root))
+    if image_labels:  # image_id, rad_ID, then one 0/1 column per finding or diagnosis (and "No finding")
+        for row in _rows(image_labels):
+            image, rad = row["image_id"], row.get("rad_ID") or row.get("rad_id")
+            readers[image].add(rad)
+            for name, value in row.items():
+                if name not in ("image_id", "rad_ID", "rad_id", VINDR_NO_FINDING) and value.strip() in ("1", "1.0"):
+                    marked[image][canonical_finding(name, "vindr")].add(rad)
+    else:
+        for row in _rows(_find(Path(root), VINDR_LABELS)):
+            readers[row["image_id"]].add(row["rad_id"])
+            if row["class_name"] != VINDR_NO_FINDING:
+                marked[row["image_id"]][canonical_finding(row["class_name"], "vindr")].add(row["rad_id"])
     labels = {}
     for image, rads in readers.items():
         need = len(rads) // 2 + 1 if rule == "majority" else 1
