@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+from pydicom.datadict import DicomDictionary
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from lunggen_diffusers.config import from_dict
@@ -161,7 +162,7 @@ def test_a_folder_with_nothing_usable_is_one_line(tmp_path):
 
 
 # Distinctive values in the identifying attributes of PS3.15's Basic Application Level Confidentiality Profile that
-# a CR/DX header carries; none may appear in anything a run writes.
+# a CR/DX header carries; none may appear in anything a run writes, in any case.
 PHI = {
     "PatientName": "Zqx^Phiname", "PatientID": "PHIID-7f3a", "PatientBirthDate": "19230405",
     "OtherPatientIDs": "PHIOTHER-7f3a", "PatientAddress": "7 Phi Street Zqxville", "PatientTelephoneNumbers": "5550179",
@@ -176,6 +177,9 @@ PHI = {
     "MedicalRecordLocator": "MRLPHI7f3a", "RequestedProcedureID": "RPPHI7f3a", "PerformedProcedureStepID": "PPSPHI7f3a",
     "ImageComments": "phi image comment zqx",
 }
+# And every person's name the DICOM dictionary knows (pydicom's, VR PN, not retired): each gets a name of its own.
+PERSON_NAMES = [keyword for vr, _, _, retired, keyword in DicomDictionary.values() if vr == "PN" and keyword and not retired]
+PHI.update({keyword: f"Pn{i:02d}zqx^{keyword}" for i, keyword in enumerate(PERSON_NAMES) if keyword not in PHI})
 
 
 def test_training_on_a_dicom_folder_writes_no_header_value_anywhere(tmp_path):
@@ -201,7 +205,8 @@ def test_training_on_a_dicom_folder_writes_no_header_value_anywhere(tmp_path):
     # The card check knows the values it must refuse, from their digests (any case), and says where, not what.
     from lunggen_diffusers.hub import export
 
-    for value in ("Zqx Phi Hospital", "zqx phi hospital", "Phiname3", "Zqx Phiname3", PHI["AccessionNumber"], "19230405"):
+    for value in ("Zqx Phi Hospital", "zqx phi hospital", "Phiname3", "Zqx Phiname3", PHI["AccessionNumber"], "19230405",
+                  PHI["ConsultingPhysicianName"].replace("^", " ")):  # a name outside PHI_KEYWORDS too
         section = tmp_path / "utility"
         section.mkdir(exist_ok=True)
         (section / "card_section.md").write_text(f"## Downstream utility\n\nTrained at {value}.\n")

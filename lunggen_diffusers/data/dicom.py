@@ -106,11 +106,12 @@ def _view(ds) -> str:
 
 
 def phi_values(ds) -> set[str]:
-    """The identifying values of a header (PHI_KEYWORDS; a person's name also by its parts), upper-cased, at least
-    MIN_PHI_LENGTH long: what `phi_digests.json` holds the digests of."""
+    """The identifying values of a header (PHI_KEYWORDS, and every person's name, in sequences too; a name also by
+    its parts), upper-cased, at least MIN_PHI_LENGTH long: what `phi_digests.json` holds the digests of."""
     found = set()
-    for keyword in PHI_KEYWORDS:
-        value = ds.get(keyword)
+    values = [ds.get(keyword) for keyword in PHI_KEYWORDS]
+    values += [element.value for element in ds.iterall() if element.VR == "PN"]
+    for value in values:
         if value is None:
             continue
         for item in (value if type(value).__name__ == "MultiValue" else [value]):
