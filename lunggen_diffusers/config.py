@@ -50,6 +50,11 @@ class DataConfig:
         default=0.5, metadata={"help": "Error out when more than this fraction of image files cannot be read."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where prepared (decoded, resized) data is cached."})
+    uncertain_labels: str = field(
+        default="ones",
+        metadata={"help": "CheXpert's uncertain (-1) observations: 'ones' (positive, the U-Ones policy), 'zeros' "
+                          "(negative, U-Zeros) or 'ignore' (leave out every image with one)."},
+    )
     vindr_label_rule: str = field(
         default="majority",
         metadata={"help": "VinDr-CXR: a finding is present when a majority of the image's radiologists marked it, "
@@ -208,6 +213,7 @@ CHOICES = {
     "logger": ("tensorboard", "wandb", "all", "none"),
     "view_position": ("PA", "AP", "all"),
     "vindr_label_rule": ("majority", "any"),
+    "uncertain_labels": ("ones", "zeros", "ignore"),
 }
 
 

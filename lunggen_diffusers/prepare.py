@@ -23,7 +23,7 @@ from .cli import parse, run
 from .config import DataConfig
 from .data import build, nih
 from .data.decode import decode_images
-from .data.splits import SPLITS, assign_splits, check_patient_disjoint, filter_dataset
+from .data.splits import SPLITS, check_patient_disjoint, filter_dataset, patient_splits
 from .utils import files_fingerprint, list_images, stable_hash
 
 CITATION = """@inproceedings{wang2017chestxray8,
@@ -207,9 +207,7 @@ def prepare_folder(args: PrepareArguments, settings: DataConfig) -> tuple[dict, 
     if "patient_id" not in raw.column_names:
         raise ValueError(f"--train_data_dir {root}: no patient IDs (add a metadata.csv with file_name and patient_id)"
                          ", so no patient-wise split can be made; train on the folder directly instead")
-    split, _ = assign_splits({"patient_id": raw["patient_id"]}, None, None, settings.validation_fraction,
-                             settings.test_fraction, settings.split_seed)
-    raw = filter_dataset(raw.add_column("split", split), settings)
+    raw = filter_dataset(raw.add_column("split", patient_splits(raw, settings)), settings)
     work_dir = output.with_name(output.name + ".partial")
     prepared, failures = decode_images(
         raw, settings.resolution, settings.center_crop, num_proc=settings.preprocessing_num_workers,
@@ -219,9 +217,11 @@ def prepare_folder(args: PrepareArguments, settings: DataConfig) -> tuple[dict, 
     dsdict = datasets.DatasetDict({s: prepared.select([i for i, n in enumerate(names) if n == s])
                                    for s in SPLITS if s in names})
     check_patient_disjoint(dsdict)
-    skipped = build.dicom_report_dir(settings) / build.SKIPPED_CSV
-    digests = build.dicom_report_dir(settings) / build.PHI_DIGESTS  # so that runs on the prepared copy are checked
-    report = {"key": key, "source": source, "split_method": "by a hash of the patient IDs",
+    skipped = build.source_report_dir(settings) / build.SKIPPED_CSV
+    digests = build.source_report_dir(settings) / build.PHI_DIGESTS  # so that runs on the prepared copy are checked
+    method = "the collection's own test set, validation by a hash of the patient IDs" \
+        if "official_test" in raw.column_names else "by a hash of the patient IDs"
+    report = {"key": key, "source": source, "split_method": method,
               "splits": nih.describe(dsdict), "failed_images": len(failures),
               "skipped_files": max(0, len(skipped.read_text().splitlines()) - 1) if skipped.is_file() else 0,
               "settings": {"resolution": settings.resolution, "center_crop": settings.center_crop,

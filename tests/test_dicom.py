@@ -153,7 +153,7 @@ def test_what_is_no_single_grey_radiograph_is_skipped_and_listed_with_its_reason
 
 def test_a_folder_with_nothing_usable_is_one_line(tmp_path):
     structured_report(tmp_path / "sr" / "report.dcm")
-    with pytest.raises(ValueError, match="no usable DICOM image among 1 file\\(s\\) \\(first: report.dcm: no pixel"):
+    with pytest.raises(ValueError, match="no usable image among 1 DICOM files \\(first: report.dcm: no pixel"):
         build.dicom_dataset(tmp_path / "sr", tmp_path / "report")
     chest(tmp_path / "mixed" / "a.dcm")
     (tmp_path / "mixed" / "b.png").write_bytes(b"")

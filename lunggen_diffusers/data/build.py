@@ -23,7 +23,7 @@ from ..config import Config
 from ..summaries import DataSummary
 from ..utils import IMAGE_EXTENSIONS, atomic_path, is_dicom, list_images, secret_digests, write_json
 from ..vocabulary import FINDINGS_COLUMN
-from . import dicom, dicom_collections, nih
+from . import chexpert, dicom, dicom_collections, nih
 from .decode import decode_images, prepared_resolution
 from .phantom import phantom_dataset
 from .splits import filter_dataset, split_by_patient
@@ -84,6 +84,25 @@ def write_skipped(folder: Path, skipped: list[tuple[str, str]]) -> Path:
     return path
 
 
+def report_skipped(source: str | Path, report_dir: Path, kept: int, skipped: list[tuple[str, str]],
+                   max_fraction: float, what: str = "images") -> None:
+    """Write skipped_files.csv and say how many were skipped and why in one warning line; one error line when
+    nothing is left or more than `max_fraction` were skipped."""
+    listed = write_skipped(report_dir, skipped)
+    total = kept + len(skipped)
+    if not kept:
+        first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise ValueError(f"--train_data_dir {source}: no usable image among {total} {what}{first}; the list is in "
+                         f"{listed}")
+    if skipped:
+        reasons = Counter(reason.split(" (")[0] for _, reason in skipped)
+        summary = ", ".join(f"{n} {r}" for r, n in reasons.most_common())
+        if len(skipped) / total > max_fraction:
+            raise ValueError(f"--train_data_dir {source}: {len(skipped)} of {total} {what} skipped ({summary}) > "
+                             f"--max_failed_fraction {max_fraction}; the list is in {listed}")
+        logger.warning("skipped %d of %d %s (%s); the list is in %s", len(skipped), total, what, summary, listed)
+
+
 def dicom_dataset(path: str | Path, report_dir: Path, labels: dict[str, list[str]] | None = None) -> datasets.Dataset:
     """A folder of DICOM files as a dataset: the image paths and the kept header columns, and with `labels` (file
     name without suffix -> finding names) a `finding_labels` column. The files that are no usable radiograph, or
@@ -98,14 +117,7 @@ def dicom_dataset(path: str | Path, report_dir: Path, labels: dict[str, list[str
                     for i in sorted(set(range(len(paths))) - set(keep))]
         paths, columns = [paths[i] for i in keep], {k: [v[i] for i in keep] for k, v in columns.items()}
         columns[FINDINGS_COLUMN] = [labels[Path(p).stem] for p in paths]
-    listed = write_skipped(report_dir, skipped)
-    if skipped:
-        reasons = Counter(reason.split(" (")[0] for _, reason in skipped)
-        logger.warning("skipped %d of %d DICOM files (%s); the list is in %s", len(skipped), len(skipped) + len(paths),
-                       ", ".join(f"{n} {r}" for r, n in reasons.most_common()), listed)
-    if not paths:
-        raise ValueError(f"--train_data_dir {path}: no usable DICOM image among {len(skipped)} file(s) (first: "
-                         f"{skipped[0][0]}: {skipped[0][1]}); the list is in {listed}")
+    report_skipped(path, report_dir, len(paths), skipped, 1.0, "DICOM files")
     if not all(columns["patient_id"]):
         logger.warning("%d of %d DICOM images have no Patient ID: each is its own patient, so the split is image-wise "
                        "for them (a patient's images may land in two splits)",
@@ -163,6 +175,10 @@ def folder_source(d) -> tuple[datasets.Dataset, str]:
     """A folder other than NIH's (`d.train_data_dir` of the DataConfig `d`), whole and unprepared: a DICOM folder
     (VinDr-CXR and RSNA Pneumonia with their labels) or an image folder; and a short description of it. A DICOM
     folder's skipped files are listed in the cache (cache_root/dicom-<folder>/skipped_files.csv)."""
+    if chexpert.is_chexpert_folder(d.train_data_dir):
+        ds, left_out = chexpert.chexpert_dataset(d.train_data_dir, d.uncertain_labels)
+        report_skipped(d.train_data_dir, source_report_dir(d), len(ds), left_out, d.max_failed_fraction)
+        return ds, "the CheXpert dataset"
     if not is_dicom_folder(d.train_data_dir):
         return image_folder(d.train_data_dir), "a local image folder"
     labels, source = None, "a local DICOM folder"
@@ -170,13 +186,13 @@ def folder_source(d) -> tuple[datasets.Dataset, str]:
         labels, source = dicom_collections.vindr_labels(d.train_data_dir, d.vindr_label_rule), "the VinDr-CXR dataset"
     elif dicom_collections.is_rsna_folder(d.train_data_dir):
         labels, source = dicom_collections.rsna_labels(d.train_data_dir), "the RSNA Pneumonia Detection Challenge data"
-    return dicom_dataset(d.train_data_dir, dicom_report_dir(d), labels), source
+    return dicom_dataset(d.train_data_dir, source_report_dir(d), labels), source
 
 
-def dicom_report_dir(d) -> Path:
-    """The cache folder of a DICOM folder's skipped_files.csv and phi_digests.json (`d`: a DataConfig, or any object
-    with its cache_dir and train_data_dir)."""
-    return cache_root(d) / f"dicom-{_folder_key(d.train_data_dir)}"
+def source_report_dir(d) -> Path:
+    """The cache folder of a source folder's skipped_files.csv (and a DICOM folder's phi_digests.json); `d`: a
+    DataConfig, or any object with its cache_dir and train_data_dir."""
+    return cache_root(d) / f"source-{_folder_key(d.train_data_dir)}"
 
 
 def load_source(config: Config) -> tuple[datasets.Dataset, str]:

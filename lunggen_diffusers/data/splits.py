@@ -182,15 +182,29 @@ def filter_dataset(ds: datasets.Dataset, settings: Any) -> datasets.Dataset:
     return ds if len(rows) == len(ds) else ds.select(rows)
 
 
+def patient_splits(ds: datasets.Dataset, settings: Any) -> list[str]:
+    """Each row's split, patient-wise: by hashing the patient IDs, except that a boolean `official_test` column (a
+    collection's own test set, e.g. CheXpert's valid.csv) decides which rows are test.
+
+    `settings` is a DataConfig (validation_fraction, test_fraction, split_seed).
+    """
+    table = {"patient_id": ds["patient_id"], "image_index": [str(i) for i in range(len(ds))]}
+    test = train_val = None
+    if "official_test" in ds.column_names:
+        official = ds["official_test"]
+        test = {str(i) for i, t in enumerate(official) if t}
+        train_val = {str(i) for i, t in enumerate(official) if not t}
+    splits, _ = assign_splits(table, test, train_val, settings.validation_fraction, settings.test_fraction,
+                              settings.split_seed)
+    return splits
+
+
 def split_by_patient(ds: datasets.Dataset, settings: Any) -> datasets.Dataset:
-    """The split `settings.split` of a dataset whose metadata names patients, split by hashing their IDs.
+    """The split `settings.split` of a dataset whose metadata names patients (`patient_splits`).
 
     `settings` is a DataConfig (split, validation_fraction, test_fraction, split_seed).
     """
-    splits, _ = assign_splits(
-        {"patient_id": ds["patient_id"]}, None, None,
-        settings.validation_fraction, settings.test_fraction, settings.split_seed,
-    )
+    splits = patient_splits(ds, settings)
     if settings.split not in splits:
         have = ", ".join(sorted(set(splits)))
         raise ValueError(f"--split {settings.split!r}: not a split of this folder (has: {have})")

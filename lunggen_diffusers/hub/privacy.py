@@ -21,7 +21,7 @@ from typing import Any
 
 from huggingface_hub.utils import filter_repo_objects
 
-from ..data.build import PHI_DIGESTS, dicom_report_dir
+from ..data.build import PHI_DIGESTS, source_report_dir
 from ..utils import find_secret
 
 MANIFEST = "manifest.json"
@@ -86,7 +86,7 @@ def _phi_digests(flat: dict[str, Any]) -> list[dict]:
     places = []
     if flat.get("train_data_dir"):
         source = SimpleNamespace(cache_dir=flat.get("cache_dir"), train_data_dir=flat["train_data_dir"])
-        places.append(dicom_report_dir(source) / PHI_DIGESTS)
+        places.append(source_report_dir(source) / PHI_DIGESTS)
     if flat.get("dataset_name") and _is_local_dataset(flat["dataset_name"]):
         places.append(Path(flat["dataset_name"].partition(":")[0]) / PHI_DIGESTS)
     return [json.loads(p.read_text()) for p in places if p.is_file()]

@@ -1,0 +1,119 @@
+"""CheXpert: the uncertainty policies, frontal views, valid.csv as the test split and missing files, on real rows of
+train.csv (skipped when ../shared is absent) with stand-in JPEGs written here."""
+
+import csv
+import gzip
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lunggen_diffusers.config import from_dict
+from lunggen_diffusers.data import build
+from lunggen_diffusers.data.chexpert import OBSERVATIONS, chexpert_dataset, findings
+from lunggen_diffusers.data.splits import patient_splits
+from lunggen_diffusers.vocabulary import FINDINGS_COLUMN as FINDINGS
+from lunggen_diffusers.vocabulary import NO_FINDING
+
+from conftest import TINY
+
+CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "chexpert" / "train.csv.gz"
+needs_real = pytest.mark.skipif(not CSV.is_file(), reason=f"real CheXpert metadata not found at {CSV}")
+HEADER = ("Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding," + ",".join(OBSERVATIONS))
+
+
+def _real_rows():
+    with gzip.open(CSV, "rt", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@needs_real
+@pytest.mark.parametrize("policy", ["ones", "zeros", "ignore"])
+def test_each_uncertainty_policy_counts_what_the_csv_says(policy):
+    frontal = [r for r in _real_rows() if r["Frontal/Lateral"] == "Frontal"]
+    assert len(frontal) == 191027
+    kept = [r for r in frontal if policy != "ignore" or "-1.0" not in (r[o] for o in OBSERVATIONS)]
+    wanted = ("1.0", "-1.0") if policy == "ones" else ("1.0",)
+    expected = Counter(o for r in kept for o in OBSERVATIONS if r[o] in wanted)
+    labels = [findings(r, policy) for r in frontal]
+    got = Counter(name for names in labels if names for name in names if name != NO_FINDING)
+    assert sum(names is not None for names in labels) == len(kept)
+    renamed = {"Pleural Effusion": "Effusion"}
+    assert got == Counter({renamed.get(k, k): v for k, v in expected.items()})
+    assert sum(names == [NO_FINDING] for names in labels if names) == sum(
+        not any(r[o] in wanted for o in OBSERVATIONS) for r in kept)
+
+
+def _stand_ins(root: Path, rows: list[dict]) -> None:
+    for i, row in enumerate(rows):
+        path = root.joinpath(*Path(row["Path"]).parts[1:])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((40, 36), (40 + 5 * i) % 256, np.uint8)).save(path)
+
+
+def _write(path: Path, rows: list[dict]):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HEADER.split(","))
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in HEADER.split(",")} for r in rows)
+
+
+@needs_real
+def test_a_chexpert_folder_keeps_frontal_images_and_valid_csv_as_the_test_split(tmp_path):
+    rows = _real_rows()
+    train_rows, valid_rows = rows[:60], rows[-6:]  # different patients: the last rows are other patients'
+    root = tmp_path / "CheXpert-v1.0-small"  # Path starts with this folder's name
+    root.mkdir()
+    _write(root / "train.csv", train_rows)
+    _write(root / "valid.csv", valid_rows)
+    _stand_ins(root, train_rows + valid_rows)
+    ds, left_out = chexpert_dataset(root, "zeros")
+    frontal = [r for r in train_rows + valid_rows if r["Frontal/Lateral"] == "Frontal"]
+    assert len(ds) == len(frontal) and left_out == []
+    assert ds["view_position"] == [r["AP/PA"] for r in frontal]
+    assert ds["patient_id"][0] == "patient00001" and set(ds["patient_sex"]) <= {"M", "F"}
+    splits = patient_splits(ds, from_dict({"validation_fraction": 0.2}).data)
+    test_patients = {p for p, s in zip(ds["patient_id"], splits) if s == "test"}
+    assert test_patients == {p for p, t in zip(ds["patient_id"], ds["official_test"]) if t}
+    assert not test_patients & {p for p, s in zip(ds["patient_id"], splits) if s != "test"}
+
+
+def test_missing_files_are_listed_and_too_many_is_one_line(tmp_path, caplog):
+    root = tmp_path / "CheXpert-v1.0-small"
+    root.mkdir()
+    row = dict.fromkeys(HEADER.split(","), "")
+    rows = [{**row, "Path": f"CheXpert-v1.0-small/train/patient{i:05d}/study1/view1_frontal.jpg", "Sex": "Female",
+             "Age": "50", "Frontal/Lateral": "Frontal", "AP/PA": "PA", "Cardiomegaly": "1.0" if i % 2 else "-1.0"}
+            for i in range(1, 11)]
+    _write(root / "train.csv", rows)
+    _stand_ins(root, rows[:8])  # two files missing
+    settings = from_dict({"train_data_dir": str(root), "cache_dir": str(tmp_path / "cache")}).data
+    ds, _ = build.folder_source(settings)
+    assert len(ds) == 8 and "skipped 2 of 10 images (2 file not found)" in caplog.text
+    assert ds[FINDINGS][0] == ["Cardiomegaly"] and ds[FINDINGS][1] == ["Cardiomegaly"]  # U-Ones by default
+    assert chexpert_dataset(root, "zeros")[0][FINDINGS][1] == [NO_FINDING]
+    assert len(chexpert_dataset(root, "ignore")[0]) == 4
+    for path in list(root.rglob("*.jpg"))[:5]:
+        path.unlink()
+    with pytest.raises(ValueError, match="7 of 10 images skipped \\(7 file not found\\) > --max_failed_fraction 0.5"):
+        build.folder_source(settings)
+
+
+@needs_real
+def test_a_chexpert_folder_trains_a_conditional_model_and_generates_on_request(tmp_path):
+    rows = [r for r in _real_rows()[:80] if r["Frontal/Lateral"] == "Frontal"]
+    root = tmp_path / "CheXpert-v1.0-small"
+    root.mkdir()
+    _write(root / "train.csv", rows)
+    _stand_ins(root, rows)
+    from lunggen_diffusers.training import train
+
+    train(from_dict({**TINY, "train_data_dir": str(root), "cache_dir": str(tmp_path / "cache"),
+                     "output_dir": str(tmp_path / "out"), "condition_on": ["findings"], "max_train_steps": 2}))
+    from lunggen_diffusers import LungGenPipeline
+
+    pipe = LungGenPipeline.from_pretrained(tmp_path / "out")
+    assert "Effusion" in pipe.labels.findings  # CheXpert's "Pleural Effusion", in the project's vocabulary
+    assert pipe(findings=[["Effusion"]], num_inference_steps=1, output_type="np").images.shape == (1, 32, 32, 1)
