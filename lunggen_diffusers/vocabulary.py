@@ -40,6 +40,7 @@ FINDINGS = (
 ALIASES = {
     "phantom": {"pleural_effusion": "Effusion"},
     "chexpert": {"Pleural Effusion": "Effusion"},
+    "class_folders": {"Normal": NO_FINDING},
     "vindr": {"Pleural effusion": "Effusion", "Pleural thickening": "Pleural_Thickening",
               "Pulmonary fibrosis": "Fibrosis"},
 }

@@ -23,7 +23,7 @@ from ..config import Config
 from ..summaries import DataSummary
 from ..utils import IMAGE_EXTENSIONS, atomic_path, is_dicom, list_images, secret_digests, write_json
 from ..vocabulary import FINDINGS_COLUMN
-from . import chexpert, dicom, dicom_collections, nih
+from . import chexpert, class_folders, dicom, dicom_collections, nih
 from .decode import decode_images, prepared_resolution
 from .phantom import phantom_dataset
 from .splits import filter_dataset, split_by_patient
@@ -172,14 +172,18 @@ def _nih_split(config: Config) -> datasets.Dataset:
 
 
 def folder_source(d) -> tuple[datasets.Dataset, str]:
-    """A folder other than NIH's (`d.train_data_dir` of the DataConfig `d`), whole and unprepared: a DICOM folder
-    (VinDr-CXR and RSNA Pneumonia with their labels) or an image folder; and a short description of it. A DICOM
+    """A folder other than NIH's (`d.train_data_dir` of the DataConfig `d`), whole and unprepared: CheXpert, a DICOM
+    folder (VinDr-CXR and RSNA Pneumonia with their labels), class folders, or an image folder (with metadata.csv or
+    without); and a short description of it. A DICOM
     folder's skipped files are listed in the cache (cache_root/dicom-<folder>/skipped_files.csv)."""
     if chexpert.is_chexpert_folder(d.train_data_dir):
         ds, left_out = chexpert.chexpert_dataset(d.train_data_dir, d.uncertain_labels)
         report_skipped(d.train_data_dir, source_report_dir(d), len(ds), left_out, d.max_failed_fraction)
         return ds, "the CheXpert dataset"
     if not is_dicom_folder(d.train_data_dir):
+        if not (Path(d.train_data_dir) / METADATA_CSV).is_file() and class_folders.is_class_folder_tree(
+                d.train_data_dir):
+            return class_folders.class_folder_dataset(d.train_data_dir), "a local folder of image classes"
         return image_folder(d.train_data_dir), "a local image folder"
     labels, source = None, "a local DICOM folder"
     if dicom_collections.is_vindr_folder(d.train_data_dir):
