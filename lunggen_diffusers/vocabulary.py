@@ -41,6 +41,10 @@ ALIASES = {
     "phantom": {"pleural_effusion": "Effusion"},
     "chexpert": {"Pleural Effusion": "Effusion"},
     "class_folders": {"Normal": NO_FINDING},
+    "padchest": {"normal": NO_FINDING, "pleural effusion": "Effusion", "infiltrates": "Infiltration",
+                 "hiatal hernia": "Hernia", "pleural thickening": "Pleural_Thickening",
+                 "apical pleural thickening": "Pleural_Thickening", "pulmonary fibrosis": "Fibrosis",
+                 "pulmonary mass": "Mass", "lung mass": "Mass"},
     "vindr": {"Pleural effusion": "Effusion", "Pleural thickening": "Pleural_Thickening",
               "Pulmonary fibrosis": "Fibrosis"},
 }
