@@ -219,8 +219,9 @@ def prepare_folder(args: PrepareArguments, settings: DataConfig) -> tuple[dict, 
     check_patient_disjoint(dsdict)
     skipped = build.source_report_dir(settings) / build.SKIPPED_CSV
     digests = build.source_report_dir(settings) / build.PHI_DIGESTS  # so that runs on the prepared copy are checked
-    method = "the collection's own test set, validation by a hash of the patient IDs" \
-        if "official_test" in raw.column_names else "by a hash of the patient IDs"
+    method = ("the collection's official split" if "official_split" in raw.column_names else
+              "the collection's own test set, validation by a hash of the patient IDs"
+              if "official_test" in raw.column_names else "by a hash of the patient IDs")
     report = {"key": key, "source": source, "split_method": method,
               "splits": nih.describe(dsdict), "failed_images": len(failures),
               "skipped_files": max(0, len(skipped.read_text().splitlines()) - 1) if skipped.is_file() else 0,

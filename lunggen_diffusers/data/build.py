@@ -23,7 +23,7 @@ from ..config import Config
 from ..summaries import DataSummary
 from ..utils import IMAGE_EXTENSIONS, atomic_path, is_dicom, list_images, secret_digests, write_json
 from ..vocabulary import FINDINGS_COLUMN
-from . import chexpert, class_folders, dicom, dicom_collections, nih, padchest
+from . import chexpert, class_folders, dicom, dicom_collections, mimic, nih, padchest
 from .decode import decode_images, prepared_resolution
 from .phantom import phantom_dataset
 from .splits import filter_dataset, split_by_patient
@@ -180,6 +180,10 @@ def folder_source(d) -> tuple[datasets.Dataset, str]:
         ds, left_out = padchest.padchest_dataset(d.train_data_dir)
         report_skipped(d.train_data_dir, source_report_dir(d), len(ds), left_out, d.max_failed_fraction)
         return ds, "the PadChest dataset"
+    if mimic.is_mimic_folder(d.train_data_dir):
+        ds, left_out = mimic.mimic_dataset(d.train_data_dir, d.uncertain_labels)
+        report_skipped(d.train_data_dir, source_report_dir(d), len(ds), left_out, d.max_failed_fraction)
+        return ds, "the MIMIC-CXR-JPG dataset"
     if chexpert.is_chexpert_folder(d.train_data_dir):
         ds, left_out = chexpert.chexpert_dataset(d.train_data_dir, d.uncertain_labels)
         report_skipped(d.train_data_dir, source_report_dir(d), len(ds), left_out, d.max_failed_fraction)

@@ -184,10 +184,13 @@ def filter_dataset(ds: datasets.Dataset, settings: Any) -> datasets.Dataset:
 
 def patient_splits(ds: datasets.Dataset, settings: Any) -> list[str]:
     """Each row's split, patient-wise: by hashing the patient IDs, except that a boolean `official_test` column (a
-    collection's own test set, e.g. CheXpert's valid.csv) decides which rows are test.
+    collection's own test set, e.g. CheXpert's valid.csv) decides which rows are test, and an `official_split`
+    column (MIMIC-CXR's, by subject) is the split itself.
 
     `settings` is a DataConfig (validation_fraction, test_fraction, split_seed).
     """
+    if "official_split" in ds.column_names:
+        return list(ds["official_split"])
     table = {"patient_id": ds["patient_id"], "image_index": [str(i) for i in range(len(ds))]}
     test = train_val = None
     if "official_test" in ds.column_names:

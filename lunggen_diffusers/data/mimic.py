@@ -1,0 +1,80 @@
+"""MIMIC-CXR-JPG: `files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg` with PhysioNet's metadata, label and split files.
+
+- `mimic-cxr-2.0.0-metadata.csv(.gz)`: one row per image (dicom_id, subject_id, study_id, ViewPosition, ...);
+- `mimic-cxr-2.0.0-chexpert.csv(.gz)` (or `-negbio`): one row per study, CheXpert's 14 observations coded as in
+  CheXpert (`--uncertain_labels` applies), joined onto every image of the study;
+- `mimic-cxr-2.0.0-split.csv(.gz)`: the official train / validate / test split by subject, kept as it is.
+Frontal images only (PA, AP), as for CheXpert.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from pathlib import Path
+
+import datasets
+
+from ..vocabulary import FINDINGS_COLUMN
+from .chexpert import findings
+
+PREFIX = "mimic-cxr-2.0.0-"
+METADATA, SPLIT, LABELERS = "metadata", "split", ("chexpert", "negbio")
+FRONTAL = ("PA", "AP")
+SPLIT_NAMES = {"train": "train", "validate": "validation", "test": "test"}
+
+
+def _find(root: Path, part: str) -> Path | None:
+    return next((p for p in (root / f"{PREFIX}{part}.csv", root / f"{PREFIX}{part}.csv.gz") if p.is_file()), None)
+
+
+def _rows(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def is_mimic_folder(root: str | Path) -> bool:
+    return Path(root).is_dir() and _find(Path(root), METADATA) is not None
+
+
+def mimic_dataset(root: str | Path, uncertain: str = "ones") -> tuple[datasets.Dataset, list[tuple[str, str]]]:
+    """The frontal images with patient_id (the subject), view_position, finding_labels (their study's) and
+    official_split; and (image path relative to root, reason) for each image left out."""
+    root = Path(root)
+    labels_path = next((path for part in LABELERS if (path := _find(root, part))), None)
+    for what, path in (("labels", labels_path), ("split", _find(root, SPLIT))):
+        if path is None:
+            wanted = " or ".join(f"{PREFIX}{p}.csv(.gz)" for p in (LABELERS if what == "labels" else (SPLIT,)))
+            raise FileNotFoundError(f"--train_data_dir {root}: no {wanted} (MIMIC-CXR-JPG's {what} file)")
+    studies = {(r["subject_id"], r["study_id"]): r for r in _rows(labels_path)}
+    split_of = {r["dicom_id"]: SPLIT_NAMES.get(r["split"], r["split"]) for r in _rows(_find(root, SPLIT))}
+    columns = {k: [] for k in ("image", "patient_id", "view_position", FINDINGS_COLUMN, "official_split")}
+    left_out = []
+    for row in _rows(_find(root, METADATA)):
+        subject, study, image_id = row["subject_id"], row["study_id"], row["dicom_id"]
+        name = f"files/p{subject[:2]}/p{subject}/s{study}/{image_id}.jpg"
+        view = row.get("ViewPosition", "").strip()
+        study_row = studies.get((subject, study))
+        labels = findings(study_row, uncertain) if study_row else None
+        if view not in FRONTAL:
+            left_out.append((name, f"view {view or 'missing'}"))
+        elif study_row is None:
+            left_out.append((name, "study not in the labels file"))
+        elif labels is None:
+            left_out.append((name, "uncertain observation (--uncertain_labels ignore)"))
+        elif image_id not in split_of:
+            left_out.append((name, "not in the split file"))
+        elif not (root / name).is_file():
+            left_out.append((name, "file not found"))
+        else:
+            columns["image"].append(str(root / name))
+            columns["patient_id"].append(subject)
+            columns["view_position"].append(view)
+            columns[FINDINGS_COLUMN].append(labels)
+            columns["official_split"].append(split_of[image_id])
+    features = datasets.Features({
+        "image": datasets.Image(decode=False), "patient_id": datasets.Value("string"),
+        "view_position": datasets.Value("string"), FINDINGS_COLUMN: datasets.List(datasets.Value("string")),
+        "official_split": datasets.Value("string")})
+    return datasets.Dataset.from_dict(columns, features=features), left_out

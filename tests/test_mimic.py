@@ -1,0 +1,89 @@
+"""MIMIC-CXR-JPG in PhysioNet's documented layout, built here: the official split kept as it is, study labels on
+every image of the study, frontal views, uncertainty policies, missing label files; then a conditional model."""
+
+import csv
+import gzip
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lunggen_diffusers.config import from_dict
+from lunggen_diffusers.data import build
+from lunggen_diffusers.data.chexpert import OBSERVATIONS
+from lunggen_diffusers.data.mimic import mimic_dataset
+from lunggen_diffusers.data.splits import patient_splits
+from lunggen_diffusers.vocabulary import NO_FINDING
+
+from conftest import TINY
+
+# subject, study, image, view, split; study labels below
+IMAGES = [("10000032", "50414267", "d0b71acc", "PA", "train"), ("10000032", "50414267", "a1b2c3d4", "LATERAL", "train"),
+          ("10000032", "53189527", "e8a9e0f5", "AP", "train"), ("10000764", "57375967", "096052b7", "AP", "validate"),
+          ("10000898", "50771383", "f8d2a4e1", "PA", "test"), ("10000898", "50771383", "c4a5b6d7", "PA", "test"),
+          ("10001122", "51015398", "77aa88bb", "PA", "train"), ("10001176", "53186264", "11cc22dd", "AP", "train")]
+LABELS = {"50414267": {"No Finding": "1.0"}, "53189527": {"Cardiomegaly": "1.0", "Edema": "-1.0"},
+          "57375967": {"Pleural Effusion": "1.0"}, "50771383": {"Pneumonia": "-1.0"},
+          "51015398": {"Cardiomegaly": "0.0", "Atelectasis": "1.0"}, "53186264": {"Pleural Effusion": "1.0"}}
+
+
+def _csv_gz(path, header, rows):
+    with gzip.open(path, "wt", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+@pytest.fixture
+def mimic(tmp_path):
+    root = tmp_path / "mimic-cxr-jpg"
+    for k, (subject, study, image, _, _) in enumerate(IMAGES):
+        path = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{image}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((40, 40), 20 * k, np.uint8)).save(path)
+    _csv_gz(root / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "ViewPosition"],
+            [(i, s, st, v) for s, st, i, v, _ in IMAGES])
+    _csv_gz(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"],
+            [(i, st, s, sp) for s, st, i, _, sp in IMAGES])
+    header = ["subject_id", "study_id", "No Finding", *OBSERVATIONS]
+    studies = sorted({(s, st) for s, st, *_ in IMAGES})
+    _csv_gz(root / "mimic-cxr-2.0.0-chexpert.csv.gz", header,
+            [[s, st] + [LABELS[st].get(name, "") for name in header[2:]] for s, st in studies])
+    return root
+
+
+def test_official_split_frontal_views_and_study_labels(mimic):
+    ds, left_out = mimic_dataset(mimic, "ones")
+    assert len(ds) == 7 and [reason for _, reason in left_out] == ["view LATERAL"]
+    by_image = {cell["path"].rsplit("/", 1)[1][:-4]: (labels, split) for cell, labels, split in
+                zip(ds["image"], ds["finding_labels"], patient_splits(ds, None))}
+    assert by_image == {
+        "d0b71acc": ([NO_FINDING], "train"), "e8a9e0f5": (["Cardiomegaly", "Edema"], "train"),
+        "096052b7": (["Effusion"], "validation"), "f8d2a4e1": (["Pneumonia"], "test"),
+        "c4a5b6d7": (["Pneumonia"], "test"), "77aa88bb": (["Atelectasis"], "train"), "11cc22dd": (["Effusion"], "train")}
+    zeros = dict(zip((c["path"] for c in ds["image"]), mimic_dataset(mimic, "zeros")[0]["finding_labels"]))
+    assert sorted(map(tuple, zeros.values())).count((NO_FINDING,)) == 3  # the uncertain Pneumonia study, twice
+    assert len(mimic_dataset(mimic, "ignore")[0]) == 4
+
+
+def test_a_missing_labels_file_is_one_line_naming_it(mimic):
+    (mimic / "mimic-cxr-2.0.0-chexpert.csv.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="no mimic-cxr-2.0.0-chexpert.csv\\(.gz\\) or mimic-cxr-2.0.0-negbio"):
+        mimic_dataset(mimic)
+
+
+def test_a_mimic_folder_trains_on_its_train_split_and_generates_on_request(mimic, tmp_path):
+    from lunggen_diffusers import LungGenPipeline
+    from lunggen_diffusers.training import train
+
+    config = from_dict({**TINY, "train_data_dir": str(mimic), "cache_dir": str(tmp_path / "c"),
+                        "output_dir": str(tmp_path / "out"), "condition_on": ["findings"], "max_train_steps": 2,
+                        "train_batch_size": 2})
+    assert build.load_source(config)[1] == "the MIMIC-CXR-JPG dataset"
+    assert len(build.load_source(config)[0]) == 4  # the official train split's frontal images
+    train(config)
+    pipe = LungGenPipeline.from_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "model_index.json").read_text())["label_config"]["findings"] == \
+        ["Atelectasis", "Cardiomegaly", "Edema", "Effusion"]
+    assert pipe(findings=[["Edema"]], num_inference_steps=1, output_type="np").images.shape == (1, 32, 32, 1)
