@@ -50,6 +50,11 @@ class DataConfig:
         default=0.5, metadata={"help": "Error out when more than this fraction of image files cannot be read."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where prepared (decoded, resized) data is cached."})
+    source: str = field(
+        default="auto",
+        metadata={"help": "What --train_data_dir holds: auto (recognised by its files), nih, mimic, padchest, "
+                          "chexpert, vindr, rsna, dicom, class_folders or image_folder."},
+    )
     uncertain_labels: str = field(
         default="ones",
         metadata={"help": "CheXpert's uncertain (-1) observations: 'ones' (positive, the U-Ones policy), 'zeros' "
@@ -214,6 +219,8 @@ CHOICES = {
     "view_position": ("PA", "AP", "all"),
     "vindr_label_rule": ("majority", "any"),
     "uncertain_labels": ("ones", "zeros", "ignore"),
+    "source": ("auto", "nih", "mimic", "padchest", "chexpert", "vindr", "rsna", "dicom", "class_folders",
+               "image_folder"),
 }
 
 

@@ -178,8 +178,9 @@ def make_prepared_dataset(args: PrepareArguments, settings: DataConfig) -> tuple
     """Decode, split and save (or reuse) `args.output_dir`; returns its report and whether it reused one."""
     if bool(args.nih_dir) == bool(settings.train_data_dir):
         raise ValueError("give --nih_dir (NIH ChestX-ray14) or --train_data_dir (any other source), one of them")
-    if settings.train_data_dir:
+    if settings.train_data_dir and build.detect_source(settings) != "nih":
         return prepare_folder(args, settings)
+    args.nih_dir = args.nih_dir or settings.train_data_dir
     output = Path(args.output_dir)
     plan = nih.plan_nih(args.nih_dir, settings)
     previous = _previous(output, plan.report["key"], args.overwrite_output_dir)

@@ -117,3 +117,24 @@ def test_a_chexpert_folder_trains_a_conditional_model_and_generates_on_request(t
     pipe = LungGenPipeline.from_pretrained(tmp_path / "out")
     assert "Effusion" in pipe.labels.findings  # CheXpert's "Pleural Effusion", in the project's vocabulary
     assert pipe(findings=[["Effusion"]], num_inference_steps=1, output_type="np").images.shape == (1, 32, 32, 1)
+
+
+def test_source_is_recognised_or_forced_and_what_was_looked_for_is_named(tmp_path):
+    from lunggen_diffusers.config import CHOICES
+    from lunggen_diffusers.data.build import SOURCES, detect_source
+
+    assert CHOICES["source"] == ("auto", *SOURCES)  # the flag offers every reader there is
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    settings = from_dict({"train_data_dir": str(tmp_path / "empty")}).data
+    with pytest.raises(ValueError, match="no source recognised \\(looked for nih: Data_Entry_2017_v2020.csv.*"
+                                         "chexpert: train.csv with Path.*image_folder: image files"):
+        detect_source(settings)
+    root = tmp_path / "flat"
+    root.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "a.png")
+    assert detect_source(from_dict({"train_data_dir": str(root)}).data) == "image_folder"
+    with pytest.raises(ValueError, match=f"--source chexpert: {root} holds no train.csv with Path"):
+        detect_source(from_dict({"train_data_dir": str(root), "source": "chexpert"}).data)
+    with pytest.raises(ValueError, match="--source 'csv' is not one of: auto, nih, mimic"):
+        from_dict({"train_data_dir": str(root), "source": "csv"})

@@ -266,7 +266,7 @@ def test_bad_configuration_is_one_clear_error(tiny_config, overrides, message):
 
 def test_empty_folder_is_a_clear_error(tiny_config, tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no image files"):
+    with pytest.raises(ValueError, match="no source recognised \\(looked for nih: .*image_folder: image files"):
         train(tiny_config(train_data_dir=str(tmp_path / "empty")))
 
 

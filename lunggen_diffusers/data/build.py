@@ -171,34 +171,73 @@ def _nih_split(config: Config) -> datasets.Dataset:
     return dsdict[d.split]
 
 
+def _has_images(path) -> bool:
+    return any(True for _ in list_images(path))
+
+
+def _plain_folder(path) -> bool:
+    return not (Path(path) / METADATA_CSV).is_file() and class_folders.is_class_folder_tree(path)
+
+
+# Each source a folder can be, in the order they are looked for: (how it is recognised, what that looks for, what
+# the run's records call it). NIH ChestX-ray14 comes first of all (`load_source`), with its own preparation.
+SOURCES = {
+    "nih": (nih.is_nih_folder, "Data_Entry_2017_v2020.csv or Data_Entry_2017.csv", "the NIH ChestX-ray14 dataset"),
+    "mimic": (mimic.is_mimic_folder, "mimic-cxr-2.0.0-metadata.csv(.gz)", "the MIMIC-CXR-JPG dataset"),
+    "padchest": (padchest.is_padchest_folder, f"{padchest.PATTERN}", "the PadChest dataset"),
+    "chexpert": (chexpert.is_chexpert_folder, "train.csv with Path, Frontal/Lateral and AP/PA columns",
+                 "the CheXpert dataset"),
+    "vindr": (lambda p: is_dicom_folder(p) and dicom_collections.is_vindr_folder(p),
+              "DICOM files with train.csv (image_id, class_name, rad_id) or image_labels_train.csv",
+              "the VinDr-CXR dataset"),
+    "rsna": (lambda p: is_dicom_folder(p) and dicom_collections.is_rsna_folder(p),
+             "DICOM files with stage_2_train_labels.csv(.gz)", "the RSNA Pneumonia Detection Challenge data"),
+    "dicom": (is_dicom_folder, "DICOM files (.dcm, .dicom, or a file with the DICM mark)", "a local DICOM folder"),
+    "class_folders": (_plain_folder, "images one folder down, in two or more folders, and no metadata.csv",
+                      "a local folder of image classes"),
+    "image_folder": (_has_images, f"image files ({', '.join(IMAGE_EXTENSIONS)})", "a local image folder"),
+}
+
+
+def detect_source(d) -> str:
+    """The source `d.train_data_dir` holds: `d.source` when set (checked), else the first of SOURCES that matches."""
+    root = d.train_data_dir
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"--train_data_dir {root}: no such folder")
+    if d.source != "auto":
+        found, wanted, _ = SOURCES[d.source]
+        if not found(root):
+            raise ValueError(f"--source {d.source}: {root} holds no {wanted}")
+        return d.source
+    for name, (found, _, _) in SOURCES.items():
+        if found(root):
+            return name
+    looked_for = "; ".join(f"{name}: {wanted}" for name, (_, wanted, _) in SOURCES.items())
+    raise ValueError(f"--train_data_dir {root}: no source recognised (looked for {looked_for})")
+
+
 def folder_source(d) -> tuple[datasets.Dataset, str]:
-    """A folder other than NIH's (`d.train_data_dir` of the DataConfig `d`), whole and unprepared: CheXpert, a DICOM
-    folder (VinDr-CXR and RSNA Pneumonia with their labels), class folders, or an image folder (with metadata.csv or
-    without); and a short description of it. A DICOM
-    folder's skipped files are listed in the cache (cache_root/dicom-<folder>/skipped_files.csv)."""
-    if padchest.is_padchest_folder(d.train_data_dir):
-        ds, left_out = padchest.padchest_dataset(d.train_data_dir)
-        report_skipped(d.train_data_dir, source_report_dir(d), len(ds), left_out, d.max_failed_fraction)
-        return ds, "the PadChest dataset"
-    if mimic.is_mimic_folder(d.train_data_dir):
-        ds, left_out = mimic.mimic_dataset(d.train_data_dir, d.uncertain_labels)
-        report_skipped(d.train_data_dir, source_report_dir(d), len(ds), left_out, d.max_failed_fraction)
-        return ds, "the MIMIC-CXR-JPG dataset"
-    if chexpert.is_chexpert_folder(d.train_data_dir):
-        ds, left_out = chexpert.chexpert_dataset(d.train_data_dir, d.uncertain_labels)
-        report_skipped(d.train_data_dir, source_report_dir(d), len(ds), left_out, d.max_failed_fraction)
-        return ds, "the CheXpert dataset"
-    if not is_dicom_folder(d.train_data_dir):
-        if not (Path(d.train_data_dir) / METADATA_CSV).is_file() and class_folders.is_class_folder_tree(
-                d.train_data_dir):
-            return class_folders.class_folder_dataset(d.train_data_dir), "a local folder of image classes"
-        return image_folder(d.train_data_dir), "a local image folder"
-    labels, source = None, "a local DICOM folder"
-    if dicom_collections.is_vindr_folder(d.train_data_dir):
-        labels, source = dicom_collections.vindr_labels(d.train_data_dir, d.vindr_label_rule), "the VinDr-CXR dataset"
-    elif dicom_collections.is_rsna_folder(d.train_data_dir):
-        labels, source = dicom_collections.rsna_labels(d.train_data_dir), "the RSNA Pneumonia Detection Challenge data"
-    return dicom_dataset(d.train_data_dir, source_report_dir(d), labels), source
+    """A folder other than NIH's (`d.train_data_dir` of the DataConfig `d`), whole and unprepared, as SOURCES
+    recognises it (or `--source` says), and what the run's records call it. Files left out are listed in the cache
+    (source_report_dir(d)/skipped_files.csv) and counted in one warning line."""
+    name, root = detect_source(d), d.train_data_dir
+    readers = {"mimic": lambda: mimic.mimic_dataset(root, d.uncertain_labels),
+               "padchest": lambda: padchest.padchest_dataset(root),
+               "chexpert": lambda: chexpert.chexpert_dataset(root, d.uncertain_labels)}
+    if name in readers:
+        ds, left_out = readers[name]()
+        report_skipped(root, source_report_dir(d), len(ds), left_out, d.max_failed_fraction)
+    elif name in ("vindr", "rsna", "dicom"):
+        labels = {"vindr": lambda: dicom_collections.vindr_labels(root, d.vindr_label_rule),
+                  "rsna": lambda: dicom_collections.rsna_labels(root), "dicom": lambda: None}[name]()
+        ds = dicom_dataset(root, source_report_dir(d), labels)
+    elif name == "class_folders":
+        ds = class_folders.class_folder_dataset(root)
+    elif name == "image_folder":
+        ds = image_folder(root)
+    else:
+        raise ValueError(f"--source {name}: an NIH folder is prepared with --nih_dir (or trained on directly)")
+    return ds, SOURCES[name][2]
 
 
 def source_report_dir(d) -> Path:
@@ -226,8 +265,8 @@ def load_source(config: Config) -> tuple[datasets.Dataset, str]:
         loaded = datasets.load_dataset(name, d.dataset_config_name, split=split)
         return filter_dataset(loaded, d), f"the Hub dataset {name}"
     if d.train_data_dir:
-        if nih.is_nih_folder(d.train_data_dir):
-            return _nih_split(config), "the NIH ChestX-ray14 dataset"
+        if d.source == "nih" or (d.source == "auto" and nih.is_nih_folder(d.train_data_dir)):
+            return _nih_split(config), SOURCES["nih"][2]
         ds, source = folder_source(d)
         if "patient_id" in ds.column_names:
             ds = split_by_patient(ds, d)
