@@ -87,3 +87,17 @@ def test_a_mimic_folder_trains_on_its_train_split_and_generates_on_request(mimic
     assert json.loads((tmp_path / "out" / "model_index.json").read_text())["label_config"]["findings"] == \
         ["Atelectasis", "Cardiomegaly", "Edema", "Effusion"]
     assert pipe(findings=[["Edema"]], num_inference_steps=1, output_type="np").images.shape == (1, 32, 32, 1)
+
+
+def test_prepare_keeps_the_official_split(mimic, tmp_path):
+    import datasets
+
+    from lunggen_diffusers import prepare
+
+    prepare.main(["--train_data_dir", str(mimic), "--output_dir", str(tmp_path / "prepared"), "--resolution", "32",
+                  "--cache_dir", str(tmp_path / "c")])
+    splits = datasets.load_from_disk(str(tmp_path / "prepared"))
+    assert {name: len(s) for name, s in splits.items()} == {"train": 4, "validation": 1, "test": 2}
+    report = json.loads((tmp_path / "prepared" / "prepare_report.json").read_text())
+    assert report["split_method"] == "the collection's official split" and report["source"] == "the MIMIC-CXR-JPG dataset"
+    assert "view LATERAL" in (tmp_path / "prepared" / "skipped_files.csv").read_text()

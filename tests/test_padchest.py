@@ -78,3 +78,34 @@ def test_a_padchest_folder_reads_its_16_bit_pngs_by_their_real_range(tmp_path):
     assert failures == [] and pixels.min() <= 2 and pixels.max() >= 253
     settings = from_dict({"train_data_dir": str(root), "cache_dir": str(tmp_path / "c")}).data
     assert build.folder_source(settings)[1] == "the PadChest dataset"
+
+
+@needs_real
+def test_a_padchest_folder_prepares_and_trains_a_conditional_model(tmp_path):
+    import datasets
+
+    from conftest import TINY
+    from lunggen_diffusers import LungGenPipeline, prepare
+    from lunggen_diffusers.training import train
+
+    rows = [r for r in _rows()[:200] if r["Projection"] in VIEWS and _parsed(r["Labels"]) is not None][:40]
+    root = tmp_path / "padchest"
+    root.mkdir()
+    with gzip.open(root / CSV.name, "wt", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for i, row in enumerate(rows):
+        (root / row["ImageDir"]).mkdir(exist_ok=True)
+        Image.fromarray(np.full((40, 40), 500 + 50 * i, np.uint16)).save(root / row["ImageDir"] / row["ImageID"])
+    prepare.main(["--train_data_dir", str(root), "--output_dir", str(tmp_path / "prepared"), "--resolution", "32",
+                  "--cache_dir", str(tmp_path / "c"), "--validation_fraction", "0.2"])
+    splits = datasets.load_from_disk(str(tmp_path / "prepared"))
+    patients = [set(s["patient_id"]) for s in splits.values()]
+    assert sum(len(s) for s in splits.values()) == len(rows)
+    assert all(not (a & b) for i, a in enumerate(patients) for b in patients[i + 1:])
+    train(from_dict({**TINY, "dataset_name": str(tmp_path / "prepared"), "output_dir": str(tmp_path / "out"),
+                     "condition_on": ["findings"], "max_train_steps": 2}))
+    pipe = LungGenPipeline.from_pretrained(tmp_path / "out")
+    asked = pipe.labels.findings[0]
+    assert pipe(findings=[[asked]], num_inference_steps=1, output_type="np").images.shape == (1, 32, 32, 1)
