@@ -6,6 +6,8 @@ One copy each, so a rule (which image files count, how a file is replaced safely
 from __future__ import annotations
 
 import contextlib
+import csv
+import gzip
 import hashlib
 import json
 import math
@@ -70,6 +72,27 @@ def list_images(root: str | Path) -> list[Path]:
     only suffix-less files are opened to look for the mark)."""
     return sorted(p for p in Path(root).rglob("*")
                   if p.is_file() and (p.suffix.lower() in IMAGE_EXTENSIONS or is_dicom(p)))
+
+
+def find_table(root: str | Path, name: str) -> Path | None:
+    """`root/name`, or its gzipped copy `root/name.gz` (collections ship their CSVs either way); None if neither."""
+    return next((p for p in (Path(root) / name, Path(root) / f"{name}.gz") if p.is_file()), None)
+
+
+def _open_text(path: Path):
+    return (gzip.open if path.suffix == ".gz" else open)(path, "rt", newline="", encoding="utf-8")
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """The rows of a CSV file, gzipped or not."""
+    with _open_text(Path(path)) as f:
+        return list(csv.DictReader(f))
+
+
+def table_columns(path: str | Path) -> list[str]:
+    """The header of a CSV file, gzipped or not, without reading the rest."""
+    with _open_text(Path(path)) as f:
+        return next(csv.reader(f), [])
 
 
 def split_spec(spec: str) -> tuple[Path, str | None]:

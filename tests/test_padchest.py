@@ -51,10 +51,8 @@ def test_labels_and_views_count_as_the_csv_says():
     assert views["PA"] == 91728 - sum(r["Projection"] == "PA" and p is None for r, p in zip(rows, parsed))
 
 
-@needs_real
-def test_a_padchest_folder_reads_its_16_bit_pngs_by_their_real_range(tmp_path):
-    rows = _rows()[:40]
-    root = tmp_path / "padchest"
+def _padchest_folder(root, rows):
+    """`rows` of the real CSV as the folder's labels file, and a 16-bit stand-in for each (12 bits used)."""
     root.mkdir()
     with gzip.open(root / CSV.name, "wt", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -63,8 +61,14 @@ def test_a_padchest_folder_reads_its_16_bit_pngs_by_their_real_range(tmp_path):
     for i, row in enumerate(rows):
         path = root / row["ImageDir"] / row["ImageID"]
         path.parent.mkdir(exist_ok=True)
-        ramp = np.linspace(1000, 3000 + 10 * i, 48 * 48).reshape(48, 48).astype(np.uint16)  # 12 bits used
-        Image.fromarray(ramp).save(path)
+        Image.fromarray(np.linspace(1000, 3000 + 10 * i, 48 * 48).reshape(48, 48).astype(np.uint16)).save(path)
+    return root
+
+
+@needs_real
+def test_a_padchest_folder_reads_its_16_bit_pngs_by_their_real_range(tmp_path):
+    rows = _rows()[:40]
+    root = _padchest_folder(tmp_path / "padchest", rows)
     ds, left_out = padchest_dataset(root)
     kept = [r for r in rows if r["Projection"] in VIEWS and _parsed(r["Labels"]) is not None]
     assert len(ds) == len(kept) and len(left_out) == len(rows) - len(kept)
@@ -89,15 +93,7 @@ def test_a_padchest_folder_prepares_and_trains_a_conditional_model(tmp_path):
     from lunggen_diffusers.training import train
 
     rows = [r for r in _rows()[:200] if r["Projection"] in VIEWS and _parsed(r["Labels"]) is not None][:40]
-    root = tmp_path / "padchest"
-    root.mkdir()
-    with gzip.open(root / CSV.name, "wt", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    for i, row in enumerate(rows):
-        (root / row["ImageDir"]).mkdir(exist_ok=True)
-        Image.fromarray(np.full((40, 40), 500 + 50 * i, np.uint16)).save(root / row["ImageDir"] / row["ImageID"])
+    root = _padchest_folder(tmp_path / "padchest", rows)
     prepare.main(["--train_data_dir", str(root), "--output_dir", str(tmp_path / "prepared"), "--resolution", "32",
                   "--cache_dir", str(tmp_path / "c"), "--validation_fraction", "0.2"])
     splits = datasets.load_from_disk(str(tmp_path / "prepared"))

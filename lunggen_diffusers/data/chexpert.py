@@ -8,13 +8,12 @@ split. Frontal images only: the project's models are frontal, and `--view_positi
 
 from __future__ import annotations
 
-import csv
-import gzip
 import re
 from pathlib import Path
 
 import datasets
 
+from ..utils import find_table, read_table, table_columns
 from ..vocabulary import FINDINGS_COLUMN, NO_FINDING, canonical_finding
 
 FILES = {"train.csv": False, "valid.csv": True}  # file -> its rows are the official test split
@@ -28,23 +27,9 @@ SEX = {"Male": "M", "Female": "F"}
 _PATIENT = re.compile(r"(patient\d+)")
 
 
-def _find(root: Path, name: str) -> Path | None:
-    return next((p for p in (root / name, root / f"{name}.gz") if p.is_file()), None)
-
-
-def _rows(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
 def is_chexpert_folder(root: str | Path) -> bool:
-    path = _find(Path(root), "train.csv")
-    if path is None:
-        return False
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return {"Path", "Frontal/Lateral", "AP/PA"} <= set(f.readline().strip().split(","))
+    path = find_table(root, "train.csv")
+    return path is not None and {"Path", "Frontal/Lateral", "AP/PA"} <= set(table_columns(path))
 
 
 def _image_path(root: Path, relative: str) -> Path:
@@ -75,12 +60,12 @@ def chexpert_dataset(root: str | Path, uncertain: str = "ones") -> tuple[dataset
                                "official_test")}
     left_out = []
     for name, is_test in FILES.items():
-        path = _find(root, name)
+        path = find_table(root, name)
         if path is None:
             if not is_test:
                 raise FileNotFoundError(f"--train_data_dir {root}: no train.csv (CheXpert's labels file)")
             continue
-        for row in _rows(path):
+        for row in read_table(path):
             if row["Frontal/Lateral"] != "Frontal":
                 continue
             labels = findings(row, uncertain)

@@ -7,11 +7,10 @@ RSNA Pneumonia Detection Challenge (`stage_2_train_labels.csv`, one row per box)
 
 from __future__ import annotations
 
-import csv
-import gzip
 from collections import defaultdict
 from pathlib import Path
 
+from ..utils import find_table, read_table, table_columns
 from ..vocabulary import NO_FINDING, canonical_finding
 
 LABEL_RULES = ("majority", "any")
@@ -26,33 +25,19 @@ RSNA_NOT_NORMAL = "No Lung Opacity / Not Normal"
 RSNA_NO_OPACITY = "No Lung Opacity"  # Target 0 when the class file is absent: normal or not normal, unknown
 
 
-def _rows(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def _find(root: Path, name: str) -> Path | None:
-    return next((p for p in (root / name, root / f"{name}.gz") if p.is_file()), None)
-
-
 def _vindr_image_labels(root: Path) -> Path | None:
-    return next((path for name in VINDR_IMAGE_LABELS if (path := _find(root, name))), None)
+    return next((path for name in VINDR_IMAGE_LABELS if (path := find_table(root, name))), None)
 
 
 def is_vindr_folder(root: str | Path) -> bool:
     if _vindr_image_labels(Path(root)):
         return True
-    path = _find(Path(root), VINDR_LABELS)
-    if path is None:
-        return False
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return {"image_id", "class_name", "rad_id"} <= set(f.readline().strip().split(","))
+    path = find_table(root, VINDR_LABELS)
+    return path is not None and {"image_id", "class_name", "rad_id"} <= set(table_columns(path))
 
 
 def is_rsna_folder(root: str | Path) -> bool:
-    return _find(Path(root), RSNA_LABELS) is not None
+    return find_table(Path(root), RSNA_LABELS) is not None
 
 
 def vindr_labels(root: str | Path, rule: str = "majority") -> dict[str, list[str]]:
@@ -63,14 +48,14 @@ def vindr_labels(root: str | Path, rule: str = "majority") -> dict[str, list[str
     readers, marked = defaultdict(set), defaultdict(lambda: defaultdict(set))
     image_labels = _vindr_image_labels(Path(root))
     if image_labels:  # image_id, rad_ID, then one 0/1 column per finding or diagnosis (and "No finding")
-        for row in _rows(image_labels):
+        for row in read_table(image_labels):
             image, rad = row["image_id"], row.get("rad_ID") or row.get("rad_id")
             readers[image].add(rad)
             for name, value in row.items():
                 if name not in ("image_id", "rad_ID", "rad_id", VINDR_NO_FINDING) and value.strip() in ("1", "1.0"):
                     marked[image][canonical_finding(name, "vindr")].add(rad)
     else:
-        for row in _rows(_find(Path(root), VINDR_LABELS)):
+        for row in read_table(find_table(Path(root), VINDR_LABELS)):
             readers[row["image_id"]].add(row["rad_id"])
             if row["class_name"] != VINDR_NO_FINDING:
                 marked[row["image_id"]][canonical_finding(row["class_name"], "vindr")].add(row["rad_id"])
@@ -87,10 +72,10 @@ def rsna_labels(root: str | Path) -> dict[str, list[str]]:
     (stage_2_detailed_class_info.csv) is absent and the two cannot be told apart."""
     root = Path(root)
     classes = {}
-    if _find(root, RSNA_CLASSES):
-        classes = {row["patientId"]: row["class"] for row in _rows(_find(root, RSNA_CLASSES))}
+    if find_table(root, RSNA_CLASSES):
+        classes = {row["patientId"]: row["class"] for row in read_table(find_table(root, RSNA_CLASSES))}
     boxed = defaultdict(bool)
-    for row in _rows(_find(root, RSNA_LABELS)):
+    for row in read_table(find_table(root, RSNA_LABELS)):
         boxed[row["patientId"]] |= row["Target"] == "1"
     labels = {}
     for image, opacity in boxed.items():

@@ -9,12 +9,11 @@ Frontal images only (PA, AP), as for CheXpert.
 
 from __future__ import annotations
 
-import csv
-import gzip
 from pathlib import Path
 
 import datasets
 
+from ..utils import find_table, read_table
 from ..vocabulary import FINDINGS_COLUMN
 from .chexpert import findings
 
@@ -25,13 +24,7 @@ SPLIT_NAMES = {"train": "train", "validate": "validation", "test": "test"}
 
 
 def _find(root: Path, part: str) -> Path | None:
-    return next((p for p in (root / f"{PREFIX}{part}.csv", root / f"{PREFIX}{part}.csv.gz") if p.is_file()), None)
-
-
-def _rows(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    return find_table(root, f"{PREFIX}{part}.csv")
 
 
 def is_mimic_folder(root: str | Path) -> bool:
@@ -47,11 +40,11 @@ def mimic_dataset(root: str | Path, uncertain: str = "ones") -> tuple[datasets.D
         if path is None:
             wanted = " or ".join(f"{PREFIX}{p}.csv(.gz)" for p in (LABELERS if what == "labels" else (SPLIT,)))
             raise FileNotFoundError(f"--train_data_dir {root}: no {wanted} (MIMIC-CXR-JPG's {what} file)")
-    studies = {(r["subject_id"], r["study_id"]): r for r in _rows(labels_path)}
-    split_of = {r["dicom_id"]: SPLIT_NAMES.get(r["split"], r["split"]) for r in _rows(_find(root, SPLIT))}
+    studies = {(r["subject_id"], r["study_id"]): r for r in read_table(labels_path)}
+    split_of = {r["dicom_id"]: SPLIT_NAMES.get(r["split"], r["split"]) for r in read_table(_find(root, SPLIT))}
     columns = {k: [] for k in ("image", "patient_id", "view_position", FINDINGS_COLUMN, "official_split")}
     left_out = []
-    for row in _rows(_find(root, METADATA)):
+    for row in read_table(_find(root, METADATA)):
         subject, study, image_id = row["subject_id"], row["study_id"], row["dicom_id"]
         name = f"files/p{subject[:2]}/p{subject}/s{study}/{image_id}.jpg"
         view = row.get("ViewPosition", "").strip()

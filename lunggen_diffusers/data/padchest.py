@@ -8,14 +8,13 @@ knows map to its names ("normal" is No Finding), the others are kept as they are
 from __future__ import annotations
 
 import ast
-import csv
-import gzip
 import logging
 from collections import Counter
 from pathlib import Path
 
 import datasets
 
+from ..utils import read_table
 from ..vocabulary import FINDINGS, FINDINGS_COLUMN, NO_FINDING, canonical_finding, is_no_finding, normalize
 
 logger = logging.getLogger(__name__)
@@ -32,12 +31,6 @@ def labels_file(root: str | Path) -> Path | None:
 
 def is_padchest_folder(root: str | Path) -> bool:
     return Path(root).is_dir() and labels_file(root) is not None
-
-
-def _rows(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 def findings(cell: str) -> list[str] | None:
@@ -65,7 +58,7 @@ def padchest_dataset(root: str | Path) -> tuple[datasets.Dataset, list[tuple[str
     root = Path(root)
     columns = {k: [] for k in ("image", "patient_id", "patient_sex", "patient_age", "view_position", FINDINGS_COLUMN)}
     left_out, unmapped = [], Counter()
-    for row in _rows(labels_file(root)):
+    for row in read_table(labels_file(root)):
         name = f"{row['ImageDir']}/{row['ImageID']}"
         view = PROJECTIONS.get(row["Projection"])
         labels = findings(row["Labels"])
