@@ -24,8 +24,11 @@ class DataConfig:
         default=None, metadata={"help": "Hub dataset id or a `save_to_disk` folder (optionally `folder:split`)."}
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    train_data_dir: str | None = field(
-        default=None, metadata={"help": "An image folder, or an NIH ChestX-ray14 folder (detected by its CSV)."}
+    train_data_dir: list[str] | None = field(
+        default=None,
+        metadata={"action": "extend",
+                  "help": "A source folder (NIH, CheXpert, MIMIC-CXR-JPG, PadChest, DICOM, VinDr-CXR, RSNA, class "
+                          "folders, any image folder); repeat it (or give several) to train on several at once."},
     )
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     split: str = field(default="train", metadata={"help": "Split to train on (patient-wise splits)."})
@@ -92,8 +95,9 @@ class DataConfig:
     )
     condition_on: list[str] | None = field(
         default=None,
-        metadata={"help": "Train a label-conditioned model: findings, optionally view_position and patient_sex "
-                          "(columns of the data). Exports a LungGenPipeline instead of a DDPMPipeline."},
+        metadata={"help": "Train a label-conditioned model: findings, optionally view_position, patient_sex and "
+                          "source (columns of the data; source with several --train_data_dir). Exports a "
+                          "LungGenPipeline instead of a DDPMPipeline."},
     )
 
 
@@ -198,7 +202,8 @@ _PARTS = (DataConfig, ModelConfig, TrainingConfig, HubConfig)
 # `when_conditioned` block applies on top when --condition_on is given (any --config file may hold one too).
 PRESET_DIR = Path(__file__).with_name("presets")
 WHEN_CONDITIONED = "when_conditioned"
-CONDITIONS = ("findings", "view_position", "patient_sex")  # --condition_on choices; findings always among them
+# --condition_on choices; findings always among them. `source` needs several --train_data_dir folders.
+CONDITIONS = ("findings", "view_position", "patient_sex", "source")
 
 
 def preset_names() -> list[str]:
@@ -270,6 +275,8 @@ def preset_values(name: str, conditional: bool = False) -> dict[str, Any]:
 
 
 def validate(config: Config) -> Config:
+    if isinstance(config.data.train_data_dir, str):  # a config file or a caller giving one folder as a string
+        config.data.train_data_dir = [config.data.train_data_dir]
     flat = config.to_dict()
     for name, allowed in CHOICES.items():
         if flat[name] not in allowed:

@@ -178,9 +178,11 @@ def make_prepared_dataset(args: PrepareArguments, settings: DataConfig) -> tuple
     """Decode, split and save (or reuse) `args.output_dir`; returns its report and whether it reused one."""
     if bool(args.nih_dir) == bool(settings.train_data_dir):
         raise ValueError("give --nih_dir (NIH ChestX-ray14) or --train_data_dir (any other source), one of them")
+    if settings.train_data_dir and len(settings.train_data_dir) > 1:
+        raise ValueError("prepare one --train_data_dir at a time (training joins several: give each to train.py)")
     if settings.train_data_dir and build.detect_source(settings) != "nih":
         return prepare_folder(args, settings)
-    args.nih_dir = args.nih_dir or settings.train_data_dir
+    args.nih_dir = args.nih_dir or settings.train_data_dir[0]
     output = Path(args.output_dir)
     plan = nih.plan_nih(args.nih_dir, settings)
     previous = _previous(output, plan.report["key"], args.overwrite_output_dir)
@@ -195,7 +197,7 @@ def make_prepared_dataset(args: PrepareArguments, settings: DataConfig) -> tuple
 def prepare_folder(args: PrepareArguments, settings: DataConfig) -> tuple[dict, bool]:
     """Any other folder (DICOM, VinDr-CXR, RSNA Pneumonia, an image folder with patient IDs) into the same layout as
     NIH's: train / validation / test split by patient, decoded once, with its report, failed and skipped files."""
-    root = Path(settings.train_data_dir)
+    root = Path(settings.train_data_dir[0])
     if not root.is_dir():
         raise FileNotFoundError(f"--train_data_dir {root}: no such folder")
     output = Path(args.output_dir)

@@ -22,7 +22,7 @@ from .config import CONDITIONS
 from .lunggen_pipeline import NO_FINDING, normalize
 
 FINDINGS_COLUMN = "finding_labels"
-CONDITION_COLUMNS = dict(zip(CONDITIONS, (FINDINGS_COLUMN, "view_position", "patient_sex"), strict=True))
+CONDITION_COLUMNS = dict(zip(CONDITIONS, (FINDINGS_COLUMN, "view_position", "patient_sex", "source"), strict=True))
 MANIFEST_LABELS = "labels"
 UNCONDITIONED = "unconditioned"
 

@@ -188,7 +188,7 @@ def test_manifest_is_scrubbed_and_complete(export, secret_dir):
     out = export()
     manifest = json.loads((out / "manifest.json").read_text())
     config = manifest["config"]
-    assert config["train_data_dir"] == config["cache_dir"] == "<local>"
+    assert config["train_data_dir"] == ["<local>"] and config["cache_dir"] == "<local>"
     assert config["output_dir"] == "out" and config["logging_dir"] == "logs" and "hub_token" not in config
     assert config["resolution"] == 32 and manifest["seed"] == config["seed"] == 0
     assert manifest["data"]["image_list_sha256"] == "9" * 64 and manifest["data"]["num_images"] == 24
@@ -247,7 +247,7 @@ def test_push_is_private_by_default_and_uploads_only_the_allow_list(export, fake
     for name, content in fake_hub["files"].items():
         assert b"Secret_NIH_Source_7f3a" not in content and TOKEN.encode() not in content, name
     uploaded_config = json.loads(fake_hub["files"]["training_config.json"])
-    assert uploaded_config["train_data_dir"] == "<local>" and uploaded_config["output_dir"] == "out"
+    assert uploaded_config["train_data_dir"] == ["<local>"] and uploaded_config["output_dir"] == "out"
     assert "Secret_NIH_Source_7f3a" in (out / "training_config.json").read_text()  # the local copy is untouched
     card = fake_hub["files"]["README.md"].decode()
     assert 'DDPMPipeline.from_pretrained("my-org/lunggen-tiny")' in card and "| `coverage` | 0.5 |" in card

@@ -159,11 +159,11 @@ def _folder_key(path: str) -> str:
     return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
 
 
-def _nih_split(config: Config) -> datasets.Dataset:
+def _nih_split(config: Config, root: str) -> datasets.Dataset:
     """One split of an NIH folder, prepared on first use into the cache (only there: the main process comes first)."""
     d = config.data
-    work_dir = _cache_dir(config) / f"nih-{_folder_key(d.train_data_dir)}"
-    dsdict, report, failures = nih.decode_splits(nih.plan_nih(d.train_data_dir, d), d, work_dir)
+    work_dir = _cache_dir(config) / f"nih-{_folder_key(root)}"
+    dsdict, report, failures = nih.decode_splits(nih.plan_nih(root, d), d, work_dir)
     nih.write_report(work_dir, report, failures)
     if d.split not in dsdict:
         raise ValueError(f"--split {d.split!r}: the NIH folder has no such split (has: {', '.join(dsdict)})")
@@ -199,9 +199,19 @@ SOURCES = {
 }
 
 
-def detect_source(d) -> str:
-    """The source `d.train_data_dir` holds: `d.source` when set (checked), else the first of SOURCES that matches."""
-    root = d.train_data_dir
+def _root(d, root: str | None) -> str:
+    """The folder a per-folder step works on: `root`, else the DataConfig's one --train_data_dir."""
+    if root is not None:
+        return root
+    if len(d.train_data_dir) != 1:
+        raise ValueError(f"give one --train_data_dir here (got {len(d.train_data_dir)})")
+    return d.train_data_dir[0]
+
+
+def detect_source(d, root: str | None = None) -> str:
+    """The source a folder holds (`root`, else the DataConfig `d`'s one --train_data_dir): `d.source` when set
+    (checked), else the first of SOURCES that matches."""
+    root = _root(d, root)
     if not Path(root).is_dir():
         raise FileNotFoundError(f"--train_data_dir {root}: no such folder")
     if d.source != "auto":
@@ -216,21 +226,22 @@ def detect_source(d) -> str:
     raise ValueError(f"--train_data_dir {root}: no source recognised (looked for {looked_for})")
 
 
-def folder_source(d) -> tuple[datasets.Dataset, str]:
-    """A folder other than NIH's (`d.train_data_dir` of the DataConfig `d`), whole and unprepared, as SOURCES
-    recognises it (or `--source` says), and what the run's records call it. Files left out are listed in the cache
-    (source_report_dir(d)/skipped_files.csv) and counted in one warning line."""
-    name, root = detect_source(d), d.train_data_dir
+def folder_source(d, root: str | None = None) -> tuple[datasets.Dataset, str]:
+    """A folder other than NIH's (`root`, else the DataConfig `d`'s one --train_data_dir), whole and unprepared, as
+    SOURCES recognises it (or `--source` says), and what the run's records call it. Files left out are listed in the
+    cache (source_report_dir(d, root)/skipped_files.csv) and counted in one warning line."""
+    root = _root(d, root)
+    name, report_dir = detect_source(d, root), source_report_dir(d, root)
     readers = {"mimic": lambda: mimic.mimic_dataset(root, d.uncertain_labels),
                "padchest": lambda: padchest.padchest_dataset(root),
                "chexpert": lambda: chexpert.chexpert_dataset(root, d.uncertain_labels)}
     if name in readers:
         ds, left_out = readers[name]()
-        report_skipped(root, source_report_dir(d), len(ds), left_out, d.max_failed_fraction)
+        report_skipped(root, report_dir, len(ds), left_out, d.max_failed_fraction)
     elif name in ("vindr", "rsna", "dicom"):
         labels = {"vindr": lambda: dicom_collections.vindr_labels(root, d.vindr_label_rule),
                   "rsna": lambda: dicom_collections.rsna_labels(root), "dicom": lambda: None}[name]()
-        ds = dicom_dataset(root, source_report_dir(d), labels)
+        ds = dicom_dataset(root, report_dir, labels)
     elif name == "class_folders":
         ds = class_folders.class_folder_dataset(root)
     elif name == "image_folder":
@@ -240,14 +251,15 @@ def folder_source(d) -> tuple[datasets.Dataset, str]:
     return ds, SOURCES[name][2]
 
 
-def source_report_dir(d) -> Path:
+def source_report_dir(d, root: str | None = None) -> Path:
     """The cache folder of a source folder's skipped_files.csv (and a DICOM folder's phi_digests.json); `d`: a
-    DataConfig, or any object with its cache_dir and train_data_dir."""
-    return cache_root(d) / f"source-{_folder_key(d.train_data_dir)}"
+    DataConfig, or any object with its cache_dir."""
+    return cache_root(d) / f"source-{_folder_key(_root(d, root))}"
 
 
-def load_source(config: Config) -> tuple[datasets.Dataset, str]:
-    """The training split, filtered, and a short, non-identifying description of where it came from.
+def load_source(config: Config, root: str | None = None) -> tuple[datasets.Dataset, str]:
+    """The training split, filtered, and a short, non-identifying description of where it came from; `root` is the
+    --train_data_dir folder to read (default: the config's one).
 
     Unprepared except for an NIH folder, which comes back prepared (and cached) at the configured resolution.
     """
@@ -265,9 +277,10 @@ def load_source(config: Config) -> tuple[datasets.Dataset, str]:
         loaded = datasets.load_dataset(name, d.dataset_config_name, split=split)
         return filter_dataset(loaded, d), f"the Hub dataset {name}"
     if d.train_data_dir:
-        if d.source == "nih" or (d.source == "auto" and nih.is_nih_folder(d.train_data_dir)):
-            return _nih_split(config), SOURCES["nih"][2]
-        ds, source = folder_source(d)
+        root = _root(d, root)
+        if d.source == "nih" or (d.source == "auto" and nih.is_nih_folder(root)):
+            return _nih_split(config, root), SOURCES["nih"][2]
+        ds, source = folder_source(d, root)
         if "patient_id" in ds.column_names:
             ds = split_by_patient(ds, d)
         return filter_dataset(ds, d), source
@@ -291,9 +304,54 @@ def summarize(dataset: datasets.Dataset, source: str, split: str) -> DataSummary
 
 
 def build_dataset(config: Config) -> tuple[datasets.Dataset, DataSummary]:
-    """The prepared training set (an `image` column of resolution x resolution grayscale PNGs) and its summary."""
+    """The prepared training set (an `image` column of resolution x resolution grayscale PNGs) and its summary;
+    several --train_data_dir folders are prepared one by one and joined (`_join_sources`)."""
     d = config.data
-    raw, source = load_source(config)
+    if d.train_data_dir and len(d.train_data_dir) > 1:
+        prepared, source = _join_sources(config)
+    else:
+        prepared, source = _prepare_one(config)
+    if d.max_train_samples is not None:
+        prepared = prepared.select(range(min(d.max_train_samples, len(prepared))))
+    if len(prepared) == 0:
+        raise ValueError(f"no training images left from {source}")
+    return prepared, summarize(prepared, source, d.split)
+
+
+def _join_sources(config: Config) -> tuple[datasets.Dataset, str]:
+    """Each folder's split, prepared, with a `source` column (the reader's name, numbered when two folders share
+    one) and patient IDs namespaced by it, so no two sources' patients can meet; joined on the columns every source
+    has (numbers as float32). Per-source counts go to the log and into the description."""
+    parts, names = [], []
+    for root in config.data.train_data_dir:
+        kind = "nih" if config.data.source in ("auto", "nih") and nih.is_nih_folder(root) else \
+            detect_source(config.data, root)
+        name = kind if kind not in names else f"{kind}-{sum(n.split('-')[0] == kind for n in names) + 1}"
+        ds, _ = _prepare_one(config, root)
+        if "patient_id" in ds.column_names:
+            ds = ds.map(lambda batch: {"patient_id": [f"{name}:{p}" for p in batch["patient_id"]]}, batched=True)
+        parts.append(ds.add_column("source", [name] * len(ds)))
+        names.append(name)
+    common = [c for c in parts[0].column_names if all(c in p.column_names for p in parts)]
+    dropped = sorted({c for p in parts for c in p.column_names} - set(common))
+    if dropped:
+        logger.warning("columns not in every source are left out of the joined data: %s", ", ".join(dropped))
+    parts = [p.select_columns(common) for p in parts]
+    for column in common:
+        kinds = {p.features[column].dtype for p in parts if isinstance(p.features[column], datasets.Value)}
+        if len(kinds) > 1 and all(k.startswith(("int", "float")) for k in kinds):
+            parts = [p.cast_column(column, datasets.Value("float32")) for p in parts]
+    joined = datasets.concatenate_datasets([p.cast(parts[0].features) for p in parts])
+    counts = ", ".join(f"{n} {len(p):,}" for n, p in zip(names, parts))
+    logger.info("%d images from %d sources: %s", len(joined), len(parts), counts)
+    joined.info.description = parts[0].info.description  # the prepared-images mark every part carries
+    return joined, f"{len(parts)} sources ({counts} images)"
+
+
+def _prepare_one(config: Config, root: str | None = None) -> tuple[datasets.Dataset, str]:
+    """One source's training split, decoded once (cached) unless prepared already."""
+    d = config.data
+    raw, source = load_source(config, root)
     if isinstance(raw.features.get("pixel_values"), datasets.Array2D) and d.image_column not in raw.column_names:
         raise ValueError(
             f"{source} was prepared by an earlier version (uint8 `pixel_values`, no `image` column): prepare it "
@@ -319,8 +377,4 @@ def build_dataset(config: Config) -> tuple[datasets.Dataset, DataSummary]:
             max_failed_fraction=d.max_failed_fraction,
             dicom_percentiles=tuple(d.dicom_percentiles) if d.dicom_percentiles else None,
         )
-    if d.max_train_samples is not None:
-        prepared = prepared.select(range(min(d.max_train_samples, len(prepared))))
-    if len(prepared) == 0:
-        raise ValueError(f"no training images left from {source}")
-    return prepared, summarize(prepared, source, d.split)
+    return prepared, source

@@ -63,13 +63,18 @@ def scrub_config(flat: dict[str, Any]) -> dict[str, Any]:
     clean = {k: v for k, v in flat.items() if k != "hub_token"}
     for name in DATA_PATH_OPTIONS:
         if clean.get(name):
-            clean[name] = LOCAL
+            clean[name] = [LOCAL] * len(clean[name]) if isinstance(clean[name], list) else LOCAL
     if clean.get("dataset_name") and _is_local_dataset(clean["dataset_name"]):
         clean["dataset_name"] = LOCAL
     for name in RUN_PATH_OPTIONS:
         if clean.get(name):
             clean[name] = os.path.basename(os.path.normpath(clean[name]))
     return clean
+
+
+def _folders(value) -> list[str]:
+    """An option's path(s): --train_data_dir may hold several."""
+    return [v for v in (value if isinstance(value, list) else [value]) if v]
 
 
 class Forbidden(list):
@@ -84,9 +89,8 @@ class Forbidden(list):
 def _phi_digests(flat: dict[str, Any]) -> list[dict]:
     """The digests a DICOM source left: in the cache beside a --train_data_dir folder, or in a prepared folder."""
     places = []
-    if flat.get("train_data_dir"):
-        source = SimpleNamespace(cache_dir=flat.get("cache_dir"), train_data_dir=flat["train_data_dir"])
-        places.append(source_report_dir(source) / PHI_DIGESTS)
+    for root in _folders(flat.get("train_data_dir")):
+        places.append(source_report_dir(SimpleNamespace(cache_dir=flat.get("cache_dir")), root) / PHI_DIGESTS)
     if flat.get("dataset_name") and _is_local_dataset(flat["dataset_name"]):
         places.append(Path(flat["dataset_name"].partition(":")[0]) / PHI_DIGESTS)
     return [json.loads(p.read_text()) for p in places if p.is_file()]
@@ -95,7 +99,7 @@ def _phi_digests(flat: dict[str, Any]) -> list[dict]:
 def local_paths(flat: dict[str, Any], output_dir: Path, *folders: Path) -> Forbidden:
     """The run's local path strings (as written and absolute), plus `folders`', that no published text may hold,
     with the digests of its DICOM source's identifying header values."""
-    values = [flat.get(name) for name in DATA_PATH_OPTIONS + RUN_PATH_OPTIONS]
+    values = [v for name in DATA_PATH_OPTIONS + RUN_PATH_OPTIONS for v in _folders(flat.get(name))]
     if flat.get("dataset_name") and _is_local_dataset(flat["dataset_name"]):
         values.append(flat["dataset_name"].partition(":")[0])
     paths = {str(Path(p).resolve()) for p in (output_dir, *folders)}
