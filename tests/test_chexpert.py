@@ -138,3 +138,24 @@ def test_source_is_recognised_or_forced_and_what_was_looked_for_is_named(tmp_pat
         detect_source(from_dict({"train_data_dir": str(root), "source": "chexpert"}).data)
     with pytest.raises(ValueError, match="--source 'csv' is not one of: auto, nih, mimic"):
         from_dict({"train_data_dir": str(root), "source": "csv"})
+
+
+@needs_real
+def test_prepare_a_chexpert_folder_keeps_valid_csv_as_test(tmp_path):
+    import datasets
+
+    from lunggen_diffusers import prepare
+
+    rows = _real_rows()
+    root = tmp_path / "CheXpert-v1.0-small"
+    root.mkdir()
+    _write(root / "train.csv", rows[:60])
+    _write(root / "valid.csv", rows[-6:])
+    _stand_ins(root, rows[:60] + rows[-6:])
+    prepare.main(["--train_data_dir", str(root), "--output_dir", str(tmp_path / "prepared"), "--resolution", "32",
+                  "--cache_dir", str(tmp_path / "c"), "--validation_fraction", "0.2"])
+    splits = datasets.load_from_disk(str(tmp_path / "prepared"))
+    valid_patients = {r["Path"].split("/")[2] for r in rows[-6:] if r["Frontal/Lateral"] == "Frontal"}
+    assert set(splits["test"]["patient_id"]) == valid_patients
+    patients = [set(s["patient_id"]) for s in splits.values()]
+    assert all(not (a & b) for i, a in enumerate(patients) for b in patients[i + 1:])

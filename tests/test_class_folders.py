@@ -68,3 +68,16 @@ def test_a_class_folder_model_generates_a_class_on_request(kaggle, tmp_path):
                    "--findings", "covid-19"])
     with open(synth / "manifest.csv", newline="") as f:
         assert [row["labels"] for row in csv.DictReader(f)] == ["COVID-19", "COVID-19"]
+
+
+def test_prepare_a_class_folder_tree(kaggle, tmp_path):
+    import datasets
+
+    from lunggen_diffusers import prepare
+
+    prepare.main(["--train_data_dir", str(kaggle), "--output_dir", str(tmp_path / "prepared"), "--resolution", "32",
+                  "--cache_dir", str(tmp_path / "c")])
+    splits = datasets.load_from_disk(str(tmp_path / "prepared"))
+    assert sum(len(s) for s in splits.values()) == 18
+    assert {n for s in splits.values() for names in s["finding_labels"] for n in names} == \
+        {"COVID-19", "Viral Pneumonia", NO_FINDING}

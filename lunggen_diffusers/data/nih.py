@@ -279,7 +279,7 @@ def describe(dsdict: Mapping[str, datasets.Dataset]) -> dict[str, dict[str, Any]
         name: {
             "images": len(ds),
             "patients": len(set(ds["patient_id"])),
-            "views": dict(sorted(Counter(ds["view_position"]).items())),
+            "views": dict(sorted(Counter(ds["view_position"]).items())) if "view_position" in ds.column_names else {},
         }
         for name, ds in dsdict.items()
     }
