@@ -180,17 +180,17 @@ def _plain_folder(path) -> bool:
 
 
 # Each source a folder can be, in the order they are looked for: (how it is recognised, what that looks for, what
-# the run's records call it). NIH ChestX-ray14 comes first of all (`load_source`), with its own preparation.
+# the run's records call it). Label files are looked for before the recursive listing of a folder's images. NIH ChestX-ray14 comes first of all (`load_source`), with its own preparation.
 SOURCES = {
     "nih": (nih.is_nih_folder, "Data_Entry_2017_v2020.csv or Data_Entry_2017.csv", "the NIH ChestX-ray14 dataset"),
     "mimic": (mimic.is_mimic_folder, "mimic-cxr-2.0.0-metadata.csv(.gz)", "the MIMIC-CXR-JPG dataset"),
     "padchest": (padchest.is_padchest_folder, f"{padchest.PATTERN}", "the PadChest dataset"),
     "chexpert": (chexpert.is_chexpert_folder, "train.csv with Path, Frontal/Lateral and AP/PA columns",
                  "the CheXpert dataset"),
-    "vindr": (lambda p: is_dicom_folder(p) and dicom_collections.is_vindr_folder(p),
+    "vindr": (lambda p: dicom_collections.is_vindr_folder(p) and is_dicom_folder(p),
               "DICOM files with train.csv (image_id, class_name, rad_id) or image_labels_train.csv",
               "the VinDr-CXR dataset"),
-    "rsna": (lambda p: is_dicom_folder(p) and dicom_collections.is_rsna_folder(p),
+    "rsna": (lambda p: dicom_collections.is_rsna_folder(p) and is_dicom_folder(p),
              "DICOM files with stage_2_train_labels.csv(.gz)", "the RSNA Pneumonia Detection Challenge data"),
     "dicom": (is_dicom_folder, "DICOM files (.dcm, .dicom, or a file with the DICM mark)", "a local DICOM folder"),
     "class_folders": (_plain_folder, "images one folder down, in two or more folders, and no metadata.csv",
