@@ -115,6 +115,25 @@ class ModelConfig:
     ddpm_num_steps: int = field(default=1000, metadata={"help": "Diffusion (training) timesteps."})
     ddpm_beta_schedule: str = field(default="linear", metadata={"help": "linear, scaled_linear or squaredcos_cap_v2."})
     prediction_type: str = field(default="epsilon", metadata={"help": "epsilon or v_prediction."})
+    latent: bool = field(
+        default=False,
+        metadata={"help": "The latent route: the UNet learns an autoencoder's latents (cached once per prepared data "
+                          "set) and the exported pipeline decodes them; for 512 px and beyond."},
+    )
+    vae: str | None = field(
+        default=None,
+        metadata={"help": "Latent route: an AutoencoderKL (folder or Hub id, or its `vae/` subfolder) to use, or to "
+                          "start from with --stage autoencoder; a 3-channel one gets the gray image on every input "
+                          "channel and its output channels averaged. Default: the one trained into "
+                          "OUTPUT_DIR/autoencoder."},
+    )
+    vae_block_out_channels: list[int] = field(
+        default_factory=lambda: [64, 128, 256, 256],
+        metadata={"help": "Autoencoder channels per level; each level after the first halves the side."},
+    )
+    vae_layers_per_block: int = field(default=1, metadata={"help": "Autoencoder ResNet layers per block."})
+    vae_norm_num_groups: int = field(default=32, metadata={"help": "Autoencoder GroupNorm groups."})
+    latent_channels: int = field(default=4, metadata={"help": "Channels of the autoencoder's latent."})
 
 
 @dataclass
@@ -168,6 +187,19 @@ class TrainingConfig:
     )
     guidance_scale: float = field(
         default=2.0, metadata={"help": "Conditional models: the guidance scale stored as the pipeline's default."}
+    )
+    stage: str = field(
+        default="all",
+        metadata={"help": "all (the latent route: autoencoder, its report, then the latent model; the pixel route: "
+                          "the model), autoencoder (train and judge the autoencoder alone, in OUTPUT_DIR/autoencoder) "
+                          "or diffusion (the model alone, on --vae or OUTPUT_DIR/autoencoder)."},
+    )
+    vae_max_train_steps: int = field(default=20000, metadata={"help": "Autoencoder optimizer steps."})
+    vae_train_batch_size: int = field(default=8, metadata={"help": "Autoencoder batch size per process."})
+    vae_learning_rate: float = field(default=1e-4, metadata={"help": "Autoencoder learning rate."})
+    vae_kl_weight: float = field(
+        default=1e-6, metadata={"help": "Weight of the KL term beside the L1 reconstruction loss (as in Stable "
+                                        "Diffusion's autoencoder: a nearly deterministic latent)."}
     )
 
 
@@ -224,6 +256,7 @@ CHOICES = {
     "view_position": ("PA", "AP", "all"),
     "vindr_label_rule": ("majority", "any"),
     "uncertain_labels": ("ones", "zeros", "ignore"),
+    "stage": ("all", "autoencoder", "diffusion"),
     "source": ("auto", "nih", "mimic", "padchest", "chexpert", "vindr", "rsna", "dicom", "class_folders",
                "image_folder"),
 }
@@ -281,18 +314,31 @@ def validate(config: Config) -> Config:
     for name, allowed in CHOICES.items():
         if flat[name] not in allowed:
             raise ValueError(f"--{name} {flat[name]!r} is not one of: {', '.join(allowed)}")
-    res, levels = config.data.resolution, len(config.model.block_out_channels)
-    if res < 8 or res % 2 ** (levels - 1):
+    m = config.model
+    if m.vae:
+        m.latent = True
+    res, levels = config.data.resolution, len(m.block_out_channels)
+    factor = 2 ** (len(m.vae_block_out_channels) - 1) if m.latent and not m.vae else 1
+    multiple = factor * 2 ** (levels - 1)
+    if res < 8 or res % multiple:
+        examples = ", ".join([str(r) for r in (64, 128, 256, 512, 1024) if r % multiple == 0][:3])
         raise ValueError(
-            f"--resolution {res} cannot be divided down by the UNet's {levels} levels: "
-            f"use a multiple of {2 ** (levels - 1)} (e.g. 64, 128, 256)"
+            f"--resolution {res} cannot be divided down by the {'autoencoder and the ' if factor > 1 else ''}"
+            f"UNet's {levels} levels: use a multiple of {multiple} (e.g. {examples})"
         )
-    bad_groups = [c for c in config.model.block_out_channels if c % config.model.norm_num_groups]
-    if bad_groups:
-        raise ValueError(
-            f"--norm_num_groups {config.model.norm_num_groups} does not divide block_out_channels {bad_groups}"
-        )
-    for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "checkpointing_steps"):
+    for name, channels, groups in (("norm_num_groups", m.block_out_channels, m.norm_num_groups),
+                                   ("vae_norm_num_groups", m.vae_block_out_channels, m.vae_norm_num_groups)):
+        bad_groups = [c for c in channels if c % groups]
+        if bad_groups:
+            raise ValueError(f"--{name} {groups} does not divide {name.replace('norm_num_groups', '')}"
+                             f"block_out_channels {bad_groups}")
+    if m.latent and config.data.augment:
+        raise ValueError("--augment works on pixels, and the latent route trains on latents cached once: "
+                         "leave --augment off with --latent")
+    if config.training.stage != "all" and not m.latent:
+        raise ValueError(f"--stage {config.training.stage} belongs to the latent route: add --latent (or --vae)")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "checkpointing_steps",
+                 "vae_max_train_steps", "vae_train_batch_size"):
         if getattr(config.training, name) < 1:
             raise ValueError(f"--{name} {getattr(config.training, name)} must be a positive integer")
     if config.training.max_train_steps is not None and config.training.max_train_steps < 1:

@@ -1,4 +1,5 @@
-"""Finding-conditioned chest X-ray generation with classifier-free guidance: `LungGenPipeline`.
+"""Chest X-ray generation with classifier-free guidance over labels, in pixels or in an autoencoder's latents:
+`LungGenPipeline`.
 
 This file is self-contained (torch and diffusers only) because it is also copied into every conditional model
 folder, where `DiffusionPipeline.from_pretrained(folder_or_hub_id, trust_remote_code=True)` loads it for people who
@@ -7,7 +8,8 @@ LungGenPipeline`; both are the same code. It follows diffusers' own pipelines (D
 StableDiffusionPipeline): `_execution_device`, `callback_on_step_end`, `maybe_free_model_hooks`, `output_type`,
 `return_dict`.
 
-Labels: a multi-hot vector of the model's findings, then one one-hot block per extra group (view position, sex),
+Two routes, one class: a pixel-space UNet (conditional models), or a UNet on the latents of a `vae`
+(`AutoencoderKL`; conditional or not) whose output the pipeline decodes. Labels: a multi-hot vector of the model's findings, then one one-hot block per extra group (view position, sex),
 then one "unconditioned" entry (the condition vector; `LabelSpace` lays it out). "No Finding" is a condition (every
 finding 0, the null entry 0); the null condition used for guidance has only the null entry set, so the two never
 meet.
@@ -23,7 +25,14 @@ from collections.abc import Callable, Sequence
 from inspect import signature
 
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
@@ -32,12 +41,12 @@ NO_FINDING = "No Finding"  # the one spelling; matched whatever its case (see no
 # The file name in a model folder; not `pipeline`, which is the project's command-line script.
 MODULE_NAME = "lunggen_pipeline"
 DEFAULT_GUIDANCE_SCALE = 2.0
-# "latent" does not apply: this is a pixel-space model.
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("pil", "np", "pt")  # and "latent" for a latent model: the UNet's output, not decoded
 # What `from_pretrained` hands on (to huggingface_hub's download and to diffusers' model loading); anything else is
 # refused rather than silently ignored, so a misspelt `token=` never turns into an anonymous download.
 LOAD_KEYWORDS = ("token", "revision", "cache_dir", "local_files_only", "force_download", "proxies", "torch_dtype",
-                 "dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "trust_remote_code", "unet", "scheduler")
+                 "dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "trust_remote_code", "unet", "scheduler",
+                 "vae")
 
 
 def normalize(name: str) -> str:
@@ -131,6 +140,14 @@ def postprocess(sample: torch.Tensor, output_type: str = "np"):
     return DiffusionPipeline.numpy_to_pil(image) if output_type == "pil" else image
 
 
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (as the UNet learns them) -> images in [-1, 1] (N, 1, H, W): unscale with the factors stored
+    in the autoencoder's config, decode, and average a 3-channel autoencoder's output to gray."""
+    z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    image = vae.decode(z).sample
+    return image.mean(1, keepdim=True) if image.shape[1] != 1 else image
+
+
 def guided_denoise(unet, scheduler, x, class_labels=None, null_labels=None, guidance_scale=1.0, step_kwargs=None,
                    progress=None, on_step: Callable | None = None):
     """The reverse process from noise `x`; with labels, classifier-free guidance in one batched forward per step.
@@ -160,23 +177,30 @@ def guided_denoise(unet, scheduler, x, class_labels=None, null_labels=None, guid
 
 
 class LungGenPipeline(DiffusionPipeline):
-    """A UNet2DConditionModel whose class embedding projects the condition vector, a DDPM scheduler, and the labels.
+    """A UNet (a UNet2DConditionModel whose class embedding projects the condition vector, or a plain UNet2DModel),
+    a DDPM scheduler, the labels, and for the latent route the autoencoder that decodes the UNet's output.
 
     pipe(findings=[["Cardiomegaly"], []], guidance_scale=2.0).images  # [] asks for no finding
     pipe(batch_size=4).images                                          # unconditional (the null condition)
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler, label_config: dict | None = None):
+    def __init__(self, unet: UNet2DConditionModel | UNet2DModel, scheduler: DDPMScheduler,
+                 vae: AutoencoderKL | None = None, label_config: dict | None = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
         self.register_to_config(label_config=label_config)
-        self.labels = LabelSpace(label_config or {"findings": []})
-        if unet.config.projection_class_embeddings_input_dim != self.labels.size:
-            raise ValueError(f"the UNet takes {unet.config.projection_class_embeddings_input_dim}-entry label vectors "
-                             f"but the label config describes {self.labels.size}")
+        self.labels = LabelSpace(label_config) if label_config else None
+        takes = getattr(unet.config, "projection_class_embeddings_input_dim", None)
+        if takes != (self.labels.size if self.labels else None):
+            raise ValueError(f"the UNet takes {takes or 'no'} label vectors but the label config describes "
+                             f"{self.labels.size if self.labels else 'none'}")
+        if vae is None and not self.labels:
+            raise ValueError("a pixel-space model without labels is a DDPMPipeline; LungGenPipeline needs labels, a "
+                             "vae, or both")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -193,21 +217,25 @@ class LungGenPipeline(DiffusionPipeline):
         hub = {k: kwargs.pop(k) for k in ("token", "revision", "cache_dir", "local_files_only", "force_download",
                                           "proxies") if k in kwargs}
         dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
-        unet, scheduler = kwargs.pop("unet", None), kwargs.pop("scheduler", None)
+        given = {name: kwargs.pop(name) for name in ("unet", "scheduler", "vae") if name in kwargs}
         folder = str(pretrained_model_name_or_path)
         if not os.path.isdir(folder):
-            folder = snapshot_download(folder, allow_patterns=["model_index.json", "scheduler/*", "unet/*"], **hub)
+            folder = snapshot_download(folder, allow_patterns=["model_index.json", "scheduler/*", "unet/*", "vae/*"],
+                                       **hub)
         with open(os.path.join(folder, "model_index.json")) as f:
-            label_config = json.load(f).get("label_config")
-        if not label_config:
-            raise ValueError(f"{pretrained_model_name_or_path}: model_index.json has no label_config; "
-                             "it is not a conditional LungGen model")
-        if unet is None:
-            unet = UNet2DConditionModel.from_pretrained(
-                folder, subfolder="unet", **({"torch_dtype": dtype} if dtype is not None else {}), **kwargs)
-        if scheduler is None:
-            scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-        return cls(unet=unet, scheduler=scheduler, label_config=label_config)
+            index = json.load(f)
+        if index.get("_class_name") != [MODULE_NAME, cls.__name__]:
+            raise ValueError(f"{pretrained_model_name_or_path}: model_index.json names {index.get('_class_name')}; "
+                             "it is not a LungGen model")
+        weights = {"torch_dtype": dtype} if dtype is not None else {}
+        if "unet" not in given:
+            unet_class = UNet2DModel if index["unet"][1] == "UNet2DModel" else UNet2DConditionModel
+            given["unet"] = unet_class.from_pretrained(folder, subfolder="unet", **weights, **kwargs)
+        if "scheduler" not in given:
+            given["scheduler"] = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        if "vae" not in given and (index.get("vae") or [None])[0] is not None:
+            given["vae"] = AutoencoderKL.from_pretrained(folder, subfolder="vae", **weights, **kwargs)
+        return cls(**given, label_config=index.get("label_config"))
 
     def save_pretrained(self, save_directory, **kwargs):
         """diffusers' save, plus this file beside the weights and `_class_name` naming it, so that
@@ -223,7 +251,10 @@ class LungGenPipeline(DiffusionPipeline):
         shutil.copyfile(__file__, os.path.join(save_directory, f"{MODULE_NAME}.py"))
 
     def encode(self, findings: Sequence[Sequence[str] | None] | None, batch_size: int, device=None) -> tuple:
-        """(condition vectors, null vectors) for a batch, on `device` (default: where the pipeline runs)."""
+        """(condition vectors, null vectors) for a batch, on `device` (default: where the pipeline runs); (None,
+        None) for a model without labels."""
+        if self.labels is None:
+            return None, None
         labels, null = self.labels.encode_batch(findings, batch_size)
         device = device or self._execution_device
         return labels.to(device, self.unet.dtype), null.to(device, self.unet.dtype)
@@ -238,6 +269,8 @@ class LungGenPipeline(DiffusionPipeline):
 
     def check_inputs(self, findings, batch_size, guidance_scale, num_inference_steps, output_type,
                      callback_on_step_end_tensor_inputs):
+        if findings is not None and self.labels is None:
+            raise ValueError("findings were asked of a model trained without labels (no --condition_on)")
         if findings is not None and (isinstance(findings, str) or any(isinstance(f, str) for f in findings)):
             raise TypeError("findings must be a list of name lists, one per image (e.g. [['Cardiomegaly'], []])")
         if findings is not None and batch_size is not None and batch_size != len(findings):
@@ -249,9 +282,9 @@ class LungGenPipeline(DiffusionPipeline):
             raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)} ('latent' does "
-                             "not apply to a pixel-space model)")
+        if output_type not in OUTPUT_TYPES and not (output_type == "latent" and self.vae is not None):
+            raise ValueError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}"
+                             + (", latent" if self.vae is not None else " ('latent' needs a latent model)"))
         bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not among {self._callback_tensor_inputs}")
@@ -266,12 +299,18 @@ class LungGenPipeline(DiffusionPipeline):
         the null (unconditioned) condition for `batch_size` images. `guidance_scale` None takes the model's own.
 
         Returns an `ImagePipelineOutput` (or a one-tuple when `return_dict` is False) of images in [0, 1] as
-        `output_type` says: "pil", "np" (N, H, W, C) or "pt" (N, C, H, W).
+        `output_type` says: "pil", "np" (N, H, W, C) or "pt" (N, C, H, W); "latent" (latent models) returns the
+        UNet's output undecoded.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if guidance_scale is None:
-            guidance_scale = (self.config.label_config or {}).get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+        if self.labels is None:
+            if guidance_scale not in (None, 1.0):
+                raise ValueError(f"guidance_scale {guidance_scale}: a model trained without labels has nothing to "
+                                 "guide by")
+            guidance_scale = 1.0
+        elif guidance_scale is None:
+            guidance_scale = self.config.label_config.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
         self.check_inputs(findings, batch_size, guidance_scale, num_inference_steps, output_type,
                           callback_on_step_end_tensor_inputs)
         batch_size = len(findings) if findings is not None else batch_size or 1
@@ -294,10 +333,13 @@ class LungGenPipeline(DiffusionPipeline):
 
         latents = guided_denoise(self.unet, self.scheduler, latents * self.scheduler.init_noise_sigma, class_labels,
                                  null_labels, guidance_scale, step_kwargs, self.progress_bar, on_step)
-        image = postprocess(latents, output_type)
+        if output_type == "latent":
+            image = latents
+        else:
+            image = postprocess(decode_latents(self.vae, latents) if self.vae is not None else latents, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=image) if return_dict else (image,)
 
 
-__all__ = ["LungGenPipeline", "LabelSpace", "guided_denoise", "postprocess", "normalize", "DEFAULT_GUIDANCE_SCALE",
+__all__ = ["LungGenPipeline", "LabelSpace", "guided_denoise", "postprocess", "decode_latents", "normalize", "DEFAULT_GUIDANCE_SCALE",
            "NO_FINDING"]

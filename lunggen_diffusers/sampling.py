@@ -24,7 +24,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HFValidationError
 from tqdm.auto import tqdm
 
-from .lunggen_pipeline import MODULE_NAME, LungGenPipeline, guided_denoise, postprocess
+from .lunggen_pipeline import MODULE_NAME, LungGenPipeline, decode_latents, guided_denoise, postprocess
 from .utils import pick_device
 
 # Order 3 is what diffusers' docs recommend for unconditional sampling (2 is for guided sampling); few-step runs
@@ -130,7 +130,7 @@ def check_counts(**counts: int) -> None:
 
 
 def is_conditional(pipe) -> bool:
-    return isinstance(pipe, LungGenPipeline)
+    return isinstance(pipe, LungGenPipeline) and pipe.labels is not None
 
 
 def request_labels(pipe, indices, seed=0, findings=None, labels_from=None) -> dict[int, list[str] | None]:
@@ -138,8 +138,8 @@ def request_labels(pipe, indices, seed=0, findings=None, labels_from=None) -> di
     draws image i's labels from the stored label counts with a generator of (seed, i), so they too depend on the
     index alone."""
     if (findings is not None or labels_from is not None) and not is_conditional(pipe):
-        raise ValueError("findings were asked of an unconditional model (a DDPMPipeline); train one with "
-                         "--condition_on findings to request them")
+        raise ValueError("findings were asked of an unconditional model; train one with --condition_on findings to "
+                         "request them")
     if findings is not None and labels_from is not None:
         raise ValueError("give --findings or --labels_from, not both")
     if labels_from is not None and labels_from not in LABELS_FROM:
@@ -155,7 +155,7 @@ def request_labels(pipe, indices, seed=0, findings=None, labels_from=None) -> di
 def resolve_guidance(pipe, guidance_scale: float | None) -> float:
     if not is_conditional(pipe):
         if guidance_scale is not None:
-            raise ValueError("--guidance_scale needs a conditional model; this one is a DDPMPipeline")
+            raise ValueError("--guidance_scale needs a conditional model; this one was trained without labels")
         return 1.0
     if guidance_scale is None:
         guidance_scale = pipe.config.label_config["guidance_scale"]
@@ -193,6 +193,8 @@ def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inferen
                 class_labels, null_labels = pipe.encode([(labels or {}).get(i) for i in batch], len(batch), device)
             with torch.inference_mode():
                 x = guided_denoise(unet, sched, x, class_labels, null_labels, guidance_scale, step_kwargs)
+                if getattr(pipe, "vae", None) is not None:  # the latent route: decode to pixels
+                    x = decode_latents(pipe.vae, x)
             images = postprocess(x, "np")
             bar.update(len(batch))
             yield batch, images

@@ -12,10 +12,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lunggen_diffusers"
 LAYERS = {
     "foundation": ["lunggen_diffusers", "cli", "config", "utils", "runtime", "summaries", "lunggen_pipeline",
                    "vocabulary"],
-    "parts": ["data", "data.*", "model", "conditioning", "sampling", "output_folder", "checkpoints", "evaluation",
+    "parts": ["data", "data.*", "model", "autoencoder", "latents", "loop", "conditioning", "sampling", "output_folder",
+              "checkpoints", "evaluation",
               "evaluation.*", "hub", "hub.privacy", "hub.card", "hub.push", "hub.export", "utility",
               "utility.stats", "utility.classifier", "utility.report", "utility.data"],
-    "work": ["training", "prepare", "evaluation.run", "utility.run"],
+    "work": ["training", "autoencoder_training", "prepare", "evaluation.run", "utility.run"],
     "commands": ["train", "generate", "evaluate", "utility.__main__", "hub.cli", "hub.__main__"],
 }
 

@@ -261,7 +261,7 @@ def test_cli_no_finding_is_a_request(conditional_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ conditional training on the spine
-from lunggen_diffusers import training  # noqa: E402
+from lunggen_diffusers import loop  # noqa: E402
 from lunggen_diffusers.training import train  # noqa: E402
 
 
@@ -279,7 +279,7 @@ def test_conditional_training_exports_a_lunggen_pipeline_and_resumes_exactly(tin
     assert pipe(findings=[["Nodule"]], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 1)
     assert Image.open(out / "samples.png").size == (64, 160)  # 5 rows (No Finding + 4 findings) of 2 seeds
 
-    real_save = training.save_checkpoint
+    real_save = loop.save_checkpoint
 
     def save_then_die(accelerator, config, step):
         path = real_save(accelerator, config, step)
@@ -287,10 +287,10 @@ def test_conditional_training_exports_a_lunggen_pipeline_and_resumes_exactly(tin
             raise KeyboardInterrupt  # killed right after checkpoint-2 landed
         return path
 
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(output_dir=str(tmp_path / "b"), **kwargs))
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     resumed = train(tiny_config(output_dir=str(tmp_path / "b"), resume_from_checkpoint="latest", **kwargs))
     a, b = straight.unet.state_dict(), resumed.unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # one machine against itself: bit for bit

@@ -403,7 +403,7 @@ def test_a_dataset_prepared_by_an_earlier_version_is_refused_in_one_line(tmp_pat
 
 def test_the_loader_decodes_the_stored_pngs_to_the_pixels_of_the_preprocessing(nih_dir, tiny_config, tmp_path):
     """The training batch is bit for bit preprocess_image of the source file, as the uint8 column stored before."""
-    from lunggen_diffusers.training import _WholeBatches, build_dataloader
+    from lunggen_diffusers.loop import _WholeBatches, build_dataloader
 
     config = tiny_config(train_data_dir=str(nih_dir), cache_dir=str(tmp_path / "cache"), train_batch_size=5)
     ds, _ = build.build_dataset(config)

@@ -14,9 +14,10 @@ from diffusers import DDPMPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from lunggen_diffusers import training
+from lunggen_diffusers import loop, training
 from lunggen_diffusers.config import load_config
-from lunggen_diffusers.training import NonFiniteLossError, find_checkpoint, train
+from lunggen_diffusers.loop import NonFiniteLossError, find_checkpoint
+from lunggen_diffusers.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,7 @@ def _weights(folder: Path) -> dict:
 
 def test_smoke_train_export_and_load(tiny_config, monkeypatch):
     kept = []
-    monkeypatch.setattr(training, "keep_freed_memory", lambda: kept.append(True))
+    monkeypatch.setattr(loop, "keep_freed_memory", lambda: kept.append(True))
     config = tiny_config(save_images_steps=2)
     result = train(config)
     assert kept == [True]  # CPU runs keep freed memory for reuse (benchmarks/cpu_allocator.py)
@@ -67,14 +68,14 @@ def test_the_unet_sees_the_stored_images_unmirrored(tiny_config, monkeypatch):
     (or otherwise move) the anatomy: with the noise set to zero, the UNet's input is sqrt(alpha_bar_t) x the stored
     image scaled to [-1, 1]."""
     stored, seen = [], []
-    read = training._WholeBatches.__getitems__
+    read = loop._WholeBatches.__getitems__
 
     def spy(self, indices):
         batch = read(self, indices)
         stored.append(batch["pixel_values"].clone())
         return batch
 
-    monkeypatch.setattr(training._WholeBatches, "__getitems__", spy)
+    monkeypatch.setattr(loop._WholeBatches, "__getitems__", spy)
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
     real_forward = training.UNet2DModel.forward
 
@@ -134,7 +135,7 @@ class _Stop(Exception):
 def test_resume_is_bit_identical(tiny_config, tmp_path, monkeypatch):
     straight = train(tiny_config(output_dir=str(tmp_path / "a")))
 
-    real_save = training.save_checkpoint
+    real_save = loop.save_checkpoint
 
     def save_then_die(accelerator, config, step):
         path = real_save(accelerator, config, step)
@@ -142,10 +143,10 @@ def test_resume_is_bit_identical(tiny_config, tmp_path, monkeypatch):
             raise _Stop  # the run is killed right after checkpoint-2 landed
         return path
 
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(_Stop):
         train(tiny_config(output_dir=str(tmp_path / "b")))
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     resumed = train(tiny_config(output_dir=str(tmp_path / "b"), resume_from_checkpoint="latest"))
 
     assert resumed.global_step == 4
@@ -290,13 +291,13 @@ def test_world_size_mismatch_is_refused(tiny_config, monkeypatch):
 DDP_WORKER = """
 import hashlib, json, os, sys
 from pathlib import Path
-from lunggen_diffusers import training
+from lunggen_diffusers import loop, training
 from lunggen_diffusers.config import from_dict
-seen, read = [], training._WholeBatches.__getitems__
+seen, read = [], loop._WholeBatches.__getitems__
 def spy(self, indices):
     seen.extend(indices)
     return read(self, indices)
-training._WholeBatches.__getitems__ = spy
+loop._WholeBatches.__getitems__ = spy
 result = training.train(from_dict(json.loads(Path(sys.argv[1]).read_text())))
 state = result.unet.state_dict()
 digest = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()

@@ -164,10 +164,12 @@ def ms_ssim_scales(height: int, width: int, win_size: int = 11) -> int:
     return scales
 
 
-def ms_ssim(x, y, data_range: float | None = None, win_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def ms_ssim(x, y, data_range: float | None = None, win_size: int = 11, sigma: float = 1.5,
+            scales: int | None = None) -> torch.Tensor:
     """MS-SSIM of each pair of 1-channel images: x, y are (N, H, W) or (N, 1, H, W), uint8 (range 255) or float
     (data_range, default 1.0). Gaussian 11-px window, sigma 1.5, the standard 5-scale weights; images under 161 px
-    use fewer scales with the leading weights renormalised (see `ms_ssim_scales`). Returns (N,) values in [0, 1]."""
+    use fewer scales with the leading weights renormalised (see `ms_ssim_scales`). `scales=1` is plain SSIM.
+    Returns (N,) values in [0, 1]."""
     x, y = torch.as_tensor(np.asarray(x)), torch.as_tensor(np.asarray(y))
     if x.shape != y.shape or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[1] != 1):
         raise ValueError(f"expected two equal (N, H, W) or (N, 1, H, W) batches, got {tuple(x.shape)} and "
@@ -175,7 +177,7 @@ def ms_ssim(x, y, data_range: float | None = None, win_size: int = 11, sigma: fl
     if data_range is None:
         data_range = 255.0 if x.dtype == torch.uint8 else 1.0
     x, y = x.double().reshape(len(x), 1, *x.shape[-2:]), y.double().reshape(len(y), 1, *y.shape[-2:])
-    scales = ms_ssim_scales(x.shape[-2], x.shape[-1], win_size)
+    scales = min(scales or len(MS_SSIM_WEIGHTS), ms_ssim_scales(x.shape[-2], x.shape[-1], win_size))
     weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], dtype=torch.float64)
     weights = weights / weights.sum()
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2

@@ -19,8 +19,18 @@ from ..conditioning import prevalence
 from ..lunggen_pipeline import DEFAULT_GUIDANCE_SCALE, LabelSpace, normalize
 from ..sampling import DEFAULT_STEPS
 from ..utils import atomic_write_text
-from .privacy import CARD, EVAL_SUMMARY, LOCAL, MANIFEST, PIPELINE_CODE, SAMPLES, TRAINING_CONFIG, check_published, \
-    local_paths
+from .privacy import (
+    AUTOENCODER_REPORT,
+    CARD,
+    EVAL_SUMMARY,
+    LOCAL,
+    MANIFEST,
+    PIPELINE_CODE,
+    SAMPLES,
+    TRAINING_CONFIG,
+    check_published,
+    local_paths,
+)
 
 TEMPLATE = Path(__file__).with_name("model_card.md")
 SECTION_FILE = "card_section.md"
@@ -32,6 +42,7 @@ TAGS = ["medical-imaging", "chest-x-ray", "ddpm", "diffusers-training", "synthet
 # The Hub has no task for label-conditioned image generation: such models keep the unconditional-image-generation
 # pipeline_tag (text-to-image would promise a prompt) and say the rest in tags; custom_code marks trust_remote_code.
 CONDITIONAL_TAGS = ["class-conditional", "classifier-free-guidance", "custom_code"]
+LATENT_TAGS = ["latent-diffusion", "custom_code"]
 LICENSE_NAME = "lunggen-research-only"
 NIH = re.compile(r"\bNIH\b|ChestX-?ray-?1?4", re.IGNORECASE)
 
@@ -106,11 +117,12 @@ def _duration(seconds: float) -> str:
 
 
 def _label_config(folder: Path) -> dict | None:
-    """A conditional model's stored labels (its folder ships the pipeline code); None for a plain DDPMPipeline."""
+    """A conditional model's stored labels (its folder ships the pipeline code); None for a plain DDPMPipeline or
+    an unconditional latent model."""
     if not (folder / PIPELINE_CODE).is_file():
         return None
     labels = read_json(folder / "model_index.json", "not a pipeline export").get("label_config")
-    if not labels:
+    if not labels and not (folder / "vae").is_dir():
         raise ValueError(f"{folder}: has {PIPELINE_CODE} but model_index.json has no label_config; re-export the "
                          "conditional model with training, or remove the file for an unconditional one")
     return labels
@@ -158,9 +170,17 @@ def _context(folder: Path, manifest: dict, summary: dict | None, model_id: str, 
     unet = read_json(folder / "unet" / "config.json", "not a pipeline export")
     scheduler = read_json(folder / "scheduler" / "scheduler_config.json", "not a pipeline export")
     steps = scheduler["num_train_timesteps"]
+    latent = None
+    if (folder / "vae").is_dir():
+        vae = read_json(folder / "vae" / "config.json", "not a pipeline export")
+        report = folder / AUTOENCODER_REPORT
+        latent = {"vae": vae, "side": unet["sample_size"], "channels": unet["in_channels"],
+                  "factor": 2 ** (len(vae["block_out_channels"]) - 1),
+                  "report": json.loads(report.read_text()) if report.is_file() else None}
     return {
-        "title": model_id.split("/")[-1], "model_id": model_id, "res": unet["sample_size"],
-        "channels": unet["in_channels"], "steps": steps, "scheduler": scheduler,
+        "title": model_id.split("/")[-1], "model_id": model_id, "latent": latent,
+        "res": latent["side"] * latent["factor"] if latent else unet["sample_size"],
+        "channels": 1, "steps": steps, "scheduler": scheduler,
         # DDIM is the project's default fast sampler (benchmarks/sampler_benchmark.py); it keeps x0 clipping.
         "fast_steps": min(DEFAULT_STEPS, max(1, steps // 2)),
         "samples": (folder / SAMPLES).is_file(), "nih": nih, "phantom": phantom,
@@ -192,7 +212,8 @@ def build_card(folder: Path, eval_metrics: dict | None = None, repo_id: str | No
     data = _card_data(summary, cfg, model_id, nih, phantom)
     card = ModelCard.from_template(data, template_path=str(TEMPLATE),
                                    **_context(folder, manifest, summary, model_id, nih, phantom, labels, sections))
-    return populate_model_card(card, tags=TAGS + (CONDITIONAL_TAGS if labels else [])), summary, sections
+    tags = TAGS + (CONDITIONAL_TAGS if labels else []) + (LATENT_TAGS if (folder / "vae").is_dir() else [])
+    return populate_model_card(card, tags=list(dict.fromkeys(tags))), summary, sections
 
 
 def raw_config(folder: Path) -> dict:

@@ -1,7 +1,8 @@
 """The export folder, written in one place for training and for the `hub` command:
 
     model_index.json, unet/, scheduler/   the pipeline (DDPMPipeline, or LungGenPipeline + lunggen_pipeline.py);
-                                          safetensors, the EMA weights
+    vae/                                  safetensors, the EMA weights; a latent model's autoencoder in vae/
+    autoencoder_report.json               a latent model's autoencoder report (evaluation.autoencoder)
     samples.png                           a fixed-seed grid of the default sampler
     training_config.json                  the run's config (written by training when it starts)
     manifest.json                         provenance: config (scrubbed), seed, data summary, versions, commit
@@ -26,7 +27,7 @@ from ..config import Config
 from ..summaries import DataSummary, RunSummary
 from ..utils import atomic_write_text
 from .card import build_card, card_files, keep_sections
-from .privacy import MANIFEST, SAMPLES, check_published, local_paths, scrub_config
+from .privacy import AUTOENCODER_REPORT, MANIFEST, SAMPLES, check_published, local_paths, scrub_config
 from .push import push_to_hub
 
 LIBRARIES = ("torch", "diffusers", "accelerate", "transformers", "datasets", "huggingface_hub", "safetensors",
@@ -92,13 +93,18 @@ def write_model_card(output_dir, eval_metrics: dict | None = None, repo_id: str 
     return card
 
 
-def export_pipeline(output_dir, pipe, samples, config: Config, data: DataSummary, run: RunSummary) -> None:
-    """The whole export folder from a built pipeline and its sample grid (a PIL image); the push when the config
-    asks for it. Main process only."""
+def export_pipeline(output_dir, pipe, samples, config: Config, data: DataSummary, run: RunSummary,
+                    autoencoder_report: dict | None = None) -> None:
+    """The whole export folder from a built pipeline and its sample grid (a PIL image), with a latent model's
+    autoencoder report; the push when the config asks for it. Main process only."""
     folder = Path(output_dir)
     pipe.save_pretrained(folder, safe_serialization=True)
     samples.save(folder / SAMPLES)
     write_manifest(folder, config, data, run)
+    if autoencoder_report is not None:
+        text = json.dumps(autoencoder_report, indent=2, sort_keys=True) + "\n"
+        check_published(text, local_paths(config.to_dict(), folder), AUTOENCODER_REPORT)
+        atomic_write_text(folder / AUTOENCODER_REPORT, text)
     write_model_card(folder)
     if config.hub.push_to_hub:
         push_to_hub(folder, config.hub.hub_model_id, private=config.hub.hub_private_repo, token=config.hub.hub_token)

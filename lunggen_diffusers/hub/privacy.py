@@ -28,14 +28,17 @@ MANIFEST = "manifest.json"
 TRAINING_CONFIG = "training_config.json"
 CARD = "README.md"
 EVAL_SUMMARY = "eval_results.json"  # the eval report's non-identifying `model_card` section, kept for the card
-PIPELINE_CODE = "lunggen_pipeline.py"  # a conditional model's pipeline class: the project's code, no data
+PIPELINE_CODE = "lunggen_pipeline.py"  # a conditional or latent model's pipeline class: the project's code, no data
 SAMPLES = "samples.png"
+# A latent model's autoencoder report (figures only; its reconstruction grid shows held-out patients and stays local).
+AUTOENCODER_REPORT = "autoencoder_report.json"
 ALLOW_PATTERNS = [
-    "model_index.json", "scheduler/*.json", "unet/config.json", "unet/*.safetensors", PIPELINE_CODE,
-    CARD, MANIFEST, TRAINING_CONFIG, EVAL_SUMMARY, SAMPLES, "samples/*.png",
+    "model_index.json", "scheduler/*.json", "unet/config.json", "unet/*.safetensors", "vae/config.json",
+    "vae/*.safetensors", PIPELINE_CODE, CARD, MANIFEST, TRAINING_CONFIG, EVAL_SUMMARY, AUTOENCODER_REPORT, SAMPLES,
+    "samples/*.png",
 ]
 # Belt and braces under the allow-list: what must never leave the machine even if a pattern above widens.
-IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "eval/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle",
+IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "eval/*", "autoencoder/*", "cache/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle",
                    "*memorized_patients*", "*nearest_pairs*", f"*{PHI_DIGESTS}"]
 LOCAL = "<local>"
 DATA_PATH_OPTIONS = ("train_data_dir", "cache_dir")  # scrubbed to "<local>" (dataset_name too, when a folder)

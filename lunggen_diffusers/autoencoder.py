@@ -1,0 +1,100 @@
+"""The latent route's autoencoder: a 1-channel diffusers `AutoencoderKL`, built from the config or loaded (a
+pretrained 3-channel one too), and the two conversions between [-1, 1] images and the scaled latents a UNet learns.
+
+A 3-channel autoencoder (Stable Diffusion's, say) sees the gray image on all three input channels, and its three
+output channels are averaged back to one (`lunggen_pipeline.decode_latents`). The scale of the latents is measured
+on the training data (`latent_statistics`) and stored in the autoencoder's own config (`scaling_factor`,
+`shift_factor`), never taken from Stable Diffusion's constant.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+from .config import Config
+from .lunggen_pipeline import decode_latents
+
+__all__ = ["build_autoencoder", "load_autoencoder", "encode_moments", "sample_latents", "latent_statistics",
+           "downsampling", "latent_shape", "decode_latents", "autoencoder_dir"]
+
+
+def build_autoencoder(config: Config) -> AutoencoderKL:
+    """A fresh 1-channel AutoencoderKL of the config's levels. No attention in the middle blocks: at the latent
+    sizes used here (32-128 px) it costs the most per step and the convolutions already see the whole chest."""
+    m, levels = config.model, len(config.model.vae_block_out_channels)
+    return AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(m.vae_block_out_channels),
+        layers_per_block=m.vae_layers_per_block,
+        latent_channels=m.latent_channels,
+        norm_num_groups=m.vae_norm_num_groups,
+        sample_size=config.data.resolution,
+        mid_block_add_attention=False,
+    )
+
+
+def autoencoder_dir(config: Config) -> str:
+    """Where this run's autoencoder comes from: --vae, or the one --stage autoencoder trains."""
+    return config.model.vae or os.path.join(config.training.output_dir, "autoencoder")
+
+
+def load_autoencoder(path_or_id: str, **kwargs) -> AutoencoderKL:
+    """An AutoencoderKL from a folder or Hub id: its root, or its `vae/` subfolder (a whole pipeline's)."""
+    local = os.path.isdir(path_or_id)
+    if local and not os.path.isfile(os.path.join(path_or_id, "config.json")):
+        if not os.path.isfile(os.path.join(path_or_id, "vae", "config.json")):
+            raise FileNotFoundError(f"--vae {path_or_id}: no autoencoder there (expected config.json, or a vae/ "
+                                    "subfolder; train one with --stage autoencoder)")
+        return AutoencoderKL.from_pretrained(path_or_id, subfolder="vae", **kwargs)
+    try:
+        return AutoencoderKL.from_pretrained(path_or_id, **kwargs)
+    except OSError:
+        if local:
+            raise
+        return AutoencoderKL.from_pretrained(path_or_id, subfolder="vae", **kwargs)
+
+
+def downsampling(vae: AutoencoderKL) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_shape(vae: AutoencoderKL, resolution: int) -> tuple[int, int]:
+    """(channels, side) of the latent of a resolution x resolution image."""
+    factor = downsampling(vae)
+    if resolution % factor:
+        raise ValueError(f"--resolution {resolution} is not a multiple of the autoencoder's downsampling {factor}")
+    return vae.config.latent_channels, resolution // factor
+
+
+@torch.no_grad()
+def encode_moments(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images (B, 1, H, W) -> the posterior's mean and log-variance (B, 2C, h, w), unscaled."""
+    if vae.config.in_channels != images.shape[1]:
+        images = images.expand(-1, vae.config.in_channels, -1, -1)
+    moments = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.parameters
+    return moments.float()
+
+
+def sample_latents(moments: torch.Tensor, vae_config, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """A draw from the cached posterior, scaled as the UNet learns it: (z - shift) * scale. `noise` None takes the
+    mean (the posterior's mode)."""
+    mean, logvar = moments.float().chunk(2, dim=1)
+    z = mean if noise is None else mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+    return (z - (vae_config.shift_factor or 0.0)) * vae_config.scaling_factor
+
+
+def latent_statistics(means: np.ndarray) -> dict[str, float]:
+    """The scale and shift that give the training latents unit variance and zero mean (Rombach et al. 2022 use
+    1 / std; the shift, as in SD3's autoencoder, keeps a mostly black background from biasing every latent)."""
+    means = np.asarray(means, dtype=np.float64)
+    std = float(means.std())
+    if not np.isfinite(std) or std == 0:
+        raise ValueError("the autoencoder's latents of the training images are constant: it has collapsed")
+    return {"scaling_factor": 1.0 / std, "shift_factor": float(means.mean())}
