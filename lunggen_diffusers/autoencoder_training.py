@@ -63,6 +63,15 @@ def is_trained(folder: Path) -> bool:
     return (folder / "diffusion_pytorch_model.safetensors").is_file() and (folder / "report.json").is_file()
 
 
+def random_crops(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """One random size x size window of each image (from the global generator: a resumed run draws the same ones);
+    shifted, never flipped."""
+    if size is None or size == images.shape[-1]:
+        return images
+    corners = torch.randint(0, images.shape[-1] - size + 1, (len(images), 2))
+    return torch.stack([image[:, y:y + size, x:x + size] for image, (y, x) in zip(images, corners.tolist())])
+
+
 def reconstruction_loss(model: Reconstruction, images: torch.Tensor, kl_weight: float) -> torch.Tensor:
     reconstruction, kl = model(images)
     return (reconstruction.float() - images).abs().mean() + kl_weight * kl.float().mean()
@@ -150,7 +159,7 @@ def train_autoencoder(config: Config) -> Path:
         if d.augment:
             images = augment(images, torch.default_generator, d.augment_rotation, d.augment_scale,
                              d.augment_intensity)
-        return reconstruction_loss(model, images, t.vae_kl_weight)
+        return reconstruction_loss(model, random_crops(images, t.vae_crop_size), t.vae_kl_weight)
 
     def preview(step):
         return preview_grid(accelerator.unwrap_model(model).vae, fixed)

@@ -197,6 +197,12 @@ class TrainingConfig:
     vae_max_train_steps: int = field(default=20000, metadata={"help": "Autoencoder optimizer steps."})
     vae_train_batch_size: int = field(default=8, metadata={"help": "Autoencoder batch size per process."})
     vae_learning_rate: float = field(default=1e-4, metadata={"help": "Autoencoder learning rate."})
+    vae_crop_size: int | None = field(
+        default=None,
+        metadata={"help": "Train the autoencoder on random square crops of this side (it is convolutional: what it "
+                          "learns on crops holds for the whole image), for more steps in the same time. Never "
+                          "flipped."},
+    )
     vae_kl_weight: float = field(
         default=1e-6, metadata={"help": "Weight of the KL term beside the L1 reconstruction loss (as in Stable "
                                         "Diffusion's autoencoder: a nearly deterministic latent)."}
@@ -332,6 +338,10 @@ def validate(config: Config) -> Config:
         if bad_groups:
             raise ValueError(f"--{name} {groups} does not divide {name.replace('norm_num_groups', '')}"
                              f"block_out_channels {bad_groups}")
+    crop = config.training.vae_crop_size
+    if crop is not None and not (8 <= crop <= res and crop % 2 ** (len(m.vae_block_out_channels) - 1) == 0):
+        raise ValueError(f"--vae_crop_size {crop}: give a side between 8 and --resolution {res} that the "
+                         f"autoencoder's {len(m.vae_block_out_channels)} levels divide down")
     if m.latent and config.data.augment:
         raise ValueError("--augment works on pixels, and the latent route trains on latents cached once: "
                          "leave --augment off with --latent")
@@ -402,4 +412,5 @@ def save_config(config: Config, path: str | Path) -> None:
 
 
 def load_config(path: str | Path) -> Config:
-    return from_dict(json.loads(Path(path).read_text()))
+    """A saved `training_config.json`, or any .json / .yaml config file."""
+    return from_dict(_read_file(str(path)))

@@ -53,6 +53,9 @@ def build_scheduler(config: Config) -> DDPMScheduler:
         num_train_timesteps=m.ddpm_num_steps,
         beta_schedule=m.ddpm_beta_schedule,
         prediction_type=m.prediction_type,
+        # Pixels live in [-1, 1], so clipping the predicted clean image there is free help; scaled latents have
+        # unit variance and no such bound (clipped, the demo's latent samples came out washed out and streaked).
+        clip_sample=not m.latent,
     )
 
 

@@ -17,7 +17,7 @@ LAYERS = {
               "evaluation.*", "hub", "hub.privacy", "hub.card", "hub.push", "hub.export", "utility",
               "utility.stats", "utility.classifier", "utility.report", "utility.data"],
     "work": ["training", "autoencoder_training", "prepare", "evaluation.run", "utility.run"],
-    "commands": ["train", "generate", "evaluate", "utility.__main__", "hub.cli", "hub.__main__"],
+    "commands": ["train", "generate", "evaluate", "autoencoder_report", "utility.__main__", "hub.cli", "hub.__main__"],
 }
 
 
