@@ -4,8 +4,9 @@ scale on the training set and judge it on held-out patients (`evaluation.autoenc
 
 Everything goes to OUTPUT_DIR/autoencoder: the autoencoder itself (`config.json` +
 `diffusion_pytorch_model.safetensors`: the trained weights, no EMA), `report.json` / `report.md`,
-`reconstructions.png`, `training_config.json`, `checkpoint-*/`. Loss: L1 plus a KL term of weight `vae_kl_weight`
-(benchmarks/README.md, "Autoencoder", says why no perceptual or adversarial term).
+`reconstructions.png`, `training_config.json`, `checkpoint-*/`. Loss: L1, a (1 - SSIM) term and a KL term of
+weight `vae_kl_weight`, on random crops with `--vae_crop_size` (benchmarks/README.md, "Autoencoder", measures each
+choice; it also says why no perceptual or adversarial term).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .data.build import build_dataset
 from .data.decode import stored_pixels
 from .data.transforms import augment, to_model_input
 from .evaluation.autoencoder import judge, write_report
+from .evaluation.metrics import ssim
 from .loop import Schedule, build_accelerator, build_dataloader, build_optimizer, fit, resume_point, tracker_config
 from .utils import image_grid
 
@@ -72,9 +74,15 @@ def random_crops(images: torch.Tensor, size: int | None) -> torch.Tensor:
     return torch.stack([image[:, y:y + size, x:x + size] for image, (y, x) in zip(images, corners.tolist())])
 
 
-def reconstruction_loss(model: Reconstruction, images: torch.Tensor, kl_weight: float) -> torch.Tensor:
+def reconstruction_loss(model: Reconstruction, images: torch.Tensor, kl_weight: float,
+                        ssim_weight: float = 0.0) -> torch.Tensor:
+    """L1 + ssim_weight * (1 - SSIM) + kl_weight * KL, the batch's mean, in fp32."""
     reconstruction, kl = model(images)
-    return (reconstruction.float() - images).abs().mean() + kl_weight * kl.float().mean()
+    reconstruction = reconstruction.float()
+    loss = (reconstruction - images).abs().mean() + kl_weight * kl.float().mean()
+    if ssim_weight:
+        loss = loss + ssim_weight * (1 - ssim(reconstruction, images).mean())
+    return loss
 
 
 @torch.no_grad()
@@ -159,7 +167,8 @@ def train_autoencoder(config: Config) -> Path:
         if d.augment:
             images = augment(images, torch.default_generator, d.augment_rotation, d.augment_scale,
                              d.augment_intensity)
-        return reconstruction_loss(model, random_crops(images, t.vae_crop_size), t.vae_kl_weight)
+        return reconstruction_loss(model, random_crops(images, t.vae_crop_size), t.vae_kl_weight,
+                                   t.vae_ssim_weight)
 
     def preview(step):
         return preview_grid(accelerator.unwrap_model(model).vae, fixed)

@@ -203,6 +203,12 @@ class TrainingConfig:
                           "learns on crops holds for the whole image), for more steps in the same time. Never "
                           "flipped."},
     )
+    vae_ssim_weight: float = field(
+        default=0.5,
+        metadata={"help": "Weight of a (1 - SSIM) term beside the L1 reconstruction loss: on the phantom it kept "
+                          "more of a nodule's contrast than L1 alone (benchmarks/README.md, 'Autoencoder'). 0 turns "
+                          "it off."},
+    )
     vae_kl_weight: float = field(
         default=1e-6, metadata={"help": "Weight of the KL term beside the L1 reconstruction loss (as in Stable "
                                         "Diffusion's autoencoder: a nearly deterministic latent)."}

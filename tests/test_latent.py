@@ -15,13 +15,13 @@ from safetensors.torch import load_file
 
 from lunggen_diffusers import LungGenPipeline, loop
 from lunggen_diffusers.autoencoder import encode_moments, load_autoencoder
-from lunggen_diffusers.autoencoder_training import random_crops
+from lunggen_diffusers.autoencoder_training import random_crops, reconstruction_loss
 from lunggen_diffusers.autoencoder_report import main as report_main
 from lunggen_diffusers.data.phantom import phantom_dataset
 from lunggen_diffusers.data.transforms import to_model_input
 from lunggen_diffusers.evaluation import autoencoder as judging
 from lunggen_diffusers.evaluation import phantom_classifier as pc
-from lunggen_diffusers.evaluation.metrics import ms_ssim
+from lunggen_diffusers.evaluation.metrics import ms_ssim, ssim
 from lunggen_diffusers.generate import main as generate_main
 from lunggen_diffusers.hub.privacy import files_to_upload
 from lunggen_diffusers.latents import cached_latents
@@ -133,6 +133,9 @@ def test_the_latent_cache_encodes_once_and_misses_when_the_data_or_the_autoencod
     monkeypatch.setattr("lunggen_diffusers.latents.encode_moments", no_encoding)
     vae.register_to_config(scaling_factor=1.7, shift_factor=0.1)  # re-measured scale: applied later, same latents
     assert np.array_equal(cached_latents(data, vae, tmp_path, progress=False), moments)
+    vae.save_pretrained(tmp_path / "copy")  # the same autoencoder, loaded from another folder
+    copied = AutoencoderKL.from_pretrained(tmp_path / "copy")
+    assert np.array_equal(cached_latents(data, copied, tmp_path, progress=False), moments)
     monkeypatch.undo()
     with torch.no_grad():
         vae.encoder.conv_in.weight[0, 0, 0, 0] += 0.5  # a retrained autoencoder
@@ -227,3 +230,13 @@ def test_autoencoder_crops_are_windows_of_the_image_never_mirrored():
         windows = image.unfold(0, 16, 1).unfold(1, 16, 1)  # every 16 x 16 window, (17, 17, 16, 16)
         assert (windows == crop).flatten(2).all(2).any()
         assert not (windows == crop.flip(-1)).flatten(2).all(2).any()
+
+
+def test_the_autoencoder_loss_is_l1_plus_weighted_one_minus_ssim_plus_weighted_kl():
+    images = torch.rand(2, 1, 32, 32) * 2 - 1
+    shifted = (images + 0.1).clamp(-1, 1)
+    kl = torch.tensor([3.0, 5.0])
+    assert reconstruction_loss(lambda x: (x, kl * 0), images, 1e-6, 0.5).item() == pytest.approx(0.0, abs=1e-6)
+    by_hand = (shifted - images).abs().mean() + 0.5 * (1 - ssim(shifted, images).mean()) + 0.01 * kl.mean()
+    assert reconstruction_loss(lambda x: (shifted, kl), images, 0.01, 0.5).item() == pytest.approx(by_hand.item())
+    assert ssim(shifted, images).min() < 1 - 1e-3  # the term is not idle on a small change

@@ -153,6 +153,23 @@ def _gaussian_filter(x: torch.Tensor, win_size: int, sigma: float) -> torch.Tens
     return F.conv2d(x, g.reshape(1, 1, -1, 1))
 
 
+def _ssim_terms(x: torch.Tensor, y: torch.Tensor, win_size: int, sigma: float, c1: float, c2: float):
+    """SSIM's luminance and contrast-structure maps of (N, 1, H, W) batches (valid windows only)."""
+    mu_x, mu_y = _gaussian_filter(x, win_size, sigma), _gaussian_filter(y, win_size, sigma)
+    var_x = _gaussian_filter(x * x, win_size, sigma) - mu_x**2
+    var_y = _gaussian_filter(y * y, win_size, sigma) - mu_y**2
+    cov = _gaussian_filter(x * y, win_size, sigma) - mu_x * mu_y
+    return (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1), (2 * cov + c2) / (var_x + var_y + c2)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, win_size: int = 11,
+         sigma: float = 1.5) -> torch.Tensor:
+    """Mean SSIM of each pair of (N, 1, H, W) float batches, differentiable (a training loss term); the default
+    data range is the model's [-1, 1]. `ms_ssim(..., scales=1)` is the same figure for evaluation."""
+    luminance, cs = _ssim_terms(x, y, win_size, sigma, (0.01 * data_range) ** 2, (0.03 * data_range) ** 2)
+    return (luminance * cs).mean((-1, -2, -3))
+
+
 def ms_ssim_scales(height: int, width: int, win_size: int = 11) -> int:
     """Scales MS-SSIM uses at this size: 5 from 161 px (the coarsest scale must still hold the 11-px window);
     fewer below, down to 1 at 11 px; smaller images raise ValueError."""
@@ -183,17 +200,12 @@ def ms_ssim(x, y, data_range: float | None = None, win_size: int = 11, sigma: fl
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     factors = []
     for scale in range(scales):
-        mu_x, mu_y = _gaussian_filter(x, win_size, sigma), _gaussian_filter(y, win_size, sigma)
-        var_x = _gaussian_filter(x * x, win_size, sigma) - mu_x**2
-        var_y = _gaussian_filter(y * y, win_size, sigma) - mu_y**2
-        cov = _gaussian_filter(x * y, win_size, sigma) - mu_x * mu_y
-        cs = (2 * cov + c2) / (var_x + var_y + c2)
+        luminance, cs = _ssim_terms(x, y, win_size, sigma, c1, c2)
         if scale < scales - 1:
             factors.append(cs.mean((-1, -2, -3)))
             pad = (0, x.shape[-1] % 2, 0, x.shape[-2] % 2)
             x, y = F.avg_pool2d(F.pad(x, pad, mode="replicate"), 2), F.avg_pool2d(F.pad(y, pad, mode="replicate"), 2)
         else:
-            luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
             factors.append((luminance * cs).mean((-1, -2, -3)))
     # Negative contrast structure (anti-correlated images) is clipped, as in the reference implementations.
     return torch.prod(torch.stack(factors, 1).clamp_min(0) ** weights, dim=1).float()
