@@ -21,14 +21,14 @@ from accelerate.utils import set_seed
 from PIL import Image
 
 from .autoencoder import build_autoencoder, decode_latents, encode_moments, latent_statistics, load_autoencoder
-from .checkpoints import check_weights, checkpoint_step
+from .checkpoints import check_weights
 from .config import Config
 from .data.build import build_dataset
 from .data.decode import stored_pixels
 from .data.transforms import augment, to_model_input
 from .evaluation.autoencoder import judge, write_report
 from .evaluation.metrics import ssim
-from .loop import Schedule, build_accelerator, build_dataloader, build_optimizer, fit, resume_point, tracker_config
+from .loop import Schedule, build_accelerator, build_dataloader, build_optimizer, fit, resume_point, start
 from .utils import image_grid
 
 logger = get_logger(__name__)
@@ -102,8 +102,8 @@ def measure_scale(vae, dataset, num_images: int = 1024, batch_size: int = 16) ->
     """The latent scale and shift on up to `num_images` training images (stored in the autoencoder's config)."""
     table = dataset.with_format("arrow", columns=["image"])
     means = []
-    for start in range(0, min(num_images, len(dataset)), batch_size):
-        pixels = torch.from_numpy(stored_pixels(table[start:start + batch_size]["image"]))
+    for first in range(0, min(num_images, len(dataset)), batch_size):
+        pixels = torch.from_numpy(stored_pixels(table[first:first + batch_size]["image"]))
         means.append(encode_moments(vae, to_model_input(pixels)).chunk(2, dim=1)[0].cpu())
     return latent_statistics(torch.cat(means).numpy())
 
@@ -150,13 +150,7 @@ def train_autoencoder(config: Config) -> Path:
     if resume_from is not None:
         check_weights(resume_from, model)
     set_seed(t.seed, device_specific=True)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("lunggen-autoencoder", config=tracker_config(stage))
-    global_step = 0
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        global_step = checkpoint_step(resume_from)
-        logger.info(f"autoencoder: resumed from {resume_from.name} at step {global_step}")
+    global_step = start(accelerator, resume_from, stage, "lunggen-autoencoder")
     logger.info(f"autoencoder: {len(dataset)} images, {schedule.max_steps} steps of {schedule.images_per_step} on "
                 f"{accelerator.num_processes} process(es), {accelerator.device}")
     d = stage.data

@@ -23,7 +23,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .checkpoints import check_compatible, find_checkpoint, list_checkpoints, save_checkpoint
+from .checkpoints import check_compatible, checkpoint_step, find_checkpoint, list_checkpoints, save_checkpoint
 from .conditioning import condition_vectors
 from .config import Config, save_config
 from .data.decode import stored_pixels
@@ -223,6 +223,19 @@ def hardware(accelerator: Accelerator) -> str:
     if accelerator.device.type == "cuda":
         return f"{n} x {torch.cuda.get_device_name(accelerator.device)}"
     return f"{n} process(es) on CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def start(accelerator: Accelerator, resume_from: Path | None, config: Config, project: str) -> int:
+    """Open the trackers and, when resuming, load the checkpoint's whole state; returns the step to continue from
+    (after `prepare` and anything registered for checkpointing, as `load_state` needs them)."""
+    if accelerator.is_main_process:
+        accelerator.init_trackers(project, config=tracker_config(config))
+    if resume_from is None:
+        return 0
+    accelerator.load_state(str(resume_from))
+    step = checkpoint_step(resume_from)
+    logger.info(f"{project}: resumed from {resume_from.name} at step {step}")
+    return step
 
 
 def fit(accelerator: Accelerator, model, ema: EMAModel | None, dataloader, schedule: Schedule, optimizer,

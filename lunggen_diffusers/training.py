@@ -21,7 +21,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 
 from .autoencoder import autoencoder_dir, latent_shape, latent_statistics, load_autoencoder, sample_latents
 from .autoencoder_training import train_autoencoder
-from .checkpoints import check_weights, checkpoint_step
+from .checkpoints import check_weights
 from .conditioning import label_config
 from .config import Config
 from .data.build import build_dataset, cache_root
@@ -38,7 +38,7 @@ from .loop import (
     fit,
     hardware,
     resume_point,
-    tracker_config,
+    start,
 )
 from .lunggen_pipeline import LabelSpace
 from .model import build_pipeline, build_scheduler, build_unet
@@ -222,13 +222,7 @@ def train(config: Config) -> TrainResult | None:
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("lunggen", config=tracker_config(config))
-    global_step = 0
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        global_step = checkpoint_step(resume_from)
-        logger.info(f"resumed from {resume_from.name} at step {global_step}")
+    global_step = start(accelerator, resume_from, config, "lunggen")
     logger.info(f"{len(dataset)} images from {data_summary.source}; {schedule.max_steps} steps of "
                 f"{schedule.images_per_step} images on {accelerator.num_processes} process(es), {accelerator.device}, "
                 f"precision {t.mixed_precision}" + (f", conditioned on {', '.join(labels['condition_on'])}"

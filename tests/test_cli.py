@@ -26,13 +26,14 @@ def _exit_code(main, argv):
 
 
 def test_every_command_has_a_console_script_and_a_module():
-    assert sorted(SCRIPTS) == ["lunggen-evaluate", "lunggen-generate", "lunggen-hub", "lunggen-prepare",
-                               "lunggen-train", "lunggen-utility"]
+    assert sorted(SCRIPTS) == ["lunggen-autoencoder-report", "lunggen-evaluate", "lunggen-generate", "lunggen-hub",
+                               "lunggen-prepare", "lunggen-train", "lunggen-utility"]
     assert importlib.import_module("lunggen_diffusers.train").main is _main("lunggen-train")
 
 
 # Each command's required arguments, so that the unknown flag is the only thing wrong.
-REQUIRED = {"lunggen-evaluate": ["--real", "a", "--fake", "b"], "lunggen-generate": ["--model", "a", "--output_dir", "b"],
+REQUIRED = {"lunggen-autoencoder-report": ["--vae", "a", "--output_dir", "b"],
+            "lunggen-evaluate": ["--real", "a", "--fake", "b"], "lunggen-generate": ["--model", "a", "--output_dir", "b"],
             "lunggen-hub": ["card", "a"], "lunggen-prepare": ["--nih_dir", "a", "--output_dir", "b"],
             "lunggen-train": [], "lunggen-utility": ["--real", "a", "--synthetic", "b", "--output_dir", "c"]}
 
@@ -47,7 +48,7 @@ def test_an_unknown_flag_is_argparses_error(script, capsys):
 
 @pytest.mark.parametrize("script, argv, message", [
     ("lunggen-train", ["--resolution", "60"], "--resolution 60 cannot be divided down"),
-    ("lunggen-train", ["--preset", "huge"], "--preset 'huge' is not one of: demo, lunggen-256"),
+    ("lunggen-train", ["--preset", "huge"], "--preset 'huge' is not one of: demo, demo-latent, lunggen-1024-latent, lunggen-256, lunggen-512-latent"),
     ("lunggen-prepare", ["--nih_dir", "/no/such/folder", "--output_dir", "{tmp}/out"], "--nih_dir /no/such/folder"),
     ("lunggen-generate", ["--model", "{tmp}", "--output_dir", "{tmp}/out", "--cpu_threads", "0"], "--cpu_threads"),
     ("lunggen-generate", ["--model", "{tmp}/absent", "--output_dir", "{tmp}/out"], "is neither a local folder nor"),

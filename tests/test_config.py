@@ -21,8 +21,9 @@ def test_no_arguments_is_the_demo():
 PRESET_FILES = sorted((REPO / "lunggen_diffusers" / "presets").glob("*.yaml"))
 
 
-def test_the_shipped_presets_are_demo_and_lunggen_256():
-    assert preset_names() == [p.stem for p in PRESET_FILES] == ["demo", "lunggen-256"]
+def test_the_shipped_presets():
+    assert preset_names() == sorted(p.stem for p in PRESET_FILES) == ["demo", "demo-latent", "lunggen-1024-latent",
+                                                                         "lunggen-256", "lunggen-512-latent"]
 
 
 @pytest.mark.parametrize("path", PRESET_FILES, ids=lambda p: p.stem)
@@ -88,7 +89,7 @@ def test_paper_preset_builds_the_paper_unet():
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--preset", "big"], "--preset 'big' is not one of: demo, lunggen-256"),
+        (["--preset", "big"], "--preset 'big' is not one of: demo, demo-latent, lunggen-1024-latent, lunggen-256, lunggen-512-latent"),
         (["--mixed_precision", "fp8"], "--mixed_precision 'fp8' is not one of: no, fp16, bf16"),
         (["--view_position", "LL"], "--view_position 'LL' is not one of: PA, AP, all"),
         (["--resolution", "60"], "--resolution 60 cannot be divided down"),
