@@ -2,7 +2,7 @@
 pretrained 3-channel one too), and the two conversions between [-1, 1] images and the scaled latents a UNet learns.
 
 A 3-channel autoencoder (Stable Diffusion's, say) sees the gray image on all three input channels, and its three
-output channels are averaged back to one (`lunggen_pipeline.decode_latents`). The scale of the latents is measured
+output channels are averaged back to one (`lunggen_pipeline.decode_latents`, the pipeline's own decode step). The scale of the latents is measured
 on the training data (`latent_statistics`) and stored in the autoencoder's own config (`scaling_factor`,
 `shift_factor`), never taken from Stable Diffusion's constant.
 """
@@ -16,12 +16,6 @@ import torch
 from diffusers import AutoencoderKL
 
 from .config import Config
-from .lunggen_pipeline import decode_latents
-
-__all__ = ["build_autoencoder", "load_autoencoder", "encode_moments", "sample_latents", "latent_statistics",
-           "downsampling", "latent_shape", "decode_latents", "autoencoder_dir"]
-
-
 def build_autoencoder(config: Config) -> AutoencoderKL:
     """A fresh 1-channel AutoencoderKL of the config's levels. No attention in the middle blocks: at the latent
     sizes used here (32-128 px) it costs the most per step and the convolutions already see the whole chest."""

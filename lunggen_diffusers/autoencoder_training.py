@@ -20,7 +20,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from PIL import Image
 
-from .autoencoder import build_autoencoder, decode_latents, encode_moments, latent_statistics, load_autoencoder
+from .autoencoder import build_autoencoder, encode_moments, latent_statistics, load_autoencoder
 from .checkpoints import check_weights
 from .config import Config
 from .data.build import build_dataset
@@ -29,6 +29,7 @@ from .data.transforms import augment, to_model_input
 from .evaluation.autoencoder import judge, write_report
 from .evaluation.metrics import ssim
 from .loop import Schedule, build_accelerator, build_dataloader, build_optimizer, fit, resume_point, start
+from .lunggen_pipeline import decode_latents
 from .utils import image_grid
 
 logger = get_logger(__name__)

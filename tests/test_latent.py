@@ -240,3 +240,31 @@ def test_the_autoencoder_loss_is_l1_plus_weighted_one_minus_ssim_plus_weighted_k
     by_hand = (shifted - images).abs().mean() + 0.5 * (1 - ssim(shifted, images).mean()) + 0.01 * kl.mean()
     assert reconstruction_loss(lambda x: (shifted, kl), images, 0.01, 0.5).item() == pytest.approx(by_hand.item())
     assert ssim(shifted, images).min() < 1 - 1e-3  # the term is not idle on a small change
+
+
+def test_the_unet_sees_the_cached_latents_scaled_and_unmirrored(latent_config, monkeypatch):
+    """Between the cache and the UNet's input (a draw from the posterior, the scale, the noising) the latent must not
+    be mirrored or moved: with every noise set to zero, the input is sqrt(alpha_bar_t) (mean - shift) * scale."""
+    from diffusers.configuration_utils import FrozenDict
+
+    from lunggen_diffusers import training
+
+    config = latent_config()
+    scheduler = training.build_scheduler(config)
+    moments = torch.randn(3, 8, 16, 16)
+    vae_config = FrozenDict(scaling_factor=1.7, shift_factor=0.2)
+    seen = []
+
+    def unet(sample, timesteps, **kwargs):
+        seen.append((sample, timesteps))
+        return type("Out", (), {"sample": torch.zeros_like(sample)})()
+
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: torch.zeros(*a[:1], **{k_: v for k_, v in k.items()
+                                                                                 if k_ != "generator"}))
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    training.train_step({"latents": moments}, unet, scheduler, config, torch.Generator(), vae_config)
+    sample, timesteps = seen[0]
+    expected = (moments[:, :4] - 0.2) * 1.7
+    clean = sample / scheduler.alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(clean, expected, atol=1e-5, rtol=1e-5)  # elementwise fp32 only
+    assert (clean - expected.flip(-1)).abs().mean() > 0.1
