@@ -16,6 +16,9 @@ import torch
 from diffusers import AutoencoderKL
 
 from .config import Config
+from .lunggen_pipeline import latent_moments
+
+
 def build_autoencoder(config: Config) -> AutoencoderKL:
     """A fresh 1-channel AutoencoderKL of the config's levels. No attention in the middle blocks: at the latent
     sizes used here (32-128 px) it costs the most per step and the convolutions already see the whole chest."""
@@ -77,18 +80,41 @@ def encode_moments(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
 
 
 def sample_latents(moments: torch.Tensor, vae_config, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """A draw from the cached posterior, scaled as the UNet learns it: (z - shift) * scale. `noise` None takes the
-    mean (the posterior's mode)."""
+    """A draw from the cached posterior, standardised as the UNet learns it (`latent_statistics`; the inverse is
+    `lunggen_pipeline.decode_latents`). `noise` None takes the mean (the posterior's mode)."""
     mean, logvar = moments.float().chunk(2, dim=1)
     z = mean if noise is None else mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
-    return (z - (vae_config.shift_factor or 0.0)) * vae_config.scaling_factor
+    center, spread = latent_moments(vae_config, z)
+    return (z - center) / spread * vae_config.scaling_factor
 
 
-def latent_statistics(means: np.ndarray) -> dict[str, float]:
-    """The scale and shift that give the training latents unit variance and zero mean (Rombach et al. 2022 use
-    1 / std; the shift, as in SD3's autoencoder, keeps a mostly black background from biasing every latent)."""
+# The config entries `latent_statistics` measures: they apply when a latent is drawn or decoded, not to the weights.
+STANDARDISATION = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+
+
+def latent_statistics(means: np.ndarray, normalization: str = "global") -> dict:
+    """The autoencoder config entries that standardise the training latents. global: one scale and shift
+    (Rombach et al. 2022 use 1 / std; the shift, as in SD3's autoencoder, keeps a mostly black background from
+    biasing every latent). channel: each channel's own mean and std (diffusers' `latents_mean` / `latents_std`,
+    as in Playground v2.5's autoencoder), so that a channel with little variance is not drowned by the noise long
+    before the others."""
     means = np.asarray(means, dtype=np.float64)
-    std = float(means.std())
-    if not np.isfinite(std) or std == 0:
+    per_channel = normalization == "channel"
+    axes = (0, 2, 3) if per_channel else None
+    std, center = means.std(axis=axes), means.mean(axis=axes)
+    if not np.isfinite(std).all() or (std == 0).any():
         raise ValueError("the autoencoder's latents of the training images are constant: it has collapsed")
-    return {"scaling_factor": 1.0 / std, "shift_factor": float(means.mean())}
+    if per_channel:
+        return {"scaling_factor": 1.0, "shift_factor": None, "latents_mean": center.tolist(),
+                "latents_std": std.tolist()}
+    return {"scaling_factor": 1.0 / float(std), "shift_factor": float(center), "latents_mean": None,
+            "latents_std": None}
+
+
+def describe_standardisation(vae_config) -> str:
+    """The standardisation in the config, for logs, reports and model cards."""
+    if vae_config.get("latents_mean") is not None:
+        spreads = ", ".join(f"{v:.3f}" for v in vae_config["latents_std"])
+        return f"per channel to zero mean and unit variance (channel std {spreads})"
+    return (f"by {vae_config['scaling_factor']:.4f} after a shift of {vae_config.get('shift_factor') or 0.0:.4f} "
+            f"(one scale for every channel)")

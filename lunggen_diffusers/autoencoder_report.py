@@ -55,7 +55,7 @@ def report_from_args(args: AutoencoderReportArguments) -> dict:
     vae = load_autoencoder(args.vae).to(pick_device(args.device)).eval()
     if vae.config.scaling_factor == SD_SCALING_FACTOR:
         dataset, _ = build_dataset(config)
-        vae.register_to_config(**measure_scale(vae, dataset))
+        vae.register_to_config(**measure_scale(vae, dataset, config.model.latent_normalization))
     extractor = get_extractor(args.features, args.feature_model, str(vae.device)) if args.features else None
     report, grid = judge(vae, config, args.num_images, extractor)
     write_report(args.output_dir, report, grid)

@@ -20,7 +20,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from PIL import Image
 
-from .autoencoder import build_autoencoder, encode_moments, latent_statistics, load_autoencoder
+from .autoencoder import build_autoencoder, encode_moments, latent_statistics, load_autoencoder, sample_latents
 from .checkpoints import check_weights
 from .config import Config
 from .data.build import build_dataset
@@ -92,27 +92,27 @@ def preview_grid(vae, pixels: torch.Tensor) -> Image.Image:
     was_training = vae.training
     vae.eval()
     x = to_model_input(pixels).to(vae.device)
-    mean = encode_moments(vae, x).chunk(2, dim=1)[0]
-    y = decode_latents(vae, (mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor)
+    y = decode_latents(vae, sample_latents(encode_moments(vae, x), vae.config))
     vae.train(was_training)
     both = torch.cat([x, y.float().clamp(-1, 1)])[:, 0].add(1).mul(127.5).round().byte().cpu().numpy()
     return image_grid([Image.fromarray(a) for a in both], cols=len(pixels))
 
 
-def measure_scale(vae, dataset, num_images: int = 1024, batch_size: int = 16) -> dict[str, float]:
-    """The latent scale and shift on up to `num_images` training images (stored in the autoencoder's config)."""
+def measure_scale(vae, dataset, normalization: str = "global", num_images: int = 1024, batch_size: int = 16) -> dict:
+    """The latent standardisation (`latent_statistics`) on up to `num_images` training images, for the
+    autoencoder's config."""
     table = dataset.with_format("arrow", columns=["image"])
     means = []
     for first in range(0, min(num_images, len(dataset)), batch_size):
         pixels = torch.from_numpy(stored_pixels(table[first:first + batch_size]["image"]))
         means.append(encode_moments(vae, to_model_input(pixels)).chunk(2, dim=1)[0].cpu())
-    return latent_statistics(torch.cat(means).numpy())
+    return latent_statistics(torch.cat(means).numpy(), normalization)
 
 
 def judge_and_save(vae, config: Config, folder: Path, dataset) -> dict:
     """Measure the scale on the training set, save the autoencoder with it, and write its report beside it."""
     vae.eval()
-    vae.register_to_config(**measure_scale(vae, dataset))
+    vae.register_to_config(**measure_scale(vae, dataset, config.model.latent_normalization))
     vae.save_pretrained(folder, safe_serialization=True)
     report, grid = judge(vae, config)
     write_report(folder, report, grid)

@@ -134,6 +134,12 @@ class ModelConfig:
     vae_layers_per_block: int = field(default=1, metadata={"help": "Autoencoder ResNet layers per block."})
     vae_norm_num_groups: int = field(default=32, metadata={"help": "Autoencoder GroupNorm groups."})
     latent_channels: int = field(default=4, metadata={"help": "Channels of the autoencoder's latent."})
+    latent_normalization: str = field(
+        default="global",
+        metadata={"help": "How the UNet's latents are standardised, measured on the training set: global (one "
+                          "scale and shift, as Stable Diffusion) or channel (each channel to zero mean and unit "
+                          "variance, stored as the autoencoder's latents_mean / latents_std)."},
+    )
 
 
 @dataclass
@@ -269,6 +275,7 @@ CHOICES = {
     "vindr_label_rule": ("majority", "any"),
     "uncertain_labels": ("ones", "zeros", "ignore"),
     "stage": ("all", "autoencoder", "diffusion"),
+    "latent_normalization": ("global", "channel"),
     "source": ("auto", "nih", "mimic", "padchest", "chexpert", "vindr", "rsna", "dicom", "class_folders",
                "image_folder"),
 }

@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from .autoencoder import encode_moments, latent_shape
+from .autoencoder import STANDARDISATION, encode_moments, latent_shape
 from .data.decode import stored_pixels
 from .data.transforms import to_model_input
 from .utils import atomic_path, stable_hash, write_json
@@ -30,10 +30,10 @@ VERSION = 1  # bump when what is stored changes
 
 def autoencoder_digest(vae: AutoencoderKL) -> str:
     """SHA-256 over the autoencoder's config and every weight, in name order: equal digests, equal encodings. The
-    latent scale and shift are left out: they apply when a latent is drawn, so re-measuring them re-encodes
+    latent standardisation is left out: it applies when a latent is drawn, so re-measuring it re-encodes
     nothing; so are diffusers' private keys (`_name_or_path`: the same autoencoder copied elsewhere is the same)."""
     config = {k: v for k, v in dict(vae.config).items()
-              if k not in ("scaling_factor", "shift_factor") and not k.startswith("_")}  # not where it was loaded from
+              if k not in STANDARDISATION and not k.startswith("_")}  # not where it was loaded from
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         h.update(name.encode())

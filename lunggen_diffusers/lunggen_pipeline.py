@@ -140,10 +140,23 @@ def postprocess(sample: torch.Tensor, output_type: str = "np"):
     return DiffusionPipeline.numpy_to_pil(image) if output_type == "pil" else image
 
 
+def latent_moments(vae_config, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centre and spread that standardise latents, broadcastable over `like` (N, C, h, w): per channel from
+    the config's `latents_mean` / `latents_std` when set, else the global `shift_factor` and 1."""
+    def tensor(values):
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+    if vae_config.get("latents_mean") is not None:
+        return tensor(vae_config["latents_mean"]), tensor(vae_config["latents_std"])
+    return tensor([vae_config.get("shift_factor") or 0.0]), tensor([1.0])
+
+
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (as the UNet learns them) -> images in [-1, 1] (N, 1, H, W): unscale with the factors stored
-    in the autoencoder's config, decode, and average a 3-channel autoencoder's output to gray."""
-    z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    """Standardised latents (as the UNet learns them) -> images in [-1, 1] (N, 1, H, W): undo the standardisation
+    stored in the autoencoder's config, decode, and average a 3-channel autoencoder's output to gray."""
+    latents = latents.to(vae.dtype)
+    center, spread = latent_moments(vae.config, latents)
+    z = latents / vae.config.scaling_factor * spread + center
     image = vae.decode(z).sample
     return image.mean(1, keepdim=True) if image.shape[1] != 1 else image
 

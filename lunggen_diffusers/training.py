@@ -19,7 +19,14 @@ from accelerate.utils import set_seed
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel, compute_snr
 
-from .autoencoder import autoencoder_dir, latent_shape, latent_statistics, load_autoencoder, sample_latents
+from .autoencoder import (
+    autoencoder_dir,
+    describe_standardisation,
+    latent_shape,
+    latent_statistics,
+    load_autoencoder,
+    sample_latents,
+)
 from .autoencoder_training import train_autoencoder
 from .checkpoints import check_weights
 from .conditioning import label_config
@@ -184,9 +191,9 @@ def prepare_latents(config: Config, dataset, accelerator):
     accelerator.wait_for_everyone()
     moments = cached_latents(dataset, vae, cache_dir, progress=False)
     means = moments[: min(len(moments), 4096), : moments.shape[1] // 2]
-    vae.register_to_config(**latent_statistics(means))
-    logger.info(f"latents {tuple(moments.shape[1:])} per image; scaling factor {vae.config.scaling_factor:.4f}, "
-                f"shift {vae.config.shift_factor:.4f} (measured on the training set)")
+    vae.register_to_config(**latent_statistics(means, config.model.latent_normalization))
+    logger.info(f"latents {tuple(moments.shape[1:])} per image, standardised on the training set "
+                f"{describe_standardisation(vae.config)}")
     return vae, moments
 
 

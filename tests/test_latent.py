@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lunggen_diffusers import LungGenPipeline, loop
-from lunggen_diffusers.autoencoder import encode_moments, load_autoencoder
+from lunggen_diffusers.autoencoder import encode_moments, latent_statistics, load_autoencoder, sample_latents
 from lunggen_diffusers.autoencoder_training import random_crops, reconstruction_loss
 from lunggen_diffusers.autoencoder_report import main as report_main
 from lunggen_diffusers.data.phantom import phantom_dataset
@@ -105,10 +105,13 @@ def test_the_pipeline_round_trip_same_images_both_ways_and_from_the_cli(latent_c
 
 
 def test_a_conditional_latent_model_takes_findings(latent_config, tmp_path):
-    config = latent_config(condition_on=["findings"], phantom_finding_prob=0.5)
+    config = latent_config(condition_on=["findings"], phantom_finding_prob=0.5, latent_normalization="channel")
     train(config)
     pipe = LungGenPipeline.from_pretrained(config.training.output_dir)
     assert pipe.vae is not None and pipe.labels.findings
+    # The per-channel standardisation travels with the exported autoencoder and is named on the card.
+    assert len(pipe.vae.config.latents_std) == pipe.vae.config.latent_channels
+    assert "per channel" in (Path(config.training.output_dir) / "README.md").read_text()
     images = pipe(findings=[["nodule"], []], guidance_scale=2.0, num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 32, 32, 1)
 
@@ -132,6 +135,8 @@ def test_the_latent_cache_encodes_once_and_misses_when_the_data_or_the_autoencod
 
     monkeypatch.setattr("lunggen_diffusers.latents.encode_moments", no_encoding)
     vae.register_to_config(scaling_factor=1.7, shift_factor=0.1)  # re-measured scale: applied later, same latents
+    assert np.array_equal(cached_latents(data, vae, tmp_path, progress=False), moments)
+    vae.register_to_config(**latent_statistics(moments[:, :4], "channel"))  # so is a per-channel one
     assert np.array_equal(cached_latents(data, vae, tmp_path, progress=False), moments)
     vae.save_pretrained(tmp_path / "copy")  # the same autoencoder, loaded from another folder
     copied = AutoencoderKL.from_pretrained(tmp_path / "copy")
@@ -200,6 +205,7 @@ def test_the_report_command_judges_a_trained_autoencoder(latent_config, tmp_path
     (["--stage", "autoencoder"], "--stage autoencoder belongs to the latent route"),
     (["--latent", "--resolution", "36"], "--resolution 36 cannot be divided down by the autoencoder"),
     (["--latent", "--vae_crop_size", "100"], "--vae_crop_size 100: give a side between 8 and --resolution 64"),
+    (["--latent", "--latent_normalization", "layer"], "--latent_normalization"),
 ])
 def test_latent_options_that_cannot_work_are_refused_in_one_line(flags, message):
     proc = subprocess.run([sys.executable, "train.py", "--max_train_steps", "1", *flags], cwd=REPO,
@@ -268,3 +274,25 @@ def test_the_unet_sees_the_cached_latents_scaled_and_unmirrored(latent_config, m
     clean = sample / scheduler.alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
     torch.testing.assert_close(clean, expected, atol=1e-5, rtol=1e-5)  # elementwise fp32 only
     assert (clean - expected.flip(-1)).abs().mean() > 0.1
+
+
+@pytest.mark.parametrize("normalization", ["global", "channel"])
+def test_latent_standardisation_is_measured_and_undone_by_the_decoder(normalization):
+    from diffusers.configuration_utils import FrozenDict
+
+    from lunggen_diffusers.lunggen_pipeline import latent_moments
+
+    generator = torch.Generator().manual_seed(0)
+    spread, centre = torch.tensor([0.3, 1.0, 2.5, 0.7]), torch.tensor([0.1, -0.4, 0.0, 2.0])
+    means = torch.randn(64, 4, 8, 8, generator=generator) * spread.view(1, 4, 1, 1) + centre.view(1, 4, 1, 1)
+    vae_config = FrozenDict(**latent_statistics(means.numpy(), normalization))
+    scaled = sample_latents(torch.cat([means, torch.zeros_like(means)], 1), vae_config)
+    per_channel_std = scaled.std((0, 2, 3), unbiased=False)
+    if normalization == "channel":  # every channel at zero mean and unit variance: none drowned first by the noise
+        torch.testing.assert_close(per_channel_std, torch.ones(4), atol=1e-4, rtol=0)
+        torch.testing.assert_close(scaled.mean((0, 2, 3)), torch.zeros(4), atol=1e-4, rtol=0)
+    else:  # unit variance overall; the channels keep their own spreads (0.3 : 2.5)
+        assert scaled.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+        assert per_channel_std[2] / per_channel_std[0] == pytest.approx(2.5 / 0.3, rel=0.05)
+    centre_, spread_ = latent_moments(vae_config, scaled)  # what decode_latents applies before the decoder
+    torch.testing.assert_close(scaled / vae_config["scaling_factor"] * spread_ + centre_, means, atol=1e-4, rtol=1e-4)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..autoencoder import encode_moments, latent_shape, sample_latents
+from ..autoencoder import describe_standardisation, encode_moments, latent_shape, sample_latents
 from ..config import Config
 from ..data.build import build_dataset
 from ..data.decode import stored_pixels
@@ -120,8 +120,7 @@ def judge(vae, config: Config, num_images: int = 256, extractor: Extractor | Non
         "num_images": int(len(images)),
         "resolution": int(images.shape[-1]),
         "latent_shape": list(latent_shape(vae, int(images.shape[-1]))),
-        "scaling_factor": float(vae.config.scaling_factor),
-        "shift_factor": float(vae.config.shift_factor or 0.0),
+        "standardisation": describe_standardisation(vae.config),
         "psnr_db": float(values.mean()),
         "psnr_db_p5": float(np.percentile(values, 5)),
         "ssim": float(ms_ssim(images, recon, scales=1).mean()),
@@ -147,7 +146,7 @@ def markdown(report: dict) -> str:
     rows = [("held-out images", report["held_out"]),
             ("latent (channels, side)", f"{report['latent_shape'][0]} x {report['latent_shape'][1]}^2 at "
                                         f"{report['resolution']} px"),
-            ("scaling / shift factor (measured)", f"{report['scaling_factor']:.4f} / {report['shift_factor']:.4f}"),
+            ("latents standardised (measured on the training set)", report["standardisation"]),
             ("PSNR (mean / 5th percentile)", f"{report['psnr_db']:.2f} / {report['psnr_db_p5']:.2f} dB"),
             ("SSIM / MS-SSIM", f"{report['ssim']:.4f} / {report['ms_ssim']:.4f}"),
             ("FD reconstructions vs originals / real-real floor",

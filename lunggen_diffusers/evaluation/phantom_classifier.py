@@ -30,7 +30,12 @@ OUTPUTS = (*FINDINGS, HEART_RIGHT)
 # The demo generator trains on phantom seed 0 and the sampler benchmark holds out seed 12345; this seed is neither,
 # so the instrument never saw an image any generator learnt from or is compared against.
 CLASSIFIER_SEED = 7_340_033
-VERSION = 2  # bump when the architecture or the training recipe changes: old cache entries must miss
+VERSION = 2  # bump when the architecture, the training recipe or the phantom changes: old cache entries must miss
+# The default classifier, trained once and shipped (148 KB): a first `--preset demo-latent` run, which judges its
+# autoencoder with it, does not spend 3 minutes training it, and every machine measures with the same weights (one
+# retrained on another CPU differs in its last bits). tests/test_phantom_classifier.py checks that it still reads
+# today's phantom and that its name matches today's settings.
+SHIPPED_DIR = Path(__file__).with_name("weights")
 
 
 @dataclass(frozen=True)
@@ -190,14 +195,21 @@ def classifier_path(settings: ClassifierSettings, cache_dir: str | None = None) 
     return cache_root(cache_dir) / f"phantom-classifier-{settings.key()}.pt"
 
 
+def shipped_path(settings: ClassifierSettings) -> Path:
+    """Where the package keeps a trained classifier for `settings` (only the default one is shipped). The name
+    carries the settings key, so a changed setting or VERSION misses it and trains anew."""
+    return SHIPPED_DIR / classifier_path(settings).name
+
+
 def load_classifier(settings: ClassifierSettings | None = None, cache_dir: str | None = None, device: str = "cpu",
                     progress: bool = True) -> PhantomClassifier:
-    """The classifier for `settings`, from the cache or trained now and cached (about 3 minutes on 2 Zen 4 EPYC
-    cores: 2 min 24 s of steps, about 30 s of rendering)."""
+    """The classifier for `settings`: from the cache, else shipped with the package, else trained now and cached
+    (about 3 minutes on 2 Zen 4 EPYC cores: 2 min 24 s of steps, about 30 s of rendering)."""
     settings = settings or ClassifierSettings()
     path = classifier_path(settings, cache_dir)
-    if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+    found = next((p for p in (path, shipped_path(settings)) if p.exists()), None)
+    if found:
+        saved = torch.load(found, map_location="cpu", weights_only=True)
         net = _Net(settings.width, settings.feature_dim)
         net.load_state_dict(saved["state_dict"])
         return PhantomClassifier(net, settings, saved["report"], device)

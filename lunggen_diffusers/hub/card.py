@@ -15,6 +15,7 @@ from typing import Any
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..autoencoder import describe_standardisation
 from ..conditioning import prevalence
 from ..lunggen_pipeline import DEFAULT_GUIDANCE_SCALE, LabelSpace, normalize
 from ..sampling import DEFAULT_STEPS
@@ -176,6 +177,7 @@ def _context(folder: Path, manifest: dict, summary: dict | None, model_id: str, 
         report = folder / AUTOENCODER_REPORT
         latent = {"vae": vae, "side": unet["sample_size"], "channels": unet["in_channels"],
                   "factor": 2 ** (len(vae["block_out_channels"]) - 1),
+                  "standardisation": describe_standardisation(vae),
                   "report": json.loads(report.read_text()) if report.is_file() else None}
     return {
         "title": model_id.split("/")[-1], "model_id": model_id, "latent": latent,
