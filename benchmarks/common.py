@@ -3,20 +3,27 @@ machine it ran on), and its JSON with that environment inside.
 
     from common import finish  # beside this file
     finish(result, args.output, table)
+
+and the phantom census the sampler and demo benchmarks share: what share of images the phantom classifier reads each
+finding in, and the heart on the image's right, each with its Wilson 95% interval.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from lunggen_diffusers.data.phantom import FINDINGS  # noqa: E402
+from lunggen_diffusers.evaluation.phantom_classifier import HEART_RIGHT  # noqa: E402
 from lunggen_diffusers.utils import write_json  # noqa: E402
 
 LIBRARIES = ("torch", "diffusers", "accelerate", "datasets", "numpy", "pillow")
@@ -71,3 +78,19 @@ def finish(result: dict, path: str | Path | None, table: str | None = None) -> d
         write_json(path, result)
         print(f"wrote {path}")
     return result
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    p = hits / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
+        1 + z * z / n)
+    return centre - half, centre + half
+
+
+def census(images: np.ndarray, classifier) -> dict:
+    decided = classifier.predict(images) >= 0.5
+    n = len(images)
+    row = {name: {"share": float(decided[:, i].mean()), "interval": wilson(int(decided[:, i].sum()), n)}
+           for i, name in enumerate(FINDINGS)}
+    row[HEART_RIGHT] = {"share": float(decided[:, -1].mean()), "interval": wilson(int(decided[:, -1].sum()), n)}
+    return row

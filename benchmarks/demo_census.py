@@ -13,7 +13,6 @@ radiological convention of every phantom).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,25 +25,9 @@ from lunggen_diffusers.data.phantom import FINDINGS, draw_phantom  # noqa: E402
 from lunggen_diffusers.evaluation.metrics import frechet_distance  # noqa: E402
 from lunggen_diffusers.evaluation.phantom_classifier import load_classifier  # noqa: E402
 from lunggen_diffusers.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, generate, load_pipeline  # noqa: E402
-from common import finish  # noqa: E402  (beside this file)
+from common import census, finish  # noqa: E402  (beside this file)
 
 HELD_OUT_SEED = 12345  # as sampler_benchmark.py: the demo trains on seed 0
-
-
-def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = hits / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
-        1 + z * z / n)
-    return centre - half, centre + half
-
-
-def census(images: np.ndarray, classifier) -> dict:
-    decided = classifier.predict(images) >= 0.5
-    n = len(images)
-    row = {name: {"share": float(decided[:, i].mean()), "interval": wilson(int(decided[:, i].sum()), n)}
-           for i, name in enumerate(FINDINGS)}
-    row["heart_on_right"] = {"share": float(decided[:, -1].mean()), "interval": wilson(int(decided[:, -1].sum()), n)}
-    return row
 
 
 def main() -> None:

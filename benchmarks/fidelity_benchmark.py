@@ -49,6 +49,7 @@ from lunggen_diffusers.sampling import (  # noqa: E402
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
     generate,
+    image_side,
     is_conditional,
     load_pipeline,
     model_label,
@@ -143,7 +144,7 @@ def benchmark(args: FidelityArguments) -> dict:
     # As `pipeline.py` does on CPU: with glibc's default, freed activations go back to the kernel and are faulted in
     # again, which costs a guided (double) batch more per image than an unguided one.
     kept_freed_memory = pipe.device.type == "cpu" and keep_freed_memory()
-    resolution = pipe.unet.config.sample_size
+    resolution = image_side(pipe)  # a latent model's UNet works on a fraction of it
     classifier = load_classifier(ClassifierSettings(resolution=resolution))
     reference = {n: _phantoms(resolution, r, 0, args.num_reference) for n, r in REQUESTS.items()}
     floor = {n: _phantoms(resolution, r, args.num_reference, args.num_images) for n, r in REQUESTS.items()}

@@ -1,8 +1,9 @@
 """Speed and quality of each sampler against the reference DDPM-1000, on the same seeds.
 
-    python benchmarks/sampler_benchmark.py --model lunggen-output --num_images 64 --device cpu --num_threads 1
+    python benchmarks/sampler_benchmark.py --model lunggen-output --num_images 512 --device cpu
 
-(DDPM-1000 dominates: about 16 minutes for 64 images of the 64-px demo model on one CPU core.)
+(DDPM-1000 dominates: about 16 minutes for 64 images of the 64-px demo model on one CPU core, so about 70 minutes
+for the 512 a prevalence needs on two.)
 
 For each sampler: wall time per image, the Fréchet distance on downsampled pixels between its images and
 held-out phantoms (a seed the demo model never trained on), and precision / recall / density / coverage (k=5) on the
@@ -11,8 +12,15 @@ span the data. The same five scores again on the phantom classifier's features (
 the phantom's findings and laterality, lunggen_diffusers/evaluation/phantom_classifier.py), a space that sees
 anatomy where pixels reward smooth averages: choose the default sampler on those. The row "phantoms" is a second
 held-out phantom set
-of the same size: the distance that sampling noise alone gives, the floor no sampler can beat. Prints a table,
-writes JSON and a PNG with the first images of every sampler (one row each, same seeds so rows are comparable).
+of the same size: the distance that sampling noise alone gives, the floor no sampler can beat.
+
+A distance can look good while the sampler draws the wrong patients, so every row also has its census (the default
+phantom classifier, the one the autoencoder report and demo_census.py use): the share of images with each finding
+and with the heart on the image's right, with Wilson 95% intervals, beside the same census of the held-out phantoms
+(the target: what the classifier reads on the training distribution) and of DDPM-1000. Goals, per row: every
+finding within 0.03 of DDPM-1000's share and of the held-out share, the heart on the right in >= 0.995.
+Prints both tables, writes JSON and a PNG with the first images of every sampler (one row each, same seeds so rows
+are comparable).
 """
 
 import os
@@ -31,29 +39,36 @@ from lunggen_diffusers.cli import run  # noqa: E402
 from lunggen_diffusers.data.phantom import phantom_dataset  # noqa: E402
 from lunggen_diffusers.evaluation.features import pixel_features  # noqa: E402
 from lunggen_diffusers.evaluation.metrics import frechet_distance, prdc  # noqa: E402
-from lunggen_diffusers.evaluation.phantom_classifier import ClassifierSettings, load_classifier  # noqa: E402
+from lunggen_diffusers.evaluation.phantom_classifier import (  # noqa: E402
+    HEART_RIGHT,
+    ClassifierSettings,
+    load_classifier,
+)
 from lunggen_diffusers.sampling import (  # noqa: E402
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
     generate,
+    image_side,
     load_pipeline,
     model_label,
 )
 
-from common import finish  # noqa: E402  (beside this file)
+from common import census, finish  # noqa: E402  (beside this file)
 
 REFERENCE = ("ddpm", 1000)
 DEFAULT = (DEFAULT_SCHEDULER, DEFAULT_STEPS)
 SAMPLERS = [REFERENCE, ("ddim", 50), ("dpmsolver++", 10), ("dpmsolver++", 25), ("unipc", 10), ("unipc", 25)]
 SAMPLERS += [DEFAULT] if DEFAULT not in SAMPLERS else []
 GOAL_SPEEDUP, GOAL_FD_RATIO = 40.0, 1.10
+GOAL_PREVALENCE_GAP, GOAL_LATERALITY = 0.03, 0.995
 HELD_OUT_SEED = 12345  # training uses phantom seed 0
 
 
 @dataclass
 class BenchmarkArguments:
     model: str = field(metadata={"help": "Trained DDPMPipeline folder or Hub id."})
-    num_images: int = field(default=64, metadata={"help": "Images per sampler (same seeds for all)."})
+    num_images: int = field(default=512, metadata={"help": "Images per sampler (same seeds for all); a prevalence "
+                                                         "near 0.1 needs about 512 to be read to +-0.03."})
     samplers: list[str] = field(default_factory=lambda: [f"{name}-{steps}" for name, steps in SAMPLERS], metadata={
         "help": "name-steps each (ddim-20, dpmsolver++-10, ...); ratios and the goal need ddpm-1000 among them."})
     num_reference: int = field(default=1024, metadata={"help": "Held-out phantoms to compare against."})
@@ -88,8 +103,9 @@ def benchmark(args: BenchmarkArguments) -> dict:
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     pipe, revision = load_pipeline(args.model, device=args.device)
-    resolution = pipe.unet.config.sample_size
+    resolution = image_side(pipe)
     classifier = load_classifier(ClassifierSettings(resolution=resolution))
+    reader = load_classifier()  # the census reads every model with the same instrument, whatever its resolution
     reference_images = _phantoms(args.num_reference, resolution, 0)
     reference = pixel_features(reference_images, args.feature_size)
     reference_phantom = classifier.features(reference_images)
@@ -99,7 +115,8 @@ def benchmark(args: BenchmarkArguments) -> dict:
         features, phantom = pixel_features(images, args.feature_size), classifier.features(images)
         return {"fd": frechet_distance(features, reference), **prdc(reference, features),
                 "phantom_fd": frechet_distance(phantom, reference_phantom),
-                **{f"phantom_{k}": v for k, v in prdc(reference_phantom, phantom).items()}}
+                **{f"phantom_{k}": v for k, v in prdc(reference_phantom, phantom).items()},
+                "census": census(images, reader)}
 
     rows = [{"sampler": "phantoms", "steps": 0, "ms_per_image": 0.0, **quality(floor)}]
     generate(pipe, 1, num_inference_steps=2, progress=False)  # warm-up: first-call allocations are not sampling
@@ -113,6 +130,8 @@ def benchmark(args: BenchmarkArguments) -> dict:
                      **quality(images)})
         strips.append(images[:8])
     ref = next((r for r in rows if (r["sampler"], r["steps"]) == REFERENCE), None)
+    for row in rows[1:]:
+        row.update(census_goals(row["census"], rows[0]["census"], ref["census"] if ref else None))
     for row in rows[1:] if ref else []:
         row["speedup"] = ref["ms_per_image"] / row["ms_per_image"]
         row["fd_ratio"] = row["fd"] / ref["fd"]
@@ -134,6 +153,36 @@ def benchmark(args: BenchmarkArguments) -> dict:
     return result
 
 
+def census_goals(row: dict, held_out: dict, reference: dict | None) -> dict:
+    """The largest gap of any finding's share to the held-out phantoms' and to DDPM-1000's, and whether the row
+    meets the census goals (None where DDPM-1000 was not run)."""
+    findings = [name for name in row if name != HEART_RIGHT]
+    gap = lambda other: max(abs(row[f]["share"] - other[f]["share"]) for f in findings)  # noqa: E731
+    out = {"prevalence_gap_held_out": gap(held_out), "laterality": row[HEART_RIGHT]["share"]}
+    out["prevalence_gap_ddpm"] = gap(reference) if reference else None
+    out["meets_census_goals"] = None if reference is None else bool(
+        max(out["prevalence_gap_held_out"], out["prevalence_gap_ddpm"]) <= GOAL_PREVALENCE_GAP
+        and out["laterality"] >= GOAL_LATERALITY)
+    return out
+
+
+def census_table(result: dict) -> str:
+    rows = result["rows"]
+    findings = [name for name in rows[0]["census"] if name != HEART_RIGHT]
+    header = ["sampler", "steps", "ms/image", *findings, "heart on right", "max gap held-out / ddpm-1000", "goals"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [f"{r['census'][f]['share']:.3f} [{r['census'][f]['interval'][0]:.3f}, "
+                 f"{r['census'][f]['interval'][1]:.3f}]" for f in (*findings, HEART_RIGHT)]
+        gaps = "-" if r["steps"] == 0 else (f"{r['prevalence_gap_held_out']:.3f} / " + (
+            "-" if r["prevalence_gap_ddpm"] is None else f"{r['prevalence_gap_ddpm']:.3f}"))
+        verdict = {None: "-", True: "yes", False: "no"}[r.get("meets_census_goals")]
+        name = "held-out phantoms" if r["steps"] == 0 else r["sampler"]
+        lines.append(f"| {name} | {r['steps']} | {r['ms_per_image']:.1f} | " + " | ".join(cells)
+                     + f" | {gaps} | {verdict} |")
+    return "\n".join(lines)
+
+
 def print_table(result: dict) -> None:
     print(f"{'':<39}|{'pixels':^39}|{'phantom classifier features':^39}")
     print(f"{'sampler':<12} {'steps':>5} {'ms/image':>9} {'speed-up':>9} |" +
@@ -151,6 +200,9 @@ def print_table(result: dict) -> None:
     verdict = result["default_meets_goal"]
     print(f"default {DEFAULT[0]}-{DEFAULT[1]} meets the goal ({goal}): "
           f"{'(not judged: needs ddpm-1000 and the default among --samplers)' if verdict is None else verdict}")
+    print(f"\nCensus (the default phantom classifier; goals: each finding within {GOAL_PREVALENCE_GAP} of the "
+          f"held-out phantoms' share and of ddpm-1000's, heart on the right >= {GOAL_LATERALITY}):")
+    print(census_table(result))
 
 
 if __name__ == "__main__":

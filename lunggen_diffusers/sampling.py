@@ -24,16 +24,26 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HFValidationError
 from tqdm.auto import tqdm
 
+from .autoencoder import downsampling
 from .lunggen_pipeline import MODULE_NAME, LungGenPipeline, decode_latents, guided_denoise, postprocess
 from .utils import pick_device
 
-# Order 3 is what diffusers' docs recommend for unconditional sampling (2 is for guided sampling); few-step runs
-# keep lower_order_final (the default) so the last steps stay stable.
+# name: (class, config overrides, keyword arguments of every step). Order 3 is what diffusers' docs recommend for
+# unconditional sampling (2 for guided sampling); few-step runs keep lower_order_final (the default) so the last
+# steps stay stable. "trailing" spacing starts at the last training timestep, where "leading" (diffusers' DDIM
+# default) starts short of pure noise (Lin et al. 2024). Samplers without x0 clipping or thresholding in diffusers
+# (Euler, Euler ancestral, Heun) are left out: the pixel models lean on the clip (`make_scheduler`).
 SCHEDULERS = {
-    "ddpm": (DDPMScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
-    "unipc": (UniPCMultistepScheduler, {"solver_order": 3}),
+    "ddpm": (DDPMScheduler, {}, {}),
+    "ddim": (DDIMScheduler, {}, {}),
+    "ddim-trailing": (DDIMScheduler, {"timestep_spacing": "trailing"}, {}),
+    "ddim-eta1": (DDIMScheduler, {}, {"eta": 1.0}),  # as stochastic as DDPM, on DDIM's shortened schedule
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}, {}),
+    "dpmsolver++-2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}, {}),
+    "dpmsolver++-2m-karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                            "use_karras_sigmas": True}, {}),
+    "dpmsolver++-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, {}),
+    "unipc": (UniPCMultistepScheduler, {"solver_order": 3}, {}),
 }
 # DDIM-20, not DPM-Solver++: on the demo model it is the closest of the fast samplers to held-out phantoms, on
 # pixels and on the phantom classifier's features alike, while the probability-flow ODE solvers (dpmsolver++, unipc)
@@ -54,7 +64,7 @@ def check_scheduler(name: str) -> None:
 def make_scheduler(name: str, config):
     """A fresh scheduler `name` built from another scheduler's config (the model's training noise schedule)."""
     check_scheduler(name)
-    cls, overrides = SCHEDULERS[name]
+    cls, overrides, _ = SCHEDULERS[name]
     if config.get("clip_sample") and "clip_sample" not in signature(cls.__init__).parameters:
         # The model's own scheduler clips predicted x0 to [-1, 1]; solvers without clip_sample get the same
         # through thresholding (at sample_max_value the threshold is a plain clip). Without it they diverge
@@ -111,6 +121,15 @@ def load_pipeline(model: str, revision: str | None = None, device: str | None = 
         raise FileNotFoundError(f"cannot load {cls.__name__} {model!r}: {str(err).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(target), resolved
+
+
+def image_side(pipe) -> int:
+    """The side of the images a pipeline returns: the UNet's, times the autoencoder's downsampling on the latent
+    route (where the UNet's own sample size is the latent's)."""
+    side = pipe.unet.config.sample_size
+    side = side if isinstance(side, int) else side[0]
+    vae = getattr(pipe, "vae", None)
+    return side * downsampling(vae) if vae is not None else side
 
 
 def model_label(model: str) -> str:
@@ -185,8 +204,9 @@ def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inferen
             noise = torch.cat([torch.randn((1, cfg.in_channels, *size), generator=g) for g in generators])
             sched = make_scheduler(scheduler, pipe.scheduler.config)
             sched.set_timesteps(num_inference_steps, device=device)
-            # Stochastic steps (ddpm, ddim with eta > 0) draw each image's noise from that image's generator.
+            # Stochastic steps (ddpm, ddim-eta1, dpmsolver++-sde) draw each image's noise from that image's generator.
             step_kwargs = {"generator": generators} if "generator" in signature(sched.step).parameters else {}
+            step_kwargs.update(SCHEDULERS[scheduler][2])
             x = noise.to(device=device, dtype=dtype) * sched.init_noise_sigma
             class_labels = null_labels = None
             if is_conditional(pipe):

@@ -25,6 +25,7 @@ from lunggen_diffusers.evaluation.metrics import ms_ssim, ssim
 from lunggen_diffusers.generate import main as generate_main
 from lunggen_diffusers.hub.privacy import files_to_upload
 from lunggen_diffusers.latents import cached_latents
+from lunggen_diffusers.sampling import image_side
 from lunggen_diffusers.training import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +115,8 @@ def test_a_conditional_latent_model_takes_findings(latent_config, tmp_path):
     assert "per channel" in (Path(config.training.output_dir) / "README.md").read_text()
     images = pipe(findings=[["nodule"], []], guidance_scale=2.0, num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 32, 32, 1)
+    # What the benchmarks size their reference phantoms and instruments by: the images', not the latent's side.
+    assert image_side(pipe) == 32 and pipe.unet.config.sample_size < 32
 
 
 def test_the_latent_cache_encodes_once_and_misses_when_the_data_or_the_autoencoder_change(tmp_path, monkeypatch):

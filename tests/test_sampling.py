@@ -68,6 +68,26 @@ def test_same_image_whatever_the_batch_size(pipe, scheduler):
     assert not np.allclose(together, other_seed, atol=1e-2)
 
 
+@pytest.mark.parametrize("variant, base", [("ddim-eta1", "ddim"), ("ddim-trailing", "ddim"),
+                                           ("dpmsolver++-2m", "dpmsolver++"), ("dpmsolver++-2m-karras", "dpmsolver++-2m"),
+                                           ("dpmsolver++-sde", "dpmsolver++-2m")])
+def test_each_sampler_variant_samples_differently_from_its_base(pipe, variant, base):
+    """A variant whose setting never reached the scheduler or its step would draw its base's images."""
+    kwargs = {"seed": 3, "num_inference_steps": 6, "output_type": "np", "progress": False}
+    a, b = (generate(pipe, 2, scheduler=name, **kwargs) for name in (variant, base))
+    assert np.abs(a - b).mean() > 1e-3, variant
+
+
+def test_trailing_spacing_starts_from_pure_noise():
+    config = DDPMScheduler(num_train_timesteps=1000).config
+    firsts = {}
+    for name in ("ddim", "ddim-trailing"):
+        scheduler = make_scheduler(name, config)
+        scheduler.set_timesteps(10)
+        firsts[name] = int(scheduler.timesteps[0])
+    assert firsts == {"ddim": 900, "ddim-trailing": 999}
+
+
 @pytest.mark.parametrize("clip_sample", [True, False])
 def test_every_scheduler_keeps_the_models_x0_clipping(clip_sample):
     config = DDPMScheduler(clip_sample=clip_sample, clip_sample_range=1.0).config
