@@ -16,8 +16,9 @@ of the same size: the distance that sampling noise alone gives, the floor no sam
 
 A distance can look good while the sampler draws the wrong patients, so every row also has its census (the default
 phantom classifier, the one the autoencoder report and demo_census.py use): the share of images with each finding
-and with the heart on the image's right, with Wilson 95% intervals, beside the same census of the held-out phantoms
-(the target: what the classifier reads on the training distribution) and of DDPM-1000. Goals, per row: every
+and with the heart on the image's right, with Wilson 95% intervals, beside the same census of held-out phantoms
+drawn with the model's training prevalence (`--training_prevalence`; the target: what the classifier reads on the
+training distribution) and of DDPM-1000. Goals, per row: every
 finding within 0.03 of DDPM-1000's share and of the held-out share, the heart on the right in >= 0.995.
 Prints both tables, writes JSON and a PNG with the first images of every sampler (one row each, same seeds so rows
 are comparable).
@@ -72,6 +73,8 @@ class BenchmarkArguments:
     samplers: list[str] = field(default_factory=lambda: [f"{name}-{steps}" for name, steps in SAMPLERS], metadata={
         "help": "name-steps each (ddim-20, dpmsolver++-10, ...); ratios and the goal need ddpm-1000 among them."})
     num_reference: int = field(default=1024, metadata={"help": "Held-out phantoms to compare against."})
+    training_prevalence: float = field(default=0.1, metadata={
+        "help": "Each finding's share in the model's training phantoms (the demo's: 0.1): the census target."})
     batch_size: int = field(default=32)
     seed: int = field(default=0)
     feature_size: int = field(default=8, metadata={"help": "Side of the downsampled pixel features."})
@@ -86,8 +89,9 @@ def _uint8(images: np.ndarray) -> np.ndarray:
     return np.round(images[..., 0] * 255).astype(np.uint8)
 
 
-def _phantoms(num_images: int, resolution: int, start_index: int) -> np.ndarray:
-    data = phantom_dataset(num_images, resolution=resolution, seed=HELD_OUT_SEED, start_index=start_index)
+def _phantoms(num_images: int, resolution: int, start_index: int, finding_prob: float = 0.0) -> np.ndarray:
+    data = phantom_dataset(num_images, resolution=resolution, seed=HELD_OUT_SEED, finding_prob=finding_prob,
+                           start_index=start_index)
     return np.stack([np.asarray(image) for image in data["image"]])
 
 
@@ -119,6 +123,9 @@ def benchmark(args: BenchmarkArguments) -> dict:
                 "census": census(images, reader)}
 
     rows = [{"sampler": "phantoms", "steps": 0, "ms_per_image": 0.0, **quality(floor)}]
+    # The distance references carry no finding; the census target is drawn as the model's training set was.
+    target = _phantoms(args.num_images, resolution, args.num_reference + args.num_images, args.training_prevalence)
+    rows[0]["census"] = census(target, reader)
     generate(pipe, 1, num_inference_steps=2, progress=False)  # warm-up: first-call allocations are not sampling
     strips = [floor[:8]]
     for scheduler, steps in samplers:
