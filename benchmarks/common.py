@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from lunggen_diffusers.data.phantom import FINDINGS  # noqa: E402
-from lunggen_diffusers.evaluation.phantom_classifier import HEART_RIGHT  # noqa: E402
+from lunggen_diffusers.evaluation.phantom_classifier import HEART_RIGHT, OUTPUTS  # noqa: E402
 from lunggen_diffusers.utils import write_json  # noqa: E402
 
 LIBRARIES = ("torch", "diffusers", "accelerate", "datasets", "numpy", "pillow")
@@ -92,5 +92,6 @@ def census(images: np.ndarray, classifier) -> dict:
     n = len(images)
     row = {name: {"share": float(decided[:, i].mean()), "interval": wilson(int(decided[:, i].sum()), n)}
            for i, name in enumerate(FINDINGS)}
-    row[HEART_RIGHT] = {"share": float(decided[:, -1].mean()), "interval": wilson(int(decided[:, -1].sum()), n)}
+    heart = OUTPUTS.index(HEART_RIGHT)
+    row[HEART_RIGHT] = {"share": float(decided[:, heart].mean()), "interval": wilson(int(decided[:, heart].sum()), n)}
     return row

@@ -61,8 +61,8 @@ def phantom_masks(config, finding: str) -> tuple[torch.Tensor, torch.Tensor, lis
         mask = np.zeros(pixels.shape, dtype=bool)
         if finding in drawn:
             _, seed, index = row["patient_id"].split("-")  # phantom-{seed}-{index}: the two numbers that render it
-            without, _ = draw_phantom(int(seed), int(index), config.data.resolution, config.data.phantom_finding_prob,
-                                      without=[finding])
+            without = draw_phantom(int(seed), int(index), config.data.resolution, config.data.phantom_finding_prob,
+                                   without=[finding])[0]
             mask = (pixels - without) / 127.5 > CONTRAST_THRESHOLD
         images.append(pixels)
         masks.append(mask)

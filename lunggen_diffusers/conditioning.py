@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 
 from .lunggen_pipeline import DEFAULT_GUIDANCE_SCALE, LabelSpace
-from .vocabulary import CONDITION_COLUMNS, FINDINGS_COLUMN, finding_lists
+from .vocabulary import AGE_BIN_NAMES, CONDITION_COLUMNS, FINDINGS_COLUMN, condition_value, finding_lists
 
 
 def _row_labels(findings: list[str], extras: dict[str, str]) -> list[str]:
@@ -29,9 +29,13 @@ def label_config(dataset: datasets.Dataset, condition_on: list[str],
                          f"{', '.join(CONDITION_COLUMNS[c] for c in missing)} column "
                          f"(it has: {', '.join(dataset.column_names)})")
     table = dataset.select_columns(columns).with_format(None).to_dict()
-    groups = {c: sorted(set(map(str, table[CONDITION_COLUMNS[c]]))) for c in condition_on if c != "findings"}
+    values = {c: [condition_value(c, cell) for cell in table[CONDITION_COLUMNS[c]]] for c in condition_on
+              if c != "findings"}
+    # Age bins keep their natural order (sorted text would put "80+" before "0-17" only by luck).
+    groups = {c: sorted(set(v), key=lambda x: (AGE_BIN_NAMES.index(x) if x in AGE_BIN_NAMES else len(AGE_BIN_NAMES), x))
+              for c, v in values.items()}
     findings = table[FINDINGS_COLUMN]
-    rows = [_row_labels(f, {g: str(table[CONDITION_COLUMNS[g]][i]) for g in groups}) for i, f in enumerate(findings)]
+    rows = [_row_labels(f, {g: values[g][i] for g in groups}) for i, f in enumerate(findings)]
     return {
         "condition_on": list(condition_on),
         "findings": sorted({f for row in finding_lists(findings) for f in row}),
@@ -49,7 +53,7 @@ def condition_vectors(dataset: datasets.Dataset, config: dict) -> np.ndarray:
     index = {name: i for i, name in enumerate(space.names)}
     vectors = np.zeros((len(dataset), space.size), np.float32)
     for i, findings in enumerate(table[FINDINGS_COLUMN]):
-        extras = {g: str(table[CONDITION_COLUMNS[g]][i]) for g in space.groups}
+        extras = {g: condition_value(g, table[CONDITION_COLUMNS[g]][i]) for g in space.groups}
         vectors[i, [index[name] for name in _row_labels(findings, extras)]] = 1.0
     return vectors
 

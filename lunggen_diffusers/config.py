@@ -38,6 +38,9 @@ class DataConfig:
     )
     num_phantom_images: int = field(default=2000, metadata={"help": "Phantom images when no data source is given."})
     phantom_finding_prob: float = field(default=0.1, metadata={"help": "Per-finding probability in the phantom."})
+    phantom_finding_scale: list[str] | None = field(default=None, metadata={
+        "help": "Plant a bias: SUBGROUP:FACTOR multiplies the phantom's finding probability within a subgroup "
+                "(patient_sex=F:0.5 gives women half the prevalence), to check that subgroup reports find it."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     augment: bool = field(
         default=False,
@@ -95,9 +98,10 @@ class DataConfig:
     )
     condition_on: list[str] | None = field(
         default=None,
-        metadata={"help": "Train a label-conditioned model: findings, optionally view_position, patient_sex and "
-                          "source (columns of the data; source with several --train_data_dir). Exports a "
-                          "LungGenPipeline instead of a DDPMPipeline."},
+        metadata={"help": "Train a label-conditioned model: findings, optionally view_position, patient_sex, "
+                          "patient_age (in bins 0-17, 18-39, 40-59, 60-79, 80+) and source (columns of the data; "
+                          "source with several --train_data_dir). Exports a LungGenPipeline instead of a "
+                          "DDPMPipeline."},
     )
 
 
@@ -253,7 +257,7 @@ _PARTS = (DataConfig, ModelConfig, TrainingConfig, HubConfig)
 PRESET_DIR = Path(__file__).with_name("presets")
 WHEN_CONDITIONED = "when_conditioned"
 # --condition_on choices; findings always among them. `source` needs several --train_data_dir folders.
-CONDITIONS = ("findings", "view_position", "patient_sex", "source")
+CONDITIONS = ("findings", "view_position", "patient_sex", "patient_age", "source")
 
 
 def preset_names() -> list[str]:
@@ -378,10 +382,33 @@ def validate(config: Config) -> Config:
     on = config.data.condition_on
     if on is not None and (set(on) - set(CONDITIONS) or "findings" not in on):
         raise ValueError(f"--condition_on {' '.join(on)}: choose findings, optionally with "
-                         f"{' and '.join(CONDITIONS[1:])}")
+                         f"{', '.join(CONDITIONS[1:-1])} and {CONDITIONS[-1]}")
+    phantom_finding_scales(config.data.phantom_finding_scale)
     if config.hub.push_to_hub and not config.hub.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. my-org/lunggen-256)")
     return config
+
+
+def phantom_finding_scales(items: list[str] | None) -> dict[str, float]:
+    """`--phantom_finding_scale patient_sex=F:0.5 age_bin=0-17:2` -> {"patient_sex=F": 0.5, "age_bin=0-17": 2.0}."""
+    scales = {}
+    for item in items or []:
+        name, _, factor = item.rpartition(":")
+        try:
+            scales[name] = float(factor)
+        except ValueError:
+            name = ""
+        group, _, value = name.partition("=")
+        if value not in _subgroups().get(group, ()) or scales.get(name, -1) < 0:
+            raise ValueError(f"--phantom_finding_scale {item!r}: give SUBGROUP:FACTOR (FACTOR >= 0), SUBGROUP one of "
+                             + ", ".join(f"{g}={'|'.join(v)}" for g, v in _subgroups().items()))
+    return scales
+
+
+def _subgroups() -> dict:
+    from .vocabulary import SUBGROUPS  # the vocabulary reads this module's CONDITIONS: imported when called
+
+    return SUBGROUPS
 
 
 def from_dict(values: dict[str, Any]) -> Config:

@@ -4,6 +4,7 @@
     accelerate launch --multi_gpu --num_processes 8 pipeline.py --model my-org/lunggen-256 --num_images 100000 \
         --output_dir synth/ --scheduler ddpm --num_inference_steps 1000 --dtype bf16
     lunggen-generate --model my-org/lunggen-256 --findings "Cardiomegaly,Effusion" --output_dir synth-cm/
+    lunggen-generate --model my-org/lunggen-256 --findings "No Finding" --sex F --age 70 --view PA --output_dir f70/
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ class SamplingArguments:
                 "combinations (stored with the model as counts), for a labeled synthetic data set."})
     guidance_scale: float | None = field(default=None, metadata={
         "help": "Classifier-free guidance (1 = none); default: the model's recommended scale."})
+    sex: str | None = field(default=None, metadata={
+        "help": "Models conditioned on patient_sex: M or F for every image (with --findings, or --labels_from "
+                "drawing the findings of that group)."})
+    age: float | None = field(default=None, metadata={
+        "help": "Models conditioned on patient_age: the age in years (its bin as trained: 0-17, 18-39, 40-59, "
+                "60-79, 80+)."})
+    view: str | None = field(default=None, metadata={"help": "Models conditioned on view_position: PA or AP."})
 
 
 def sample_from_args(args: SamplingArguments) -> list[dict]:
@@ -58,7 +66,9 @@ def sample_from_args(args: SamplingArguments) -> list[dict]:
     if pipe.device.type == "cpu":
         set_cpu_threads(args.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)))
         keep_freed_memory()
-    kwargs = {k: v for k, v in asdict(args).items() if k not in ("model", "revision", "dtype", "device", "cpu_threads")}
+    kwargs = {k: v for k, v in asdict(args).items()
+              if k not in ("model", "revision", "dtype", "device", "cpu_threads", "sex", "age", "view")}
+    kwargs["patient"] = {"sex": args.sex, "age": args.age, "view": args.view}
     if args.findings is not None:
         kwargs["findings"] = [name.strip() for name in args.findings.split(",") if name.strip()]
     return save_images(pipe, model=model_label(args.model), revision=revision, **kwargs)

@@ -116,13 +116,42 @@ class LabelSpace:
         rows = [None] * batch_size if findings is None else list(findings)
         return torch.stack([self.encode(row) for row in rows]), self.encode(None).expand(len(rows), -1)
 
-    def draw(self, rng: random.Random) -> list[str]:
-        """A label combination drawn from the training split's joint distribution (its stored counts)."""
+    def draw(self, rng: random.Random, given: Sequence[str] = ()) -> list[str]:
+        """A label combination drawn from the training split's joint distribution (its stored counts); `given`
+        (say ["patient_sex=F"]) draws from the combinations holding those labels, so findings follow the subgroup."""
         if not self.counts:
             raise ValueError("this model stores no label counts to draw from")
-        combinations = sorted(self.counts)
+        combinations = [c for c in sorted(self.counts) if set(given) <= set(c.split("|"))]
+        if not combinations:
+            raise ValueError(f"no training image carries {', '.join(given)}: nothing to draw from")
         chosen = rng.choices(combinations, weights=[self.counts[c] for c in combinations])[0]
         return chosen.split("|") if chosen else []
+
+    def patient(self, sex: str | None = None, age: float | None = None, view: str | None = None) -> list[str]:
+        """The group labels for a patient: `sex` ("M"/"F"), `age` in years (its bin, as trained), `view`
+        ("PA"/"AP"); each given one must be a group the model was trained on."""
+        labels = []
+        for group, value in (("patient_sex", sex), ("patient_age", age), ("view_position", view)):
+            if value is None:
+                continue
+            if group not in self.groups:
+                raise ValueError(f"{group} {value!r}: this model was not trained with --condition_on {group} "
+                                 f"(it knows: {', '.join(self.names)})")
+            if group == "patient_age":
+                value = next((b for b in self.groups[group] if _in_age_bin(float(value), b)), value)
+            if str(value) not in self.groups[group]:
+                raise ValueError(f"{group} {value!r}: this model knows {', '.join(self.groups[group])}")
+            labels.append(f"{group}={value}")
+        return labels
+
+
+def _in_age_bin(age: float, name: str) -> bool:
+    """Whether `age` falls in an age bin named "lo-hi" (whole years, inclusive) or "lo+"."""
+    low, _, high = name.rstrip("+").partition("-")
+    try:
+        return float(low) <= age and (not high or age < float(high) + 1)
+    except ValueError:
+        return False
 
 
 def postprocess(sample: torch.Tensor, output_type: str = "np"):
@@ -307,9 +336,12 @@ class LungGenPipeline(DiffusionPipeline):
                  guidance_scale: float | None = None, num_inference_steps: int = 1000,
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
                  return_dict: bool = True, callback_on_step_end: Callable | PipelineCallback | None = None,
-                 callback_on_step_end_tensor_inputs: list[str] = ("latents",)):
+                 callback_on_step_end_tensor_inputs: list[str] = ("latents",), sex: str | None = None,
+                 age: float | None = None, view: str | None = None):
         """Generate images; `findings` holds one list of finding names per image ([] = "No Finding"), None samples
         the null (unconditioned) condition for `batch_size` images. `guidance_scale` None takes the model's own.
+        `sex` ("M"/"F"), `age` (years) and `view` ("PA"/"AP") ask every image for that patient, on a model trained
+        with `--condition_on` them (a group not given takes its most frequent training value); they need `findings`.
 
         Returns an `ImagePipelineOutput` (or a one-tuple when `return_dict` is False) of images in [0, 1] as
         `output_type` says: "pil", "np" (N, H, W, C) or "pt" (N, C, H, W); "latent" (latent models) returns the
@@ -326,6 +358,12 @@ class LungGenPipeline(DiffusionPipeline):
             guidance_scale = self.config.label_config.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
         self.check_inputs(findings, batch_size, guidance_scale, num_inference_steps, output_type,
                           callback_on_step_end_tensor_inputs)
+        if (sex, age, view) != (None, None, None):
+            if findings is None:
+                raise ValueError("sex, age and view need findings (one list per image, [] for none): the "
+                                 "unconditioned sample has no patient")
+            patient = self.labels.patient(sex, age, view)
+            findings = [list(f) + patient for f in findings]
         batch_size = len(findings) if findings is not None else batch_size or 1
         self._guidance_scale = guidance_scale
         device = self._execution_device

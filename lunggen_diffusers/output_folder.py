@@ -135,9 +135,10 @@ def write_grid(output_dir: str, rows: list[dict], info) -> str:
     return path
 
 
-def _request(findings: list[str] | bool, labels_from: str | None) -> str:
+def _request(findings: list[str] | bool, labels_from: str | None, patient: dict | None = None) -> str:
     if labels_from is not None:
-        return f"labels_from={labels_from}"
+        given = [f"{k}={v}" for k, v in (patient or {}).items() if v is not None]
+        return "|".join([f"labels_from={labels_from}", *given])
     return UNCONDITIONED if findings is False else "findings=" + ("|".join(findings) or NO_FINDING)
 
 
@@ -164,7 +165,7 @@ def _merge(output_dir: str, rows: dict[int, dict], fields) -> None:
 
 def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS,
                 batch_size=16, start_index=0, bit_depth=8, model="", revision="", progress=True, findings=None,
-                labels_from=None, guidance_scale=None):
+                labels_from=None, guidance_scale=None, patient=None):
     """Write image_<index>.png for each image, manifest.csv and grid.png; returns the manifest rows.
 
     Under `accelerate launch`, every process runs this with the same arguments and takes its own share of the
@@ -177,7 +178,7 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
     check_output(output_dir, num_images, num_inference_steps, batch_size, start_index, scheduler, bit_depth)
     state = process_state()
     wanted = range(start_index, start_index + num_images)
-    labels = request_labels(pipe, wanted, seed, findings, labels_from)
+    labels = request_labels(pipe, wanted, seed, findings, labels_from, patient)
     scale = resolve_guidance(pipe, guidance_scale)
     os.makedirs(output_dir, exist_ok=True)
     dtype = str(pipe.unet.dtype).removeprefix("torch.")
@@ -185,7 +186,8 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
            "revision": revision, "dtype": dtype, "bit_depth": bit_depth}
     fields = MANIFEST_FIELDS
     if is_conditional(pipe):
-        run.update(guidance_scale=scale, request=_request(findings is not None and labels[start_index], labels_from))
+        run.update(guidance_scale=scale, request=_request(findings is not None and labels[start_index], labels_from,
+                                                                   patient))
         fields = MANIFEST_FIELDS + CONDITIONAL_FIELDS
     done = _rows_so_far(output_dir, run)
     todo = [i for i in wanted if not (i in done and os.path.isfile(os.path.join(output_dir, done[i]["file"])))]

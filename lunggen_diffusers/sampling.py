@@ -152,10 +152,14 @@ def is_conditional(pipe) -> bool:
     return isinstance(pipe, LungGenPipeline) and pipe.labels is not None
 
 
-def request_labels(pipe, indices, seed=0, findings=None, labels_from=None) -> dict[int, list[str] | None]:
+def request_labels(pipe, indices, seed=0, findings=None, labels_from=None, patient=None) -> dict[int, list[str] | None]:
     """Each image's labels (None: the null condition). `findings` applies to every image; `labels_from="train"`
     draws image i's labels from the stored label counts with a generator of (seed, i), so they too depend on the
-    index alone."""
+    index alone. `patient` ({"sex": "F", "age": 70, "view": "PA"}, any of them) joins `findings`, or restricts
+    the draws to training combinations of that patient."""
+    patient = {k: v for k, v in (patient or {}).items() if v is not None}
+    if patient and findings is None and labels_from is None:
+        raise ValueError(f"{', '.join(f'--{k} {v}' for k, v in patient.items())} needs --findings or --labels_from")
     if (findings is not None or labels_from is not None) and not is_conditional(pipe):
         raise ValueError("findings were asked of an unconditional model; train one with --condition_on findings to "
                          "request them")
@@ -163,10 +167,11 @@ def request_labels(pipe, indices, seed=0, findings=None, labels_from=None) -> di
         raise ValueError("give --findings or --labels_from, not both")
     if labels_from is not None and labels_from not in LABELS_FROM:
         raise ValueError(f"--labels_from {labels_from!r}: choose {', '.join(LABELS_FROM)}")
+    given = pipe.labels.patient(**patient) if patient else []
     if labels_from is not None:
-        return {i: pipe.labels.draw(random.Random(noise_seed(seed, i))) for i in indices}
+        return {i: pipe.labels.draw(random.Random(noise_seed(seed, i)), given) for i in indices}
     if findings is not None:
-        wanted = pipe.labels.canonical(findings)  # checked once, before any image is made
+        wanted = pipe.labels.canonical(list(findings) + given)  # checked once, before any image is made
         return dict.fromkeys(indices, wanted)
     return dict.fromkeys(indices)
 
@@ -221,10 +226,12 @@ def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inferen
 
 
 def generate(pipe, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS, batch_size=16,
-             start_index=0, output_type="pil", progress=True, findings=None, labels_from=None, guidance_scale=None):
+             start_index=0, output_type="pil", progress=True, findings=None, labels_from=None, guidance_scale=None,
+             patient=None):
     """Images start_index .. start_index + num_images - 1: PIL images, or one float32 array (N, H, W, C).
 
-    Conditional models take `findings` (a list of names for every image) or `labels_from="train"`.
+    Conditional models take `findings` (a list of names for every image) or `labels_from="train"`, and a
+    `patient` as `request_labels` reads it.
     """
     check_counts(num_images=num_images)
     if start_index < 0:
@@ -232,7 +239,7 @@ def generate(pipe, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inferenc
     if output_type not in ("pil", "np"):
         raise ValueError(f"unknown output_type {output_type!r}; choose 'pil' or 'np'")
     indices = range(start_index, start_index + num_images)
-    labels = request_labels(pipe, indices, seed, findings, labels_from)
+    labels = request_labels(pipe, indices, seed, findings, labels_from, patient)
     scale = resolve_guidance(pipe, guidance_scale)
     arrays = [images for _, images in iter_batches(pipe, indices, seed, scheduler, num_inference_steps, batch_size,
                                                    progress, labels, scale)]

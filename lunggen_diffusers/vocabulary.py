@@ -3,7 +3,7 @@
 Four things are called "labels" in this project; each has its own name here:
 - `FINDINGS_COLUMN` ("finding_labels"): a dataset's metadata column, a list of finding names per image (NIH's
   "A|B" text is split on read); "No Finding" alone when there is none.
-- `CONDITION_COLUMNS`: the dataset columns a `--condition_on` choice reads (findings, view position, sex).
+- `CONDITION_COLUMNS`: the dataset columns a `--condition_on` choice reads (findings, view position, sex, age).
 - the condition vector: what the UNet takes, laid out by `LabelSpace` (lunggen_pipeline.py): a multi-hot block of
   the model's findings, a one-hot block per extra condition, then the null ("unconditioned") entry.
 - `MANIFEST_LABELS` ("labels"): the column of a generated folder's manifest.csv holding what each image was asked
@@ -22,7 +22,16 @@ from .config import CONDITIONS
 from .lunggen_pipeline import NO_FINDING, normalize
 
 FINDINGS_COLUMN = "finding_labels"
-CONDITION_COLUMNS = dict(zip(CONDITIONS, (FINDINGS_COLUMN, "view_position", "patient_sex", "source"), strict=True))
+CONDITION_COLUMNS = dict(zip(CONDITIONS, (FINDINGS_COLUMN, "view_position", "patient_sex", "patient_age", "source"),
+                             strict=True))
+# Age enters conditioning and subgroup figures as these bins (lower bounds, years), not as a number: a bin is a
+# one-hot block with its own null entry like sex and view, the bins are the groups subgroup reports read, and
+# NIH's few implausible ages cannot drag an embedding.
+AGE_BINS = (0, 18, 40, 60, 80)
+AGE_BIN_NAMES = tuple(f"{lo}-{hi - 1}" for lo, hi in zip(AGE_BINS, AGE_BINS[1:])) + (f"{AGE_BINS[-1]}+",)
+# Subgroups a report can split by: the name `--subgroups` takes -> its values (a dataset may hold others, which
+# are reported as found).
+SUBGROUPS = {"patient_sex": ("M", "F"), "age_bin": AGE_BIN_NAMES, "view_position": ("PA", "AP")}
 MANIFEST_LABELS = "labels"
 UNCONDITIONED = "unconditioned"
 
@@ -83,3 +92,23 @@ def label_cell(labels: list[str] | None) -> str:
 def parse_label_cell(cell: str) -> list[str] | None:
     """The inverse of `label_cell`: None for an unconditioned image, else its finding names ("No Finding": [])."""
     return None if cell == UNCONDITIONED else finding_lists([cell])[0]
+
+
+def age_bin(age: float | None) -> str:
+    """The `AGE_BIN_NAMES` entry an age in years falls in; "" when the age is unknown."""
+    if age is None or age != age:
+        return ""
+    return AGE_BIN_NAMES[sum(age >= lo for lo in AGE_BINS[1:])]
+
+
+def condition_value(condition: str, cell) -> str:
+    """A dataset cell as the value a `--condition_on` group stores: an age in years becomes its bin."""
+    return age_bin(cell) if condition == "patient_age" else str(cell)
+
+
+def subgroup_value(group: str, row: dict) -> str:
+    """The value of subgroup `group` (a `SUBGROUPS` name) for a metadata row; "" when the row lacks it."""
+    if group == "age_bin":
+        return age_bin(row.get("patient_age")) if "age_bin" not in row else str(row["age_bin"])
+    value = row.get(group)
+    return "" if value is None else str(value)

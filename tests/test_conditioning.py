@@ -38,9 +38,44 @@ def test_label_config_counts_every_combination_and_names_no_one(phantoms):
 
 def test_condition_on_a_column_the_data_lacks_names_the_columns_it_has(phantoms):
     with pytest.raises(ValueError, match=r"view_position.*has: image, patient_id"):
-        label_config(phantoms, ["findings", "view_position"])
-    with pytest.raises(ValueError, match="--condition_on findings age: choose findings, optionally with view_position"):
+        label_config(phantoms.remove_columns(["view_position"]), ["findings", "view_position"])
+    with pytest.raises(ValueError, match="--condition_on findings age: choose findings, optionally with view_position"
+                                         ", patient_sex, patient_age and source"):
         parse_args(["--condition_on", "findings", "age"])
+
+
+def test_age_conditions_through_bins_in_their_natural_order(phantoms):
+    config = label_config(phantoms, ["findings", "patient_sex", "patient_age", "view_position"])
+    ages = phantoms["patient_age"]
+    bins = config["groups"]["patient_age"]
+    assert bins == [b for b in ("0-17", "18-39", "40-59", "60-79", "80+") if b in bins] and len(bins) >= 3
+    assert config["groups"]["patient_sex"] == ["F", "M"] and config["groups"]["view_position"] == ["AP", "PA"]
+    space = LabelSpace(config)
+    vectors = condition_vectors(phantoms, config)
+    for i in range(len(phantoms)):
+        years = ages[i]
+        expected = next(b for b in bins if space.patient(age=years) == [f"patient_age={b}"])
+        assert vectors[i, space.names.index(f"patient_age={expected}")] == 1
+        assert vectors[i, [k for k, n in enumerate(space.names) if n.startswith("patient_age=")]].sum() == 1
+    assert space.patient(sex="F", age=70, view="PA") == ["patient_sex=F", "patient_age=60-79", "view_position=PA"]
+    assert space.patient(age=39.5) == ["patient_age=18-39"] and space.patient(age=40) == ["patient_age=40-59"]
+    with pytest.raises(ValueError, match="patient_sex 'X': this model knows F, M"):
+        space.patient(sex="X")
+    with pytest.raises(ValueError, match="not trained with --condition_on patient_age"):
+        LabelSpace(NIH_LIKE).patient(age=50)
+
+
+def test_draws_given_a_patient_keep_that_patients_findings():
+    counts = {"patient_sex=M": 50, "Cardiomegaly|patient_sex=M": 50, "patient_sex=F": 90,
+              "Cardiomegaly|patient_sex=F": 10}
+    space = LabelSpace({"findings": ["Cardiomegaly"], "groups": {"patient_sex": ["F", "M"]},
+                        "combination_counts": counts})
+    rng = random.Random(1)
+    women = [space.draw(rng, ["patient_sex=F"]) for _ in range(2000)]
+    assert all("patient_sex=F" in w for w in women)
+    assert abs(sum("Cardiomegaly" in w for w in women) / 2000 - 0.1) < 0.03  # the women's own rate, not 0.3
+    with pytest.raises(ValueError, match="no training image carries patient_sex=O"):
+        space.draw(rng, ["patient_sex=O"])
 
 
 def test_no_finding_is_a_condition_and_the_null_condition_is_distinct():

@@ -59,7 +59,7 @@ def test_a_latent_run_trains_and_judges_the_autoencoder_then_exports_one_pipelin
     out, stage = Path(config.training.output_dir), Path(config.training.output_dir) / "autoencoder"
     report = json.loads((stage / "report.json").read_text())
     assert {"psnr_db", "ssim", "ms_ssim", "fd_reconstructions", "fd_floor", "nodule_retention"} <= set(report)
-    assert set(report["agreement"]) == set(pc.OUTPUTS) and report["num_images"] == 256
+    assert set(report["agreement"]) == set(pc.BINARY_OUTPUTS) and report["num_images"] == 256
     assert Image.open(stage / "reconstructions.png").size == (8 * 32, 2 * 32)  # originals over reconstructions
     vae_config = json.loads((out / "vae" / "config.json").read_text())
     # Measured on the training latents, not Stable Diffusion's constant; the exported autoencoder is stage 1's.

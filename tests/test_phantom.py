@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lunggen_diffusers.data.phantom import FINDINGS, main, phantom_dataset, phantom_grid, render_phantom
+from lunggen_diffusers.data.phantom import (
+    FINDINGS,
+    Demographics,
+    draw_phantom,
+    main,
+    phantom_dataset,
+    phantom_grid,
+    render_phantom,
+)
 
 
 def _centres(resolution):
@@ -67,7 +75,8 @@ def test_any_resolution_gives_uint8_square(resolution):
 
 def test_dataset_images_are_mode_l_with_the_right_size():
     ds = phantom_dataset(3, resolution=48)
-    assert ds.column_names == ["image", "patient_id", "finding_labels", *FINDINGS]
+    assert ds.column_names == ["image", "patient_id", "finding_labels", *FINDINGS, "patient_sex", "patient_age",
+                               "view_position"]
     for image in ds["image"]:
         assert isinstance(image, Image.Image) and image.mode == "L" and image.size == (48, 48)
 
@@ -120,6 +129,51 @@ def test_cardiomegaly_widens_the_heart_to_the_image_right():
     assert _heart_minus_lung(big, 0.35, 0.6) > _heart_minus_lung(clean, 0.35, 0.6) + 15
 
 
+def test_patients_follow_nih_marginals():
+    ds = phantom_dataset(2000, resolution=32, seed=8)
+    sex, view, age = (np.asarray(ds[c]) for c in ("patient_sex", "view_position", "patient_age"))
+    # NIH ChestX-ray14: 0.565 male, 0.40 AP, age mean 46.6, 4.8% under 18; 2,000 draws read each to ~+-0.02.
+    assert abs((sex == "M").mean() - 0.565) < 0.035 and abs((view == "AP").mean() - 0.40) < 0.035
+    assert abs(age.mean() - 47) < 2 and abs((age < 18).mean() - 0.048) < 0.015 and age.min() >= 1 and age.max() <= 95
+
+
+def test_the_patient_changes_the_pixels_but_not_the_anatomy_draws():
+    rng = lambda: np.random.default_rng([6, 3])  # noqa: E731
+    reference = render_phantom(64, rng()).astype(int)
+    assert (render_phantom(64, rng(), [], Demographics()) == reference).all()
+    for demographics in (Demographics("F", 45, "PA"), Demographics("M", 80, "PA"), Demographics("M", 6, "PA"),
+                         Demographics("M", 45, "AP")):
+        image = render_phantom(64, rng(), [], demographics)
+        assert (np.abs(image - reference) > 8).mean() > 0.05, demographics
+        # Still the same patient's anatomy (another index of the set correlates at about 0.6).
+        assert np.corrcoef(image.ravel(), reference.ravel())[0, 1] > 0.9, demographics
+    # Who the patient is comes from its own stream: the findings of an index are the same with or without a bias.
+    assert draw_phantom(4, 9, 32, 0.5)[1] == draw_phantom(4, 9, 32, 0.5, finding_prob_scale={"age_bin=80+": 1.0})[1]
+
+
+def test_a_planted_subgroup_bias_halves_its_prevalence_only():
+    ds = phantom_dataset(1500, resolution=32, seed=2, finding_prob=0.3, finding_prob_scale={"patient_sex=F": 0.5})
+    sex, sick = np.asarray(ds["patient_sex"]), np.asarray([ds[f] for f in FINDINGS]).T
+    # 0.3 for men and 0.15 for women, each read on ~650-850 patients x 4 findings to about +-0.02.
+    assert abs(sick[sex == "M"].mean() - 0.3) < 0.03 and abs(sick[sex == "F"].mean() - 0.15) < 0.03
+
+
+def test_an_adult_woman_casts_breast_shadows_over_the_lower_lungs():
+    c = (np.arange(128) + 0.5) / 64 - 1
+    rng = lambda: np.random.default_rng([5, 5])  # noqa: E731
+    man = render_phantom(128, rng(), [], Demographics("M", 40, "PA")).astype(float)
+    woman = render_phantom(128, rng(), [], Demographics("F", 40, "PA")).astype(float)
+    girl = render_phantom(128, rng(), [], Demographics("F", 6, "PA")).astype(float)
+    boy = render_phantom(128, rng(), [], Demographics("M", 6, "PA")).astype(float)
+    lower, upper = (c > 0.15) & (c < 0.4), (c > -0.6) & (c < -0.35)
+    lateral = (np.abs(c) > 0.35) & (np.abs(c) < 0.6)
+    shadow = lambda a, b, rows: (a[rows][:, lateral] - b[rows][:, lateral]).mean()  # noqa: E731
+    # A woman's frame is smaller at every level; only the lower lateral fields gain a shadow, and a girl's do not.
+    adult = shadow(woman, man, lower) - shadow(woman, man, upper)
+    child = shadow(girl, boy, lower) - shadow(girl, boy, upper)
+    assert adult > 8 and adult > child + 8
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
@@ -133,6 +187,9 @@ def test_cardiomegaly_widens_the_heart_to_the_image_right():
         (lambda: phantom_dataset(2, finding_prob=-0.1), r"finding_prob .*\[0, 1\].*-0.1"),
         (lambda: phantom_dataset(2, seed=-1), r"seed .*>= 0.*-1"),
         (lambda: phantom_dataset(2, start_index=-3), r"start_index .*>= 0.*-3"),
+        (lambda: phantom_dataset(2, finding_prob_scale={"patient_sex=X": 0.5}), r"patient_sex=X.*patient_sex=M\|F"),
+        (lambda: Demographics("F", 120, "PA"), r"age in \[0, 100\]"),
+        (lambda: Demographics("female", 40, "PA"), r"sex must be one of"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_value_and_range(call, message):

@@ -54,8 +54,9 @@ def test_predictions_and_features_shapes(classifier):
 
 def test_sees_laterality_and_cardiomegaly(classifier):
     upright = _images(32, [])
-    heart_right = classifier.predict(upright)[:, -1]
-    heart_right_mirrored = classifier.predict(upright[:, :, ::-1].copy())[:, -1]
+    heart = pc.OUTPUTS.index(pc.HEART_RIGHT)
+    heart_right = classifier.predict(upright)[:, heart]
+    heart_right_mirrored = classifier.predict(upright[:, :, ::-1].copy())[:, heart]
     # Chance is 0.5; a classifier that ignored the side would score the mirrors like the originals.
     assert ((heart_right > 0.5).mean() + (heart_right_mirrored < 0.5).mean()) / 2 >= 0.85
     assert classifier.report["laterality_accuracy"] >= 0.85
@@ -141,3 +142,24 @@ def test_the_shipped_classifier_still_reads_todays_phantom(tmp_path, monkeypatch
     assert report["laterality_accuracy"] >= classifier.report["laterality_accuracy"] - 0.06
     for finding in pc.FINDINGS:
         assert report[finding]["accuracy"] >= classifier.report[finding]["accuracy"] - 0.06, finding
+    # Issue #29's readability goals for the patient, on phantoms it never saw (its own held-out report is
+    # 0.99 / 1.00 / 0.8x on 600 images; 0.06 below that is still above each goal).
+    assert report["sex_accuracy"] >= 0.85 and report["view_accuracy"] >= 0.90 and report["age_correlation"] >= 0.5
+
+
+def test_reads_the_patient_from_pixels_alone():
+    """Same anatomy, findings and noise; only the patient differs: the shipped instrument must follow it."""
+    from lunggen_diffusers.data.phantom import Demographics
+
+    classifier = pc.load_classifier(progress=False)
+    female, ap, age = (pc.OUTPUTS.index(name) for name in (pc.FEMALE, pc.VIEW_AP, pc.AGE))
+    rngs = [[77, i] for i in range(24)]
+
+    def read(demographics):
+        return classifier.predict(np.stack([render_phantom(64, np.random.default_rng(r), [], demographics)
+                                            for r in rngs]))
+
+    man, woman = read(Demographics("M", 45, "PA")), read(Demographics("F", 45, "PA"))
+    assert (woman[:, female] > man[:, female]).mean() >= 0.9
+    assert (read(Demographics("M", 45, "AP"))[:, ap] > man[:, ap]).mean() >= 0.9
+    assert (read(Demographics("M", 80, "PA"))[:, age] > read(Demographics("M", 25, "PA"))[:, age]).mean() >= 0.9

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import datasets
 
-from ..config import Config
+from ..config import Config, phantom_finding_scales
 from ..summaries import DataSummary
 from ..utils import IMAGE_EXTENSIONS, atomic_path, is_dicom, list_images, secret_digests, write_json
 from ..vocabulary import FINDINGS_COLUMN
@@ -285,7 +285,8 @@ def load_source(config: Config, root: str | None = None) -> tuple[datasets.Datas
             ds = split_by_patient(ds, d)
         return filter_dataset(ds, d), source
     ds = phantom_dataset(
-        d.num_phantom_images, d.resolution, seed=config.training.seed, finding_prob=d.phantom_finding_prob
+        d.num_phantom_images, d.resolution, seed=config.training.seed, finding_prob=d.phantom_finding_prob,
+        finding_prob_scale=phantom_finding_scales(d.phantom_finding_scale),
     )
     return filter_dataset(ds, d), "the built-in procedural chest phantom"
 

@@ -1,4 +1,4 @@
-"""Procedural frontal (PA) chest radiograph phantom: the built-in training set and the test data.
+"""Procedural frontal chest radiograph phantom: the built-in training set and the test data.
 
 Coordinates are normalised to [-1, 1] with x to the image's right and y downwards. Radiological
 convention: the patient's left is on the image's right, so the heart apex and gastric bubble sit at x > 0
@@ -6,6 +6,13 @@ and the (higher) right hemidiaphragm at x < 0. Each anatomical part adds to a de
 of attenuation); the radiograph is 1 - exp(-k * density), so bone and soft tissue are bright, air is dark.
 Edges are linear ramps about a pixel wide (wider above ~200 px, as real edges are a little soft), which
 antialiases at any resolution without supersampling.
+
+Each phantom is a patient with a sex, an age and a view, drawn at NIH ChestX-ray14's marginals (0.565 male; age
+mean 47, sd 17, 4.8% under 18; 0.40 AP) and visible as in real films: women carry breast shadows over the lower
+lung fields and a narrower frame; age calcifies the costal cartilages, thins the bones, unfolds the aorta, enlarges
+the heart and flattens the domes, and a child has a round chest, horizontal ribs, a large heart and a thymus; an AP
+(portable) film magnifies the heart, projects the scapulae over the lungs and the clavicles higher, is taken at a
+poorer inspiration and usually carries a marker.
 """
 
 from __future__ import annotations
@@ -22,9 +29,31 @@ from tqdm.auto import tqdm
 
 from ..cli import parse_args, run
 from ..utils import image_grid, synthetic_png_info
-from ..vocabulary import NO_FINDING
+from ..vocabulary import NO_FINDING, SUBGROUPS, age_bin
 
 FINDINGS = ("cardiomegaly", "pleural_effusion", "nodule", "consolidation")
+SEXES, VIEWS = ("M", "F"), ("PA", "AP")
+MALE_SHARE, AP_SHARE, CHILD_SHARE = 0.565, 0.40, 0.048   # NIH ChestX-ray14, per image
+
+
+@dataclass(frozen=True)
+class Demographics:
+    """Who the phantom is: the columns a real collection's metadata gives (`patient_sex`, `patient_age`,
+    `view_position`). The default is an adult man on a PA film, the reference every effect is measured from."""
+
+    sex: str = "M"
+    age: float = 45.0
+    view: str = "PA"
+
+    def __post_init__(self):
+        if self.sex not in SEXES or self.view not in VIEWS or not 0 <= self.age <= 100:
+            raise ValueError(f"demographics {self}: sex must be one of {SEXES}, view one of {VIEWS}, age in [0, 100]")
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "Demographics":
+        sex, child, view = (rng.random(3) < (1 - MALE_SHARE, CHILD_SHARE, AP_SHARE)).tolist()
+        age = rng.uniform(1, 18) if child else float(np.clip(rng.normal(49, 15), 18, 95))
+        return cls(SEXES[int(sex)], round(age, 1), VIEWS[int(view)])
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
 
 
@@ -95,12 +124,31 @@ def _sample_parameters(rng: np.random.Generator) -> dict:
         "consolidation_r": u(0.12, 0.2, 2), "consolidation_texture": rng.standard_normal((6, 12)),
         "cardiomegaly_scale": u(1.35, 1.5),
         "noise_seed": rng.integers(0, 2**63),
+        "breast": u(0.7, 1.2, 2), "marker": u() < 0.8, "marker_x": u(-0.9, -0.6),
     }
+
+
+def _with_demographics(p: dict, demo: Demographics) -> dict:
+    """The anatomy parameters moved by who the patient is; effects are zero for the default `Demographics`."""
+    female, ap = demo.sex == "F", demo.view == "AP"
+    child = float(_smoothstep((18 - demo.age) / 14))          # 1 for an infant, 0 from 18 on
+    old = float(np.clip((demo.age - 45) / 40, -0.5, 1))       # 0 at 45, 1 from 85
+    p = dict(p)
+    p["body_w"] *= (0.93 if female else 1.0) * (1 - 0.06 * child)
+    p["body_fat"] *= 0.9 if female else 1.0
+    p["lung_a"] *= 0.95 if female else 1.0
+    # Older lungs are larger (the domes flatten); an AP film is taken at a poorer inspiration (higher domes).
+    p["dome_right"] += 0.05 * old - 0.06 * ap
+    p["heart_size"] = (1 + 0.13 * ap) * (1 + 0.08 * max(old, 0)) * (1 + 0.22 * child)
+    p["child"], p["old"], p["ap"] = child, old, ap
+    p["breast_size"] = p["breast"] * _smoothstep((demo.age - 11) / 7) if female else np.zeros(2)
+    return p
 
 
 def _density(x, y, p, findings, edge):
     """Line-integral density of one phantom on the grid (x, y), already rotated/shifted into body coordinates."""
     ax = np.abs(x)
+    child, old, ap = p["child"], p["old"], p["ap"]
     # Body: torso with the trapezius sloping up into the neck; soft tissue is thickest in the middle.
     w = p["body_w"] - 0.05 * np.clip(y, 0, 1)
     top = -1.15 + 0.36 * _smoothstep((ax - 0.24) / 0.38)
@@ -125,16 +173,21 @@ def _density(x, y, p, findings, edge):
     # Heart: the left ventricle is a tilted ellipse whose apex points down and out to the image right
     # (patient's left); the right atrium makes the smaller convex border to the image left.
     h = p["heart"]
-    scale = p["cardiomegaly_scale"] if "cardiomegaly" in findings else 1.0
+    scale = (p["cardiomegaly_scale"] if "cardiomegaly" in findings else 1.0) * p["heart_size"]
     hy = p["dome_right"] - 0.14 + 0.03 * h[3]
     lv_a, lv_b = (0.3 + 0.02 * h[0]) * scale, (0.21 + 0.015 * h[1]) * (1 + (scale - 1) * 0.5)
     lv_x = 0.17 + 0.02 * h[2] + 0.6 * (lv_a - 0.3)
     heart = np.maximum(_ellipse(x, y, lv_x, hy + 0.08 + 0.5 * (lv_b - 0.21), lv_a, lv_b, edge, angle=0.6),
                        _ellipse(x, y, -0.07 - 0.3 * (lv_a - 0.3), hy, 0.14 * scale, 0.17, edge))
     # Superior mediastinum (great vessels) widening into the heart, with the aortic knob to the image right.
+    # Age unfolds the aorta (a larger knob further out); a child's thymus widens the upper mediastinum.
     right_border = 0.1 + 0.1 * _smoothstep((y + 0.2) / 0.35)
     mediastinum = _ramp(np.minimum(x + 0.09, right_border - x), edge)
-    mediastinum = np.maximum(np.maximum(mediastinum, _ellipse(x, y, 0.07, -0.3, 0.11, 0.08, edge * 2)), heart)
+    aorta = 1 + 0.5 * max(old, 0)
+    knob = _ellipse(x, y, 0.07 + 0.04 * max(old, 0), -0.3, 0.11 * aorta, 0.08 * aorta, edge * 2)
+    mediastinum = np.maximum(np.maximum(mediastinum, knob), heart)
+    if child:
+        mediastinum = np.maximum(mediastinum, child * _ellipse(x, y, 0.0, -0.32, 0.22, 0.16, edge * 2))
     trachea = _band(x + 0.01, 0.04, edge) * _ramp(-0.2 - y, edge)
 
     # Air replaces tissue: the lung is thickest at its base and centre.
@@ -162,30 +215,45 @@ def _density(x, y, p, findings, edge):
     density = (density - 0.85 * air + 0.1 * mediastinum * (1 - abdomen) - 0.45 * trachea
                + 0.3 * vessels + 0.2 * hila + 0.1 * abdomen)
 
-    # Spine: vertebral bodies down the midline, seen in the neck and through the mediastinum.
+    # Breast shadows over the lower lung fields, densest at the inferior fold.
+    for side, size in zip((-1, 1), p["breast_size"]):
+        if size:
+            cx, cy = side * 0.47, p["dome_right"] - 0.05
+            shadow = _ellipse(x, y, cx, cy, 0.3 * size, 0.22 * size, edge * 6) * _smoothstep((y - cy + 0.2) / 0.3)
+            density = density + 0.22 * size * shadow * body
+
+    # Spine: vertebral bodies down the midline, seen in the neck and through the mediastinum. Bones thin with age
+    # and are less mineralised in children.
+    bone = 1.15 - 0.3 * max(old, 0) - 0.25 * child
     spacing = p["rib_spacing"]
     endplates = 0.8 + 0.2 * np.cos(2 * np.pi * (y - p["rib_phase"]) / spacing)
-    density = density + 0.2 * _band(x, 0.065, edge) * endplates * body
+    density = density + 0.2 * bone * _band(x, 0.065, edge) * endplates * body
 
     # Ribs: one warped coordinate t counts the ribs, so all twenty-odd arcs cost a few array ops.
     # Posterior ribs arch up and then sag at the chest wall; anterior ribs run down towards the sternum.
     s = np.clip((ax - 0.06) / 0.75, 0, 1.3)
     cage = _ramp(0.8 * (1 - ((ax / 0.82) ** 2.5 + np.abs((y + 0.02) / 0.82) ** 2.5) ** 0.4), edge)
     cage = cage * _ramp(ax - 0.07, edge) * body
-    t_post = (y - p["lung_top"] - p["rib_phase"] + 0.04 * np.sin(np.pi * s) - 0.3 * s**3) / spacing
-    t_ant = (y - p["lung_top"] - 0.12 + 0.35 * s) / (spacing * 1.1)
+    # A child's ribs run nearly horizontal.
+    t_post = (y - p["lung_top"] - p["rib_phase"] + 0.04 * np.sin(np.pi * s) - 0.3 * (1 - 0.7 * child) * s**3) / spacing
+    t_ant = (y - p["lung_top"] - 0.12 + 0.35 * (1 - 0.6 * child) * s) / (spacing * 1.1)
     post = _band(t_post - np.round(t_post), 0.17, edge / spacing) * (t_post > -0.5) * (t_post < 9.5)
     ant = _band(t_ant - np.round(t_ant), 0.25, edge / spacing) * (t_ant > 0.5) * (t_ant < 6.5)
-    density = density + cage * (0.1 * post + 0.06 * ant * _smoothstep((s - 0.25) / 0.2))
+    cartilage = 1 - _smoothstep((s - 0.25) / 0.2)
+    density = density + cage * bone * (0.1 * post + 0.06 * ant * (1 - cartilage))
+    # Costal cartilages calcify with age: the medial ends of the anterior ribs turn bright.
+    density = density + 0.2 * max(old, 0) ** 1.5 * cage * ant * cartilage * (s > 0.02)
 
-    # Clavicles: gently S-shaped struts from the sternum up and out to the shoulders.
     sc = (ax - 0.08) / 0.62
-    clav_y = p["lung_top"] + 0.17 - 0.2 * sc + 0.025 * np.sin(2 * np.pi * sc)
+    # Clavicles: gently S-shaped struts from the sternum up and out to the shoulders, projected higher on AP.
+    clav_y = p["lung_top"] + 0.17 - 0.2 * sc + 0.025 * np.sin(2 * np.pi * sc) - 0.1 * ap
     clavicles = _band(y - clav_y, 0.035, edge) * _ramp(0.5 - np.abs(sc - 0.5), edge / 0.6)
-    density = density + 0.35 * clavicles * body
-    # Humeral heads and scapulae at the shoulders.
-    density = density + 0.2 * _ellipse(ax, y, w, -0.66, 0.1, 0.13, edge * 3) * body
-    density = density + 0.05 * _ellipse(ax, y, 0.72, -0.4, 0.12, 0.26, edge * 4, angle=0.3) * body
+    density = density + 0.35 * bone * clavicles * body
+    # Humeral heads and scapulae at the shoulders: a PA film rotates the scapulae clear of the lungs, an AP film
+    # leaves them over the upper lateral lung fields.
+    density = density + 0.2 * bone * _ellipse(ax, y, w, -0.66, 0.1, 0.13, edge * 3) * body
+    scapula = _ellipse(ax, y, 0.56 if ap else 0.72, -0.4, 0.14, 0.28, edge * 4, angle=0.3)
+    density = density + (0.14 if ap else 0.05) * bone * scapula * body
     # Gastric bubble under the left (image right) hemidiaphragm.
     density = density - 0.2 * _ellipse(x, y, 0.36, p["dome_right"] + p["dome_drop"] + 0.15, 0.09, 0.05, edge * 2)
 
@@ -204,11 +272,12 @@ def _density(x, y, p, findings, edge):
     return density
 
 
-def render_phantom(resolution: int, rng: np.random.Generator, findings: Sequence[str] = ()) -> np.ndarray:
+def render_phantom(resolution: int, rng: np.random.Generator, findings: Sequence[str] = (),
+                   demographics: Demographics = Demographics()) -> np.ndarray:
     """One phantom radiograph as uint8 (resolution, resolution); all randomness comes from `rng`."""
     _check_resolution(resolution)
     _check_findings(findings)
-    p = _sample_parameters(rng)
+    p = _with_demographics(_sample_parameters(rng), demographics)
     coords = (np.arange(resolution) + 0.5) * (2.0 / resolution) - 1.0
     gx, gy = coords[None, :], coords[:, None]
     c, s = np.cos(p["angle"]), np.sin(p["angle"])
@@ -216,7 +285,10 @@ def render_phantom(resolution: int, rng: np.random.Generator, findings: Sequence
     y = (-s * (gx - p["shift"][0]) + c * (gy - p["shift"][1])) / p["zoom"]
     # Real edges are a little soft; below ~200 px the pixel itself sets the blur.
     edge = max(2.4 / resolution, 0.012)
-    density = np.clip(_density(x, y, p, set(findings), edge), 0, None)
+    density = _density(x, y, p, set(findings), edge)
+    if p["ap"] and p["marker"]:  # a portable film's "AP" marker, fixed to the detector, not the patient
+        density = density + 1.5 * _ramp(0.04 - np.abs(gy + 0.86), edge) * _ramp(0.08 - np.abs(gx - p["marker_x"]), edge)
+    density = np.clip(density, 0, None)
     image = (1 - np.exp(-p["exposure"] * density)) / (1 - np.exp(-p["exposure"] * 1.8))
     image = np.clip(image, 0, 1) ** p["gamma"] * (1 + p["gradient"][0] * gx + p["gradient"][1] * gy)
     noise = np.random.default_rng(p["noise_seed"]).standard_normal((resolution, resolution))
@@ -232,28 +304,54 @@ def _check_dataset_args(num_images, seed, finding_prob, start_index) -> None:
         raise ValueError(f"finding_prob must be in [0, 1], got {finding_prob!r}")
 
 
-def draw_phantom(seed: int, index: int, resolution: int, finding_prob: float,
-                 without: Sequence[str] = ()) -> tuple[np.ndarray, list[str]]:
-    """Image `index` of the set `seed`, from those two numbers alone so any subset can be regenerated, and its
-    findings. `without` renders the same image with those of its findings left out (the findings returned are
-    still the ones it was drawn with): the difference is the finding's own pixels."""
+def _check_scales(scales: dict[str, float]) -> None:
+    for key, factor in scales.items():
+        group, _, value = key.partition("=")
+        if group not in SUBGROUPS or value not in SUBGROUPS[group] or not 0 <= factor:
+            raise ValueError(f"finding_prob_scale {key}:{factor}: a subgroup is one of "
+                             f"{', '.join(f'{g}=' + '|'.join(v) for g, v in SUBGROUPS.items())}, its factor >= 0")
+
+
+def subgroups_of(demographics: Demographics) -> list[str]:
+    """The subgroup names a phantom patient belongs to, as `--subgroups` reads them from its columns."""
+    return [f"patient_sex={demographics.sex}", f"age_bin={age_bin(demographics.age)}",
+            f"view_position={demographics.view}"]
+
+
+def draw_phantom(seed: int, index: int, resolution: int, finding_prob: float, without: Sequence[str] = (),
+                 finding_prob_scale: dict[str, float] | None = None) -> tuple[np.ndarray, list[str], Demographics]:
+    """Image `index` of the set `seed`, from those two numbers alone so any subset can be regenerated, its
+    findings and its patient. `without` renders the same image with those of its findings left out (the findings
+    returned are still the ones it was drawn with): the difference is the finding's own pixels.
+    `finding_prob_scale` ({"patient_sex=F": 0.5}) multiplies the finding probability within a subgroup: a planted
+    bias for checking that subgroup reports find one."""
+    # The patient comes from its own stream, so the anatomy, findings and noise draws are those of the same index
+    # whoever the patient is.
+    demographics = Demographics.draw(np.random.default_rng([seed, index, 1]))
+    scale = np.prod([(finding_prob_scale or {}).get(key, 1.0) for key in subgroups_of(demographics)])
     rng = np.random.default_rng([seed, index])
-    findings = [f for f, draw in zip(FINDINGS, rng.random(len(FINDINGS))) if draw < finding_prob]
-    return render_phantom(resolution, rng, [f for f in findings if f not in without]), findings
+    findings = [f for f, draw in zip(FINDINGS, rng.random(len(FINDINGS))) if draw < finding_prob * scale]
+    shown = [f for f in findings if f not in without]
+    return render_phantom(resolution, rng, shown, demographics), findings, demographics
 
 
 def phantom_dataset(num_images: int, resolution: int = 64, seed: int = 0, finding_prob: float = 0.0,
-                    start_index: int = 0) -> datasets.Dataset:
-    """`num_images` phantoms as a Dataset: image (PNG, mode L), patient_id, finding_labels and one bool per finding.
+                    start_index: int = 0, finding_prob_scale: dict[str, float] | None = None) -> datasets.Dataset:
+    """`num_images` phantoms as a Dataset: image (PNG, mode L), patient_id, finding_labels, one bool per finding,
+    and the patient's patient_sex ("M"/"F"), patient_age (years) and view_position ("PA"/"AP").
 
     Every image is its own patient, so patient-wise splits work unchanged. `finding_prob` is the independent
-    probability of each finding; image i is image `start_index + i` of the set `seed`.
+    probability of each finding (times `finding_prob_scale` in a subgroup, see `draw_phantom`); image i is image
+    `start_index + i` of the set `seed`.
     """
     _check_resolution(resolution)
     _check_dataset_args(num_images, seed, finding_prob, start_index)
-    rows = {"image": [], "patient_id": [], "finding_labels": [], **{f: [] for f in FINDINGS}}
+    _check_scales(finding_prob_scale or {})
+    rows = {"image": [], "patient_id": [], "finding_labels": [], **{f: [] for f in FINDINGS},
+            "patient_sex": [], "patient_age": [], "view_position": []}
     for index in tqdm(range(start_index, start_index + num_images), desc="phantom", disable=num_images < 1000):
-        pixels, findings = draw_phantom(seed, index, resolution, finding_prob)
+        pixels, findings, demographics = draw_phantom(seed, index, resolution, finding_prob,
+                                                      finding_prob_scale=finding_prob_scale)
         buffer = io.BytesIO()
         Image.fromarray(pixels, "L").save(buffer, format="PNG", compress_level=1)
         rows["image"].append({"bytes": buffer.getvalue(), "path": None})
@@ -261,9 +359,14 @@ def phantom_dataset(num_images: int, resolution: int = 64, seed: int = 0, findin
         rows["finding_labels"].append(findings or [NO_FINDING])
         for f in FINDINGS:
             rows[f].append(f in findings)
+        rows["patient_sex"].append(demographics.sex)
+        rows["patient_age"].append(demographics.age)
+        rows["view_position"].append(demographics.view)
     features = datasets.Features({
         "image": datasets.Image(), "patient_id": datasets.Value("string"),
         "finding_labels": datasets.List(datasets.Value("string")), **{f: datasets.Value("bool") for f in FINDINGS},
+        "patient_sex": datasets.Value("string"), "patient_age": datasets.Value("float32"),
+        "view_position": datasets.Value("string"),
     })
     return datasets.Dataset.from_dict(rows, features=features)
 

@@ -27,7 +27,7 @@ from ..lunggen_pipeline import decode_latents
 from ..utils import image_grid, markdown_table, write_json
 from .features import Extractor, get_extractor
 from .metrics import frechet_distance, ms_ssim
-from .phantom_classifier import OUTPUTS, PhantomClassifier, load_classifier
+from .phantom_classifier import BINARY_OUTPUTS, PhantomClassifier, load_classifier
 
 # Phantoms no generator or instrument trains on (the demo trains on seed 0, the sampler benchmark holds out 12345,
 # the classifier trains on 7,340,033).
@@ -79,7 +79,7 @@ def nodule_retention(vae, resolution: int, num_images: int = 32) -> float:
     with_nodule, without = [], []
     index = 0
     while len(with_nodule) < num_images:
-        image, findings = draw_phantom(HELD_OUT_SEED + 1, index, resolution, 0.5)
+        image, findings, _ = draw_phantom(HELD_OUT_SEED + 1, index, resolution, 0.5)
         if "nodule" in findings:
             with_nodule.append(image)
             without.append(draw_phantom(HELD_OUT_SEED + 1, index, resolution, 0.5, without=("nodule",))[0])
@@ -132,9 +132,9 @@ def judge(vae, config: Config, num_images: int = 256, extractor: Extractor | Non
     }
     if classifier is not None:
         before, after = classifier.predict(images) >= 0.5, classifier.predict(recon) >= 0.5
-        agreement = {name: float((before[:, i] == after[:, i]).mean()) for i, name in enumerate(OUTPUTS)}
+        agreement = {name: float((before[:, i] == after[:, i]).mean()) for i, name in enumerate(BINARY_OUTPUTS)}
         report["agreement"] = agreement
-        report["positives"] = {name: int(before[:, i].sum()) for i, name in enumerate(OUTPUTS)}
+        report["positives"] = {name: int(before[:, i].sum()) for i, name in enumerate(BINARY_OUTPUTS)}
         report["nodule_retention"] = nodule_retention(vae, int(images.shape[-1]))
         report["goal_agreement"] = GOAL_AGREEMENT
         report["meets_goal"] = all(v >= GOAL_AGREEMENT for v in agreement.values())
@@ -155,7 +155,8 @@ def markdown(report: dict) -> str:
         f"\n\nFeatures: {report['features']}.\n"
     if "agreement" in report:
         rows = [(name, report["positives"][name], f"{report['agreement'][name]:.3f}",
-                 "yes" if report["agreement"][name] >= report["goal_agreement"] else "**no**") for name in OUTPUTS]
+                 "yes" if report["agreement"][name] >= report["goal_agreement"] else "**no**")
+                for name in BINARY_OUTPUTS]
         text += ("\n## Findings kept (phantom classifier, original vs reconstruction)\n\n"
                  + markdown_table(("output", "positive originals", "agreement", f">= {report['goal_agreement']}"),
                                   rows)

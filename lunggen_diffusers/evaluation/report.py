@@ -51,9 +51,10 @@ def _model_card_section(recipe: dict, counts: dict, metrics: dict, memorization:
     local_model = Path(recipe["feature_model"]).exists()
     extractor = {"raddino": f"RAD-DINO CLS ({'local encoder' if local_model else recipe['feature_model']})",
                  "inception": "Inception-v3 pool3 (torch-fidelity, TF-compatible)",
-                 "pixels": "downsampled pixels"}[recipe["features"]]
+                 "pixels": "downsampled pixels",
+                 "phantom": "the phantom classifier's penultimate layer (phantom data only)"}[recipe["features"]]
     # FD and KID values are only comparable under one extractor, so their card names carry it ("fid" = Inception).
-    suffix = {"raddino": "_rad_dino", "inception": "", "pixels": "_pixels"}[recipe["features"]]
+    suffix = {"raddino": "_rad_dino", "inception": "", "pixels": "_pixels", "phantom": "_phantom"}[recipe["features"]]
     names = {"fd": "fid" if recipe["features"] == "inception" else f"fd{suffix}", "kid": f"kid{suffix}"}
     pick = lambda d: {names.get(k, k): d[k] for k in METRIC_NAMES if k != "kid_std"}  # noqa: E731
     section = {
@@ -70,7 +71,52 @@ def _model_card_section(recipe: dict, counts: dict, metrics: dict, memorization:
         keys = ("flagged_fraction", "null_flagged_fraction", "null_percentile", "num_flagged", "num_train",
                 "num_null", "matched_by")
         section["memorization"] = {k: memorization[k] for k in keys}
+    if "subgroups" in metrics:
+        section["subgroups"] = subgroup_rows(metrics["subgroups"])
     return section
+
+
+def _interval_text(value: float, interval) -> str:
+    return f"{value:.4g} [{interval[0]:.4g}, {interval[1]:.4g}]"
+
+
+def subgroup_rows(report: dict) -> list[dict]:
+    """One flat row per subgroup, aggregate numbers only (what the card and report.md show)."""
+    rows = []
+    for group, values in report["groups"].items():
+        for value, e in values.items():
+            row = {"subgroup": f"{group}={value}", "real images (patients)": f"{e['num_real']} "
+                   f"({e['num_real_patients']})", "generated": e["num_fake"], "FD": _interval_text(e["fd"],
+                                                                                                  e["fd_interval"]),
+                   "FD, everyone at this size": f"{e['fd_everyone_same_size']:.4g}",
+                   "FD gap": _interval_text(e["fd_gap"], e["fd_gap_interval"]),
+                   "precision / recall": f"{e['precision']:.3f} / {e['recall']:.3f}",
+                   "density / coverage": f"{e['density']:.3f} / {e['coverage']:.3f}"}
+            for finding, r in e.get("findings", {}).items():
+                row[f"{finding}: real / generated, gap"] = (f"{r['real']:.3f} / {r['fake']:.3f}, "
+                                                            + _interval_text(r["gap"], r["gap_interval"]))
+            row["flagged"] = ", ".join(f.split(": ", 1)[1] for f in report["flagged"]
+                                       if f.startswith(f"{group}={value}: ")) or "no"
+            rows.append(row)
+    return rows
+
+
+def _subgroup_markdown(report: dict) -> list[str]:
+    rows = subgroup_rows(report)
+    if not rows:
+        return ["## Subgroups", "", "No subgroup holds enough images on both sides to report.", ""]
+    lines = ["## Subgroups", "",
+             f"Intervals: {report['level']:.2%} (95% Bonferroni-adjusted over every interval that can flag), "
+             f"{report['num_resamples']} resamples of real patients and generated images. FD gap: the subgroup's "
+             "FD minus everyone's at the subgroup's size; finding gap: the subgroup's (generated - real) rate minus "
+             f"everyone's. Findings read by {report.get('findings_read_by', 'labels')}. Flagged: an interval that "
+             "excludes 0.", ""]
+    lines += [markdown_table(list(rows[0]), [list(row.values()) for row in rows]), ""]
+    if report.get("demographic_agreement"):
+        lines += ["### Generated images show the patient asked for (phantom classifier)", "",
+                  markdown_table(["measure", "value"], list(report["demographic_agreement"].items())), ""]
+    lines += [f"Flagged: {'; '.join(report['flagged']) or 'none'}.", ""]
+    return lines
 
 
 def _memorization_summary(result: Audit, recipe: dict, counts: dict, patients: list[dict]) -> dict:
@@ -126,6 +172,8 @@ def _markdown(report: dict) -> str:
                   f"distinct training {mem['matched_by']}(s). ![closest pairs](nearest_pairs.png)", "",
                   "`nearest_pairs.png` (generated | training) and `memorized_patients.csv` show training data and "
                   "patient IDs: keep them local, never publish them.", ""]
+    if "subgroups" in m:
+        lines += _subgroup_markdown(m["subgroups"])
     if report["notes"]:
         lines += ["## Notes", ""] + [f"- {note}" for note in report["notes"]] + [""]
     return "\n".join(lines)

@@ -10,6 +10,8 @@ from typing import Literal
 import numpy as np
 
 from .. import __version__
+from ..utils import split_spec
+from ..vocabulary import SUBGROUPS, finding_lists
 from ..runtime import process_device, process_state
 from .features import DEFAULT_FEATURE_MODEL, extract, get_extractor
 from .images import ImageSource, load_source
@@ -17,6 +19,8 @@ from .memorization import audit, matched_patients
 from .metrics import (frechet_distance, kernel_inception_distance, mean_pairwise_ms_ssim, ms_ssim_scales, prdc,
                       random_pairs)
 from .report import nearest_pairs_image, write_report
+from .subgroups import (ANY_FINDING, dataset_metadata, demographic_agreement, finding_matrix, manifest_metadata,
+                        parse_subgroups, subgroup_report, subgroup_values)
 
 
 @dataclass
@@ -50,11 +54,16 @@ class EvaluationArguments:
         "help": "Feature cache (default ~/.cache/lunggen_diffusers/features)."})
     device: str | None = field(default=None, metadata={"help": "torch device; default: CUDA, then MPS, then the CPU."})
     seed: int = field(default=0, metadata={"help": "Seed of every random choice (halves, pairs, KID subsets)."})
+    subgroups: str | None = field(default=None, metadata={
+        "help": "Also report every figure per subgroup: comma-separated, of patient_sex, age_bin, view_position "
+                "(--real a saved dataset with those columns; generated subgroups from manifest.csv's labels)."})
+    subgroup_bootstrap: int = field(default=200, metadata={
+        "help": "Patient resamples for the subgroup intervals (Bonferroni-adjusted over subgroups)."})
 
 
 def _check(args: EvaluationArguments) -> None:
     positive = ("image_size", "batch_size", "k", "audit_size", "chunk_size", "diversity_pairs", "kid_subsets",
-                "kid_subset_size")
+                "kid_subset_size", "subgroup_bootstrap")
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -65,6 +74,7 @@ def _check(args: EvaluationArguments) -> None:
     if args.audit_size <= 2 * args.max_shift:
         raise ValueError(f"--audit_size {args.audit_size} must exceed 2 * --max_shift ({2 * args.max_shift})")
     ms_ssim_scales(args.image_size, args.image_size)
+    parse_subgroups(args.subgroups)
 
 
 def split_halves(n: int, patient_ids: list[str] | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +115,53 @@ def _check_disjoint(real: ImageSource, train: ImageSource) -> None:
         if shared:
             raise ValueError(f"--real and --train share {len(shared)} patient(s); the audit's null needs held-out "
                              "patients (use a patient-wise split)")
+
+
+def _metadata(source: ImageSource, side: str) -> dict[str, list]:
+    if source._dataset is not None:
+        return dataset_metadata(source)
+    if side == "real":
+        raise ValueError(f"--subgroups needs --real as a saved dataset with patient_sex / patient_age / view_position "
+                         f"columns; {source.spec} is an image folder")
+    return manifest_metadata(source, str(split_spec(source.spec)[0]))
+
+
+def subgroup_figures(args: EvaluationArguments, real: ImageSource, fake: ImageSource, real_f: np.ndarray,
+                     fake_f: np.ndarray) -> dict:
+    """The subgroup report: figures per subgroup, finding rates (read by the phantom classifier on both sides
+    with --features phantom, else the real labels against what the generated images were asked for), and, on
+    phantom features, whether generated images show the patient they were asked for."""
+    groups = parse_subgroups(args.subgroups)
+    meta = {"real": _metadata(real, "real"), "fake": _metadata(fake, "fake")}
+    values = {side: {g: subgroup_values(m, g) for g in groups} for side, m in meta.items()}
+    missing = [g for g in groups if not any(values["real"][g])]
+    if missing:
+        raise ValueError(f"--subgroups {','.join(missing)}: --real {real.spec} has no such column (patient_sex, "
+                         "patient_age or age_bin, view_position)")
+    extra = {}
+    if args.features == "phantom":
+        from .phantom_classifier import FINDINGS, load_classifier
+
+        classifier = load_classifier(device="cpu")
+        read = {side: classifier.predict(np.concatenate(list(source.batches(args.image_size, args.batch_size))))
+                for side, source in (("real", real), ("fake", fake))}
+        findings = list(FINDINGS)
+        matrices = {side: (r[:, :len(FINDINGS)] >= 0.5).astype(np.float64) for side, r in read.items()}
+        extra["findings_read_by"] = "the phantom classifier, on both sides"
+        asked = {g: subgroup_values(meta["fake"], g) for g in SUBGROUPS}  # every group, whichever are reported
+        extra["demographic_agreement"] = demographic_agreement(read["fake"], asked)
+    else:
+        findings = sorted({f for row in meta["real"].get("finding_labels", []) for f in finding_lists([row])[0]})
+        matrices = {side: finding_matrix(m, findings) if "finding_labels" in m else None for side, m in meta.items()}
+        extra["findings_read_by"] = "labels: the real set's, and what each generated image was asked for"
+    if all(m is not None for m in matrices.values()) and findings:
+        # "Any finding" is the label underdiagnosis turns on (Seyyed-Kalantari et al. 2021), and pools the
+        # findings' evidence: a subgroup given half of every finding shows most clearly there.
+        findings = [*findings, ANY_FINDING]
+        matrices = {side: np.concatenate([m, m.max(1, keepdims=True)], 1) for side, m in matrices.items()}
+    report = subgroup_report(real_f, fake_f, values["real"], values["fake"], real.patient_ids, matrices["real"],
+                             matrices["fake"], findings, args.k, args.subgroup_bootstrap, args.seed)
+    return {**report, **extra}
 
 
 def run_evaluation(args: EvaluationArguments) -> dict | None:
@@ -163,6 +220,8 @@ def run_evaluation(args: EvaluationArguments) -> dict | None:
             notes.append(f"the null has {len(real)} images, fewer than the {100 / (100 - args.null_percentile):.0f} "
                          f"a {args.null_percentile}th percentile needs: the threshold is close to the null's maximum.")
         pairs = nearest_pairs_image(fake, train, result, args.top_k, args.image_size)
+    if args.subgroups:
+        metrics["subgroups"] = subgroup_figures(args, real, fake, real_f, fake_f)
     recipe = {**asdict(args), "device": device, "extractor": extractor.description, "extractor_id": extractor.identity,
               "grayscale": "every image converted to L and centre-cropped/resized (antialiased) to image_size",
               "real_split": "patient-disjoint halves" if real.patient_ids else "random image halves",
