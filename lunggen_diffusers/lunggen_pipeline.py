@@ -59,7 +59,10 @@ class LabelSpace:
 
     def __init__(self, label_config: dict):
         self.findings = list(label_config["findings"])
-        self.groups = {name: list(values) for name, values in label_config.get("groups", {}).items()}
+        # Groups in name order, whatever order the dict holds them in: a saved config comes back with sorted keys
+        # (diffusers writes config.json with sort_keys), so any other order would lay out the vector one way in
+        # training and another after loading.
+        self.groups = {name: list(values) for name, values in sorted(label_config.get("groups", {}).items())}
         self.counts = dict(label_config.get("combination_counts", {}))
         self.names = self.findings + [f"{g}={v}" for g, values in self.groups.items() for v in values]
         self.null_index = len(self.names)
@@ -125,7 +128,7 @@ class LabelSpace:
         if not combinations:
             raise ValueError(f"no training image carries {', '.join(given)}: nothing to draw from")
         chosen = rng.choices(combinations, weights=[self.counts[c] for c in combinations])[0]
-        return chosen.split("|") if chosen else []
+        return self.canonical(chosen.split("|") if chosen else [])  # in vector order, as a request by name
 
     def patient(self, sex: str | None = None, age: float | None = None, view: str | None = None) -> list[str]:
         """The group labels for a patient: `sex` ("M"/"F"), `age` in years (its bin, as trained), `view`
@@ -138,7 +141,11 @@ class LabelSpace:
                 raise ValueError(f"{group} {value!r}: this model was not trained with --condition_on {group} "
                                  f"(it knows: {', '.join(self.names)})")
             if group == "patient_age":
-                value = next((b for b in self.groups[group] if _in_age_bin(float(value), b)), value)
+                found = next((b for b in self.groups[group] if _in_age_bin(float(value), b)), None)
+                if found is None:
+                    raise ValueError(f"age {value} falls in no age bin this model was trained on (it knows: "
+                                     f"{', '.join(self.groups[group])})")
+                value = found
             if str(value) not in self.groups[group]:
                 raise ValueError(f"{group} {value!r}: this model knows {', '.join(self.groups[group])}")
             labels.append(f"{group}={value}")

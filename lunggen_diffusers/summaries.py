@@ -7,7 +7,7 @@ them carries a patient ID or a local path.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -18,6 +18,8 @@ class DataSummary:
     num_images: int
     fingerprint: str  # changes whenever the prepared training images do
     image_list_sha256: str | None  # digest of the sorted image (or patient) IDs: comparable, not reversible to IDs
+    # Images per subgroup value ({"patient_sex": {"F": 870, "M": 1130}}; "unknown" where a row lacks it): counts only.
+    demographics: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __post_init__(self):
         if os.path.isabs(self.source) or Path(self.source).exists():

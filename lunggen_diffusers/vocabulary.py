@@ -32,6 +32,7 @@ AGE_BIN_NAMES = tuple(f"{lo}-{hi - 1}" for lo, hi in zip(AGE_BINS, AGE_BINS[1:])
 # Subgroups a report can split by: the name `--subgroups` takes -> its values (a dataset may hold others, which
 # are reported as found).
 SUBGROUPS = {"patient_sex": ("M", "F"), "age_bin": AGE_BIN_NAMES, "view_position": ("PA", "AP")}
+SUBGROUP_COLUMNS = ("patient_sex", "patient_age", "age_bin", "view_position")  # the metadata those are read from
 MANIFEST_LABELS = "labels"
 UNCONDITIONED = "unconditioned"
 
@@ -106,9 +107,15 @@ def condition_value(condition: str, cell) -> str:
     return age_bin(cell) if condition == "patient_age" else str(cell)
 
 
-def subgroup_value(group: str, row: dict) -> str:
-    """The value of subgroup `group` (a `SUBGROUPS` name) for a metadata row; "" when the row lacks it."""
-    if group == "age_bin":
-        return age_bin(row.get("patient_age")) if "age_bin" not in row else str(row["age_bin"])
-    value = row.get(group)
-    return "" if value is None else str(value)
+def subgroup_columns(table: dict[str, list]) -> dict[str, list[str]]:
+    """{group: value per row} for each `SUBGROUPS` group that metadata columns give: `patient_sex` and
+    `view_position` as they are, `age_bin` as given or from `patient_age`; "" where a row lacks it. Groups no row
+    has are left out."""
+    n = len(next(iter(table.values()))) if table else 0
+    columns = {g: [("" if v is None else str(v)) for v in table[g]] for g in ("patient_sex", "view_position")
+               if g in table}
+    if "age_bin" in table:
+        columns["age_bin"] = [("" if v is None else str(v)) for v in table["age_bin"]]
+    elif "patient_age" in table:
+        columns["age_bin"] = [age_bin(a) for a in table["patient_age"]]
+    return {g: columns[g] for g in SUBGROUPS if g in columns and len(columns[g]) == n and any(columns[g])}

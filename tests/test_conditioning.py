@@ -101,15 +101,16 @@ def test_draws_follow_the_stored_joint_distribution():
         assert abs(seen[combination] / n - p) < 4 * (p * (1 - p) / n) ** 0.5  # 4 standard errors
 
 
-def tiny_pipeline(label_size=5):
+def tiny_pipeline(label_size=5, label_config=None):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         mid_block_type="UNetMidBlock2D", norm_num_groups=4, attention_head_dim=4,
         class_embed_type="projection", projection_class_embeddings_input_dim=label_size)
-    config = {"condition_on": ["findings"], "findings": sorted(FINDINGS), "groups": {},
-              "combination_counts": {"": 6, "cardiomegaly": 3, "nodule|pleural_effusion": 1}, "guidance_scale": 2.0}
+    config = label_config or {
+        "condition_on": ["findings"], "findings": sorted(FINDINGS), "groups": {},
+        "combination_counts": {"": 6, "cardiomegaly": 3, "nodule|pleural_effusion": 1}, "guidance_scale": 2.0}
     return LungGenPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=50), label_config=config)
 
 
@@ -346,3 +347,62 @@ def test_condition_dropout_shows_the_null_condition(tiny_config, monkeypatch):
     null = labels[:, -1] == 1
     assert (labels[null, :-1] == 0).all() and (labels[~null, -1] == 0).all()  # null rows are null only
     assert 0.2 < null.float().mean() < 0.8  # about half of 24 rows, well inside a binomial's 4 sigma
+
+
+PATIENT_LABELS = {"condition_on": ["findings", "patient_sex", "patient_age", "view_position"],
+                  "findings": ["cardiomegaly"],
+                  "groups": {"patient_sex": ["F", "M"], "patient_age": ["18-39", "60-79"], "view_position": ["AP", "PA"]},
+                  "combination_counts": {"patient_age=18-39|patient_sex=M|view_position=PA": 6,
+                                         "cardiomegaly|patient_age=60-79|patient_sex=F|view_position=AP": 4},
+                  "guidance_scale": 2.0}
+
+
+@pytest.fixture(scope="module")
+def patient_dir(tmp_path_factory):
+    pipe = tiny_pipeline(LabelSpace(PATIENT_LABELS).size, PATIENT_LABELS)
+    path = tmp_path_factory.mktemp("models") / "tiny-patient"
+    pipe.save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def test_the_patient_asked_for_reaches_the_condition_and_the_manifest(patient_dir, tmp_path):
+    pipe = load_pipeline(patient_dir, device="cpu")[0]
+    kwargs = {"num_inference_steps": 2, "generator": torch.Generator().manual_seed(0), "output_type": "np"}
+    woman = pipe(findings=[[]], sex="F", age=70, view="AP", **kwargs).images
+    explicit = pipe(findings=[["patient_sex=F", "patient_age=60-79", "view_position=AP"]],
+                    **{**kwargs, "generator": torch.Generator().manual_seed(0)}).images
+    man = pipe(findings=[[]], sex="M", age=25, view="PA", **{**kwargs, "generator": torch.Generator().manual_seed(0)})
+    np.testing.assert_array_equal(woman, explicit)
+    assert not np.allclose(woman, man.images, atol=1e-4)
+    with pytest.raises(ValueError, match=r"age 50 falls in no age bin this model was trained on \(it knows: 18-39, 60-79\)"):
+        pipe(findings=[[]], age=50, num_inference_steps=1)
+    with pytest.raises(ValueError, match="sex, age and view need findings"):
+        pipe(sex="F", num_inference_steps=1)
+    rows = save_images(pipe, str(tmp_path / "drawn"), 12, num_inference_steps=1, labels_from="train",
+                       patient={"sex": "F"}, model="tiny-patient", progress=False)
+    # Draws restricted to the training combinations of women: their findings and ages come along.
+    assert {r["labels"] for r in rows} == {"cardiomegaly|patient_age=60-79|patient_sex=F|view_position=AP"}
+
+
+def test_cli_patient_options(patient_dir, tmp_path, capsys):
+    pipeline.main(["--model", patient_dir, "--output_dir", str(tmp_path / "out"), "--num_images", "2",
+                   "--num_inference_steps", "1", "--findings", "No Finding", "--sex", "M", "--age", "30"])
+    with open(tmp_path / "out" / "manifest.csv", newline="") as f:
+        assert {row["labels"] for row in csv.DictReader(f)} == {"patient_age=18-39|patient_sex=M|view_position=PA"}
+    with pytest.raises(SystemExit):
+        pipeline.main(["--model", patient_dir, "--output_dir", str(tmp_path / "bad"), "--num_images", "1",
+                       "--sex", "F"])
+    assert "--sex F needs --findings or --labels_from" in capsys.readouterr().err
+
+
+def test_the_vector_layout_survives_saving_whatever_the_condition_order(phantoms, tmp_path):
+    """Trained with --condition_on findings view_position patient_sex; the saved config.json sorts its keys."""
+    config = label_config(phantoms, ["findings", "view_position", "patient_sex"])
+    vectors = condition_vectors(phantoms, config)
+    pipe = tiny_pipeline(LabelSpace(config).size, config)
+    pipe.save_pretrained(tmp_path / "m", safe_serialization=True)
+    loaded = load_pipeline(str(tmp_path / "m"), device="cpu")[0]
+    for i, row in enumerate(phantoms):  # rows of both sexes and both views
+        asked = [f for f in FINDINGS if row[f]] + [f"view_position={row['view_position']}",
+                                                   f"patient_sex={row['patient_sex']}"]
+        np.testing.assert_array_equal(loaded.labels.encode(asked).numpy(), vectors[i])

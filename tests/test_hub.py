@@ -53,10 +53,10 @@ KEY_OPTIONS = {"resolution", "block_out_channels", "layers_per_block", "attentio
                "mixed_precision", "condition_on"}
 
 
-def _summary(source=NIH_SOURCE):
+def _summary(source=NIH_SOURCE, demographics=None):
     listing = "9" * 64 if source == NIH_SOURCE else None  # the phantom has no image identifiers
     return DataSummary(source=source, split="train", num_images=24, fingerprint="a1b2c3d4e5f60718",
-                       image_list_sha256=listing)
+                       image_list_sha256=listing, demographics=demographics or {})
 
 
 RUN = RunSummary(global_step=4, final_loss=0.0421, wall_time_s=3725.0, hardware="1x CPU")
@@ -73,7 +73,7 @@ def secret_dir(tmp_path):
 def export(tmp_path, tiny_config, secret_dir):
     """An output folder as training leaves it, plus the things that must never be uploaded."""
 
-    def make(source=NIH_SOURCE, with_eval=True, labels=None, **overrides):
+    def make(source=NIH_SOURCE, with_eval=True, labels=None, demographics=None, eval_metrics=EVAL, **overrides):
         if labels is not None:
             overrides.update(condition_on=labels["condition_on"], guidance_scale=labels["guidance_scale"])
         config = tiny_config(train_data_dir=str(secret_dir), cache_dir=str(secret_dir.parent / "cache"),
@@ -94,8 +94,8 @@ def export(tmp_path, tiny_config, secret_dir):
             (out / junk).parent.mkdir(parents=True, exist_ok=True)
             (out / junk).write_text(f"{secret_dir}/00000001_000.png,00000001\n")
         if with_eval:
-            (out / "eval" / "metrics.json").write_text(json.dumps(EVAL))
-        hub.write_manifest(out, config, _summary(source), RUN)
+            (out / "eval" / "metrics.json").write_text(json.dumps(eval_metrics))
+        hub.write_manifest(out, config, _summary(source, demographics), RUN)
         hub.write_model_card(out)
         return out
 
@@ -493,3 +493,19 @@ def test_a_patient_id_in_any_published_text_is_refused(export):
     leaky = {"model_card": {"reference": "held-out images of patient #4711", "metrics": {"fd": 1.0}}}
     with pytest.raises(ValueError, match=r"README.md would publish a patient id \(.patient #4711.\)"):
         hub.write_model_card(out, leaky)
+
+
+def test_the_card_shows_who_trained_it_and_the_subgroup_figures(export):
+    demographics = {"patient_sex": {"F": 5, "M": 19}, "age_bin": {"0-17": 1, "18-39": 6, "40-59": 9, "60-79": 8},
+                    "view_position": {"AP": 10, "PA": 14}}
+    rows = [{"subgroup": "patient_sex=F", "FD": "12.3 [10.1, 14.5]", "flagged": "any finding"},
+            {"subgroup": "patient_sex=M", "FD": "9.8 [8.7, 10.9]", "flagged": "no"}]
+    out = export(demographics=demographics,
+                 eval_metrics={"model_card": {**EVAL["model_card"], "subgroups": rows}})
+    card = (out / "README.md").read_text()
+    assert "| patient_sex | F | 5 | 20.8% |" in card and "| age_bin | 0-17 | 1 | 4.2% |" in card
+    # Under half an even share: F (20.8% of two) and 0-17 (4.2% of five bins), not 18-39 (25%); 80+ has no one.
+    assert ("Underrepresented (under half an even share of their group): age_bin=0-17 (4.2%), age_bin=80+ (none), "
+            "patient_sex=F (20.8%).") in card.replace("\n", " ")
+    assert "| subgroup | FD | flagged |" in card and "| patient_sex=F | 12.3 [10.1, 14.5] | any finding |" in card
+    assert "subgroups" not in card.split("### Per subgroup")[0].split("## Evaluation")[1]  # not a settings row

@@ -24,6 +24,7 @@ from lunggen_diffusers.utility.report import STYLES
 from lunggen_diffusers.utility.run import UtilityArguments, regime_parts, run_utility
 from lunggen_diffusers.utility.stats import (auroc, bootstrap_aurocs, interval, patient_weights,
                                              weighted_auroc)
+from lunggen_diffusers.utility.subgroups import subgroup_markdown, subgroup_summary, youden_thresholds
 
 SIZE = 32
 
@@ -279,3 +280,47 @@ def test_missing_split_and_unknown_regime(tmp_path, capsys):
     assert "validation" in message and "test" in message
     message = _error(capsys, _argv("phantom", str(tmp_path), tmp_path)[:-1] + ["real-only"])
     assert "'real-only'" not in message and "real-only" in message and "low-real+synthetic" in message
+
+
+# --- subgroups ---
+
+def test_youden_threshold_is_the_best_split():
+    labels = np.array([[0], [0], [1], [0], [1], [1]], float)
+    scores = np.array([[0.1], [0.2], [0.3], [0.35], [0.6], [0.9]])
+    # Calling >= 0.3 positive catches all 3 positives with 1 false positive (J = 2/3), the best of any cut.
+    assert youden_thresholds(labels, scores)[0] == pytest.approx(0.3)
+
+
+def _scored_population(n, seed, women_noise=0.0):
+    """n patients, one image each, one finding at 0.4; scores = label + noise, noisier for women by women_noise."""
+    rng = np.random.default_rng(seed)
+    sex = np.where(rng.random(n) < 0.5, "F", "M")
+    labels = (rng.random((n, 1)) < 0.4).astype(float)
+    noise = rng.standard_normal((3, n, 1)) * (0.5 + women_noise * (sex == "F"))[None, :, None]
+    return labels, [f"p{i}" for i in range(n)], {"patient_sex": list(sex)}, [labels[None] + noise[s] for s in range(3)]
+
+
+def test_subgroup_underdiagnosis_finds_a_group_the_classifier_reads_worse():
+    labels, patients, groups, runs = _scored_population(1200, 0)
+    clean = subgroup_summary(labels, patients, groups, {"real": [r[0] for r in runs]}, 200, 0)
+    assert clean["flagged"] == [] and abs(clean["level"] - (1 - 0.05 / 4)) < 1e-12
+    labels, patients, groups, runs = _scored_population(1200, 0, women_noise=0.6)
+    worse = subgroup_summary(labels, patients, groups, {"real": [r[0] for r in runs]}, 200, 0)
+    women = worse["groups"]["patient_sex"]["F"]["real"]
+    assert women["underdiagnosis_gap_interval"][0] > 0 and women["macro_auroc_gap_interval"][1] < 0
+    assert "patient_sex=F real: underdiagnosis" in worse["flagged"]
+    lines = "\n".join(subgroup_markdown(worse, utility_run.REGIMES))
+    assert "patient_sex=F" in lines and "(flagged)" in lines
+
+
+def test_the_utility_command_reports_subgroups(real_folder, tmp_path):
+    args = _args(real_folder, _synthetic(tmp_path / "synth"), tmp_path / "out", regimes=["real", "synthetic"],
+                 subgroups="patient_sex,view_position")
+    result = utility_run.run_utility(args)
+    groups = result["subgroups"]["groups"]
+    assert set(groups["patient_sex"]) == {"F", "M"} and set(groups["view_position"]) == {"AP", "PA"}
+    assert set(groups["patient_sex"]["F"]) == {"num_images", "num_diseased", "real", "synthetic"}
+    assert sum(groups["patient_sex"][v]["num_images"] for v in ("F", "M")) == 200
+    assert "### Per subgroup" in (tmp_path / "out" / "card_section.md").read_text()
+    with pytest.raises(ValueError, match="--subgroups 'race'"):
+        utility_run.run_utility(_args(real_folder, str(tmp_path / "synth"), tmp_path / "out2", subgroups="race"))

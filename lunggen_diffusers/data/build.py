@@ -22,7 +22,7 @@ import datasets
 from ..config import Config, phantom_finding_scales
 from ..summaries import DataSummary
 from ..utils import IMAGE_EXTENSIONS, atomic_path, is_dicom, list_images, secret_digests, write_json
-from ..vocabulary import FINDINGS_COLUMN
+from ..vocabulary import FINDINGS_COLUMN, SUBGROUP_COLUMNS, subgroup_columns
 from . import chexpert, class_folders, dicom, dicom_collections, mimic, nih, padchest
 from .decode import decode_images, prepared_resolution
 from .phantom import phantom_dataset
@@ -295,7 +295,11 @@ def summarize(dataset: datasets.Dataset, source: str, split: str) -> DataSummary
     plain = dataset.with_format(None)
     id_column = next((c for c in ("image_index", "patient_id") if c in plain.column_names), None)
     ids = sorted(map(str, plain[id_column])) if id_column else []
+    present = [c for c in SUBGROUP_COLUMNS if c in plain.column_names]
+    groups = subgroup_columns(plain.select_columns(present).to_dict()) if present else {}
+    demographics = {g: {v or "unknown": n for v, n in sorted(Counter(values).items())} for g, values in groups.items()}
     return DataSummary(
+        demographics=demographics,
         source=source,
         split=split,
         num_images=len(dataset),

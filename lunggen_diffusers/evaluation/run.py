@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import __version__
 from ..utils import split_spec
-from ..vocabulary import SUBGROUPS, finding_lists
+from ..vocabulary import finding_lists, subgroup_columns
 from ..runtime import process_device, process_state
 from .features import DEFAULT_FEATURE_MODEL, extract, get_extractor
 from .images import ImageSource, load_source
@@ -20,7 +20,7 @@ from .metrics import (frechet_distance, kernel_inception_distance, mean_pairwise
                       random_pairs)
 from .report import nearest_pairs_image, write_report
 from .subgroups import (ANY_FINDING, dataset_metadata, demographic_agreement, finding_matrix, manifest_metadata,
-                        parse_subgroups, subgroup_report, subgroup_values)
+                        parse_subgroups, subgroup_report)
 
 
 @dataclass
@@ -133,8 +133,10 @@ def subgroup_figures(args: EvaluationArguments, real: ImageSource, fake: ImageSo
     phantom features, whether generated images show the patient they were asked for."""
     groups = parse_subgroups(args.subgroups)
     meta = {"real": _metadata(real, "real"), "fake": _metadata(fake, "fake")}
-    values = {side: {g: subgroup_values(m, g) for g in groups} for side, m in meta.items()}
-    missing = [g for g in groups if not any(values["real"][g])]
+    found = {side: subgroup_columns(m) for side, m in meta.items()}
+    values = {side: {g: found[side].get(g, [""] * len(source)) for g in groups}
+              for side, source in (("real", real), ("fake", fake))}
+    missing = [g for g in groups if g not in found["real"]]
     if missing:
         raise ValueError(f"--subgroups {','.join(missing)}: --real {real.spec} has no such column (patient_sex, "
                          "patient_age or age_bin, view_position)")
@@ -148,8 +150,7 @@ def subgroup_figures(args: EvaluationArguments, real: ImageSource, fake: ImageSo
         findings = list(FINDINGS)
         matrices = {side: (r[:, :len(FINDINGS)] >= 0.5).astype(np.float64) for side, r in read.items()}
         extra["findings_read_by"] = "the phantom classifier, on both sides"
-        asked = {g: subgroup_values(meta["fake"], g) for g in SUBGROUPS}  # every group, whichever are reported
-        extra["demographic_agreement"] = demographic_agreement(read["fake"], asked)
+        extra["demographic_agreement"] = demographic_agreement(read["fake"], found["fake"])  # all groups asked
     else:
         findings = sorted({f for row in meta["real"].get("finding_labels", []) for f in finding_lists([row])[0]})
         matrices = {side: finding_matrix(m, findings) if "finding_labels" in m else None for side, m in meta.items()}

@@ -20,7 +20,7 @@ from statistics import NormalDist
 import numpy as np
 
 from ..output_folder import read_manifest
-from ..vocabulary import FINDINGS_COLUMN, MANIFEST_LABELS, SUBGROUPS, finding_lists, subgroup_value
+from ..vocabulary import FINDINGS_COLUMN, MANIFEST_LABELS, SUBGROUP_COLUMNS, SUBGROUPS, finding_lists
 from .images import ImageSource
 from .metrics import frechet_distance, prdc
 
@@ -42,8 +42,7 @@ def parse_subgroups(text: str | None) -> list[str]:
 def dataset_metadata(source: ImageSource) -> dict[str, list]:
     """The columns of a saved dataset that subgroup figures read (those it has), one value per image."""
     dataset = source._dataset.with_format(None)
-    wanted = [c for c in ("patient_sex", "patient_age", "age_bin", "view_position", FINDINGS_COLUMN)
-              if c in dataset.column_names]
+    wanted = [c for c in (*SUBGROUP_COLUMNS, FINDINGS_COLUMN) if c in dataset.column_names]
     return dataset.select_columns(wanted).to_dict()
 
 
@@ -61,11 +60,6 @@ def manifest_metadata(source: ImageSource, folder: str) -> dict[str, list]:
         for label, group in _GROUP_LABEL.items():
             out[group].append(groups.get(label, ""))
     return out
-
-
-def subgroup_values(metadata: dict[str, list], group: str) -> list[str]:
-    n = len(next(iter(metadata.values()))) if metadata else 0
-    return [subgroup_value(group, {k: v[i] for k, v in metadata.items()}) for i in range(n)]
 
 
 def finding_matrix(metadata: dict[str, list], findings: list[str]) -> np.ndarray:

@@ -20,6 +20,7 @@ from ..conditioning import prevalence
 from ..lunggen_pipeline import DEFAULT_GUIDANCE_SCALE, LabelSpace, normalize
 from ..sampling import DEFAULT_STEPS
 from ..utils import atomic_write_text
+from ..vocabulary import SUBGROUPS
 from .privacy import (
     AUTOENCODER_REPORT,
     CARD,
@@ -147,6 +148,21 @@ def _conditioning(labels: dict) -> dict:
     }
 
 
+def demographics_rows(counts: dict[str, dict[str, int]]) -> tuple[list[tuple], list[str]]:
+    """(group, value, images, share) rows of the training data's subgroups, and the underrepresented ones: under
+    half the share an even split of their group would give (under 25% of one of two sexes, 10% of five age bins)."""
+    rows, under = [], []
+    for group, values in counts.items():
+        known = {v: n for v, n in values.items() if v != "unknown"}
+        total = sum(values.values())
+        for value, n in values.items():
+            rows.append((group, value, n, n / total))
+            if value != "unknown" and n / total < 0.5 / len(SUBGROUPS.get(group, known) or known):
+                under.append(f"{group}={value} ({n / total:.1%})")
+        under += [f"{group}={value} (none)" for value in SUBGROUPS.get(group, ()) if value not in values]
+    return rows, under
+
+
 def _card_data(summary: dict | None, cfg: dict, model_id: str, nih: bool, phantom: bool) -> ModelCardData:
     hub_dataset = cfg.get("dataset_name") if cfg.get("dataset_name") not in (None, LOCAL) else None
     eval_results = None
@@ -191,6 +207,7 @@ def _context(folder: Path, manifest: dict, summary: dict | None, model_id: str, 
         "libraries": manifest["libraries"], "git_commit": manifest.get("git_commit"),
         "git_dirty": manifest.get("git_dirty"), "evaluation": summary, "fmt": _fmt, "flatten": _flatten,
         "conditional": _conditioning(labels) if labels else None, "sections": sections,
+        "demographics": demographics_rows(manifest["data"].get("demographics") or {}),
     }
 
 

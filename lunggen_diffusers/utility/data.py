@@ -8,7 +8,7 @@ and a patient per image. Real labels come from `finding_labels`; synthetic label
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -23,7 +23,8 @@ from ..data.phantom import phantom_dataset
 from ..evaluation.images import IMAGE_COLUMNS, to_eval_image
 from ..output_folder import read_manifest
 from ..utils import stable_hash
-from ..vocabulary import FINDINGS_COLUMN, MANIFEST_LABELS, NO_FINDING, finding_lists, normalize, parse_label_cell
+from ..vocabulary import (FINDINGS_COLUMN, MANIFEST_LABELS, NO_FINDING, SUBGROUP_COLUMNS, finding_lists, normalize,
+                          parse_label_cell, subgroup_columns)
 
 SPLITS = ("train", "validation", "test")
 PATIENT_COLUMNS = ("patient_id", "Patient ID")
@@ -39,13 +40,15 @@ class ImageSet:
     images: np.ndarray  # uint8 (N, size, size)
     labels: np.ndarray  # float32 (N, findings), multi-hot
     patients: list[str]
+    groups: dict[str, list[str]] = field(default_factory=dict)  # subgroup name -> value per image ("" unknown)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, rows) -> ImageSet:
         rows = np.asarray(rows, dtype=np.int64)
-        return ImageSet(self.images[rows], self.labels[rows], [self.patients[i] for i in rows])
+        return ImageSet(self.images[rows], self.labels[rows], [self.patients[i] for i in rows],
+                        {g: [values[i] for i in rows] for g, values in self.groups.items()})
 
 
 def read_images(dataset: datasets.Dataset, size: int, desc: str) -> np.ndarray:
@@ -70,6 +73,11 @@ def _column(dataset: datasets.Dataset, names: tuple[str, ...], what: str, split:
         raise ValueError(f"the real {split!r} split has no {what} column; expected one of {', '.join(names)} "
                          f"(it has: {', '.join(dataset.column_names)})")
     return dataset.select_columns([name]).with_format(None)[name]
+
+
+def _subgroups(dataset: datasets.Dataset) -> dict[str, list[str]]:
+    present = [c for c in SUBGROUP_COLUMNS if c in dataset.column_names]
+    return subgroup_columns(dataset.select_columns(present).with_format(None).to_dict()) if present else {}
 
 
 def multi_hot(findings: list[list[str]], vocabulary: list[str]) -> np.ndarray:
@@ -120,7 +128,8 @@ def real_splits(spec: str, size: int) -> tuple[dict[str, ImageSet], list[str], s
             raise ValueError(f"--real {spec}: the {s!r} split has finding(s) {', '.join(unknown)} that the train "
                              f"split never has (train has: {', '.join(vocabulary)})")
         patients = [str(p) for p in _column(raw[s], PATIENT_COLUMNS, "patient", s)]
-        out[s] = ImageSet(read_images(raw[s], size, f"real {s}"), multi_hot(findings[s], vocabulary), patients)
+        out[s] = ImageSet(read_images(raw[s], size, f"real {s}"), multi_hot(findings[s], vocabulary), patients,
+                          _subgroups(raw[s]))
     check_patient_disjoint({s: out[s].patients for s in SPLITS})
     description = "the built-in procedural chest phantom" if spec == "phantom" else "a prepared real dataset"
     return out, vocabulary, description
@@ -140,6 +149,8 @@ def synthetic_set(folder: str, vocabulary: list[str], size: int) -> ImageSet:
     findings = []
     for row in rows:
         names = parse_label_cell(row[MANIFEST_LABELS])
+        if names is not None:  # a model conditioned on the patient too asks for "patient_sex=F" beside findings
+            names = [name for name in names if "=" not in name]
         if names is None:
             raise ValueError(f"--synthetic {folder}: {row['file']} was sampled unconditioned and has no labels; "
                              f"generate with --labels_from train (or --findings)")

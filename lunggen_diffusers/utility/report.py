@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..utils import atomic_path, atomic_write_text, markdown_table, write_json
 from .stats import auroc, bootstrap_aurocs, interval
+from .subgroups import subgroup_markdown
 
 REGIMES = {
     "real": "real only (TRTR)",
@@ -102,8 +103,9 @@ def _setup_line(result: dict) -> str:
 
 
 def _summary(result: dict) -> list[str]:
-    """The lines the report and the card share: the table, the two comparisons, the setup."""
-    return [results_table(result), "", *_comparison_lines(result), "", _setup_line(result), ""]
+    """The lines the report and the card share: the table, the two comparisons, the setup, the subgroups."""
+    lines = [results_table(result), "", *_comparison_lines(result), "", _setup_line(result), ""]
+    return lines + (subgroup_markdown(result["subgroups"], REGIMES) if "subgroups" in result else [])
 
 
 def card_section(result: dict) -> str:

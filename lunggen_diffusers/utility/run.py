@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..evaluation.subgroups import parse_subgroups
 from ..utils import atomic_path, stable_hash, write_json
 from .classifier import CLASSIFIERS, ImageClassifier, LinearProbe, build_resnet, predict, train
 from .data import ImageSet, patient_rows, real_splits, synthetic_set
 from .report import REGIMES, summarize, write_report
+from .subgroups import subgroup_summary
 
 _FEATURE_BATCH = 64
 
@@ -60,6 +62,9 @@ class UtilityArguments:
                 "1 can be much faster: these models are too small to amortise threads waiting for a core."})
     min_positives: int = field(default=10, metadata={"help": "Fewest positive (and negative) test images a finding "
                                                              "needs for an AUROC."})
+    subgroups: str | None = field(default=None, metadata={
+        "help": "Also report every regime per subgroup of the real test split (comma-separated, of patient_sex, "
+                "age_bin, view_position): macro AUROC and the underdiagnosis rate, with gaps to everyone."})
 
 
 def check_arguments(args: UtilityArguments) -> None:
@@ -75,6 +80,7 @@ def check_arguments(args: UtilityArguments) -> None:
         raise ValueError(f"--resolution {args.resolution} must be at least 16")
     if not 0 < args.low_data_fraction <= 1:
         raise ValueError(f"--low_data_fraction {args.low_data_fraction} must be in (0, 1]")
+    parse_subgroups(args.subgroups)
 
 
 def regime_parts(name: str, real_train: ImageSet, synthetic: ImageSet, fraction: float,
@@ -147,6 +153,15 @@ def _load_run(path: Path, settings: dict) -> dict | None:
     return run
 
 
+def _subgroups(args: UtilityArguments, test: ImageSet) -> dict[str, list[str]]:
+    wanted = parse_subgroups(args.subgroups)
+    missing = [g for g in wanted if g not in test.groups]
+    if missing:
+        raise ValueError(f"--subgroups {','.join(missing)}: the real test split has no such column (patient_sex, "
+                         "patient_age or age_bin, view_position)")
+    return {g: test.groups[g] for g in wanted}
+
+
 def run_utility(args: UtilityArguments) -> dict:
     from accelerate import Accelerator
 
@@ -160,6 +175,7 @@ def run_utility(args: UtilityArguments) -> dict:
         set_cpu_threads(args.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     real, findings, description = real_splits(args.real, args.resolution)
     positives = check_test_positives(real["test"], findings, args.min_positives)
+    groups = _subgroups(args, real["test"]) if args.subgroups else None
     synthetic = synthetic_set(args.synthetic, findings, args.resolution)
     sets = {**real, "synthetic": synthetic}
     output_dir = Path(args.output_dir)
@@ -195,6 +211,9 @@ def run_utility(args: UtilityArguments) -> dict:
     scores = {name: [np.load(output_dir / "runs" / name / f"seed-{seed}.npy") for seed in range(args.seeds)]
               for name in args.regimes}
     result = summarize(real["test"].labels, real["test"].patients, scores, findings, args.bootstrap, args.split_seed)
+    if groups:
+        result["subgroups"] = subgroup_summary(real["test"].labels, real["test"].patients, groups, scores,
+                                               args.bootstrap, args.split_seed)
     low = real["train"].subset(patient_rows(real["train"].patients, args.low_data_fraction, args.split_seed))
     result.update(
         settings={**{k: v for k, v in asdict(args).items() if k not in ("real", "synthetic", "output_dir")},
