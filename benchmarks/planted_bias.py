@@ -4,10 +4,11 @@ Two conditional demos (findings, sex, age and view) are trained through the proj
 where one subgroup carries every finding at `--factor` times the others' probability (default: women, half), one on
 the balanced phantoms. Each generates `--num_images` images with labels drawn from its training split
 (`--labels_from train`: a synthetic data set as a user would make one), and `evaluate --subgroups` compares them
-with balanced held-out phantoms on the phantom classifier. The biased model must be flagged in that subgroup; the
-balanced one must not be flagged anywhere. Every generated image is also read for the patient it was asked for.
+with balanced held-out phantoms on the phantom classifier. The biased model must be flagged in that subgroup and the
+balanced one nowhere, on the rate of images with any finding (what was planted); every other flag is reported
+beside. Every generated image is also read for the patient it was asked for.
 
-    python benchmarks/planted_bias.py --output_dir runs/planted-bias            # about 80 min on 2 CPU cores
+    python benchmarks/planted_bias.py --output_dir runs/planted-bias            # about 40 min on 2 CPU cores
 
 Stages are skipped when their output exists, so an interrupted run resumes.
 """
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from lunggen_diffusers.config import parse_args as parse_config  # noqa: E402
 from lunggen_diffusers.data.phantom import phantom_dataset  # noqa: E402
+from lunggen_diffusers.evaluation.subgroups import ANY_FINDING  # noqa: E402
 
 HELD_OUT_SEED = 12345  # as sampler_benchmark.py: the demo trains on seed 0
 CONDITIONS = ["findings", "patient_sex", "patient_age", "view_position"]
@@ -74,11 +76,14 @@ def main() -> None:
                  "phantom", "--image_size", str(config.data.resolution), "--subgroups", args.subgroups,
                  "--output_dir", str(report)], root / f"{name}-evaluate.log")
         results[name] = json.loads((report / "metrics.json").read_text())["metrics"]["subgroups"]
-    subgroup = args.subgroup.replace("patient_age", "age_bin")
-    biased_flags = [f for f in results["biased"]["flagged"] if f.startswith(f"{subgroup}: ")]
-    verdict = {"planted": f"{args.subgroup} x{args.factor}", "biased_flagged": results["biased"]["flagged"],
-               "balanced_flagged": results["balanced"]["flagged"],
-               "found": bool(biased_flags), "clean": not results["balanced"]["flagged"],
+    # The check is on prevalence, what was planted: the subgroup's "any finding" gap flagged in the biased model, no
+    # subgroup's in the balanced one. Other flags (a subgroup drawn worse, FD) are reported: they are real findings
+    # about the generator, not what this check plants.
+    planted = f"{args.subgroup}: {ANY_FINDING}"
+    prevalence_flags = {n: [f for f in r["flagged"] if f.endswith(f": {ANY_FINDING}")] for n, r in results.items()}
+    verdict = {"planted": f"{args.subgroup} x{args.factor}", "prevalence_flags": prevalence_flags,
+               "found": planted in prevalence_flags["biased"], "clean": not prevalence_flags["balanced"],
+               "all_flags": {n: r["flagged"] for n, r in results.items()},
                "demographic_agreement": {n: r["demographic_agreement"] for n, r in results.items()},
                "seconds": seconds}
     print(json.dumps(verdict, indent=2))

@@ -16,6 +16,7 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from .cli import parse
+from .vocabulary import CONDITIONS, SUBGROUPS
 
 
 @dataclass
@@ -256,8 +257,6 @@ _PARTS = (DataConfig, ModelConfig, TrainingConfig, HubConfig)
 # `when_conditioned` block applies on top when --condition_on is given (any --config file may hold one too).
 PRESET_DIR = Path(__file__).with_name("presets")
 WHEN_CONDITIONED = "when_conditioned"
-# --condition_on choices; findings always among them. `source` needs several --train_data_dir folders.
-CONDITIONS = ("findings", "view_position", "patient_sex", "patient_age", "source")
 
 
 def preset_names() -> list[str]:
@@ -399,16 +398,10 @@ def phantom_finding_scales(items: list[str] | None) -> dict[str, float]:
         except ValueError:
             name = ""
         group, _, value = name.partition("=")
-        if value not in _subgroups().get(group, ()) or scales.get(name, -1) < 0:
+        if value not in SUBGROUPS.get(group, ()) or scales.get(name, -1) < 0:
             raise ValueError(f"--phantom_finding_scale {item!r}: give SUBGROUP:FACTOR (FACTOR >= 0), SUBGROUP one of "
-                             + ", ".join(f"{g}={'|'.join(v)}" for g, v in _subgroups().items()))
+                             + ", ".join(f"{g}={'|'.join(v)}" for g, v in SUBGROUPS.items()))
     return scales
-
-
-def _subgroups() -> dict:
-    from .vocabulary import SUBGROUPS  # the vocabulary reads this module's CONDITIONS: imported when called
-
-    return SUBGROUPS
 
 
 def from_dict(values: dict[str, Any]) -> Config:

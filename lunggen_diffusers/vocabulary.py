@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .config import CONDITIONS
 
 # Defined in the pipeline file, which must stay self-contained (it ships as remote code): one definition each.
 from .lunggen_pipeline import NO_FINDING, normalize
 
 FINDINGS_COLUMN = "finding_labels"
+# --condition_on choices; findings always among them. `source` needs several --train_data_dir folders.
+CONDITIONS = ("findings", "view_position", "patient_sex", "patient_age", "source")
 CONDITION_COLUMNS = dict(zip(CONDITIONS, (FINDINGS_COLUMN, "view_position", "patient_sex", "patient_age", "source"),
                              strict=True))
 # Age enters conditioning and subgroup figures as these bins (lower bounds, years), not as a number: a bin is a

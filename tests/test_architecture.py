@@ -15,7 +15,7 @@ LAYERS = {
     "parts": ["data", "data.*", "model", "autoencoder", "latents", "loop", "conditioning", "sampling", "output_folder",
               "checkpoints", "evaluation",
               "evaluation.*", "hub", "hub.privacy", "hub.card", "hub.push", "hub.export", "utility",
-              "utility.stats", "utility.classifier", "utility.report", "utility.data"],
+              "utility.stats", "utility.classifier", "utility.report", "utility.data", "utility.subgroups"],
     "work": ["training", "autoencoder_training", "prepare", "evaluation.run", "utility.run"],
     "commands": ["train", "generate", "evaluate", "autoencoder_report", "utility.__main__", "hub.cli", "hub.__main__"],
 }

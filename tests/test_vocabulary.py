@@ -62,7 +62,7 @@ def test_a_manifest_label_cell_reads_back_as_written(labels, cell):
 
 
 def test_condition_columns_cover_every_condition_choice():
-    from lunggen_diffusers.config import CONDITIONS
+    from lunggen_diffusers.vocabulary import CONDITIONS
 
     assert list(vocabulary.CONDITION_COLUMNS) == list(CONDITIONS)
     assert vocabulary.CONDITION_COLUMNS["findings"] == vocabulary.FINDINGS_COLUMN == "finding_labels"
