@@ -324,3 +324,15 @@ def test_the_utility_command_reports_subgroups(real_folder, tmp_path):
     assert "### Per subgroup" in (tmp_path / "out" / "card_section.md").read_text()
     with pytest.raises(ValueError, match="--subgroups 'race'"):
         utility_run.run_utility(_args(real_folder, str(tmp_path / "synth"), tmp_path / "out2", subgroups="race"))
+
+
+def test_a_subgroup_with_no_underdiagnosed_image_is_not_flagged_better():
+    labels, patients, groups, runs = _scored_population(1200, 0)
+    few = np.flatnonzero(np.asarray(groups["patient_sex"]) == "F")[:25]
+    scores = runs[0][0].copy()
+    scores[few] = labels[few] * 10  # 25 patients the classifier calls right
+    groups = {"patient_sex": ["few" if i in set(few) else "rest" for i in range(1200)]}
+    summary = subgroup_summary(labels, patients, groups, {"real": [scores]}, 200, 0)
+    entry = summary["groups"]["patient_sex"]["few"]["real"]
+    assert entry["underdiagnosis"] == 0 and np.isnan(entry["underdiagnosis_gap_interval"][0])
+    assert "patient_sex=few real: underdiagnosis" not in summary["flagged"]

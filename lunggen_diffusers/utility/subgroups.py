@@ -40,7 +40,13 @@ def _underdiagnosed(labels: np.ndarray, scores: np.ndarray, thresholds: np.ndarr
     return np.where(diseased, (~called).astype(float), np.nan)
 
 
-def _gap_interval(estimate: float, replicates: np.ndarray, level: float) -> tuple[float, float]:
+def _gap_interval(estimate: float, replicates: np.ndarray, level: float,
+                  subgroup: np.ndarray | None = None) -> tuple[float, float]:
+    """estimate +- z * the replicates' spread; NaN when the subgroup's own figure never moves across resamples (no
+    underdiagnosed image among its few, say): then the spread is everyone's alone, and a normal interval around a
+    rate stuck at 0 would call a handful of patients significantly better off."""
+    if subgroup is not None and not np.nanstd(subgroup) > 0:
+        return float("nan"), float("nan")
     half = NormalDist().inv_cdf(0.5 + level / 2) * float(np.nanstd(replicates, ddof=1))
     return estimate - half, estimate + half
 
@@ -81,7 +87,7 @@ def subgroup_summary(labels: np.ndarray, patients: list[str], groups: dict[str, 
             auc, rate = macro(rows), float(np.nanmean(under[:, rows]))
             auc_gap, under_gap = auc - overall_auc, rate - overall_under
             auc_interval = _gap_interval(auc_gap, boot_auc[c] - boot_auc["all"], level)
-            under_interval = _gap_interval(under_gap, boot_under[c] - boot_under["all"], level)
+            under_interval = _gap_interval(under_gap, boot_under[c] - boot_under["all"], level, boot_under[c])
             figures.setdefault(group, {}).setdefault(value, {"num_images": int(len(rows)),
                                                              "num_diseased": int((labels[rows].max(1) > 0).sum())})
             figures[group][value][name] = {
@@ -89,7 +95,7 @@ def subgroup_summary(labels: np.ndarray, patients: list[str], groups: dict[str, 
                 "underdiagnosis": rate, "underdiagnosis_gap": under_gap,
                 "underdiagnosis_gap_interval": under_interval,
                 "flagged": [what for what, (low, high) in (("AUROC", auc_interval), ("underdiagnosis", under_interval))
-                            if low > 0 or high < 0]}
+                            if low > 0 or high < 0]}  # NaN compares False: never flagged
         figures.setdefault("everyone", {})[name] = {"macro_auroc": overall_auc, "underdiagnosis": overall_under}
     flagged = sorted(f"{g}={v} {name}: {what}" for g, values in figures.items() if g != "everyone"
                      for v, entry in values.items() for name in scores for what in entry[name]["flagged"])
@@ -110,9 +116,10 @@ def subgroup_markdown(summary: dict, descriptions: dict[str, str]) -> list[str]:
             for r in regimes:
                 e = entry[r]
                 low, high = e["underdiagnosis_gap_interval"]
+                interval = "too few to tell" if np.isnan(low) else f"[{low:+.3f}, {high:+.3f}]"
                 mark = " **(flagged)**" if e["flagged"] else ""
                 cells.append(f"{e['macro_auroc']:.3f} ({e['macro_auroc_gap']:+.3f}) / {e['underdiagnosis']:.3f} "
-                             f"({e['underdiagnosis_gap']:+.3f} [{low:+.3f}, {high:+.3f}]){mark}")
+                             f"({e['underdiagnosis_gap']:+.3f} {interval}){mark}")
             rows.append([f"{group}={value}", f"{entry['num_images']:,} ({entry['num_diseased']:,})", *cells])
     return [
         "### Per subgroup", "",
