@@ -351,7 +351,8 @@ def test_condition_dropout_shows_the_null_condition(tiny_config, monkeypatch):
 
 PATIENT_LABELS = {"condition_on": ["findings", "patient_sex", "patient_age", "view_position"],
                   "findings": ["cardiomegaly"],
-                  "groups": {"patient_sex": ["F", "M"], "patient_age": ["18-39", "60-79"], "view_position": ["AP", "PA"]},
+                  "groups": {"patient_sex": ["F", "M"], "patient_age": ["18-39", "60-79"],
+                             "view_position": ["AP", "PA"]},
                   "combination_counts": {"patient_age=18-39|patient_sex=M|view_position=PA": 6,
                                          "cardiomegaly|patient_age=60-79|patient_sex=F|view_position=AP": 4},
                   "guidance_scale": 2.0}
@@ -374,7 +375,7 @@ def test_the_patient_asked_for_reaches_the_condition_and_the_manifest(patient_di
     man = pipe(findings=[[]], sex="M", age=25, view="PA", **{**kwargs, "generator": torch.Generator().manual_seed(0)})
     np.testing.assert_array_equal(woman, explicit)
     assert not np.allclose(woman, man.images, atol=1e-4)
-    with pytest.raises(ValueError, match=r"age 50 falls in no age bin this model was trained on \(it knows: 18-39, 60-79\)"):
+    with pytest.raises(ValueError, match=r"age 50 falls in no age bin this model was trained on \(it knows: 18-39"):
         pipe(findings=[[]], age=50, num_inference_steps=1)
     with pytest.raises(ValueError, match="sex, age and view need findings"):
         pipe(sex="F", num_inference_steps=1)

@@ -2,12 +2,13 @@
 the overall figure.
 
 A subgroup's Fréchet distance is biased upwards by its smaller size, so its gap is taken to the overall figure *at
-the subgroup's size*: each bootstrap replicate resamples the subgroup's real patients and generated images, and
-as many patients and images from everyone, and scores both against the whole real set's reference. Finding rates
+the subgroup's size*: each bootstrap replicate resamples every real patient and generated image, takes the
+subgroup's among them, and draws as many patients and images from everyone for the comparison. Finding rates
 have no such bias: their gap is the subgroup's (generated - real) difference minus everyone's. Intervals are
 Bonferroni-adjusted over every interval that can flag (FD and each finding, in every subgroup), so a report on a
-set with no real difference flags nothing in at least 95% of runs however many subgroups and findings it has. PRDC is given as a point figure per subgroup: a bootstrap resample repeats
-images, and a repeated image is its own nearest neighbour, which collapses the k-NN radii PRDC stands on.
+set with no real difference flags nothing in at least 95% of runs however many subgroups and findings it has.
+PRDC is given as a point figure per subgroup: a bootstrap resample repeats images, and a repeated image is its own
+nearest neighbour, which collapses the k-NN radii PRDC stands on.
 
 Where the groups come from: the real side's dataset columns (`patient_sex`, `patient_age` binned, `view_position`,
 `finding_labels`); the generated side's manifest.csv (`labels`: "Cardiomegaly|patient_sex=F|patient_age=60-79").
@@ -20,7 +21,7 @@ from statistics import NormalDist
 import numpy as np
 
 from ..output_folder import read_manifest
-from ..vocabulary import FINDINGS_COLUMN, MANIFEST_LABELS, SUBGROUP_COLUMNS, SUBGROUPS, finding_lists
+from ..vocabulary import FINDINGS_COLUMN, MANIFEST_LABELS, SUBGROUP_COLUMNS, SUBGROUPS, finding_lists, parse_label_cell
 from .images import ImageSource
 from .metrics import frechet_distance, prdc
 
@@ -54,7 +55,7 @@ def manifest_metadata(source: ImageSource, folder: str) -> dict[str, list]:
     for path in source._folder_files:
         row = rows.get(path.relative_to(folder).as_posix())
         cell = row.get(MANIFEST_LABELS) if row else None
-        names = [] if cell in (None, "", "unconditioned") else cell.split("|")
+        names = (parse_label_cell(cell) if cell else None) or []  # an unconditioned image asked for nothing
         groups = dict(name.split("=", 1) for name in names if "=" in name)
         out[FINDINGS_COLUMN].append([n for n in names if "=" not in n])
         for label, group in _GROUP_LABEL.items():
