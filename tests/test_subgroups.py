@@ -36,6 +36,7 @@ def test_no_difference_flags_nothing():
     assert women["num_real"] == 2 * women["num_real_patients"] and women["fd_gap_interval"][0] < 0 < \
         women["fd_gap_interval"][1]
     assert abs(report["level"] - (1 - 0.05 / 4)) < 1e-12  # Bonferroni: FD and one finding in two subgroups
+    assert abs(women["kid"]) < 0.05 and {"precision", "recall", "density", "coverage"} <= set(women)
 
 
 def test_a_shifted_subgroup_is_flagged_on_distance_and_a_lowered_rate_on_its_finding():
@@ -43,6 +44,7 @@ def test_a_shifted_subgroup_is_flagged_on_distance_and_a_lowered_rate_on_its_fin
     women, men = shifted["groups"]["patient_sex"]["F"], shifted["groups"]["patient_sex"]["M"]
     # Women are further from the real women than everyone is from everyone; men, by the same token, closer.
     assert "patient_sex=F: FD" in shifted["flagged"] and women["fd_gap_interval"][0] > 0 > men["fd_gap"]
+    assert women["kid"] > 10 * max(men["kid"], 1e-3)
     lowered = _report(_population(300, 1, women_rate=0.05))
     women, men = lowered["groups"]["patient_sex"]["F"]["findings"]["finding"], \
         lowered["groups"]["patient_sex"]["M"]["findings"]["finding"]

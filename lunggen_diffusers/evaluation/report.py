@@ -89,7 +89,7 @@ def subgroup_rows(report: dict) -> list[dict]:
                    f"({e['num_real_patients']})", "generated": e["num_fake"], "FD": _interval_text(e["fd"],
                                                                                                   e["fd_interval"]),
                    "FD, everyone at this size": f"{e['fd_everyone_same_size']:.4g}",
-                   "FD gap": _interval_text(e["fd_gap"], e["fd_gap_interval"]),
+                   "FD gap": _interval_text(e["fd_gap"], e["fd_gap_interval"]), "KID": f"{e['kid']:.4g}",
                    "precision / recall": f"{e['precision']:.3f} / {e['recall']:.3f}",
                    "density / coverage": f"{e['density']:.3f} / {e['coverage']:.3f}"}
             for finding, r in e.get("findings", {}).items():

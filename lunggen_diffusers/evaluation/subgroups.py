@@ -7,8 +7,9 @@ subgroup's among them, and draws as many patients and images from everyone for t
 have no such bias: their gap is the subgroup's (generated - real) difference minus everyone's. Intervals are
 Bonferroni-adjusted over every interval that can flag (FD and each finding, in every subgroup), so a report on a
 set with no real difference flags nothing in at least 95% of runs however many subgroups and findings it has.
-PRDC is given as a point figure per subgroup: a bootstrap resample repeats images, and a repeated image is its own
-nearest neighbour, which collapses the k-NN radii PRDC stands on.
+KID (20 subsets) and PRDC are given as point figures per subgroup: a bootstrap resample repeats images, and a
+repeated image is its own nearest neighbour, which collapses the k-NN radii PRDC stands on. MS-SSIM diversity is
+reported for the whole sets only.
 
 Where the groups come from: the real side's dataset columns (`patient_sex`, `patient_age` binned, `view_position`,
 `finding_labels`); the generated side's manifest.csv (`labels`: "Cardiomegaly|patient_sex=F|patient_age=60-79").
@@ -23,7 +24,7 @@ import numpy as np
 from ..output_folder import read_manifest
 from ..vocabulary import FINDINGS_COLUMN, MANIFEST_LABELS, SUBGROUP_COLUMNS, SUBGROUPS, finding_lists, parse_label_cell
 from .images import ImageSource
-from .metrics import frechet_distance, prdc
+from .metrics import frechet_distance, kernel_inception_distance, prdc
 
 ANY_FINDING = "any finding"
 _GROUP_LABEL = {"patient_sex": "patient_sex", "patient_age": "age_bin", "view_position": "view_position"}
@@ -140,6 +141,7 @@ def subgroup_report(real_features: np.ndarray, fake_features: np.ndarray, real_g
             "fd_everyone_same_size": float(np.nanmedian(fd_all[:, c])),
             "fd_gap": gap, "fd_gap_interval": fd_gap,
             "fd_flagged": bool(fd_gap[0] > 0 or fd_gap[1] < 0),
+            "kid": kernel_inception_distance(real_features[real_rows], fake_features[fake_rows], 20, 1000, seed)[0],
             **prdc(real_features[real_rows], fake_features[fake_rows], k),
         }
         if with_findings:
