@@ -78,9 +78,14 @@ def _draw(rows: np.ndarray, patients: np.ndarray, count: int, rng: np.random.Gen
     return np.concatenate([by_patient[p] for p in chosen])
 
 
-def _interval(estimate: float, replicates: np.ndarray, level: float) -> tuple[float, float]:
+def normal_interval(estimate: float, replicates: np.ndarray, level: float,
+                    subgroup: np.ndarray | None = None) -> tuple[float, float]:
     """estimate +- z * the replicates' standard deviation: a Bonferroni level puts the percentiles so far out
-    (0.1% tails for 20 intervals) that a few hundred resamples could not place them, while their spread they can."""
+    (0.1% tails for 20 intervals) that a few hundred resamples could not place them, while their spread they can.
+    NaN when `subgroup` (the subgroup's own figure per replicate) never moves: then the spread is everyone's alone,
+    and a normal interval around a rate stuck at 0 would call a handful of patients significantly better off."""
+    if subgroup is not None and not np.nanstd(subgroup) > 0:
+        return float("nan"), float("nan")
     half = NormalDist().inv_cdf(0.5 + level / 2) * float(np.nanstd(replicates, ddof=1))
     return estimate - half, estimate + half
 
@@ -134,10 +139,10 @@ def subgroup_report(real_features: np.ndarray, fake_features: np.ndarray, real_g
     for c, (group, value, real_rows, fake_rows) in enumerate(cells):
         fd = frechet_distance(real_features[real_rows], fake_features[fake_rows])
         gap = float(np.nanmedian(fd_sub[:, c] - fd_all[:, c]))
-        fd_gap = _interval(gap, fd_sub[:, c] - fd_all[:, c], level)
+        fd_gap = normal_interval(gap, fd_sub[:, c] - fd_all[:, c], level)
         entry = {
             "num_real": int(len(real_rows)), "num_real_patients": sizes[c], "num_fake": int(len(fake_rows)),
-            "fd": fd, "fd_interval": _interval(fd, fd_sub[:, c], level),
+            "fd": fd, "fd_interval": normal_interval(fd, fd_sub[:, c], level),
             "fd_everyone_same_size": float(np.nanmedian(fd_all[:, c])),
             "fd_gap": gap, "fd_gap_interval": fd_gap,
             "fd_flagged": bool(fd_gap[0] > 0 or fd_gap[1] < 0),
@@ -149,7 +154,7 @@ def subgroup_report(real_features: np.ndarray, fake_features: np.ndarray, real_g
             entry["findings"] = {}
             for j, finding in enumerate(findings):
                 gap = float(sub_fake[j] - sub_real[j] - overall_gap[j])
-                interval = _interval(gap, rate_gap[:, c, j], level)
+                interval = normal_interval(gap, rate_gap[:, c, j], level)
                 entry["findings"][finding] = {
                     "real": float(sub_real[j]), "fake": float(sub_fake[j]), "gap": gap, "gap_interval": interval,
                     "flagged": bool(interval[0] > 0 or interval[1] < 0)}

@@ -11,10 +11,9 @@ Bonferroni-adjusted level (over every subgroup and regime), the same resamples f
 
 from __future__ import annotations
 
-from statistics import NormalDist
-
 import numpy as np
 
+from ..evaluation.subgroups import normal_interval
 from ..utils import markdown_table
 from .stats import auroc, patient_weights, weighted_auroc
 
@@ -38,17 +37,6 @@ def _underdiagnosed(labels: np.ndarray, scores: np.ndarray, thresholds: np.ndarr
     diseased = labels.max(1) > 0
     called = (scores >= thresholds).any(1)
     return np.where(diseased, (~called).astype(float), np.nan)
-
-
-def _gap_interval(estimate: float, replicates: np.ndarray, level: float,
-                  subgroup: np.ndarray | None = None) -> tuple[float, float]:
-    """estimate +- z * the replicates' spread; NaN when the subgroup's own figure never moves across resamples (no
-    underdiagnosed image among its few, say): then the spread is everyone's alone, and a normal interval around a
-    rate stuck at 0 would call a handful of patients significantly better off."""
-    if subgroup is not None and not np.nanstd(subgroup) > 0:
-        return float("nan"), float("nan")
-    half = NormalDist().inv_cdf(0.5 + level / 2) * float(np.nanstd(replicates, ddof=1))
-    return estimate - half, estimate + half
 
 
 def subgroup_summary(labels: np.ndarray, patients: list[str], groups: dict[str, list[str]],
@@ -86,8 +74,8 @@ def subgroup_summary(labels: np.ndarray, patients: list[str], groups: dict[str, 
         for c, (group, value, rows) in enumerate(cells):
             auc, rate = macro(rows), float(np.nanmean(under[:, rows]))
             auc_gap, under_gap = auc - overall_auc, rate - overall_under
-            auc_interval = _gap_interval(auc_gap, boot_auc[c] - boot_auc["all"], level)
-            under_interval = _gap_interval(under_gap, boot_under[c] - boot_under["all"], level, boot_under[c])
+            auc_interval = normal_interval(auc_gap, boot_auc[c] - boot_auc["all"], level)
+            under_interval = normal_interval(under_gap, boot_under[c] - boot_under["all"], level, boot_under[c])
             figures.setdefault(group, {}).setdefault(value, {"num_images": int(len(rows)),
                                                              "num_diseased": int((labels[rows].max(1) > 0).sum())})
             figures[group][value][name] = {
