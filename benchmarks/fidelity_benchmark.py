@@ -43,7 +43,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from lunggen_diffusers.cli import run  # noqa: E402
 from lunggen_diffusers.data.phantom import FINDINGS, render_phantom  # noqa: E402
 from lunggen_diffusers.evaluation.metrics import frechet_distance  # noqa: E402
-from lunggen_diffusers.evaluation.phantom_classifier import ClassifierSettings, load_classifier  # noqa: E402
+from lunggen_diffusers.evaluation.phantom_classifier import (  # noqa: E402
+    HEART_RIGHT,
+    OUTPUTS,
+    ClassifierSettings,
+    load_classifier,
+)
 from lunggen_diffusers.runtime import keep_freed_memory  # noqa: E402
 from lunggen_diffusers.sampling import (  # noqa: E402
     DEFAULT_SCHEDULER,
@@ -85,6 +90,11 @@ class FidelityArguments:
     device: str | None = field(default=None, metadata={"help": "cuda, mps or cpu; default: the best available."})
     num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch."})
     timing_repeats: int = field(default=5, metadata={"help": "Timed runs of one batch per scale; the best counts."})
+    guidance_rescale: float = field(default=0.0, metadata={"help": "Pull the guided prediction's spread back toward "
+                                                                   "the conditional one's (0-1; 0: plain guidance)."})
+    guidance_interval: list[int] | None = field(default=None, metadata={
+        "help": "Lowest and highest training timestep to guide at (e.g. 100 800); elsewhere the conditional model "
+                "alone. Default: every step."})
 
 
 def _phantoms(resolution: int, findings: list[str], start: int, count: int) -> np.ndarray:
@@ -98,7 +108,8 @@ def _present(probabilities: dict[str, np.ndarray]) -> dict:
     return {"requested": {f: float(hit[f][:, i].mean()) for i, f in enumerate(FINDINGS)},
             "unrequested": {f: float(np.concatenate([hit[n][:, i] for n in hit if n != f]).mean())
                             for i, f in enumerate(FINDINGS)},
-            "heart_right": float(np.concatenate([h[:, -1] for h in hit.values()]).mean())}
+            # By name: version 3 of the classifier put the patient's outputs after laterality.
+            "heart_right": float(np.concatenate([h[:, OUTPUTS.index(HEART_RIGHT)] for h in hit.values()]).mean())}
 
 
 def _shortfall(row: dict, bounds: dict) -> float:
@@ -118,8 +129,19 @@ def _check(args: FidelityArguments, pipe) -> None:
     for name in ("num_images", "num_reference", "batch_size", "num_inference_steps"):
         if getattr(args, name) < 2:
             raise ValueError(f"--{name} must be >= 2, got {getattr(args, name)}")
+    interval = args.guidance_interval
+    if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1]):
+        raise ValueError(f"--guidance_interval takes the lowest and highest timestep, 0 <= lowest <= highest, got "
+                         f"{interval}")
+    if not 0 <= args.guidance_rescale <= 1:
+        raise ValueError(f"--guidance_rescale must be in [0, 1], got {args.guidance_rescale}")
     if args.timing_repeats < 1:
         raise ValueError(f"--timing_repeats must be >= 1, got {args.timing_repeats}")
+
+
+def _guidance(args: FidelityArguments) -> dict:
+    return {"guidance_rescale": args.guidance_rescale,
+            "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None}
 
 
 def _ms_per_image(pipe, args: FidelityArguments) -> dict[float, float]:
@@ -131,7 +153,7 @@ def _ms_per_image(pipe, args: FidelityArguments) -> dict[float, float]:
             start = time.perf_counter()
             generate(pipe, args.batch_size, seed=args.seed, scheduler=args.scheduler, batch_size=args.batch_size,
                      num_inference_steps=args.num_inference_steps, findings=[FINDINGS[0]], guidance_scale=scale,
-                     output_type="np", progress=False)
+                     output_type="np", progress=False, **_guidance(args))
             best[scale] = min(best[scale], time.perf_counter() - start)
     return {scale: 1000 * seconds / args.batch_size for scale, seconds in best.items()}
 
@@ -164,7 +186,7 @@ def benchmark(args: FidelityArguments) -> dict:
         for name, request in REQUESTS.items():
             out = generate(pipe, args.num_images, seed=args.seed, scheduler=args.scheduler,
                            num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
-                           findings=request, guidance_scale=scale, output_type="np")
+                           findings=request, guidance_scale=scale, output_type="np", **_guidance(args))
             images[name] = np.round(out[..., 0] * 255).astype(np.uint8)  # what the PNGs hold
         rows.append({"guidance_scale": scale, **_present({n: classifier.predict(x) for n, x in images.items()}),
                      "fd": fd(images)})

@@ -31,8 +31,10 @@ from .utils import pick_device
 # name: (class, config overrides, keyword arguments of every step). Order 3 is what diffusers' docs recommend for
 # unconditional sampling (2 for guided sampling); few-step runs keep lower_order_final (the default) so the last
 # steps stay stable. "trailing" spacing starts at the last training timestep, where "leading" (diffusers' DDIM
-# default) starts short of pure noise (Lin et al. 2024). Samplers without x0 clipping or thresholding in diffusers
-# (Euler, Euler ancestral, Heun) are left out: the pixel models lean on the clip (`make_scheduler`).
+# default) starts short of pure noise (Lin et al. 2024). Tried on the demo and left out (benchmarks/README.md,
+# "Samplers"): Euler ancestral (no x0 clip in diffusers; Fréchet distance on the phantom classifier's features 195
+# at 25 steps, against 154 for dpmsolver++-sde) and Heun (diverges on the clipped pixel models: 602 at 13 steps,
+# noise read as a nodule in 0.99 of images).
 SCHEDULERS = {
     "ddpm": (DDPMScheduler, {}, {}),
     "ddim": (DDIMScheduler, {}, {}),
@@ -43,15 +45,19 @@ SCHEDULERS = {
     "dpmsolver++-2m-karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
                                                             "use_karras_sigmas": True}, {}),
     "dpmsolver++-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, {}),
+    "dpmsolver++-sde-karras": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2,
+                                                             "use_karras_sigmas": True}, {}),
+    "dpmsolver++-3m-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, {}),
     "unipc": (UniPCMultistepScheduler, {"solver_order": 3}, {}),
 }
-# DDIM-20, not DPM-Solver++: on the demo model it is the closest of the fast samplers to held-out phantoms, on
-# pixels and on the phantom classifier's features alike, while the probability-flow ODE solvers (dpmsolver++, unipc)
-# and DDIM with many steps (which approaches the ODE) stay further away: an under-trained model's ODE keeps errors
-# that coarse clipped steps wash out. On features that see anatomy it is still well short of DDPM-1000, and its
-# images are smoother and less varied: a default for looking, not for evaluating. The figures are in
-# benchmarks/README.md (sampler_benchmark.py).
-DEFAULT_SCHEDULER, DEFAULT_STEPS = "ddim", 20
+# SDE-DPM-Solver++ (2M) on Karras sigmas, 25 steps, chosen on the #28 table (benchmarks/README.md, "Samplers"):
+# on features that see anatomy it is the closest fast sampler to held-out phantoms on the three phantom models
+# measured (a 3,200-step demo: Fréchet distance 65 against DDIM-20's 66 and DDPM-1000's ~87; the README demo: 138
+# against DDIM-20's 174; the conditional demo at guidance 2: 51 against 60), draws the findings DDPM-1000 draws, and
+# keeps the most nodules of the fast samplers (Karras sigmas spend the steps at low noise, where small findings are
+# drawn). The injected noise washes out errors an under-trained model's ODE keeps (the deterministic solvers sit
+# further away on every model). It needs nothing but a scheduler swap in plain diffusers (the card shows how).
+DEFAULT_SCHEDULER, DEFAULT_STEPS = "dpmsolver++-sde-karras", 25
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LABELS_FROM = ("train",)
 
@@ -61,8 +67,8 @@ def check_scheduler(name: str) -> None:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
-def make_scheduler(name: str, config):
-    """A fresh scheduler `name` built from another scheduler's config (the model's training noise schedule)."""
+def scheduler_settings(name: str, config) -> tuple[type, dict]:
+    """The scheduler class of sampler `name` and what it overrides of a model's training scheduler `config`."""
     check_scheduler(name)
     cls, overrides, _ = SCHEDULERS[name]
     if config.get("clip_sample") and "clip_sample" not in signature(cls.__init__).parameters:
@@ -70,7 +76,24 @@ def make_scheduler(name: str, config):
         # through thresholding (at sample_max_value the threshold is a plain clip). Without it they diverge
         # on pixel models that lean on the clip.
         overrides = {**overrides, "thresholding": True, "sample_max_value": config.get("clip_sample_range", 1.0)}
+    return cls, overrides
+
+
+def make_scheduler(name: str, config):
+    """A fresh scheduler `name` built from another scheduler's config (the model's training noise schedule)."""
+    cls, overrides = scheduler_settings(name, config)
     return cls.from_config(config, **overrides)
+
+
+def scheduler_code(name: str, config) -> tuple[str, str]:
+    """(class name, the Python that builds sampler `name` on `pipe`) in plain diffusers, for model cards."""
+    cls, overrides = scheduler_settings(name, config)
+    if SCHEDULERS[name][2]:
+        raise ValueError(f"sampler {name!r} needs step arguments ({SCHEDULERS[name][2]}) that diffusers' pipelines "
+                         "do not pass; it cannot be written as a scheduler swap")
+    value = lambda v: f'"{v}"' if isinstance(v, str) else repr(v)  # noqa: E731
+    arguments = "".join(f", {k}={value(v)}" for k, v in overrides.items())
+    return cls.__name__, f"{cls.__name__}.from_config(pipe.scheduler.config{arguments})"
 
 
 def _torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -189,10 +212,11 @@ def resolve_guidance(pipe, guidance_scale: float | None) -> float:
 
 
 def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS, batch_size=16,
-                 progress=True, labels=None, guidance_scale=1.0):
+                 progress=True, labels=None, guidance_scale=1.0, guidance_rescale=0.0, guidance_interval=None):
     """Yield (indices, images) per batch; images are float32 numpy (B, H, W, C) in [0, 1].
 
-    `labels` maps each index of a conditional model to its labels (None or missing: the null condition).
+    `labels` maps each index of a conditional model to its labels (None or missing: the null condition);
+    `guidance_rescale` and `guidance_interval` are `guided_denoise`'s.
     """
     check_counts(num_inference_steps=num_inference_steps, batch_size=batch_size)
     check_scheduler(scheduler)
@@ -217,7 +241,8 @@ def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inferen
             if is_conditional(pipe):
                 class_labels, null_labels = pipe.encode([(labels or {}).get(i) for i in batch], len(batch), device)
             with torch.inference_mode():
-                x = guided_denoise(unet, sched, x, class_labels, null_labels, guidance_scale, step_kwargs)
+                x = guided_denoise(unet, sched, x, class_labels, null_labels, guidance_scale, step_kwargs,
+                                   guidance_rescale=guidance_rescale, guidance_interval=guidance_interval)
                 if getattr(pipe, "vae", None) is not None:  # the latent route: decode to pixels
                     x = decode_latents(pipe.vae, x)
             images = postprocess(x, "np")
@@ -227,7 +252,7 @@ def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inferen
 
 def generate(pipe, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS, batch_size=16,
              start_index=0, output_type="pil", progress=True, findings=None, labels_from=None, guidance_scale=None,
-             patient=None):
+             patient=None, guidance_rescale=0.0, guidance_interval=None):
     """Images start_index .. start_index + num_images - 1: PIL images, or one float32 array (N, H, W, C).
 
     Conditional models take `findings` (a list of names for every image) or `labels_from="train"`, and a
@@ -242,6 +267,6 @@ def generate(pipe, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inferenc
     labels = request_labels(pipe, indices, seed, findings, labels_from, patient)
     scale = resolve_guidance(pipe, guidance_scale)
     arrays = [images for _, images in iter_batches(pipe, indices, seed, scheduler, num_inference_steps, batch_size,
-                                                   progress, labels, scale)]
+                                                   progress, labels, scale, guidance_rescale, guidance_interval)]
     images = np.concatenate(arrays)
     return images if output_type == "np" else pipe.numpy_to_pil(images)

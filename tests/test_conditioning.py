@@ -152,6 +152,37 @@ def test_guidance_combines_conditional_and_unconditional_outputs():
     assert not torch.allclose(cond, uncond, atol=1e-4)  # the projection does reach the UNet
 
 
+def test_guidance_interval_guides_only_its_timesteps():
+    pipe = tiny_pipeline()
+    scheduler = DDPMScheduler(num_train_timesteps=50)
+    scheduler.set_timesteps(5)  # timesteps 40, 30, 20, 10, 0
+    labels, null = pipe.encode([["cardiomegaly"], []], 2)
+    counter = CountingUNet(pipe.unet)
+    guided_denoise(counter, scheduler, torch.randn(2, 1, 16, 16), labels, null, 3.0, guidance_interval=(10, 30))
+    assert counter.rows == [2, 4, 4, 4, 2]  # unguided steps run the conditional model alone
+
+
+def test_guidance_rescale_matches_the_conditional_spread():
+    pipe = tiny_pipeline()
+    scheduler = DDPMScheduler(num_train_timesteps=50, clip_sample=False, timestep_spacing="trailing")
+    scheduler.set_timesteps(1)  # at t = 49, where the prediction shapes the step
+    x, t = torch.randn(1, 1, 16, 16), scheduler.timesteps[0]
+    labels, null = pipe.encode([["nodule"]], 1)
+    with torch.no_grad():
+        cond = pipe.unet(x, t, encoder_hidden_states=None, class_labels=labels).sample
+        uncond = pipe.unet(x, t, encoder_hidden_states=None, class_labels=null).sample
+        guided = uncond + 4.0 * (cond - uncond)
+        rescaled = guided * cond.std() / guided.std()  # rescale 1: the guided direction at the conditional spread
+        outputs = {phi: guided_denoise(pipe.unet, scheduler, x, labels, null, 4.0, guidance_rescale=phi)
+                   for phi in (0.0, 1.0, 0.5)}
+        expected = {phi: scheduler.step(phi * rescaled + (1 - phi) * guided, t, x).prev_sample
+                    for phi in (0.0, 1.0, 0.5)}
+    assert guided.std() > 1.05 * cond.std()  # guidance at 4 did widen it: the test can tell
+    for phi in outputs:
+        assert torch.allclose(outputs[phi], expected[phi], atol=1e-4), phi
+    assert not torch.allclose(outputs[0.0], outputs[1.0], atol=1e-3)
+
+
 def test_saved_pipeline_loads_with_our_class_and_as_remote_code(tmp_path):
     pipe = tiny_pipeline()
     pipe.save_pretrained(tmp_path / "model", safe_serialization=True)

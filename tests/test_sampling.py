@@ -2,7 +2,9 @@ import csv
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
+import diffusers
 import huggingface_hub.constants
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from lunggen_diffusers.sampling import (
     load_pipeline,
     make_scheduler,
     noise_seed,
+    scheduler_code,
 )
 
 STEPS = 4
@@ -50,10 +53,11 @@ def _save(pipe, out, n=4, **kwargs):
 
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
-def test_same_image_whatever_the_batch_size(pipe, scheduler):
+def test_every_sampler_is_deterministic_and_batch_invariant(pipe, scheduler):
     kwargs = {"seed": 7, "scheduler": scheduler, "num_inference_steps": STEPS, "output_type": "np",
               "progress": False}
     together = generate(pipe, 5, batch_size=5, **kwargs)
+    np.testing.assert_array_equal(generate(pipe, 5, batch_size=5, **kwargs), together)  # same call, same bits
     split = generate(pipe, 5, batch_size=2, **kwargs)
     alone = generate(pipe, 1, batch_size=1, start_index=3, **kwargs)
     other_seed = generate(pipe, 5, batch_size=5, **{**kwargs, "seed": 8})
@@ -70,7 +74,9 @@ def test_same_image_whatever_the_batch_size(pipe, scheduler):
 
 @pytest.mark.parametrize("variant, base", [("ddim-eta1", "ddim"), ("ddim-trailing", "ddim"),
                                            ("dpmsolver++-2m", "dpmsolver++"), ("dpmsolver++-2m-karras", "dpmsolver++-2m"),
-                                           ("dpmsolver++-sde", "dpmsolver++-2m")])
+                                           ("dpmsolver++-sde", "dpmsolver++-2m"),
+                                           ("dpmsolver++-sde-karras", "dpmsolver++-sde"),
+                                           ("dpmsolver++-3m-sde", "dpmsolver++-sde")])
 def test_each_sampler_variant_samples_differently_from_its_base(pipe, variant, base):
     """A variant whose setting never reached the scheduler or its step would draw its base's images."""
     kwargs = {"seed": 3, "num_inference_steps": 6, "output_type": "np", "progress": False}
@@ -86,6 +92,21 @@ def test_trailing_spacing_starts_from_pure_noise():
         scheduler.set_timesteps(10)
         firsts[name] = int(scheduler.timesteps[0])
     assert firsts == {"ddim": 900, "ddim-trailing": 999}
+
+
+@pytest.mark.parametrize("name", [name for name, (_, _, step) in SCHEDULERS.items() if not step])
+def test_scheduler_code_builds_the_samplers_scheduler(name):
+    """The model card's plain-diffusers line must build what `--scheduler name` samples with."""
+    config = DDPMScheduler(clip_sample=True, prediction_type="v_prediction").config
+    cls_name, code = scheduler_code(name, config)
+    pipe = SimpleNamespace(scheduler=DDPMScheduler.from_config(config))
+    built = eval(code, {cls_name: getattr(diffusers, cls_name), "pipe": pipe})
+    assert type(built).__name__ == cls_name and dict(built.config) == dict(make_scheduler(name, config).config)
+
+
+def test_scheduler_code_refuses_a_sampler_that_needs_step_arguments():
+    with pytest.raises(ValueError, match="ddim-eta1.*step arguments"):
+        scheduler_code("ddim-eta1", DDPMScheduler().config)
 
 
 @pytest.mark.parametrize("clip_sample", [True, False])

@@ -18,7 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..autoencoder import describe_standardisation
 from ..conditioning import prevalence
 from ..lunggen_pipeline import DEFAULT_GUIDANCE_SCALE, LabelSpace, normalize
-from ..sampling import DEFAULT_STEPS
+from ..sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_code
 from ..utils import atomic_write_text
 from ..vocabulary import SUBGROUPS
 from .privacy import (
@@ -199,8 +199,9 @@ def _context(folder: Path, manifest: dict, summary: dict | None, model_id: str, 
         "title": model_id.split("/")[-1], "model_id": model_id, "latent": latent,
         "res": latent["side"] * latent["factor"] if latent else unet["sample_size"],
         "channels": 1, "steps": steps, "scheduler": scheduler,
-        # DDIM is the project's default fast sampler (benchmarks/sampler_benchmark.py); it keeps x0 clipping.
-        "fast_steps": min(DEFAULT_STEPS, max(1, steps // 2)),
+        # pipeline.py's default sampler (chosen on benchmarks/sampler_benchmark.py), as plain diffusers code.
+        "sampler": dict(zip(("cls", "code"), scheduler_code(DEFAULT_SCHEDULER, scheduler)), name=DEFAULT_SCHEDULER,
+                        steps=min(DEFAULT_STEPS, max(1, steps // 2))),
         "samples": (folder / SAMPLES).is_file(), "nih": nih, "phantom": phantom,
         "data": manifest["data"], "config": manifest["config"], "seed": manifest["seed"],
         "training": manifest["training"], "duration": _duration(manifest["training"]["wall_time_s"]),
