@@ -34,7 +34,6 @@ from diffusers import (
     UNet2DModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
@@ -226,6 +225,10 @@ def guided_denoise(unet, scheduler, x, class_labels=None, null_labels=None, guid
             conditional, unconditional = both.chunk(2)
             output = unconditional + guidance_scale * (conditional - unconditional)
             if guidance_rescale > 0:
+                # Imported here: the Stable Diffusion module imports transformers' image processors, which warn on
+                # stderr at import when torchvision is absent (every CLI's one-line errors would get a second line).
+                from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
                 output = rescale_noise_cfg(output, conditional, guidance_rescale)
         x = scheduler.step(output, t, x, **step_kwargs).prev_sample
         if on_step is not None:
