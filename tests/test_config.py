@@ -44,13 +44,13 @@ def test_the_demo_presets_values_are_the_documented_recipe():
     assert (demo.data.resolution, demo.model.block_out_channels, demo.model.prediction_type) == \
         (64, [16, 32, 64, 128], "v_prediction")
     assert (demo.training.max_train_steps, demo.training.train_batch_size, demo.training.learning_rate) == \
-        (800, 8, 2e-3)
+        (1200, 8, 2e-3)
     assert (conditional.training.max_train_steps, conditional.data.phantom_finding_prob) == (4500, 0.5)
 
 
 def test_conditioning_applies_the_conditional_preset_under_the_flags(tmp_path):
     plain, conditional = parse_args([]), parse_args(["--condition_on", "findings"])
-    assert (plain.data.phantom_finding_prob, plain.training.max_train_steps) == (0.1, 800)
+    assert (plain.data.phantom_finding_prob, plain.training.max_train_steps) == (0.1, 1200)
     assert (conditional.data.phantom_finding_prob, conditional.training.max_train_steps) == (0.5, 4500)
     assert (plain.training.snr_gamma, conditional.training.snr_gamma) == (5.0, None)  # None overrides, not ignored
     assert conditional.model.prediction_type == plain.model.prediction_type  # the rest of the demo preset stays
