@@ -120,6 +120,11 @@ class ModelConfig:
     ddpm_num_steps: int = field(default=1000, metadata={"help": "Diffusion (training) timesteps."})
     ddpm_beta_schedule: str = field(default="linear", metadata={"help": "linear, scaled_linear or squaredcos_cap_v2."})
     prediction_type: str = field(default="epsilon", metadata={"help": "epsilon or v_prediction."})
+    rescale_betas_zero_snr: bool = field(
+        default=False,
+        metadata={"help": "Rescale the noise schedule so that its last timestep is pure noise (zero terminal SNR, Lin "
+                          "et al. 2024) and sample from that timestep ('trailing' spacing); needs v_prediction."},
+    )
     latent: bool = field(
         default=False,
         metadata={"help": "The latent route: the UNet learns an autoencoder's latents (cached once per prepared data "
@@ -339,6 +344,9 @@ def validate(config: Config) -> Config:
     m = config.model
     if m.vae:
         m.latent = True
+    if m.rescale_betas_zero_snr and m.prediction_type != "v_prediction":
+        raise ValueError(f"--rescale_betas_zero_snr needs --prediction_type v_prediction, not {m.prediction_type!r} "
+                         "(at zero SNR the noise says nothing about the image)")
     res, levels = config.data.resolution, len(m.block_out_channels)
     factor = 2 ** (len(m.vae_block_out_channels) - 1) if m.latent and not m.vae else 1
     multiple = factor * 2 ** (levels - 1)

@@ -56,6 +56,10 @@ def build_scheduler(config: Config) -> DDPMScheduler:
         # Pixels live in [-1, 1], so clipping the predicted clean image there is free help; scaled latents have
         # unit variance and no such bound (clipped, the demo's latent samples came out washed out and streaked).
         clip_sample=not m.latent,
+        rescale_betas_zero_snr=m.rescale_betas_zero_snr,
+        # A zero-SNR schedule must be sampled from its last timestep, where the image is pure noise; diffusers'
+        # default ("leading") starts short of it.
+        timestep_spacing="trailing" if m.rescale_betas_zero_snr else "leading",
     )
 
 

@@ -98,6 +98,8 @@ def test_paper_preset_builds_the_paper_unet():
         (["--push_to_hub", "true"], "--push_to_hub needs --hub_model_id"),
         (["--dataset_name", "a", "--train_data_dir", "b"], "either --dataset_name or --train_data_dir"),
         (["--dicom_percentiles", "99", "1"], "--dicom_percentiles 99.0 1.0: give two percentiles, low < high"),
+        (["--rescale_betas_zero_snr", "true", "--prediction_type", "epsilon"],
+         "--rescale_betas_zero_snr needs --prediction_type v_prediction, not 'epsilon'"),
         (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
     ],
 )

@@ -14,6 +14,8 @@ from PIL import Image
 
 import pipeline
 from lunggen_diffusers import generate as generate_cli
+from lunggen_diffusers.config import parse_args
+from lunggen_diffusers.model import build_scheduler
 from lunggen_diffusers.output_folder import MANIFEST_FIELDS, save_images
 from lunggen_diffusers.sampling import (
     DEFAULT_SCHEDULER,
@@ -92,6 +94,23 @@ def test_trailing_spacing_starts_from_pure_noise():
         scheduler.set_timesteps(10)
         firsts[name] = int(scheduler.timesteps[0])
     assert firsts == {"ddim": 900, "ddim-trailing": 999}
+
+
+def test_zero_terminal_snr_models_sample_from_pure_noise_with_every_sampler(pipe):
+    """--rescale_betas_zero_snr: the training schedule ends in pure noise, and every sampler starts there."""
+    config = parse_args(["--rescale_betas_zero_snr", "true", "--prediction_type", "v_prediction"])
+    scheduler = build_scheduler(config)
+    assert float(scheduler.alphas_cumprod[-1]) == 0.0 and float(build_scheduler(parse_args([])).alphas_cumprod[-1]) > 0
+    zero_snr = DDPMPipeline(unet=pipe.unet, scheduler=scheduler)
+    for name in SCHEDULERS:
+        sampler = make_scheduler(name, scheduler.config)
+        sampler.set_timesteps(STEPS)
+        # Karras sigmas start at the largest sigma (4096 at diffusers' 2**-24 terminal alpha), timestep 995.
+        first_snr = (1 / float(sampler.sigmas[0]) ** 2 if hasattr(sampler, "sigmas")
+                     else float(scheduler.alphas_cumprod[int(sampler.timesteps[0])]))
+        assert first_snr < 1e-6 and sampler.config.rescale_betas_zero_snr, name
+        images = generate(zero_snr, 2, scheduler=name, num_inference_steps=STEPS, output_type="np", progress=False)
+        assert np.isfinite(images).all() and images.std() > 0, name
 
 
 @pytest.mark.parametrize("name", [name for name, (_, _, step) in SCHEDULERS.items() if not step])
