@@ -49,6 +49,7 @@ from lunggen_diffusers.evaluation.phantom_classifier import (  # noqa: E402
     ClassifierSettings,
     load_classifier,
 )
+from lunggen_diffusers.lunggen_pipeline import check_guidance_interval  # noqa: E402
 from lunggen_diffusers.runtime import keep_freed_memory  # noqa: E402
 from lunggen_diffusers.sampling import (  # noqa: E402
     DEFAULT_SCHEDULER,
@@ -129,10 +130,7 @@ def _check(args: FidelityArguments, pipe) -> None:
     for name in ("num_images", "num_reference", "batch_size", "num_inference_steps"):
         if getattr(args, name) < 2:
             raise ValueError(f"--{name} must be >= 2, got {getattr(args, name)}")
-    interval = args.guidance_interval
-    if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1]):
-        raise ValueError(f"--guidance_interval takes the lowest and highest timestep, 0 <= lowest <= highest, got "
-                         f"{interval}")
+    check_guidance_interval(args.guidance_interval, pipe.scheduler.config.num_train_timesteps)
     if not 0 <= args.guidance_rescale <= 1:
         raise ValueError(f"--guidance_rescale must be in [0, 1], got {args.guidance_rescale}")
     if args.timing_repeats < 1:

@@ -197,6 +197,16 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return image.mean(1, keepdim=True) if image.shape[1] != 1 else image
 
 
+def check_guidance_interval(interval, num_train_timesteps: int) -> tuple[int, int] | None:
+    """(lowest, highest) training timestep to guide at, checked; None (guide at every step) passes through."""
+    if interval is None:
+        return None
+    if len(interval) != 2 or not 0 <= interval[0] <= interval[1] < num_train_timesteps:
+        raise ValueError(f"guidance_interval {list(interval)}: give the lowest and highest training timestep to guide "
+                         f"at, 0 <= lowest <= highest <= {num_train_timesteps - 1} (e.g. 82 579)")
+    return int(interval[0]), int(interval[1])
+
+
 def guided_denoise(unet, scheduler, x, class_labels=None, null_labels=None, guidance_scale=1.0, step_kwargs=None,
                    progress=None, on_step: Callable | None = None, guidance_rescale: float = 0.0,
                    guidance_interval: tuple[int, int] | None = None):
@@ -355,9 +365,12 @@ class LungGenPipeline(DiffusionPipeline):
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
                  return_dict: bool = True, callback_on_step_end: Callable | PipelineCallback | None = None,
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",), sex: str | None = None,
-                 age: float | None = None, view: str | None = None):
+                 age: float | None = None, view: str | None = None,
+                 guidance_interval: tuple[int, int] | None = None):
         """Generate images; `findings` holds one list of finding names per image ([] = "No Finding"), None samples
-        the null (unconditioned) condition for `batch_size` images. `guidance_scale` None takes the model's own.
+        the null (unconditioned) condition for `batch_size` images. `guidance_scale` None takes the model's own;
+        `guidance_interval` (lowest, highest training timestep) guides only there, the conditional model alone
+        elsewhere (82 579, sigma 0.28 to 5.4 on the linear schedule: benchmarks/README.md, "Samplers").
         `sex` ("M"/"F"), `age` (years) and `view` ("PA"/"AP") ask every image for that patient, on a model trained
         with `--condition_on` them (a group not given takes its most frequent training value); they need `findings`.
 
@@ -372,10 +385,14 @@ class LungGenPipeline(DiffusionPipeline):
                 raise ValueError(f"guidance_scale {guidance_scale}: a model trained without labels has nothing to "
                                  "guide by")
             guidance_scale = 1.0
+            if guidance_interval is not None:
+                raise ValueError(f"guidance_interval {list(guidance_interval)}: a model trained without labels has "
+                                 "nothing to guide by")
         elif guidance_scale is None:
             guidance_scale = self.config.label_config.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
         self.check_inputs(findings, batch_size, guidance_scale, num_inference_steps, output_type,
                           callback_on_step_end_tensor_inputs)
+        guidance_interval = check_guidance_interval(guidance_interval, self.scheduler.config.num_train_timesteps)
         if (sex, age, view) != (None, None, None):
             if findings is None:
                 raise ValueError("sex, age and view need findings (one list per image, [] for none): the "
@@ -401,7 +418,8 @@ class LungGenPipeline(DiffusionPipeline):
             return outputs.pop("latents", latents)
 
         latents = guided_denoise(self.unet, self.scheduler, latents * self.scheduler.init_noise_sigma, class_labels,
-                                 null_labels, guidance_scale, step_kwargs, self.progress_bar, on_step)
+                                 null_labels, guidance_scale, step_kwargs, self.progress_bar, on_step,
+                                 guidance_interval=guidance_interval)
         if output_type == "latent":
             image = latents
         else:
@@ -410,5 +428,5 @@ class LungGenPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=image) if return_dict else (image,)
 
 
-__all__ = ["LungGenPipeline", "LabelSpace", "guided_denoise", "postprocess", "decode_latents", "normalize", "DEFAULT_GUIDANCE_SCALE",
-           "NO_FINDING"]
+__all__ = ["LungGenPipeline", "LabelSpace", "check_guidance_interval", "guided_denoise", "postprocess", "decode_latents",
+           "normalize", "DEFAULT_GUIDANCE_SCALE", "NO_FINDING"]

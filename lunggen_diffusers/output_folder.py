@@ -38,6 +38,7 @@ from .sampling import (
     noise_seed,
     request_labels,
     resolve_guidance,
+    resolve_interval,
 )
 from .utils import SYNTHETIC_NOTICE, atomic_path, image_grid, synthetic_png_info
 from .vocabulary import MANIFEST_LABELS, NO_FINDING, UNCONDITIONED, label_cell
@@ -51,9 +52,9 @@ RUN_FIELDS = ("seed", "scheduler", "steps", "model", "revision", "dtype", "bit_d
 PROCESS_FIELDS = ("device", "cpu_threads")
 MANIFEST_FIELDS = ("file", "index", "noise_seed", *RUN_FIELDS, *PROCESS_FIELDS)
 # A conditional model's images also record what was asked for; a resume must ask the same.
-CONDITIONAL_FIELDS = (MANIFEST_LABELS, "guidance_scale", "request")
+CONDITIONAL_FIELDS = (MANIFEST_LABELS, "guidance_scale", "guidance_interval", "request")
 PNG_FIELDS = ("model", "revision", "seed", "index", "noise_seed", "scheduler", "steps", MANIFEST_LABELS,
-              "guidance_scale")
+              "guidance_scale", "guidance_interval")
 JOURNAL_PREFIX = "manifest.part-"  # one per process and run; merged into manifest.csv when the run completes
 
 
@@ -112,7 +113,7 @@ def _rows_so_far(output_dir: str, run: dict) -> dict[int, dict]:
     paths = ([manifest] if os.path.exists(manifest) else []) + _journals(output_dir)
     rows = [row for path in paths for row in _complete_rows(path)]
     for row in rows:
-        clash = [k for k in run if row.get(k) != str(run[k])]
+        clash = [k for k in run if row.get(k, "") != str(run[k])]  # a column added since reads as its default
         if clash:
             k = clash[0]
             raise ValueError(f"output_dir already holds images made with {k}={row.get(k)!r} (this run: "
@@ -165,7 +166,7 @@ def _merge(output_dir: str, rows: dict[int, dict], fields) -> None:
 
 def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS,
                 batch_size=16, start_index=0, bit_depth=8, model="", revision="", progress=True, findings=None,
-                labels_from=None, guidance_scale=None, patient=None):
+                labels_from=None, guidance_scale=None, patient=None, guidance_interval=None):
     """Write image_<index>.png for each image, manifest.csv and grid.png; returns the manifest rows.
 
     Under `accelerate launch`, every process runs this with the same arguments and takes its own share of the
@@ -173,21 +174,21 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
     in a killed process's journal (and present) are skipped. Each PNG is written to a temporary name and renamed,
     and its row appended to its process's journal after, so an interrupted run never leaves a half-written image
     that a resume would trust. A conditional model's manifest and PNGs also carry each image's labels and the
-    guidance scale.
+    guidance scale and interval.
     """
     check_output(output_dir, num_images, num_inference_steps, batch_size, start_index, scheduler, bit_depth)
     state = process_state()
     wanted = range(start_index, start_index + num_images)
     labels = request_labels(pipe, wanted, seed, findings, labels_from, patient)
-    scale = resolve_guidance(pipe, guidance_scale)
+    scale, interval = resolve_guidance(pipe, guidance_scale), resolve_interval(pipe, guidance_interval)
     os.makedirs(output_dir, exist_ok=True)
     dtype = str(pipe.unet.dtype).removeprefix("torch.")
     run = {"seed": seed, "scheduler": scheduler, "steps": num_inference_steps, "model": model,
            "revision": revision, "dtype": dtype, "bit_depth": bit_depth}
     fields = MANIFEST_FIELDS
     if is_conditional(pipe):
-        run.update(guidance_scale=scale, request=_request(findings is not None and labels[start_index], labels_from,
-                                                                   patient))
+        run.update(guidance_scale=scale, guidance_interval=" ".join(map(str, interval or ())),
+                   request=_request(findings is not None and labels[start_index], labels_from, patient))
         fields = MANIFEST_FIELDS + CONDITIONAL_FIELDS
     done = _rows_so_far(output_dir, run)
     todo = [i for i in wanted if not (i in done and os.path.isfile(os.path.join(output_dir, done[i]["file"])))]
@@ -200,7 +201,8 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
     writer, f = _journal(output_dir, fields)
     with f:
         for batch, images in iter_batches(pipe, mine, seed, scheduler, num_inference_steps, batch_size,
-                                          progress and state.is_main_process, labels, scale):
+                                          progress and state.is_main_process, labels, scale,
+                                          guidance_interval=interval):
             for index, image in zip(batch, images):
                 row = {"file": f"image_{index:06d}.png", "index": index, "noise_seed": noise_seed(seed, index),
                        **run, **made_by}

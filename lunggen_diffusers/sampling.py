@@ -25,7 +25,14 @@ from huggingface_hub.errors import HFValidationError
 from tqdm.auto import tqdm
 
 from .autoencoder import downsampling
-from .lunggen_pipeline import MODULE_NAME, LungGenPipeline, decode_latents, guided_denoise, postprocess
+from .lunggen_pipeline import (
+    MODULE_NAME,
+    LungGenPipeline,
+    check_guidance_interval,
+    decode_latents,
+    guided_denoise,
+    postprocess,
+)
 from .utils import pick_device
 
 # name: (class, config overrides, keyword arguments of every step). Order 3 is what diffusers' docs recommend for
@@ -212,6 +219,12 @@ def resolve_guidance(pipe, guidance_scale: float | None) -> float:
     return float(guidance_scale)
 
 
+def resolve_interval(pipe, guidance_interval) -> tuple[int, int] | None:
+    if guidance_interval is not None and not is_conditional(pipe):
+        raise ValueError("--guidance_interval needs a conditional model; this one was trained without labels")
+    return check_guidance_interval(guidance_interval, pipe.scheduler.config.num_train_timesteps)
+
+
 def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS, batch_size=16,
                  progress=True, labels=None, guidance_scale=1.0, guidance_rescale=0.0, guidance_interval=None):
     """Yield (indices, images) per batch; images are float32 numpy (B, H, W, C) in [0, 1].
@@ -266,8 +279,8 @@ def generate(pipe, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inferenc
         raise ValueError(f"unknown output_type {output_type!r}; choose 'pil' or 'np'")
     indices = range(start_index, start_index + num_images)
     labels = request_labels(pipe, indices, seed, findings, labels_from, patient)
-    scale = resolve_guidance(pipe, guidance_scale)
+    scale, interval = resolve_guidance(pipe, guidance_scale), resolve_interval(pipe, guidance_interval)
     arrays = [images for _, images in iter_batches(pipe, indices, seed, scheduler, num_inference_steps, batch_size,
-                                                   progress, labels, scale, guidance_rescale, guidance_interval)]
+                                                   progress, labels, scale, guidance_rescale, interval)]
     images = np.concatenate(arrays)
     return images if output_type == "np" else pipe.numpy_to_pil(images)

@@ -271,6 +271,22 @@ def test_manifest_and_png_chunks_carry_the_labels(conditional, tmp_path):
     with pytest.raises(ValueError, match="made with request="):  # a resume must ask for the same labels
         save_images(conditional, str(tmp_path / "a"), 4, num_inference_steps=2, findings=["nodule"],
                     guidance_scale=2.0, model="tiny-cond", progress=False)
+    assert written[0]["guidance_interval"] == ""  # guided at every step
+    with pytest.raises(ValueError, match="made with guidance_interval=''"):  # nor guide at other steps
+        save_images(conditional, str(tmp_path / "a"), 4, num_inference_steps=2, findings=["cardiomegaly"],
+                    guidance_scale=2.0, guidance_interval=[10, 30], model="tiny-cond", progress=False)
+    # ddpm at 2 steps visits timesteps 25 and 0: guiding at 30-49 guides no step, so the image is the unguided one.
+    both = {"num_inference_steps": 2, "scheduler": "ddpm", "findings": ["cardiomegaly"], "progress": False}
+    banded = save_images(conditional, str(tmp_path / "d"), 1, guidance_scale=4.0, guidance_interval=[30, 49], **both)
+    save_images(conditional, str(tmp_path / "e"), 1, guidance_scale=1.0, **both)
+    save_images(conditional, str(tmp_path / "f"), 1, guidance_scale=4.0, **both)
+    assert banded[0]["guidance_interval"] == "30 49"
+    pixels = {}
+    for name in "def":
+        with Image.open(tmp_path / name / "image_000000.png") as im:
+            pixels[name] = np.asarray(im)
+            assert im.text.get("guidance_interval", "") == ("30 49" if name == "d" else "")
+    assert np.array_equal(pixels["d"], pixels["e"]) and not np.array_equal(pixels["e"], pixels["f"])
 
 
 def test_conditional_model_loads_from_the_hub_cache_offline(conditional_dir, tmp_path, monkeypatch):
@@ -294,6 +310,8 @@ def test_conditional_model_loads_from_the_hub_cache_offline(conditional_dir, tmp
     (["--guidance_scale", "0.5"], "guidance_scale must be >= 1"),
     (["--labels_from", "test"], "--labels_from 'test': choose train"),
     (["--findings", "nodule", "--labels_from", "train"], "give --findings or --labels_from, not both"),
+    (["--guidance_interval", "10"], "guidance_interval [10]: give the lowest and highest training timestep"),
+    (["--guidance_interval", "10", "50"], "0 <= lowest <= highest <= 49"),
 ])
 def test_cli_bad_conditional_requests(extra, message, conditional_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
@@ -312,7 +330,8 @@ def test_cli_findings_asked_of_an_unconditional_model(tmp_path, capsys):
                        norm_num_groups=4)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "plain")
     for extra, message in ((["--findings", "Cardiomegaly"], "findings were asked of an unconditional model"),
-                           (["--guidance_scale", "2"], "--guidance_scale needs a conditional model")):
+                           (["--guidance_scale", "2"], "--guidance_scale needs a conditional model"),
+                           (["--guidance_interval", "82", "579"], "--guidance_interval needs a conditional model")):
         with pytest.raises(SystemExit):
             pipeline.main(["--model", str(tmp_path / "plain"), "--output_dir", str(tmp_path / "out"),
                            "--num_images", "1", "--num_inference_steps", "1", *extra])

@@ -52,6 +52,20 @@ def test_batch_size_follows_findings_and_a_contradiction_is_refused():
         pipe(findings=["cardiomegaly"], num_inference_steps=1)
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it():
+    pipe = tiny_pipeline()
+    assert pipe.scheduler.config.num_train_timesteps == 50
+    pipe.scheduler.register_to_config(timestep_spacing="leading")  # 2 steps: timesteps 25 and 0
+    guided = _call(pipe, output_type="np", guidance_scale=4.0).images
+    unguided = _call(pipe, output_type="np", guidance_scale=1.0).images
+    assert not np.allclose(guided, unguided, atol=1e-3)  # guidance 4 does change the images: the test can tell
+    whole = _call(pipe, output_type="np", guidance_scale=4.0, guidance_interval=(0, 49)).images
+    outside = _call(pipe, output_type="np", guidance_scale=4.0, guidance_interval=(30, 49)).images
+    assert np.array_equal(whole, guided) and np.array_equal(outside, unguided)
+    with pytest.raises(ValueError, match=r"guidance_interval \[30, 10\]: .* 0 <= lowest <= highest <= 49"):
+        _call(pipe, guidance_interval=(30, 10))
+
+
 def test_return_dict_false_is_a_tuple_of_the_same_images():
     pipe = tiny_pipeline()
     (images,) = _call(pipe, output_type="np", return_dict=False)
