@@ -15,7 +15,8 @@ distance sampling noise alone gives, the floor no sampler can beat.
 
 A distance can look good while the sampler draws the wrong patients, so every row also has its census (the shipped
 phantom classifier): the share of images with each finding and with the heart on the image's right, with Wilson 95%
-intervals, beside the held-out phantoms' and DDPM-1000's.
+intervals, beside the held-out phantoms' and DDPM-1000's. Further disjoint held-out sets of the same size
+(`--census_floor_sets`) give the census its floor: how far apart two sets of real images read at this size.
 
 Goals (per row; model evaluations count, a second-order step's two are two): "default", at most 50 evaluations and
 within 1.15x of DDPM-1000's FD on the classifier's features; "fast", at most 25 and within 1.5x; for both, every finding's share within 0.03 of DDPM-1000's and of the held-out share, and the heart on the
@@ -24,6 +25,7 @@ writes JSON and a PNG with the first images of every sampler (one row each, same
 """
 
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -93,6 +95,9 @@ class BenchmarkArguments:
                 "sampler's definition, seed and count): DDPM-1000 is then sampled once per model."})
     timing_images: int = field(default=16, metadata={"help": "Images in the one batch each sampler is timed on."})
     timing_repeats: int = field(default=2, metadata={"help": "Timed runs per sampler; the fastest counts."})
+    census_floor_sets: int = field(default=7, metadata={
+        "help": "Further held-out sets of --num_images, disjoint: the census gaps between any two held-out sets are "
+                "how far apart real images read at this size, the census goal's sampling noise (0: skip)."})
 
 
 def _uint8(images: np.ndarray) -> np.ndarray:
@@ -164,6 +169,8 @@ def evaluations(pipe, scheduler: str, steps: int) -> int:
 
 def benchmark(args: BenchmarkArguments) -> dict:
     samplers = [parse_sampler(text) for text in args.samplers]
+    if args.census_floor_sets < 0:
+        raise ValueError(f"--census_floor_sets must be >= 0, got {args.census_floor_sets}")
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     pipe, revision = load_pipeline(args.model, device=args.device)
@@ -186,6 +193,10 @@ def benchmark(args: BenchmarkArguments) -> dict:
                 "census": census(images, reader)}
 
     rows = [{"sampler": "phantoms", "steps": 0, "evaluations": 0, "ms_per_image": 0.0, **quality(floor)}]
+    held_out = [rows[0]["census"]] + [
+        census(_phantoms(args.num_images, resolution, args.num_reference + k * args.num_images,
+                         args.training_prevalence), reader) for k in range(1, args.census_floor_sets + 1)]
+    real_gaps = np.array([max_gap(a, b) for a, b in itertools.combinations(held_out, 2)])
     strips = [floor[:8]]
     for scheduler, steps in samplers:
         images = _sample(args, pipe, scheduler, steps)
@@ -210,6 +221,10 @@ def benchmark(args: BenchmarkArguments) -> dict:
                            "phantom_features": classifier.description,
                            "kept_freed_memory": kept_freed_memory},
               "rows": rows,
+              # Real against real at this n: the largest finding gap between two disjoint held-out sets.
+              "census_floor": None if not len(real_gaps) else {
+                  "pairs": len(real_gaps), "median_gap": float(np.median(real_gaps)),
+                  "max_gap": float(real_gaps.max()), "share_over_goal": float((real_gaps > GOAL_PREVALENCE_GAP).mean())},
               "sheet_rows": ["phantoms"] + [f"{name}-{steps}" for name, steps in samplers],
               # The default is held to every goal its evaluation count falls under.
               "default_meets": None if ref is None or default is None else {
@@ -222,13 +237,16 @@ def benchmark(args: BenchmarkArguments) -> dict:
     return result
 
 
+def max_gap(row: dict, other: dict) -> float:
+    """The largest gap between two censuses' shares of any finding."""
+    return max(abs(row[f]["share"] - other[f]["share"]) for f in row if f != HEART_RIGHT)
+
+
 def census_goals(row: dict, held_out: dict, reference: dict | None) -> dict:
     """The largest gap of any finding's share to the held-out phantoms' and to DDPM-1000's, and whether the row
     meets the census goals (None where DDPM-1000 was not run)."""
-    findings = [name for name in row if name != HEART_RIGHT]
-    gap = lambda other: max(abs(row[f]["share"] - other[f]["share"]) for f in findings)  # noqa: E731
-    out = {"prevalence_gap_held_out": gap(held_out), "laterality": row[HEART_RIGHT]["share"]}
-    out["prevalence_gap_ddpm"] = gap(reference) if reference else None
+    out = {"prevalence_gap_held_out": max_gap(row, held_out), "laterality": row[HEART_RIGHT]["share"]}
+    out["prevalence_gap_ddpm"] = max_gap(row, reference) if reference else None
     out["meets_census_goals"] = None if reference is None else bool(
         max(out["prevalence_gap_held_out"], out["prevalence_gap_ddpm"]) <= GOAL_PREVALENCE_GAP
         and out["laterality"] >= GOAL_LATERALITY)
@@ -275,6 +293,12 @@ def print_table(result: dict) -> None:
           f"held-out phantoms' share and of ddpm-1000's; the heart on the image's right, as a PA film shows the "
           f"patient's left, in >= {GOAL_LATERALITY}):")
     print(census_table(result))
+    floor = result["census_floor"]
+    if floor:
+        n = result["settings"]["num_images"]
+        print(f"Real vs real at {n} images ({floor['pairs']} pairs of disjoint held-out sets): largest finding gap "
+              f"median {floor['median_gap']:.3f}, max {floor['max_gap']:.3f}; over {GOAL_PREVALENCE_GAP} in "
+              f"{floor['share_over_goal']:.0%} of pairs.")
 
 
 if __name__ == "__main__":
