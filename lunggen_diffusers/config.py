@@ -346,7 +346,8 @@ def validate(config: Config) -> Config:
         m.latent = True
     if m.rescale_betas_zero_snr and m.prediction_type != "v_prediction":
         raise ValueError(f"--rescale_betas_zero_snr needs --prediction_type v_prediction, not {m.prediction_type!r} "
-                         "(at zero SNR the noise says nothing about the image)")
+                         "(at zero SNR the noise says nothing about the image); the demo preset sets it: add "
+                         "--rescale_betas_zero_snr false to train another prediction type")
     res, levels = config.data.resolution, len(m.block_out_channels)
     factor = 2 ** (len(m.vae_block_out_channels) - 1) if m.latent and not m.vae else 1
     multiple = factor * 2 ** (levels - 1)

@@ -26,7 +26,7 @@ class SamplingArguments:
     num_images: int = field(default=16, metadata={"help": "How many images to generate."})
     scheduler: str = field(default=DEFAULT_SCHEDULER, metadata={
         "help": f"One of {', '.join(SCHEDULERS)}. The default, {DEFAULT_SCHEDULER} at {DEFAULT_STEPS} steps, was "
-                "chosen on benchmarks/README.md's sampler tables: 0.76-0.92x DDPM-1000's distance on features that "
+                "chosen on benchmarks/README.md's sampler tables: 0.75-0.92x DDPM-1000's distance on features that "
                 "see anatomy, every heart on the correct side, at 38-39x its speed; ddpm at 1000 steps is the "
                 "reference."})
     num_inference_steps: int = field(default=DEFAULT_STEPS, metadata={"help": "Denoising steps (model evaluations; "

@@ -28,6 +28,7 @@ from .conditioning import condition_vectors
 from .config import Config, save_config
 from .data.decode import stored_pixels
 from .runtime import check_world_size, keep_freed_memory, set_cpu_threads
+from .utils import SAMPLE_GRID, synthetic_png_info
 
 logger = get_logger(__name__)
 
@@ -298,5 +299,6 @@ def after_step(accelerator: Accelerator, meter: LossMeter, lr_scheduler, progres
     if preview is not None and t.save_images_steps and step % t.save_images_steps == 0 and \
             accelerator.is_main_process:
         (output_dir / "samples").mkdir(exist_ok=True)
-        preview(step).save(output_dir / "samples" / f"step-{step:07d}.png")
+        preview(step).save(output_dir / "samples" / f"step-{step:07d}.png",
+                           pnginfo=synthetic_png_info(SAMPLE_GRID, step=step))
     return last_loss

@@ -46,6 +46,10 @@ def test_the_demo_presets_values_are_the_documented_recipe():
     assert (demo.training.max_train_steps, demo.training.train_batch_size, demo.training.learning_rate) == \
         (1200, 8, 2e-3)
     assert (conditional.training.max_train_steps, conditional.data.phantom_finding_prob) == (4500, 0.5)
+    # zero terminal SNR for the unconditional demo only: the conditional demo's tables were measured without it
+    assert (demo.model.rescale_betas_zero_snr, conditional.model.rescale_betas_zero_snr) == (True, False)
+    epsilon = parse_args(["--prediction_type", "epsilon", "--rescale_betas_zero_snr", "false"])
+    assert not epsilon.model.rescale_betas_zero_snr
 
 
 def test_conditioning_applies_the_conditional_preset_under_the_flags(tmp_path):

@@ -40,6 +40,9 @@ def test_smoke_train_export_and_load(tiny_config, monkeypatch):
     assert load_config(out / "training_config.json").to_dict() == config.to_dict()
     assert Image.open(out / "samples.png").size[0] >= 32
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    for grid in (out / "samples.png", out / "samples" / "step-0000004.png"):  # marked synthetic, as every PNG made
+        with Image.open(grid) as im:
+            assert im.text["synthetic"] == "research use only" and "not real patients" in im.text["Description"]
     # Pipeline folders hold the pipeline only: no optimizer state, no pickles.
     pipeline_files = {str(p.relative_to(out)) for d in ("unet", "scheduler") for p in (out / d).rglob("*")}
     assert pipeline_files == {"unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"}

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..summaries import DataSummary, RunSummary
-from ..utils import atomic_write_text
+from ..utils import SAMPLE_GRID, atomic_write_text, synthetic_png_info
 from .card import build_card, card_files, keep_sections
 from .privacy import AUTOENCODER_REPORT, MANIFEST, SAMPLES, check_published, local_paths, scrub_config
 from .push import push_to_hub
@@ -99,7 +99,7 @@ def export_pipeline(output_dir, pipe, samples, config: Config, data: DataSummary
     autoencoder report; the push when the config asks for it. Main process only."""
     folder = Path(output_dir)
     pipe.save_pretrained(folder, safe_serialization=True)
-    samples.save(folder / SAMPLES)
+    samples.save(folder / SAMPLES, pnginfo=synthetic_png_info(SAMPLE_GRID))
     write_manifest(folder, config, data, run)
     if autoencoder_report is not None:
         text = json.dumps(autoencoder_report, indent=2, sort_keys=True) + "\n"
