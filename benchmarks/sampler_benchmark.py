@@ -223,8 +223,8 @@ def benchmark(args: BenchmarkArguments) -> dict:
               "rows": rows,
               # Real against real at this n: the largest finding gap between two disjoint held-out sets.
               "census_floor": None if not len(real_gaps) else {
-                  "pairs": len(real_gaps), "median_gap": float(np.median(real_gaps)),
-                  "max_gap": float(real_gaps.max()), "share_over_goal": float((real_gaps > GOAL_PREVALENCE_GAP).mean())},
+                  "pairs": len(real_gaps), "median_gap": float(np.median(real_gaps)), "max_gap": float(real_gaps.max()),
+                  "share_over_goal": float((real_gaps > GOAL_PREVALENCE_GAP).mean())},
               "sheet_rows": ["phantoms"] + [f"{name}-{steps}" for name, steps in samplers],
               # The default is held to every goal its evaluation count falls under.
               "default_meets": None if ref is None or default is None else {
