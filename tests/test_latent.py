@@ -93,6 +93,8 @@ def test_the_pipeline_round_trip_same_images_both_ways_and_from_the_cli(latent_c
     assert tuple(latents.shape) == (1, 4, 16, 16)
     with pytest.raises(ValueError, match="trained without labels"):
         package(findings=[["Nodule"]], num_inference_steps=2)
+    with pytest.raises(ValueError, match=r"guidance_interval \[10, 30\]: a model trained without labels"):
+        package(batch_size=1, num_inference_steps=2, guidance_interval=(10, 30))
     runs = []
     for batch in (4, 3):
         target = tmp_path / f"gen-{batch}"
