@@ -22,6 +22,9 @@ Goals (per row; model evaluations count, a second-order step's two are two): "de
 within 1.15x of DDPM-1000's FD on the classifier's features; "fast", at most 25 and within 1.5x; for both, every finding's share within 0.03 of DDPM-1000's and of the held-out share, and the heart on the
 image's right (the patient's left, as on a PA film) in at least 0.995. Prints both tables and which rows qualify,
 writes JSON and a PNG with the first images of every sampler (one row each, same seeds so rows are comparable).
+A share says how often the classifier reads a finding, not what it read: `sampler_benchmark_findings.png` shows, for
+each finding, the 8 images of every row it is surest show it, so a finding drawn tells itself apart from texture
+read as one.
 """
 
 import hashlib
@@ -44,6 +47,7 @@ from lunggen_diffusers.data.phantom import phantom_dataset  # noqa: E402
 from lunggen_diffusers.evaluation.features import pixel_features  # noqa: E402
 from lunggen_diffusers.evaluation.metrics import frechet_distance, kernel_inception_distance, prdc  # noqa: E402
 from lunggen_diffusers.evaluation.phantom_classifier import (  # noqa: E402
+    FINDINGS,
     HEART_RIGHT,
     ClassifierSettings,
     load_classifier,
@@ -197,12 +201,13 @@ def benchmark(args: BenchmarkArguments) -> dict:
         census(_phantoms(args.num_images, resolution, args.num_reference + k * args.num_images,
                          args.training_prevalence), reader) for k in range(1, args.census_floor_sets + 1)]
     real_gaps = np.array([max_gap(a, b) for a, b in itertools.combinations(held_out, 2)])
-    strips = [floor[:8]]
+    strips, surest = [floor[:8]], [surest_reads(floor, reader)]
     for scheduler, steps in samplers:
         images = _sample(args, pipe, scheduler, steps)
         rows.append({"sampler": scheduler, "steps": steps, "evaluations": evaluations(pipe, scheduler, steps),
                      **quality(images)})
         strips.append(images[:8])
+        surest.append(surest_reads(images, reader))
     generate(pipe, 1, num_inference_steps=2, progress=False)  # warm-up: first-call allocations are not sampling
     for row, ms in zip(rows[1:], _ms_per_image(args, pipe, samplers).values()):
         row["ms_per_image"] = ms
@@ -234,7 +239,19 @@ def benchmark(args: BenchmarkArguments) -> dict:
     # Rows: phantoms, then each sampler in --samplers order; columns: the same 8 seeds.
     sheet = np.concatenate([np.concatenate(list(s), axis=1) for s in strips], axis=0)
     Image.fromarray(sheet).save(os.path.join(args.output_dir, "sampler_benchmark.png"))
+    # One block per finding (FINDINGS order, a blank row between), the same rows as above.
+    gap = np.zeros_like(surest[0][0][:4])
+    blocks = [np.concatenate([rows_of[i] for rows_of in surest] + [gap], axis=0) for i in range(len(FINDINGS))]
+    Image.fromarray(np.concatenate(blocks, axis=0)).save(os.path.join(args.output_dir,
+                                                                      "sampler_benchmark_findings.png"))
     return result
+
+
+def surest_reads(images: np.ndarray, reader, count: int = 8) -> list[np.ndarray]:
+    """Per finding, the `count` images the classifier gives it the highest probability, surest first, side by side."""
+    probabilities = reader.predict(images)
+    return [np.concatenate(list(images[np.argsort(-probabilities[:, i], kind="stable")[:count]]), axis=1)
+            for i in range(len(FINDINGS))]
 
 
 def max_gap(row: dict, other: dict) -> float:
