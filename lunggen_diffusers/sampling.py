@@ -61,9 +61,9 @@ SCHEDULERS = {
 # against DDPM-1000 at 512 images on three models. On the demo recipe trained 9,600 steps it meets every goal a
 # sampler can meet there: Fréchet distance on the phantom classifier's features 1.07x DDPM-1000's, every finding
 # within 0.027 of DDPM-1000's share, the heart on the correct side in every image, 38x faster (at 3,200 steps of the
-# recipe before: 0.92x, 0.020). On the README demo it is
-# the closest 25-step row (0.75x) and draws every heart on the correct side, cardiomegaly and effusion at the
-# held-out shares, but no sampler there is within 0.03 of DDPM-1000's census (the default: 0.049, in nodules).
+# recipe before: 0.92x, 0.020). On the README demo it is the closest 25-step row (0.75x) and draws every heart on
+# the correct side, cardiomegaly and effusion at the held-out shares, but no sampler there is within 0.03 of
+# DDPM-1000's census (the default: 0.049, in nodules).
 # Stochastic steps wash out errors an under-trained model's ODE keeps; DDIM-20 (the default before) drew effusion
 # 0.06 over DDPM-1000. It needs nothing but a scheduler swap in plain diffusers (the card shows how).
 DEFAULT_SCHEDULER, DEFAULT_STEPS = "dpmsolver++-3m-sde", 25
