@@ -88,8 +88,13 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def census(images: np.ndarray, classifier) -> dict:
-    decided = classifier.predict(images) >= 0.5
-    n = len(images)
+    return census_of(classifier.predict(images))
+
+
+def census_of(probabilities: np.ndarray) -> dict:
+    """The census from the phantom classifier's outputs (one row per image)."""
+    decided = probabilities >= 0.5
+    n = len(probabilities)
     row = {name: {"share": float(decided[:, i].mean()), "interval": wilson(int(decided[:, i].sum()), n)}
            for i, name in enumerate(FINDINGS)}
     heart = OUTPUTS.index(HEART_RIGHT)

@@ -65,7 +65,7 @@ from lunggen_diffusers.sampling import (  # noqa: E402
 )
 from lunggen_diffusers.utils import atomic_path  # noqa: E402
 
-from common import census, finish  # noqa: E402  (beside this file)
+from common import census, census_of, finish  # noqa: E402  (beside this file)
 
 REFERENCE = ("ddpm", 1000)
 DEFAULT = (DEFAULT_SCHEDULER, DEFAULT_STEPS)
@@ -188,26 +188,29 @@ def benchmark(args: BenchmarkArguments) -> dict:
     reference_phantom = classifier.features(reference_images)
     floor = _phantoms(args.num_images, resolution, args.num_reference, args.training_prevalence)  # disjoint
 
-    def quality(images: np.ndarray) -> dict:
+    def quality(images: np.ndarray, probabilities: np.ndarray) -> dict:
         phantom = classifier.features(images)
         kid, _ = kernel_inception_distance(phantom, reference_phantom)
         return {"fd": frechet_distance(pixel_features(images, args.feature_size), reference),
                 "phantom_fd": frechet_distance(phantom, reference_phantom), "phantom_kid": kid,
                 **{f"phantom_{k}": v for k, v in prdc(reference_phantom, phantom).items()},
-                "census": census(images, reader)}
+                "census": census_of(probabilities)}
 
-    rows = [{"sampler": "phantoms", "steps": 0, "evaluations": 0, "ms_per_image": 0.0, **quality(floor)}]
+    floor_probabilities = reader.predict(floor)
+    rows = [{"sampler": "phantoms", "steps": 0, "evaluations": 0, "ms_per_image": 0.0,
+             **quality(floor, floor_probabilities)}]
     held_out = [rows[0]["census"]] + [
         census(_phantoms(args.num_images, resolution, args.num_reference + k * args.num_images,
                          args.training_prevalence), reader) for k in range(1, args.census_floor_sets + 1)]
     real_gaps = np.array([max_gap(a, b) for a, b in itertools.combinations(held_out, 2)])
-    strips, surest = [floor[:8]], [surest_reads(floor, reader)]
+    strips, surest = [floor[:8]], [surest_reads(floor, floor_probabilities)]
     for scheduler, steps in samplers:
         images = _sample(args, pipe, scheduler, steps)
+        probabilities = reader.predict(images)
         rows.append({"sampler": scheduler, "steps": steps, "evaluations": evaluations(pipe, scheduler, steps),
-                     **quality(images)})
+                     **quality(images, probabilities)})
         strips.append(images[:8])
-        surest.append(surest_reads(images, reader))
+        surest.append(surest_reads(images, probabilities))
     generate(pipe, 1, num_inference_steps=2, progress=False)  # warm-up: first-call allocations are not sampling
     for row, ms in zip(rows[1:], _ms_per_image(args, pipe, samplers).values()):
         row["ms_per_image"] = ms
@@ -247,9 +250,8 @@ def benchmark(args: BenchmarkArguments) -> dict:
     return result
 
 
-def surest_reads(images: np.ndarray, reader, count: int = 8) -> list[np.ndarray]:
+def surest_reads(images: np.ndarray, probabilities: np.ndarray, count: int = 8) -> list[np.ndarray]:
     """Per finding, the `count` images the classifier gives it the highest probability, surest first, side by side."""
-    probabilities = reader.predict(images)
     return [np.concatenate(list(images[np.argsort(-probabilities[:, i], kind="stable")[:count]]), axis=1)
             for i in range(len(FINDINGS))]
 
