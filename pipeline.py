@@ -6,7 +6,7 @@
     python pipeline.py --model lunggen-output --labels_from train --num_images 20000 --output_dir synth-labeled/
 """
 
-from lunggen_diffusers.generate import main
+from lunggen_diffusers.generation.cli import main
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ from transformers import HfArgumentParser
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
-from lunggen_diffusers.data import build, dicom  # noqa: E402
+from lunggen_diffusers.data import dicom, folders  # noqa: E402
 from lunggen_diffusers.data.decode import decode_images  # noqa: E402
 from lunggen_diffusers.utils import markdown_table  # noqa: E402
 
@@ -79,7 +79,7 @@ def main(args: DicomBenchmarkArguments) -> dict:
             rows.append({"syntax": name, "mean_file_kb": round(np.mean([p.stat().st_size for p in paths]) / 1024),
                          "ours_images_per_s": ours, "pydicom_images_per_s": theirs, "ratio": ours / theirs})
         prepare = []
-        ds = build.dicom_dataset(Path(tmp) / "uncompressed", Path(tmp) / "report")
+        ds = folders.dicom_dataset(Path(tmp) / "uncompressed", Path(tmp) / "report")
         for procs in sorted({1, os.cpu_count() or 1}):
             start = time.perf_counter()
             decode_images(ds, args.resolution, num_proc=procs, work_dir=Path(tmp) / f"work-{procs}")

@@ -32,8 +32,8 @@ from lunggen_diffusers.cli import run  # noqa: E402
 from lunggen_diffusers.config import from_dict  # noqa: E402
 from lunggen_diffusers.data.build import load_source  # noqa: E402
 from lunggen_diffusers.data.phantom import FINDINGS, draw_phantom  # noqa: E402
-from lunggen_diffusers.sampling import model_label  # noqa: E402
-from lunggen_diffusers.training import diffusion_loss  # noqa: E402
+from lunggen_diffusers.generation.sampling import model_label  # noqa: E402
+from lunggen_diffusers.training.diffusion import diffusion_loss  # noqa: E402
 from common import finish  # noqa: E402  (beside this file)
 
 from finding_probe import load_conditional  # noqa: E402  (beside this file)

@@ -18,8 +18,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import HfArgumentParser
 
-from lunggen_diffusers.config import from_dict
-from lunggen_diffusers.model import build_unet
+from lunggen_diffusers.config import from_dict  # noqa: E402
+from lunggen_diffusers.training.model import build_unet  # noqa: E402
 from common import finish  # noqa: E402  (beside this file)
 
 LABELS = 5  # the phantom's 4 findings and the null entry

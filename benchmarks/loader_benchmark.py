@@ -30,7 +30,7 @@ from lunggen_diffusers.cli import run  # noqa: E402
 from lunggen_diffusers.config import DataConfig, from_dict  # noqa: E402
 from lunggen_diffusers.data import nih  # noqa: E402
 from lunggen_diffusers.data.decode import stored_pixels  # noqa: E402
-from lunggen_diffusers.loop import build_dataloader  # noqa: E402
+from lunggen_diffusers.training.loop import build_dataloader  # noqa: E402
 from common import finish  # noqa: E402  (beside this file)
 
 

@@ -53,7 +53,7 @@ from lunggen_diffusers.evaluation.phantom_classifier import (  # noqa: E402
     load_classifier,
 )
 from lunggen_diffusers.runtime import keep_freed_memory  # noqa: E402
-from lunggen_diffusers.sampling import (  # noqa: E402
+from lunggen_diffusers.generation.sampling import (  # noqa: E402
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
     SCHEDULERS,

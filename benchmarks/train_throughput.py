@@ -32,8 +32,8 @@ from transformers import HfArgumentParser
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from lunggen_diffusers.config import from_dict  # noqa: E402
-from lunggen_diffusers.model import build_unet  # noqa: E402
-from lunggen_diffusers.training import train  # noqa: E402
+from lunggen_diffusers.training.model import build_unet  # noqa: E402
+from lunggen_diffusers.training.diffusion import train  # noqa: E402
 from common import cpu_name, finish  # noqa: E402  (beside this file)
 
 

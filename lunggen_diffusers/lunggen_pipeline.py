@@ -197,6 +197,49 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return image.mean(1, keepdim=True) if image.shape[1] != 1 else image
 
 
+def downsampling(vae: AutoencoderKL) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_shape(vae: AutoencoderKL, resolution: int) -> tuple[int, int]:
+    """(channels, side) of the latent of a resolution x resolution image."""
+    factor = downsampling(vae)
+    if resolution % factor:
+        raise ValueError(f"--resolution {resolution} is not a multiple of the autoencoder's downsampling {factor}")
+    return vae.config.latent_channels, resolution // factor
+
+
+@torch.no_grad()
+def encode_moments(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images (B, 1, H, W) -> the posterior's mean and log-variance (B, 2C, h, w), unscaled."""
+    if vae.config.in_channels != images.shape[1]:
+        images = images.expand(-1, vae.config.in_channels, -1, -1)
+    moments = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.parameters
+    return moments.float()
+
+
+def sample_latents(moments: torch.Tensor, vae_config, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """A draw from the cached posterior, standardised as the UNet learns it (`latent_statistics`; the inverse is
+    `lunggen_pipeline.decode_latents`). `noise` None takes the mean (the posterior's mode)."""
+    mean, logvar = moments.float().chunk(2, dim=1)
+    z = mean if noise is None else mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+    center, spread = latent_moments(vae_config, z)
+    return (z - center) / spread * vae_config.scaling_factor
+
+
+# The config entries `latent_statistics` measures: they apply when a latent is drawn or decoded, not to the weights.
+STANDARDISATION = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+
+
+def describe_standardisation(vae_config) -> str:
+    """The standardisation in the config, for logs, reports and model cards."""
+    if vae_config.get("latents_mean") is not None:
+        spreads = ", ".join(f"{v:.3f}" for v in vae_config["latents_std"])
+        return f"per channel to zero mean and unit variance (channel std {spreads})"
+    return (f"by {vae_config['scaling_factor']:.4f} after a shift of {vae_config.get('shift_factor') or 0.0:.4f} "
+            f"(one scale for every channel)")
+
+
 def check_guidance_interval(interval, num_train_timesteps: int) -> tuple[int, int] | None:
     """(lowest, highest) training timestep to guide at, checked; None (guide at every step) passes through."""
     if interval is None:

@@ -1,21 +1,6 @@
-"""Train a chest X-ray DDPM: `lunggen-train`, `python -m lunggen_diffusers.train` or `accelerate launch train.py`,
-each taking `[--preset demo|lunggen-256] [--config FILE] [--flags]` (under `accelerate launch` for many processes:
-`accelerate launch -m lunggen_diffusers.train ...`)."""
+"""`python -m lunggen_diffusers.train`: train a model; the command is training/cli.py (`lunggen-train`)."""
 
-from __future__ import annotations
-
-from collections.abc import Sequence
-
-from .cli import run
-from .config import parse_args
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    config = run(lambda: parse_args(argv))
-    from .training import train  # after parsing: `--help` and a bad flag answer without loading diffusers
-
-    run(lambda: train(config))
-
+from .training.cli import main
 
 if __name__ == "__main__":
     main()

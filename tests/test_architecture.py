@@ -1,24 +1,36 @@
-"""The house rules of docs/architecture.md, read from the code: every import (at module level and inside functions)
-runs from a higher layer to a lower one or within a layer, and no module reaches itself through its imports."""
+"""The house of docs/architecture.md, read from the picture there and held against the code: every room the picture
+names exists and every module is in a room of it; every import (at module level and inside functions) runs down the
+picture or stays in its room; no module reaches itself through its imports; a package's command (`cli`) is entered
+only through its doors; and the top floor holds only the foundation, the pipeline file and thin doors."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lunggen_diffusers"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lunggen_diffusers"
+PICTURE = ROOT / "docs" / "architecture.md"
+DOOR_LINES = 40
 
-# Lowest first; a module may import its own layer and those below (docs/architecture.md, "Layers").
-LAYERS = {
-    "foundation": ["lunggen_diffusers", "cli", "config", "utils", "runtime", "summaries", "lunggen_pipeline",
-                   "vocabulary"],
-    "parts": ["data", "data.*", "model", "autoencoder", "latents", "loop", "conditioning", "sampling", "output_folder",
-              "checkpoints", "evaluation",
-              "evaluation.*", "hub", "hub.privacy", "hub.card", "hub.push", "hub.export", "utility",
-              "utility.stats", "utility.classifier", "utility.report", "utility.data", "utility.subgroups"],
-    "work": ["training", "autoencoder_training", "prepare", "evaluation.run", "utility.run"],
-    "commands": ["train", "generate", "evaluate", "autoencoder_report", "utility.__main__", "hub.cli", "hub.__main__"],
-}
+
+def read_picture() -> list[tuple[str, list[str]]]:
+    """The picture's floors, top first: ("doors", [module, ...]), ("training", [package]), ...,
+    ("foundation", [module, ...])."""
+    block = PICTURE.read_text().split("<!-- the house -->")[1].split("```")[1]
+    floors = []
+    for line in block.splitlines():
+        found = re.match(r"^  (\w+)([/:])\s+(.*)$", line)
+        if found:
+            name, kind, rest = found.groups()
+            floors.append((name, [name] if kind == "/" else rest.split()))
+    return floors
+
+
+FLOORS = read_picture()
+DOORS = dict(FLOORS)["doors"]
+FOUNDATION = dict(FLOORS)["foundation"]
 
 
 def _modules() -> dict[str, Path]:
@@ -32,12 +44,19 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
-def _layer(module: str) -> int:
-    short = module.removeprefix("lunggen_diffusers.")
-    matches = [(len(p), i) for i, patterns in enumerate(LAYERS.values()) for p in patterns
-               if short == p or (p.endswith(".*") and short.startswith(p[:-1]))]
-    assert matches, f"{module} is in no layer: give it one in LAYERS and in docs/architecture.md"
-    return max(matches)[1]  # the most specific pattern wins (evaluation.run over evaluation.*)
+def _room(module: str) -> str:
+    """The room a module lives in: its subpackage, or itself at the top."""
+    return module.removeprefix("lunggen_diffusers.").split(".")[0] if module != "lunggen_diffusers" else "__init__"
+
+
+def _floor(module: str) -> int:
+    room = _room(module)
+    for depth, (_, rooms) in enumerate(FLOORS):
+        if room in rooms:
+            return len(FLOORS) - depth  # the foundation is floor 1
+    if room == "__init__":
+        return 1
+    raise AssertionError(f"{module} is in no room of the picture in {PICTURE.name}: draw it there")
 
 
 def _imports(module: str) -> set[str]:
@@ -66,16 +85,43 @@ def _imports(module: str) -> set[str]:
 GRAPH = {module: _imports(module) for module in MODULES}
 
 
-def test_the_graph_is_read_from_the_code():
-    assert "lunggen_diffusers.sampling" in GRAPH["lunggen_diffusers.output_folder"]
-    assert "lunggen_diffusers.hub.export" in GRAPH["lunggen_diffusers.training"]
+def test_the_picture_and_the_graph_are_read():
+    assert [name for name, _ in FLOORS] == ["doors", "training", "hub", "utility", "evaluation", "generation", "data",
+                                            "foundation"]
+    assert "lunggen_diffusers.generation.sampling" in GRAPH["lunggen_diffusers.generation.output_folder"]
+    assert "lunggen_diffusers.hub.export" in GRAPH["lunggen_diffusers.training.diffusion"]
     assert not GRAPH["lunggen_diffusers.lunggen_pipeline"]  # shipped as remote code: torch and diffusers only
 
 
+def test_every_room_of_the_picture_is_in_the_code_and_every_top_module_in_the_picture():
+    top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    drawn = {room for _, rooms in FLOORS for room in rooms}
+    assert drawn == top | packages, f"drawn but not in the code: {sorted(drawn - top - packages)}; in the code but " \
+                                    f"not drawn: {sorted(top | packages - drawn)}"
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
-def test_no_import_runs_up_a_layer(module):
-    upward = sorted(m for m in GRAPH[module] if _layer(m) > _layer(module))
-    assert not upward, f"{module} ({list(LAYERS)[_layer(module)]}) imports higher layers: {upward}"
+def test_no_import_runs_up_the_picture(module):
+    upward = sorted(m for m in GRAPH[module] if _floor(m) > _floor(module))
+    assert not upward, f"{module} (room {_room(module)}) imports rooms drawn above it: {upward}"
+
+
+def test_commands_are_entered_only_through_their_doors():
+    """A package's `cli` is where its command parses its flags; nothing but a door (or a `__main__`) calls it."""
+    for module, imported in GRAPH.items():
+        door = _room(module) in DOORS or module.endswith("__main__")
+        for target in imported:
+            command = target.count(".") == 2 and target.endswith(".cli")  # not the foundation's own cli
+            assert door or not command, f"{module} imports the command {target}"
+
+
+@pytest.mark.parametrize("door", DOORS)
+def test_doors_are_thin(door):
+    lines = (PACKAGE / f"{door}.py").read_text().splitlines()
+    assert len(lines) <= DOOR_LINES, f"{door}.py has {len(lines)} lines: its work belongs in a room below"
+    assert not [n for n in ast.parse("\n".join(lines)).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))], \
+        f"{door}.py defines something: a door only imports a command and calls it"
 
 
 def test_no_module_reaches_itself():

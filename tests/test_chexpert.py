@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from lunggen_diffusers.config import from_dict
-from lunggen_diffusers.data import build
+from lunggen_diffusers.data import registry
 from lunggen_diffusers.data.chexpert import OBSERVATIONS, chexpert_dataset, findings
 from lunggen_diffusers.data.splits import patient_splits
 from lunggen_diffusers.vocabulary import FINDINGS_COLUMN as FINDINGS
@@ -90,7 +90,7 @@ def test_missing_files_are_listed_and_too_many_is_one_line(tmp_path, caplog):
     _write(root / "train.csv", rows)
     _stand_ins(root, rows[:8])  # two files missing
     settings = from_dict({"train_data_dir": str(root), "cache_dir": str(tmp_path / "cache")}).data
-    ds, _ = build.folder_source(settings)
+    ds, _ = registry.folder_source(settings)
     assert len(ds) == 8 and "skipped 2 of 10 images (2 file not found)" in caplog.text
     assert ds[FINDINGS][0] == ["Cardiomegaly"] and ds[FINDINGS][1] == ["Cardiomegaly"]  # U-Ones by default
     assert chexpert_dataset(root, "zeros")[0][FINDINGS][1] == [NO_FINDING]
@@ -98,7 +98,7 @@ def test_missing_files_are_listed_and_too_many_is_one_line(tmp_path, caplog):
     for path in list(root.rglob("*.jpg"))[:5]:
         path.unlink()
     with pytest.raises(ValueError, match="7 of 10 images skipped \\(7 file not found\\) > --max_failed_fraction 0.5"):
-        build.folder_source(settings)
+        registry.folder_source(settings)
 
 
 @needs_real
@@ -108,7 +108,7 @@ def test_a_chexpert_folder_trains_a_conditional_model_and_generates_on_request(t
     root.mkdir()
     _write(root / "train.csv", rows)
     _stand_ins(root, rows)
-    from lunggen_diffusers.training import train
+    from lunggen_diffusers.training.diffusion import train
 
     train(from_dict({**TINY, "train_data_dir": str(root), "cache_dir": str(tmp_path / "cache"),
                      "output_dir": str(tmp_path / "out"), "condition_on": ["findings"], "max_train_steps": 2}))
@@ -121,7 +121,7 @@ def test_a_chexpert_folder_trains_a_conditional_model_and_generates_on_request(t
 
 def test_source_is_recognised_or_forced_and_what_was_looked_for_is_named(tmp_path):
     from lunggen_diffusers.config import CHOICES
-    from lunggen_diffusers.data.build import SOURCES, detect_source
+    from lunggen_diffusers.data.registry import SOURCES, detect_source
 
     assert CHOICES["source"] == ("auto", *SOURCES)  # the flag offers every reader there is
     (tmp_path / "empty").mkdir()
@@ -144,7 +144,7 @@ def test_source_is_recognised_or_forced_and_what_was_looked_for_is_named(tmp_pat
 def test_prepare_a_chexpert_folder_keeps_valid_csv_as_test(tmp_path):
     import datasets
 
-    from lunggen_diffusers import prepare
+    from lunggen_diffusers.data import prepare
 
     rows = _real_rows()
     root = tmp_path / "CheXpert-v1.0-small"
@@ -159,3 +159,25 @@ def test_prepare_a_chexpert_folder_keeps_valid_csv_as_test(tmp_path):
     assert set(splits["test"]["patient_id"]) == valid_patients
     patients = [set(s["patient_id"]) for s in splits.values()]
     assert all(not (a & b) for i, a in enumerate(patients) for b in patients[i + 1:])
+
+
+def test_the_folder_a_collection_was_unzipped_into_names_the_folder_to_pass(tmp_path):
+    """`/data/chexpert` holding `CheXpert-v1.0-small/` has the shape of a folder of image classes; read so, it would
+    train without patients or labels. Every way in (auto, forced, prepare) names the folder below instead."""
+    from lunggen_diffusers.data.prepare import PrepareArguments, _prepare
+
+    root = tmp_path / "CheXpert-v1.0-small"
+    root.mkdir()
+    rows = [{k: "" for k in HEADER.split(",")} | {"Path": f"CheXpert-v1.0-small/train/patient0000{i}/study1/"
+                                                          "view1_frontal.jpg", "Frontal/Lateral": "Frontal"}
+            for i in (1, 2)]
+    _write(root / "train.csv", rows)
+    _stand_ins(root, rows)
+    expected = f"--train_data_dir {tmp_path} holds the CheXpert dataset one folder down: pass --train_data_dir {root}"
+    for source in ("auto", "chexpert", "image_folder"):
+        with pytest.raises(ValueError, match=expected.replace("(", "\\(")):
+            registry.detect_source(from_dict({"train_data_dir": str(tmp_path), "source": source}).data)
+    assert registry.detect_source(from_dict({"train_data_dir": str(root)}).data) == "chexpert"
+    settings = from_dict({"train_data_dir": str(tmp_path), "resolution": 32, "cache_dir": str(tmp_path / "c")}).data
+    with pytest.raises(ValueError, match="one folder down: pass"):
+        _prepare(PrepareArguments(output_dir=str(tmp_path / "prepared")), settings)

@@ -9,7 +9,7 @@ from PIL import Image
 
 import pipeline
 from lunggen_diffusers.config import from_dict
-from lunggen_diffusers.data import build
+from lunggen_diffusers.data import registry
 from lunggen_diffusers.data.class_folders import is_class_folder_tree
 from lunggen_diffusers.vocabulary import NO_FINDING
 
@@ -29,7 +29,7 @@ def kaggle(tmp_path):
 
 
 def _source(root, tmp_path):
-    return build.folder_source(from_dict({"train_data_dir": str(root), "cache_dir": str(tmp_path / "c")}).data)
+    return registry.folder_source(from_dict({"train_data_dir": str(root), "cache_dir": str(tmp_path / "c")}).data)
 
 
 def test_each_class_is_a_finding_and_normal_is_no_finding(kaggle, tmp_path, caplog):
@@ -57,7 +57,7 @@ def test_patients_csv_makes_the_split_patient_wise(kaggle, tmp_path):
 
 
 def test_a_class_folder_model_generates_a_class_on_request(kaggle, tmp_path):
-    from lunggen_diffusers.training import train
+    from lunggen_diffusers.training.diffusion import train
 
     out = tmp_path / "model"
     train(from_dict({**TINY, "train_data_dir": str(kaggle), "cache_dir": str(tmp_path / "c"),
@@ -73,7 +73,7 @@ def test_a_class_folder_model_generates_a_class_on_request(kaggle, tmp_path):
 def test_prepare_a_class_folder_tree(kaggle, tmp_path):
     import datasets
 
-    from lunggen_diffusers import prepare
+    from lunggen_diffusers.data import prepare
 
     prepare.main(["--train_data_dir", str(kaggle), "--output_dir", str(tmp_path / "prepared"), "--resolution", "32",
                   "--cache_dir", str(tmp_path / "c")])

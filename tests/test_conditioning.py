@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
 from lunggen_diffusers import LungGenPipeline
 from lunggen_diffusers.config import parse_args
-from lunggen_diffusers.conditioning import condition_vectors, label_config, prevalence
+from lunggen_diffusers.data.conditioning import condition_vectors, label_config, prevalence
 from lunggen_diffusers.data.phantom import FINDINGS, phantom_dataset
 from lunggen_diffusers.lunggen_pipeline import LabelSpace, guided_denoise
 
@@ -221,8 +221,8 @@ import huggingface_hub.constants  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import pipeline  # noqa: E402
-from lunggen_diffusers.output_folder import save_images  # noqa: E402
-from lunggen_diffusers.sampling import generate, load_pipeline  # noqa: E402
+from lunggen_diffusers.generation.output_folder import save_images
+from lunggen_diffusers.generation.sampling import generate, load_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -347,8 +347,8 @@ def test_cli_no_finding_is_a_request(conditional_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ conditional training on the spine
-from lunggen_diffusers import loop  # noqa: E402
-from lunggen_diffusers.training import train  # noqa: E402
+from lunggen_diffusers.training import loop
+from lunggen_diffusers.training.diffusion import train
 
 
 def test_conditional_training_exports_a_lunggen_pipeline_and_resumes_exactly(tiny_config, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from lunggen_diffusers.config import load_config, parse_args, preset_names, preset_values, save_config
-from lunggen_diffusers.model import build_unet
+from lunggen_diffusers.training.model import build_unet
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,9 @@ from pydicom.datadict import DicomDictionary
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from lunggen_diffusers.config import from_dict
-from lunggen_diffusers.data import build, dicom
+from lunggen_diffusers.data import dicom, folders
 from lunggen_diffusers.data.decode import decode_images, open_image
-from lunggen_diffusers.training import train
+from lunggen_diffusers.training.diffusion import train
 from lunggen_diffusers.utils import list_images
 
 from conftest import TINY
@@ -145,7 +145,7 @@ def test_what_is_no_single_grey_radiograph_is_skipped_and_listed_with_its_reason
     assert reasons["garbage.dcm"].startswith("unreadable")
 
     with caplog.at_level(logging.WARNING):
-        ds = build.dicom_dataset(tmp_path, tmp_path / "report")
+        ds = folders.dicom_dataset(tmp_path, tmp_path / "report")
     assert len(ds) == 1 and "skipped 4 of 5 DICOM files" in caplog.text
     with open(tmp_path / "report" / "skipped_files.csv", newline="") as f:
         assert sorted(row["file"] for row in csv.DictReader(f)) == sorted(set(reasons))
@@ -154,11 +154,11 @@ def test_what_is_no_single_grey_radiograph_is_skipped_and_listed_with_its_reason
 def test_a_folder_with_nothing_usable_is_one_line(tmp_path):
     structured_report(tmp_path / "sr" / "report.dcm")
     with pytest.raises(ValueError, match="no usable image among 1 DICOM files \\(first: report.dcm: no pixel"):
-        build.dicom_dataset(tmp_path / "sr", tmp_path / "report")
+        folders.dicom_dataset(tmp_path / "sr", tmp_path / "report")
     chest(tmp_path / "mixed" / "a.dcm")
     (tmp_path / "mixed" / "b.png").write_bytes(b"")
     with pytest.raises(ValueError, match="mixes DICOM files with 1 other image"):
-        build.dicom_dataset(tmp_path / "mixed", tmp_path / "report")
+        folders.dicom_dataset(tmp_path / "mixed", tmp_path / "report")
 
 
 # Distinctive values in the identifying attributes of PS3.15's Basic Application Level Confidentiality Profile that
@@ -221,7 +221,7 @@ def test_a_truncated_file_is_reported_by_the_decode_pass_not_a_traceback(tmp_pat
     chest(tmp_path / "d" / "good.dcm")
     cut = chest(tmp_path / "d" / "cut.dcm", seed=1)
     cut.write_bytes(cut.read_bytes()[:-1000])  # the pixel data ends early
-    prepared, failures = decode_images(build.dicom_dataset(tmp_path / "d", tmp_path / "r"), 32,
+    prepared, failures = decode_images(folders.dicom_dataset(tmp_path / "d", tmp_path / "r"), 32,
                                        max_failed_fraction=0.9)
     assert len(prepared) == 1 and [name for name, _ in failures] == ["cut.dcm"]
     assert "pixel data not decodable" in failures[0][1]
@@ -240,7 +240,7 @@ def test_evaluation_reads_a_dicom_folder_through_the_same_grey_pipeline(tmp_path
 
 
 def test_prepare_a_dicom_folder_into_patient_wise_splits_with_its_skipped_list(tmp_path, capsys):
-    from lunggen_diffusers import prepare
+    from lunggen_diffusers.data import prepare
 
     for i in range(20):
         chest(tmp_path / "pacs" / f"IM{i:04d}", patient=f"P-{i // 2}", seed=i, view="AP" if i % 5 == 0 else "PA")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lunggen_diffusers.config import from_dict
-from lunggen_diffusers.data import build
+from lunggen_diffusers.data import folders
 from lunggen_diffusers.data.dicom_collections import RSNA_NO_OPACITY, RSNA_NOT_NORMAL, rsna_labels, vindr_labels
 from lunggen_diffusers.vocabulary import NO_FINDING
 
@@ -84,12 +84,12 @@ def test_a_vindr_folder_trains_a_finding_conditioned_model(tmp_path):
     chosen = sorted(labels)[:16]
     for i, image_id in enumerate(chosen):  # VinDr's files are anonymised: no Patient ID in their headers
         write(dataset(gradient(seed=i), WindowCenter=2000, WindowWidth=4000), root / "train" / f"{image_id}.dicom")
-    ds = build.dicom_dataset(root, tmp_path / "report", labels)
+    ds = folders.dicom_dataset(root, tmp_path / "report", labels)
     assert dict(zip((Path(c["path"]).stem for c in ds["image"]), ds["finding_labels"])) == {i: labels[i] for i in chosen}
     config = from_dict({**TINY, "train_data_dir": str(root), "cache_dir": str(tmp_path / "cache"),
                         "output_dir": str(tmp_path / "out"), "condition_on": ["findings"], "max_train_steps": 2,
                         "train_batch_size": 2, "test_fraction": 0.1, "validation_fraction": 0.1})
-    from lunggen_diffusers.training import train
+    from lunggen_diffusers.training.diffusion import train
 
     train(config)
     from lunggen_diffusers import LungGenPipeline

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lunggen_diffusers import output_folder
+from lunggen_diffusers.generation import output_folder
 from lunggen_diffusers.data.phantom import phantom_dataset
-from lunggen_diffusers.evaluate import main as evaluate_main
+from lunggen_diffusers.evaluation.cli import main as evaluate_main
 from lunggen_diffusers.evaluation.run import EvaluationArguments, run_evaluation
-from lunggen_diffusers.output_folder import save_images
-from lunggen_diffusers.sampling import load_pipeline
+from lunggen_diffusers.generation.output_folder import save_images
+from lunggen_diffusers.generation.sampling import load_pipeline
 
 from test_conditioning import tiny_pipeline
 

@@ -11,7 +11,7 @@ import transformers
 from PIL import Image
 
 from lunggen_diffusers.data.phantom import phantom_dataset
-from lunggen_diffusers.evaluate import main
+from lunggen_diffusers.evaluation.cli import main
 from lunggen_diffusers.evaluation.features import Extractor, extract, get_extractor, pixel_features
 from lunggen_diffusers.evaluation.images import load_source
 from lunggen_diffusers.evaluation.metrics import (frechet_distance, frechet_distance_from_stats,

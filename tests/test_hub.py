@@ -22,7 +22,7 @@ from lunggen_diffusers.hub import card as card_module
 from lunggen_diffusers.hub import cli as hub_cli
 from lunggen_diffusers.config import save_config
 from lunggen_diffusers.lunggen_pipeline import LabelSpace
-from lunggen_diffusers.model import build_scheduler, build_unet
+from lunggen_diffusers.training.model import build_scheduler, build_unet
 from lunggen_diffusers.summaries import DataSummary, RunSummary
 
 TOKEN = "hf_SeCrEtT0kenNeverShown123"

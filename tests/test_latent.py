@@ -13,20 +13,22 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from lunggen_diffusers import LungGenPipeline, loop
-from lunggen_diffusers.autoencoder import encode_moments, latent_statistics, load_autoencoder, sample_latents
-from lunggen_diffusers.autoencoder_training import random_crops, reconstruction_loss
-from lunggen_diffusers.autoencoder_report import main as report_main
+from lunggen_diffusers import LungGenPipeline
+from lunggen_diffusers.training import loop
+from lunggen_diffusers.lunggen_pipeline import encode_moments, sample_latents
+from lunggen_diffusers.training.autoencoder import latent_statistics, load_autoencoder
+from lunggen_diffusers.training.autoencoder_stage import random_crops, reconstruction_loss
+from lunggen_diffusers.training.autoencoder_report import main as report_main
 from lunggen_diffusers.data.phantom import phantom_dataset
 from lunggen_diffusers.data.transforms import to_model_input
 from lunggen_diffusers.evaluation import autoencoder as judging
 from lunggen_diffusers.evaluation import phantom_classifier as pc
 from lunggen_diffusers.evaluation.metrics import ms_ssim, ssim
-from lunggen_diffusers.generate import main as generate_main
+from lunggen_diffusers.generation.cli import main as generate_main
 from lunggen_diffusers.hub.privacy import files_to_upload
-from lunggen_diffusers.latents import cached_latents
-from lunggen_diffusers.sampling import image_side
-from lunggen_diffusers.training import train
+from lunggen_diffusers.training.latents import cached_latents
+from lunggen_diffusers.generation.sampling import image_side
+from lunggen_diffusers.training.diffusion import train
 
 REPO = Path(__file__).resolve().parents[1]
 LATENT = {"latent": True, "vae_block_out_channels": [8, 16], "vae_norm_num_groups": 8, "latent_channels": 4,
@@ -138,7 +140,7 @@ def test_the_latent_cache_encodes_once_and_misses_when_the_data_or_the_autoencod
     def no_encoding(*args, **kwargs):
         raise AssertionError("encoded again although the cache holds these latents")
 
-    monkeypatch.setattr("lunggen_diffusers.latents.encode_moments", no_encoding)
+    monkeypatch.setattr("lunggen_diffusers.training.latents.encode_moments", no_encoding)
     vae.register_to_config(scaling_factor=1.7, shift_factor=0.1)  # re-measured scale: applied later, same latents
     assert np.array_equal(cached_latents(data, vae, tmp_path, progress=False), moments)
     vae.register_to_config(**latent_statistics(moments[:, :4], "channel"))  # so is a per-channel one
@@ -258,7 +260,7 @@ def test_the_unet_sees_the_cached_latents_scaled_and_unmirrored(latent_config, m
     be mirrored or moved: with every noise set to zero, the input is sqrt(alpha_bar_t) (mean - shift) * scale."""
     from diffusers.configuration_utils import FrozenDict
 
-    from lunggen_diffusers import training
+    from lunggen_diffusers.training import diffusion as training
 
     config = latent_config()
     scheduler = training.build_scheduler(config)

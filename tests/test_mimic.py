@@ -75,7 +75,7 @@ def test_a_missing_labels_file_is_one_line_naming_it(mimic):
 
 def test_a_mimic_folder_trains_on_its_train_split_and_generates_on_request(mimic, tmp_path):
     from lunggen_diffusers import LungGenPipeline
-    from lunggen_diffusers.training import train
+    from lunggen_diffusers.training.diffusion import train
 
     config = from_dict({**TINY, "train_data_dir": str(mimic), "cache_dir": str(tmp_path / "c"),
                         "output_dir": str(tmp_path / "out"), "condition_on": ["findings"], "max_train_steps": 2,
@@ -92,7 +92,7 @@ def test_a_mimic_folder_trains_on_its_train_split_and_generates_on_request(mimic
 def test_prepare_keeps_the_official_split(mimic, tmp_path):
     import datasets
 
-    from lunggen_diffusers import prepare
+    from lunggen_diffusers.data import prepare
 
     prepare.main(["--train_data_dir", str(mimic), "--output_dir", str(tmp_path / "prepared"), "--resolution", "32",
                   "--cache_dir", str(tmp_path / "c")])

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lunggen_diffusers import prepare as prepare_cli
+from lunggen_diffusers.data import prepare as prepare_cli
 from lunggen_diffusers.config import DataConfig, parse_args
 from lunggen_diffusers.data import build, decode, nih, splits
 
@@ -342,7 +342,7 @@ def test_filters_apply_to_a_prepared_dataset(prepared, tiny_config, monkeypatch)
 
 
 def test_a_prepared_dataset_trains_through_train_py(prepared, tmp_path):
-    from lunggen_diffusers.training import train
+    from lunggen_diffusers.training.diffusion import train
 
     argv = [
         "--dataset_name", str(prepared), "--resolution", "32", "--block_out_channels", "16", "32",
@@ -403,7 +403,7 @@ def test_a_dataset_prepared_by_an_earlier_version_is_refused_in_one_line(tmp_pat
 
 def test_the_loader_decodes_the_stored_pngs_to_the_pixels_of_the_preprocessing(nih_dir, tiny_config, tmp_path):
     """The training batch is bit for bit preprocess_image of the source file, as the uint8 column stored before."""
-    from lunggen_diffusers.loop import _WholeBatches, build_dataloader
+    from lunggen_diffusers.training.loop import _WholeBatches, build_dataloader
 
     config = tiny_config(train_data_dir=str(nih_dir), cache_dir=str(tmp_path / "cache"), train_batch_size=5)
     ds, _ = build.build_dataset(config)

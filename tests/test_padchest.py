@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from lunggen_diffusers.config import from_dict
-from lunggen_diffusers.data import build
+from lunggen_diffusers.data import registry
 from lunggen_diffusers.data.decode import decode_images, stored_pixels
 from lunggen_diffusers.data.padchest import findings, padchest_dataset
 from lunggen_diffusers.vocabulary import NO_FINDING
@@ -81,7 +81,7 @@ def test_a_padchest_folder_reads_its_16_bit_pngs_by_their_real_range(tmp_path):
     # softens the extremes by a level or two.
     assert failures == [] and pixels.min() <= 2 and pixels.max() >= 253
     settings = from_dict({"train_data_dir": str(root), "cache_dir": str(tmp_path / "c")}).data
-    assert build.folder_source(settings)[1] == "the PadChest dataset"
+    assert registry.folder_source(settings)[1] == "the PadChest dataset"
 
 
 @needs_real
@@ -89,8 +89,9 @@ def test_a_padchest_folder_prepares_and_trains_a_conditional_model(tmp_path):
     import datasets
 
     from conftest import TINY
-    from lunggen_diffusers import LungGenPipeline, prepare
-    from lunggen_diffusers.training import train
+    from lunggen_diffusers import LungGenPipeline
+    from lunggen_diffusers.data import prepare
+    from lunggen_diffusers.training.diffusion import train
 
     rows = [r for r in _rows()[:200] if r["Projection"] in VIEWS and _parsed(r["Labels"]) is not None][:40]
     root = _padchest_folder(tmp_path / "padchest", rows)

@@ -11,7 +11,7 @@ from diffusers import UNet2DModel
 from huggingface_hub import HfApi
 
 from conftest import TINY
-from lunggen_diffusers import training
+from lunggen_diffusers.training import diffusion as training
 from lunggen_diffusers.hub import cli as hub_cli
 from lunggen_diffusers.config import from_dict
 from lunggen_diffusers.data.build import build_dataset, load_source

@@ -13,11 +13,11 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
 import pipeline
-from lunggen_diffusers import generate as generate_cli
+from lunggen_diffusers.generation import cli as generate_cli
 from lunggen_diffusers.config import parse_args
-from lunggen_diffusers.model import build_scheduler
-from lunggen_diffusers.output_folder import MANIFEST_FIELDS, save_images
-from lunggen_diffusers.sampling import (
+from lunggen_diffusers.training.model import build_scheduler
+from lunggen_diffusers.generation.output_folder import MANIFEST_FIELDS, save_images
+from lunggen_diffusers.generation.sampling import (
     DEFAULT_SCHEDULER,
     SCHEDULERS,
     generate,

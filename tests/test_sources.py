@@ -46,7 +46,7 @@ def test_two_sources_join_with_namespaced_patients_and_a_source_column(mimic, cl
 
 def test_a_model_conditioned_on_the_source_draws_from_either_on_request(mimic, classes, tmp_path):  # noqa: F811
     from lunggen_diffusers import LungGenPipeline
-    from lunggen_diffusers.training import train
+    from lunggen_diffusers.training.diffusion import train
 
     out = tmp_path / "out"
     train(from_dict({**TINY, "train_data_dir": [str(mimic), str(classes)], "cache_dir": str(tmp_path / "c"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lunggen_diffusers.data.phantom import phantom_dataset
-from lunggen_diffusers.evaluate import main
+from lunggen_diffusers.evaluation.cli import main
 from lunggen_diffusers.evaluation.subgroups import parse_subgroups, subgroup_report
 from lunggen_diffusers.vocabulary import age_bin
 

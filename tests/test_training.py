@@ -14,10 +14,10 @@ from diffusers import DDPMPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from lunggen_diffusers import loop, training
+from lunggen_diffusers.training import loop, diffusion as training
 from lunggen_diffusers.config import load_config
-from lunggen_diffusers.loop import NonFiniteLossError, find_checkpoint
-from lunggen_diffusers.training import train
+from lunggen_diffusers.training.loop import NonFiniteLossError, find_checkpoint
+from lunggen_diffusers.training.diffusion import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -294,7 +294,7 @@ def test_world_size_mismatch_is_refused(tiny_config, monkeypatch):
 DDP_WORKER = """
 import hashlib, json, os, sys
 from pathlib import Path
-from lunggen_diffusers import loop, training
+from lunggen_diffusers.training import loop, diffusion as training
 from lunggen_diffusers.config import from_dict
 seen, read = [], loop._WholeBatches.__getitems__
 def spy(self, indices):
@@ -342,3 +342,14 @@ def test_v_prediction_min_snr_and_accumulation_step_arithmetic(tiny_config):
     scheduler_state = torch.load(result.output_dir / "checkpoint-2" / "scheduler.bin", weights_only=False)
     assert scheduler_state["_last_lr"] == [0.0]
     assert scheduler_state["last_epoch"] == 2
+
+
+@pytest.mark.parametrize("length", [{"num_epochs": 3, "max_train_steps": None}, {"max_train_steps": 3}],
+                         ids=["epochs", "steps"])
+def test_a_split_the_batch_does_not_divide_runs_every_step_it_counts(tiny_config, length):
+    """7 images at batch 4: the loader drops the partial batch, so an epoch is 1 step, and 3 epochs (or 3 steps)
+    are 3 steps, the learning rate reaching its schedule's end at the last."""
+    result = train(tiny_config(max_train_samples=7, lr_warmup_steps=0, checkpointing_steps=3, **length))
+    assert result.global_step == 3
+    scheduler_state = torch.load(result.output_dir / "checkpoint-3" / "scheduler.bin", weights_only=False)
+    assert scheduler_state["_last_lr"] == [0.0]

@@ -18,7 +18,7 @@ from lunggen_diffusers.config import preset_values
 from lunggen_diffusers.data.phantom import FINDINGS, phantom_dataset
 from lunggen_diffusers.utility import data as utility_data
 from lunggen_diffusers.utility import run as utility_run
-from lunggen_diffusers.utility.__main__ import main
+from lunggen_diffusers.utility.cli import main
 from lunggen_diffusers.utility.data import ImageSet, patient_rows, real_splits, synthetic_set
 from lunggen_diffusers.utility.report import STYLES
 from lunggen_diffusers.utility.run import UtilityArguments, regime_parts, run_utility
@@ -291,6 +291,18 @@ def test_youden_threshold_is_the_best_split():
     assert youden_thresholds(labels, scores)[0] == pytest.approx(0.3)
 
 
+def test_the_operating_point_is_chosen_on_validation_not_on_the_test_split():
+    labels, patients, groups, _ = _scored_population(400, 0)
+    perfect = labels.copy()  # on test, any cut in (0, 1] separates the classes: Youden on test would call every one
+    validation_labels = np.array([[0.0], [1.0]])
+    summary = subgroup_summary(labels, patients, groups, {"real": [perfect]}, 50, 0, validation_labels,
+                               {"real": [np.array([[0.5], [2.0]])]})  # validation puts the cut at 2.0
+    assert summary["groups"]["everyone"]["real"]["underdiagnosis"] == 1.0  # no test score reaches it
+    assert "validation" in summary["operating_point"]
+    # A finding with no positive in validation has no operating point: never called.
+    assert youden_thresholds(np.zeros((3, 1)), np.array([[0.1], [0.5], [0.9]]))[0] == np.inf
+
+
 def _scored_population(n, seed, women_noise=0.0):
     """n patients, one image each, one finding at 0.4; scores = label + noise, noisier for women by women_noise."""
     rng = np.random.default_rng(seed)
@@ -300,12 +312,19 @@ def _scored_population(n, seed, women_noise=0.0):
     return labels, [f"p{i}" for i in range(n)], {"patient_sex": list(sex)}, [labels[None] + noise[s] for s in range(3)]
 
 
+def _validation(n=600, women_noise=0.0):
+    """The same classifier's scores on other patients: where the operating point is chosen."""
+    labels, _, _, runs = _scored_population(n, 99, women_noise)
+    return labels, {"real": [r[0] for r in runs]}
+
+
 def test_subgroup_underdiagnosis_finds_a_group_the_classifier_reads_worse():
     labels, patients, groups, runs = _scored_population(1200, 0)
-    clean = subgroup_summary(labels, patients, groups, {"real": [r[0] for r in runs]}, 200, 0)
+    clean = subgroup_summary(labels, patients, groups, {"real": [r[0] for r in runs]}, 200, 0, *_validation())
     assert clean["flagged"] == [] and abs(clean["level"] - (1 - 0.05 / 4)) < 1e-12
     labels, patients, groups, runs = _scored_population(1200, 0, women_noise=0.6)
-    worse = subgroup_summary(labels, patients, groups, {"real": [r[0] for r in runs]}, 200, 0)
+    worse = subgroup_summary(labels, patients, groups, {"real": [r[0] for r in runs]}, 200, 0,
+                             *_validation(women_noise=0.6))
     women = worse["groups"]["patient_sex"]["F"]["real"]
     assert women["underdiagnosis_gap_interval"][0] > 0 and women["macro_auroc_gap_interval"][1] < 0
     assert "patient_sex=F real: underdiagnosis" in worse["flagged"]
@@ -322,6 +341,8 @@ def test_the_utility_command_reports_subgroups(real_folder, tmp_path):
     assert set(groups["patient_sex"]["F"]) == {"num_images", "num_diseased", "real", "synthetic"}
     assert sum(groups["patient_sex"][v]["num_images"] for v in ("F", "M")) == 200
     assert "### Per subgroup" in (tmp_path / "out" / "card_section.md").read_text()
+    validation = np.load(tmp_path / "out" / "runs" / "real" / "seed-0.validation.npy")
+    assert validation.shape == (result["data"]["num_images"]["validation"], len(result["data"]["findings"]))
     with pytest.raises(ValueError, match="--subgroups 'race'"):
         utility_run.run_utility(_args(real_folder, str(tmp_path / "synth"), tmp_path / "out2", subgroups="race"))
 
@@ -332,7 +353,7 @@ def test_a_subgroup_with_no_underdiagnosed_image_is_not_flagged_better():
     scores = runs[0][0].copy()
     scores[few] = labels[few] * 10  # 25 patients the classifier calls right
     groups = {"patient_sex": ["few" if i in set(few) else "rest" for i in range(1200)]}
-    summary = subgroup_summary(labels, patients, groups, {"real": [scores]}, 200, 0)
+    summary = subgroup_summary(labels, patients, groups, {"real": [scores]}, 200, 0, *_validation())
     entry = summary["groups"]["patient_sex"]["few"]["real"]
     assert entry["underdiagnosis"] == 0 and np.isnan(entry["underdiagnosis_gap_interval"][0])
     assert "patient_sex=few real: underdiagnosis" not in summary["flagged"]

@@ -17,13 +17,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..autoencoder import describe_standardisation, encode_moments, latent_shape, sample_latents
 from ..config import Config
 from ..data.build import build_dataset
 from ..data.decode import stored_pixels
 from ..data.phantom import draw_phantom
 from ..data.transforms import to_model_input
-from ..lunggen_pipeline import decode_latents
+from ..lunggen_pipeline import decode_latents, describe_standardisation, encode_moments, latent_shape, sample_latents
 from ..utils import image_grid, markdown_table, write_json
 from .features import Extractor, get_extractor
 from .metrics import frechet_distance, ms_ssim

@@ -21,7 +21,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from ..output_folder import read_manifest
+from ..generation.output_folder import read_manifest
 from ..vocabulary import FINDINGS_COLUMN, MANIFEST_LABELS, SUBGROUP_COLUMNS, SUBGROUPS, finding_lists, parse_label_cell
 from .images import ImageSource
 from .metrics import frechet_distance, kernel_inception_distance, prdc

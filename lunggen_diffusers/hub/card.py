@@ -15,10 +15,9 @@ from typing import Any
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..autoencoder import describe_standardisation
-from ..conditioning import prevalence
-from ..lunggen_pipeline import DEFAULT_GUIDANCE_SCALE, LabelSpace, normalize
-from ..sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_code
+from ..data.conditioning import prevalence
+from ..generation.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_code
+from ..lunggen_pipeline import DEFAULT_GUIDANCE_SCALE, LabelSpace, describe_standardisation, normalize
 from ..utils import atomic_write_text
 from ..vocabulary import SUBGROUPS
 from .privacy import (

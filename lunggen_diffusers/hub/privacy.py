@@ -21,7 +21,8 @@ from typing import Any
 
 from huggingface_hub.utils import filter_repo_objects
 
-from ..data.build import PHI_DIGESTS, source_report_dir
+from ..data.folders import PHI_DIGESTS
+from ..data.registry import source_report_dir
 from ..utils import find_secret
 
 MANIFEST = "manifest.json"

@@ -21,10 +21,18 @@ from ..data.build import build_dataset
 from ..data.nih import check_patient_disjoint
 from ..data.phantom import phantom_dataset
 from ..evaluation.images import IMAGE_COLUMNS, to_eval_image
-from ..output_folder import read_manifest
+from ..generation.output_folder import read_manifest
 from ..utils import stable_hash
-from ..vocabulary import (FINDINGS_COLUMN, MANIFEST_LABELS, NO_FINDING, SUBGROUP_COLUMNS, finding_lists, normalize,
-                          parse_label_cell, subgroup_columns)
+from ..vocabulary import (
+    FINDINGS_COLUMN,
+    MANIFEST_LABELS,
+    NO_FINDING,
+    SUBGROUP_COLUMNS,
+    finding_lists,
+    normalize,
+    parse_label_cell,
+    subgroup_columns,
+)
 
 SPLITS = ("train", "validation", "test")
 PATIENT_COLUMNS = ("patient_id", "Patient ID")

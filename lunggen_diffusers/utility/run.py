@@ -142,9 +142,13 @@ def _run_settings(args: UtilityArguments, data_key: str) -> dict:
     return {**{k: getattr(args, k) for k in keep}, "data": data_key}
 
 
+def _scores_path(path: Path, split: str) -> Path:
+    return path.with_suffix(".npy") if split == "test" else path.with_suffix(f".{split}.npy")
+
+
 def _load_run(path: Path, settings: dict) -> dict | None:
-    if not path.exists() or not path.with_suffix(".npy").exists():
-        return None
+    if not path.exists() or not all(_scores_path(path, split).exists() for split in ("validation", "test")):
+        return None  # a run from before validation scores were kept is trained again
     run = json.loads(path.read_text())
     if run["settings"] != settings:
         changed = sorted(k for k in settings if run["settings"].get(k) != settings[k])
@@ -197,10 +201,10 @@ def run_utility(args: UtilityArguments) -> dict:
         model, log = train(model, x, y, inputs["validation"], real["validation"].labels, args.max_steps,
                            args.batch_size, args.learning_rate, args.eval_steps, seed, accelerator.device,
                            desc=f"{name} seed {seed}")
-        scores = predict(model, inputs["test"], accelerator.device)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path.with_suffix(".npy")) as temporary:
-            np.save(temporary, scores)
+        for split in ("validation", "test"):  # validation's: where the subgroup report's operating point is chosen
+            with atomic_path(_scores_path(path, split)) as temporary:
+                np.save(temporary, predict(model, inputs[split], accelerator.device))
         write_json(path, {**log, "settings": settings, "seed": seed, "num_train_images": len(x),
                           "wall_time_s": round(time.time() - run_started, 1)})  # last: marks the run finished
     accelerator.wait_for_everyone()
@@ -208,12 +212,15 @@ def run_utility(args: UtilityArguments) -> dict:
         return {}
     runs = {name: [_load_run(output_dir / "runs" / name / f"seed-{seed}.json", settings)
                    for seed in range(args.seeds)] for name in args.regimes}
-    scores = {name: [np.load(output_dir / "runs" / name / f"seed-{seed}.npy") for seed in range(args.seeds)]
-              for name in args.regimes}
-    result = summarize(real["test"].labels, real["test"].patients, scores, findings, args.bootstrap, args.split_seed)
+    scores = {split: {name: [np.load(_scores_path(output_dir / "runs" / name / f"seed-{seed}.json", split))
+                             for seed in range(args.seeds)] for name in args.regimes}
+              for split in ("validation", "test")}
+    result = summarize(real["test"].labels, real["test"].patients, scores["test"], findings, args.bootstrap,
+                       args.split_seed)
     if groups:
-        result["subgroups"] = subgroup_summary(real["test"].labels, real["test"].patients, groups, scores,
-                                               args.bootstrap, args.split_seed)
+        result["subgroups"] = subgroup_summary(real["test"].labels, real["test"].patients, groups, scores["test"],
+                                               args.bootstrap, args.split_seed, real["validation"].labels,
+                                               scores["validation"])
     low = real["train"].subset(patient_rows(real["train"].patients, args.low_data_fraction, args.split_seed))
     result.update(
         settings={**{k: v for k, v in asdict(args).items() if k not in ("real", "synthetic", "output_dir")},

@@ -3,9 +3,10 @@ regime, with patient-bootstrap intervals and the gap to the whole test split.
 
 Underdiagnosis follows Seyyed-Kalantari et al. (Nature Medicine 2021): the share of patients' images that carry a
 finding but that the classifier calls "No Finding" (no finding's score at or above its threshold). The thresholds
-are one operating point per finding and run, chosen on the whole test split by Youden's J (the point a deployed
-model would use for everyone), never per subgroup: a group the classifier scores lower then shows up as more
-underdiagnosed. Intervals are the gap's bootstrap standard deviation times the normal quantile at the
+are one operating point per finding and run, chosen by Youden's J on the real validation split (the point a deployed
+model would use for everyone, fixed before the test split is seen), never per subgroup: a group the classifier
+scores lower then shows up as more underdiagnosed. A finding with no positive image in validation has no operating
+point and is never called. Intervals are the gap's bootstrap standard deviation times the normal quantile at the
 Bonferroni-adjusted level (over every subgroup and regime), the same resamples for every regime and subgroup.
 """
 
@@ -27,7 +28,7 @@ def youden_thresholds(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
         tpr = np.cumsum(positive) / max(positive.sum(), 1)
         fpr = np.cumsum(~positive) / max((~positive).sum(), 1)
         best = int(np.argmax(tpr - fpr))
-        out[k] = scores[order[best], k]
+        out[k] = scores[order[best], k] if positive.any() else np.inf
     return out
 
 
@@ -41,10 +42,12 @@ def _underdiagnosed(labels: np.ndarray, scores: np.ndarray, thresholds: np.ndarr
 
 def subgroup_summary(labels: np.ndarray, patients: list[str], groups: dict[str, list[str]],
                      scores: dict[str, list[np.ndarray]], num_resamples: int, seed: int,
+                     validation_labels: np.ndarray, validation_scores: dict[str, list[np.ndarray]],
                      min_images: int = 20) -> dict:
     """{"groups": {group: {value: {regime: figures}}}, "flagged": [...], "level": ...} (see the module docstring).
 
-    `scores`: per regime, one (N, findings) array per seed; every figure is the mean over seeds."""
+    `scores`: per regime, one (N, findings) array per seed on the test split, `validation_scores` the same runs'
+    on the validation split (the operating points); every figure is the mean over seeds."""
     cells = [(g, v, np.flatnonzero(np.asarray(values) == v)) for g, values in groups.items()
              for v in sorted(set(values) - {""})]
     cells = [c for c in cells if len(c[2]) >= min_images and (labels[c[2]].max(1) > 0).any()]
@@ -52,7 +55,8 @@ def subgroup_summary(labels: np.ndarray, patients: list[str], groups: dict[str, 
     every = np.arange(len(labels))
     figures = {}
     for name, runs in scores.items():
-        under = np.stack([_underdiagnosed(labels, s, youden_thresholds(labels, s)) for s in runs])  # (seeds, N)
+        under = np.stack([_underdiagnosed(labels, s, youden_thresholds(validation_labels, v))
+                          for s, v in zip(runs, validation_scores[name])])  # (seeds, N)
         boot_auc = {key: [] for key in ["all", *range(len(cells))]}
         boot_under = {key: [] for key in ["all", *range(len(cells))]}
         for chunk in patient_weights(patients, num_resamples, seed):  # the same resamples for every regime
@@ -88,7 +92,7 @@ def subgroup_summary(labels: np.ndarray, patients: list[str], groups: dict[str, 
     flagged = sorted(f"{g}={v} {name}: {what}" for g, values in figures.items() if g != "everyone"
                      for v, entry in values.items() for name in scores for what in entry[name]["flagged"])
     return {"groups": figures, "flagged": flagged, "level": level, "num_resamples": num_resamples,
-            "operating_point": "Youden's J per finding and run, on the whole test split"}
+            "operating_point": "Youden's J per finding and run, on the real validation split"}
 
 
 def subgroup_markdown(summary: dict, descriptions: dict[str, str]) -> list[str]:

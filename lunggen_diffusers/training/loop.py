@@ -23,12 +23,12 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ..config import Config, save_config
+from ..data.conditioning import condition_vectors
+from ..data.decode import stored_pixels
+from ..runtime import check_world_size, keep_freed_memory, set_cpu_threads
+from ..utils import SAMPLE_GRID, synthetic_png_info
 from .checkpoints import check_compatible, checkpoint_step, find_checkpoint, list_checkpoints, save_checkpoint
-from .conditioning import condition_vectors
-from .config import Config, save_config
-from .data.decode import stored_pixels
-from .runtime import check_world_size, keep_freed_memory, set_cpu_threads
-from .utils import SAMPLE_GRID, synthetic_png_info
 
 logger = get_logger(__name__)
 
@@ -39,7 +39,8 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class Schedule:
-    """How many optimizer steps an epoch holds and the run takes, from the data size and the launch."""
+    """How many optimizer steps an epoch holds and the run takes, from the batches the prepared loader yields a
+    process (a partial last batch it drops is not a step) and the launch."""
 
     updates_per_epoch: int
     max_steps: int
@@ -47,10 +48,11 @@ class Schedule:
     images_per_step: int  # all processes, all accumulated batches
 
     @classmethod
-    def of(cls, num_images: int, config: Config, num_processes: int) -> Schedule:
+    def of(cls, batches_per_epoch: int, config: Config, num_processes: int) -> Schedule:
         t = config.training
         per_step = t.train_batch_size * num_processes
-        updates_per_epoch = math.ceil(math.ceil(num_images / per_step) / t.gradient_accumulation_steps)
+        # Accelerate ends an accumulation at the loader's end, so a short remainder still makes an update.
+        updates_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
         max_steps = t.max_train_steps or t.num_epochs * updates_per_epoch
         return cls(updates_per_epoch, max_steps, math.ceil(max_steps / updates_per_epoch),
                    per_step * t.gradient_accumulation_steps)

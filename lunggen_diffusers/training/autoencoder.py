@@ -1,5 +1,7 @@
 """The latent route's autoencoder: a 1-channel diffusers `AutoencoderKL`, built from the config or loaded (a
-pretrained 3-channel one too), and the two conversions between [-1, 1] images and the scaled latents a UNet learns.
+pretrained 3-channel one too), and the measured scale of its latents. The conversions between [-1, 1] images and
+the scaled latents a UNet learns live in `lunggen_pipeline.py` (encode_moments, sample_latents, decode_latents), which
+every stage reads and every model ships.
 
 A 3-channel autoencoder (Stable Diffusion's, say) sees the gray image on all three input channels, and its three
 output channels are averaged back to one (`lunggen_pipeline.decode_latents`, the pipeline's own decode step). The scale of the latents is measured
@@ -15,8 +17,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from .config import Config
-from .lunggen_pipeline import latent_moments
+from ..config import Config
 
 
 def build_autoencoder(config: Config) -> AutoencoderKL:
@@ -58,40 +59,6 @@ def load_autoencoder(path_or_id: str, **kwargs) -> AutoencoderKL:
         return AutoencoderKL.from_pretrained(path_or_id, subfolder="vae", **kwargs)
 
 
-def downsampling(vae: AutoencoderKL) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def latent_shape(vae: AutoencoderKL, resolution: int) -> tuple[int, int]:
-    """(channels, side) of the latent of a resolution x resolution image."""
-    factor = downsampling(vae)
-    if resolution % factor:
-        raise ValueError(f"--resolution {resolution} is not a multiple of the autoencoder's downsampling {factor}")
-    return vae.config.latent_channels, resolution // factor
-
-
-@torch.no_grad()
-def encode_moments(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images (B, 1, H, W) -> the posterior's mean and log-variance (B, 2C, h, w), unscaled."""
-    if vae.config.in_channels != images.shape[1]:
-        images = images.expand(-1, vae.config.in_channels, -1, -1)
-    moments = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.parameters
-    return moments.float()
-
-
-def sample_latents(moments: torch.Tensor, vae_config, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """A draw from the cached posterior, standardised as the UNet learns it (`latent_statistics`; the inverse is
-    `lunggen_pipeline.decode_latents`). `noise` None takes the mean (the posterior's mode)."""
-    mean, logvar = moments.float().chunk(2, dim=1)
-    z = mean if noise is None else mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
-    center, spread = latent_moments(vae_config, z)
-    return (z - center) / spread * vae_config.scaling_factor
-
-
-# The config entries `latent_statistics` measures: they apply when a latent is drawn or decoded, not to the weights.
-STANDARDISATION = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
-
-
 def latent_statistics(means: np.ndarray, normalization: str = "global") -> dict:
     """The autoencoder config entries that standardise the training latents. global: one scale and shift
     (Rombach et al. 2022 use 1 / std; the shift, as in SD3's autoencoder, keeps a mostly black background from
@@ -109,12 +76,3 @@ def latent_statistics(means: np.ndarray, normalization: str = "global") -> dict:
                 "latents_std": std.tolist()}
     return {"scaling_factor": 1.0 / float(std), "shift_factor": float(center), "latents_mean": None,
             "latents_std": None}
-
-
-def describe_standardisation(vae_config) -> str:
-    """The standardisation in the config, for logs, reports and model cards."""
-    if vae_config.get("latents_mean") is not None:
-        spreads = ", ".join(f"{v:.3f}" for v in vae_config["latents_std"])
-        return f"per channel to zero mean and unit variance (channel std {spreads})"
-    return (f"by {vae_config['scaling_factor']:.4f} after a shift of {vae_config.get('shift_factor') or 0.0:.4f} "
-            f"(one scale for every channel)")

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from safetensors import safe_open
 
-from .config import Config, load_config, save_config
+from ..config import Config, load_config, save_config
 from .model import SHAPE_FIELDS
 
 logger = get_logger(__name__)

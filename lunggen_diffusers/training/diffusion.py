@@ -19,22 +19,20 @@ from accelerate.utils import set_seed
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel, compute_snr
 
-from .autoencoder import (
-    autoencoder_dir,
-    describe_standardisation,
-    latent_shape,
-    latent_statistics,
-    load_autoencoder,
-    sample_latents,
-)
-from .autoencoder_training import train_autoencoder
+from ..config import Config
+from ..data.build import build_dataset
+from ..data.conditioning import label_config
+from ..data.registry import cache_root
+from ..data.transforms import augment, to_model_input
+from ..evaluation.autoencoder import REPORT
+from ..generation.sampling import DEFAULT_SCHEDULER, generate, make_scheduler
+from ..hub.export import export_pipeline
+from ..lunggen_pipeline import LabelSpace, describe_standardisation, latent_shape, sample_latents
+from ..summaries import RunSummary
+from ..utils import image_grid
+from .autoencoder import autoencoder_dir, latent_statistics, load_autoencoder
+from .autoencoder_stage import train_autoencoder
 from .checkpoints import check_weights
-from .conditioning import label_config
-from .config import Config
-from .data.build import build_dataset, cache_root
-from .data.transforms import augment, to_model_input
-from .evaluation.autoencoder import REPORT
-from .hub.export import export_pipeline
 from .latents import cached_latents
 from .loop import (
     EMAWeights,
@@ -47,11 +45,7 @@ from .loop import (
     resume_point,
     start,
 )
-from .lunggen_pipeline import LabelSpace
 from .model import build_pipeline, build_scheduler, build_unet
-from .sampling import DEFAULT_SCHEDULER, generate, make_scheduler
-from .summaries import RunSummary
-from .utils import image_grid
 
 logger = get_logger(__name__)
 
@@ -217,10 +211,10 @@ def train(config: Config) -> TrainResult | None:
     set_seed(t.seed)  # same initial weights on every process
     unet, noise_scheduler, ema = build_model(config, labels,
                                              latent_shape(vae, config.data.resolution) if vae is not None else None)
-    dataloader = build_dataloader(dataset, labels, config, accelerator, moments)
-    schedule = Schedule.of(len(dataset), config, accelerator.num_processes)
+    dataloader = accelerator.prepare(build_dataloader(dataset, labels, config, accelerator, moments))
+    schedule = Schedule.of(len(dataloader), config, accelerator.num_processes)
     optimizer, lr_scheduler = build_optimizer(unet, schedule, config, accelerator)
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if resume_from is not None:
         check_weights(resume_from, unet)  # the prepared model, as save_state wrote it (before any compile)
     set_seed(t.seed, device_specific=True)  # each process draws its own noise; the data order stays shared

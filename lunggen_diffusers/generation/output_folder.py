@@ -27,7 +27,9 @@ import torch
 from accelerate.utils import gather_object
 from PIL import Image
 
-from .runtime import process_share, process_state
+from ..runtime import process_share, process_state
+from ..utils import SYNTHETIC_NOTICE, atomic_path, image_grid, synthetic_png_info
+from ..vocabulary import MANIFEST_LABELS, NO_FINDING, UNCONDITIONED, label_cell
 from .sampling import (
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
@@ -40,8 +42,6 @@ from .sampling import (
     resolve_guidance,
     resolve_interval,
 )
-from .utils import SYNTHETIC_NOTICE, atomic_path, image_grid, synthetic_png_info
-from .vocabulary import MANIFEST_LABELS, NO_FINDING, UNCONDITIONED, label_cell
 
 BIT_DEPTHS = (8, 16)
 GRID_MAX_IMAGES = 64

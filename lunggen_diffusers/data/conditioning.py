@@ -11,8 +11,8 @@ from collections import Counter
 import datasets
 import numpy as np
 
-from .lunggen_pipeline import DEFAULT_GUIDANCE_SCALE, LabelSpace
-from .vocabulary import AGE_BIN_NAMES, CONDITION_COLUMNS, FINDINGS_COLUMN, condition_value, finding_lists
+from ..lunggen_pipeline import DEFAULT_GUIDANCE_SCALE, LabelSpace
+from ..vocabulary import AGE_BIN_NAMES, CONDITION_COLUMNS, FINDINGS_COLUMN, condition_value, finding_lists
 
 
 def _row_labels(findings: list[str], extras: dict[str, str]) -> list[str]:

@@ -19,10 +19,10 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from .autoencoder import STANDARDISATION, encode_moments, latent_shape
-from .data.decode import stored_pixels
-from .data.transforms import to_model_input
-from .utils import atomic_path, stable_hash, write_json
+from ..data.decode import stored_pixels
+from ..data.transforms import to_model_input
+from ..lunggen_pipeline import STANDARDISATION, encode_moments, latent_shape
+from ..utils import atomic_path, stable_hash, write_json
 
 logger = logging.getLogger(__name__)
 VERSION = 1  # bump when what is stored changes

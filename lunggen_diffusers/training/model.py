@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
-from .config import Config
-from .lunggen_pipeline import LungGenPipeline
+from ..config import Config
+from ..lunggen_pipeline import LungGenPipeline
 
 # Fields that fix the UNet's weight shapes: resuming with any of them changed is refused.
 SHAPE_FIELDS = ("resolution", "block_out_channels", "layers_per_block", "attention_resolutions", "norm_num_groups",

@@ -20,17 +20,17 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from PIL import Image
 
-from .autoencoder import build_autoencoder, encode_moments, latent_statistics, load_autoencoder, sample_latents
+from ..config import Config
+from ..data.build import build_dataset
+from ..data.decode import stored_pixels
+from ..data.transforms import augment, to_model_input
+from ..evaluation.autoencoder import judge, write_report
+from ..evaluation.metrics import ssim
+from ..lunggen_pipeline import decode_latents, encode_moments, sample_latents
+from ..utils import image_grid
+from .autoencoder import build_autoencoder, latent_statistics, load_autoencoder
 from .checkpoints import check_weights
-from .config import Config
-from .data.build import build_dataset
-from .data.decode import stored_pixels
-from .data.transforms import augment, to_model_input
-from .evaluation.autoencoder import judge, write_report
-from .evaluation.metrics import ssim
 from .loop import Schedule, build_accelerator, build_dataloader, build_optimizer, fit, resume_point, start
-from .lunggen_pipeline import decode_latents
-from .utils import image_grid
 
 logger = get_logger(__name__)
 STAGE_DIR = "autoencoder"
@@ -144,10 +144,10 @@ def train_autoencoder(config: Config) -> Path:
     set_seed(t.seed)
     vae = load_autoencoder(config.model.vae) if config.model.vae else build_autoencoder(stage)
     model = Reconstruction(vae)
-    dataloader = build_dataloader(dataset, None, stage, accelerator)
-    schedule = Schedule.of(len(dataset), stage, accelerator.num_processes)
+    dataloader = accelerator.prepare(build_dataloader(dataset, None, stage, accelerator))
+    schedule = Schedule.of(len(dataloader), stage, accelerator.num_processes)
     optimizer, lr_scheduler = build_optimizer(model, schedule, stage, accelerator)
-    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if resume_from is not None:
         check_weights(resume_from, model)
     set_seed(t.seed, device_specific=True)
