@@ -1,4 +1,5 @@
-"""`python -m lunggen_diffusers.autoencoder_report`: judge an autoencoder; the command is training/autoencoder_report.py (`lunggen-autoencoder-report`)."""
+"""`python -m lunggen_diffusers.autoencoder_report`: judge an autoencoder. The command is
+training/autoencoder_report.py (`lunggen-autoencoder-report`)."""
 
 from .training.autoencoder_report import main
 

@@ -222,7 +222,7 @@ class TrainingConfig:
     vae_ssim_weight: float = field(
         default=0.5,
         metadata={"help": "Weight of a (1 - SSIM) term beside the L1 reconstruction loss: on the phantom it kept "
-                          "more of a nodule's contrast than L1 alone (benchmarks/README.md, 'Autoencoder'). 0 turns "
+                          "more of a nodule's contrast than L1 alone (benchmarks/HISTORY.md, 'Autoencoder'). 0 turns "
                           "it off."},
     )
     vae_kl_weight: float = field(

@@ -1,4 +1,5 @@
-"""`python -m lunggen_diffusers.evaluate`: evaluate generated images; the command is evaluation/cli.py (`lunggen-evaluate`)."""
+"""`python -m lunggen_diffusers.evaluate`: evaluate generated images. The command is evaluation/cli.py
+(`lunggen-evaluate`)."""
 
 from .evaluation.cli import main
 

@@ -413,7 +413,7 @@ class LungGenPipeline(DiffusionPipeline):
         """Generate images; `findings` holds one list of finding names per image ([] = "No Finding"), None samples
         the null (unconditioned) condition for `batch_size` images. `guidance_scale` None takes the model's own;
         `guidance_interval` (lowest, highest training timestep) guides only there, the conditional model alone
-        elsewhere (82 579, sigma 0.28 to 5.4 on the linear schedule: benchmarks/README.md, "Samplers").
+        elsewhere (82 579, sigma 0.28 to 5.4 on the linear schedule: benchmarks/HISTORY.md, "Samplers").
         `sex` ("M"/"F"), `age` (years) and `view` ("PA"/"AP") ask every image for that patient, on a model trained
         with `--condition_on` them (a group not given takes its most frequent training value); they need `findings`.
 

@@ -17,7 +17,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 def keep_freed_memory() -> bool:
     """Stop glibc from handing large freed blocks back to the kernel. By default every activation over 32 MiB is
     mmap'ed, freed with munmap and page-faulted in (and zeroed) again at the next step, so large-image training
-    spends much of its CPU time in the kernel (figures: benchmarks/README.md, cpu_allocator.py). This is the reuse
+    spends much of its CPU time in the kernel (figures: benchmarks/HISTORY.md, cpu_allocator.py). This is the reuse
     PyTorch's CPU tuning guide gets from jemalloc or tcmalloc, without a preloaded library; the cost is a higher
     peak RSS, kept until the process ends.
     Returns whether it applied (glibc only: a no-op on macOS, Windows and musl)."""

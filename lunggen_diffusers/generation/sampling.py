@@ -47,7 +47,7 @@ class StochasticDDIMScheduler(DDIMScheduler):
 # name: (class, config overrides, keyword arguments of every step). Order 3 is what diffusers' docs recommend for
 # unconditional sampling (2 for guided sampling); few-step runs keep lower_order_final (the default) so the last
 # steps stay stable. "trailing" spacing starts at the last training timestep, where "leading" (diffusers' DDIM
-# default) starts short of pure noise (Lin et al. 2024). Tried on the demo and left out (benchmarks/README.md,
+# default) starts short of pure noise (Lin et al. 2024). Tried on the demo and left out (benchmarks/HISTORY.md,
 # "Samplers"): Euler ancestral (no x0 clip in diffusers; Fréchet distance on the phantom classifier's features 195
 # at 25 steps, against 154 for dpmsolver++-sde) and Heun (diverges on the clipped pixel models: 602 at 13 steps,
 # noise read as a nodule in 0.99 of images).
@@ -66,7 +66,7 @@ SCHEDULERS = {
     "dpmsolver++-3m-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, {}),
     "unipc": (UniPCMultistepScheduler, {"solver_order": 3}, {}),
 }
-# Third-order SDE-DPM-Solver++, 25 steps, chosen on the #28 tables (benchmarks/README.md, "Samplers"), measured
+# Third-order SDE-DPM-Solver++, 25 steps, chosen on the #28 tables (benchmarks/HISTORY.md, "Samplers"), measured
 # against DDPM-1000 at 512 images on three models. On the demo recipe trained 9,600 steps it meets every goal a
 # sampler can meet there: Fréchet distance on the phantom classifier's features 1.07x DDPM-1000's, every finding
 # within 0.027 of DDPM-1000's share, the heart on the correct side in every image, 38x faster (at 3,200 steps of the

@@ -42,7 +42,8 @@ COMMANDS = {"push": (PushArguments, SectionArguments), "card": (CardArguments, S
 USAGE = "usage: python -m lunggen_diffusers.hub {push,card} OUTPUT_DIR [options] (--help for options)"
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_command_line(argv: list[str] | None = None) -> tuple:
+    """(the command's arguments, the card sections, the output folder)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
@@ -50,7 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser(COMMANDS[argv[0]], prog=f"python -m lunggen_diffusers.hub {argv[0]}")
     parser.add_argument("output_dir", help="The exported training output folder.")
     args, sections, extra = parse(parser, argv[1:])
-    run(lambda: _command(args, sections, extra.output_dir))
+    return args, sections, extra.output_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, sections, output_dir = parse_command_line(argv)
+    run(lambda: _command(args, sections, output_dir))
 
 
 def _command(args, sections: SectionArguments, output_dir: str) -> None:

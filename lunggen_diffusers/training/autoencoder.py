@@ -4,9 +4,9 @@ the scaled latents a UNet learns live in `lunggen_pipeline.py` (encode_moments, 
 every stage reads and every model ships.
 
 A 3-channel autoencoder (Stable Diffusion's, say) sees the gray image on all three input channels, and its three
-output channels are averaged back to one (`lunggen_pipeline.decode_latents`, the pipeline's own decode step). The scale of the latents is measured
-on the training data (`latent_statistics`) and stored in the autoencoder's own config (`scaling_factor`,
-`shift_factor`), never taken from Stable Diffusion's constant.
+output channels are averaged back to one (`lunggen_pipeline.decode_latents`, the pipeline's own decode step). The
+scale of the latents is measured on the training data (`latent_statistics`) and stored in the autoencoder's own
+config (`scaling_factor`, `shift_factor`), never taken from Stable Diffusion's constant.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ scale on the training set and judge it on held-out patients (`evaluation.autoenc
 Everything goes to OUTPUT_DIR/autoencoder: the autoencoder itself (`config.json` +
 `diffusion_pytorch_model.safetensors`: the trained weights, no EMA), `report.json` / `report.md`,
 `reconstructions.png`, `training_config.json`, `checkpoint-*/`. Loss: L1, a (1 - SSIM) term and a KL term of
-weight `vae_kl_weight`, on random crops with `--vae_crop_size` (benchmarks/README.md, "Autoencoder", measures each
+weight `vae_kl_weight`, on random crops with `--vae_crop_size` (benchmarks/HISTORY.md, "Autoencoder", measures each
 choice; it also says why no perceptual or adversarial term).
 """
 

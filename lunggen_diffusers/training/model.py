@@ -18,7 +18,7 @@ def build_unet(config: Config, label_size: int | None = None,
     projects the label vector (an MLP added to the timestep embedding), so the projection lives in the UNet's own
     config and weights. That embedding scales and shifts each ResNet block's normalised features (FiLM, as in
     Dhariwal & Nichol's class-conditional UNet) rather than only adding a bias: on the phantom the labels were
-    followed far more closely (benchmarks/README). No cross-attention: a few labels need no token sequence.
+    followed far more closely (benchmarks/HISTORY.md). No cross-attention: a few labels need no token sequence.
     `latent` (channels, side): the UNet learns an autoencoder's latents of that shape instead of 1-channel pixels;
     `attention_resolutions` then name latent sizes."""
     m = config.model
