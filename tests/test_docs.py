@@ -176,3 +176,27 @@ def test_every_module_path_and_dotted_name_the_docs_mention_exists():
                     obj = getattr(obj, name)
                 break
             assert obj is not None, f"{page.name} names {dotted}, which does not import"
+
+
+def test_the_readmes_generation_commands_run_on_a_tiny_stand_in(stand_ins, tmp_path, monkeypatch, one_thread):
+    """The README's sampling commands small enough to run here (at most 100 images) make what they say."""
+    from lunggen_diffusers.generation import cli as generation_cli
+
+    monkeypatch.chdir(tmp_path)
+    ran = 0
+    for tokens in _commands(REPO / "README.md"):
+        if tokens[:2] != ["python", "pipeline.py"]:
+            continue
+        argv = tokens[2:]
+        (args,) = parse_args(SamplingArguments, argv)
+        if args.model != "lunggen-output" or args.num_images > 100:
+            continue
+        link = tmp_path / "lunggen-output"
+        if link.is_symlink():
+            link.unlink()
+        conditioned = any(a in argv for a in ("--findings", "--labels_from", "--sex", "--age", "--view"))
+        link.symlink_to(stand_ins["conditional" if conditioned else "plain"])
+        generation_cli.main(argv)
+        assert len(list((tmp_path / args.output_dir).glob("*.png"))) == args.num_images + 1, argv  # + grid.png
+        ran += 1
+    assert ran == 2  # the plain and the conditional example
