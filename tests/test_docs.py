@@ -135,8 +135,8 @@ def stand_ins(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("stand-ins")
     models = {}
-    for name, extra in (("plain", {}), ("conditional", {"condition_on": ["findings", "patient_sex", "patient_age",
-                                                                         "view_position"]})):
+    everything = {"condition_on": ["findings", "patient_sex", "patient_age", "view_position"]}
+    for name, extra in (("plain", {}), ("conditional", everything)):
         config = from_dict({**TINY, "max_train_steps": 1, "checkpointing_steps": 1, "output_dir": str(root / name), **extra})
         models[name] = train(config).output_dir
     return models
