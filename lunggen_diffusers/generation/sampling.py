@@ -35,6 +35,7 @@ from ..lunggen_pipeline import (
 )
 from ..utils import pick_device
 
+
 class StochasticDDIMScheduler(DDIMScheduler):
     """DDIM for eta > 0, finite at a zero-SNR first step. There sigma_t^2 equals 1 - alpha_prev, and diffusers'
     sqrt(1 - alpha_prev - sqrt(variance)^2) came out sqrt(-6e-8), a NaN image, on an AMD EPYC (0 on the Xeons): the

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
 from diffusers import AutoencoderKL
 
 from ..config import Config
