@@ -259,8 +259,9 @@ def guided_denoise(unet, scheduler, x, class_labels=None, null_labels=None, guid
     condition need no guidance. `guidance_rescale` (0-1) pulls the guided prediction's spread back toward the
     conditional one's (Lin et al. 2024, as diffusers' Stable Diffusion pipelines do); `guidance_interval` (lowest,
     highest training timestep) guides only there and runs the conditional model alone elsewhere (Kynkäänniemi et
-    al. 2024). `on_step(i, t, x)`, when given, runs after each step and returns the sample to go on with (the
-    pipeline's `callback_on_step_end`). Returns the final sample.
+    al. 2024). `on_step(i, t, x, x0)`, when given, runs after each step with the new sample and the step's
+    prediction of the clean sample (`predicted_original`), and returns the sample to go on with (the pipeline's
+    `callback_on_step_end`). Returns the final sample.
     """
     step_kwargs = step_kwargs or {}
     guided = class_labels is not None and guidance_scale != 1.0 and not bool((class_labels == null_labels).all())
@@ -283,10 +284,25 @@ def guided_denoise(unet, scheduler, x, class_labels=None, null_labels=None, guid
                 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
                 output = rescale_noise_cfg(output, conditional, guidance_rescale)
-        x = scheduler.step(output, t, x, **step_kwargs).prev_sample
+        step = scheduler.step(output, t, x, **step_kwargs)
         if on_step is not None:
-            x = on_step(i, t, x)
+            x0 = getattr(step, "pred_original_sample", None)
+            x = on_step(i, t, step.prev_sample, predicted_original(scheduler, output, x, t) if x0 is None else x0)
+        else:
+            x = step.prev_sample
     return x
+
+
+def predicted_original(scheduler, output: torch.Tensor, sample: torch.Tensor, t) -> torch.Tensor:
+    """The clean sample x0 that a (guided) model output at timestep `t` predicts from `sample`, for schedulers whose
+    step does not return it (the DPM-Solvers, UniPC): the model's parameterisation inverted on the noise schedule."""
+    alpha = scheduler.alphas_cumprod.to(sample.device)[int(t)].to(sample.dtype)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (sample - (1 - alpha).sqrt() * output) / alpha.sqrt()
+    if kind == "v_prediction":
+        return alpha.sqrt() * sample - (1 - alpha).sqrt() * output
+    return output
 
 
 class LungGenPipeline(DiffusionPipeline):
@@ -299,7 +315,7 @@ class LungGenPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet->vae"
     _optional_components = ["vae"]
-    _callback_tensor_inputs = ["latents"]
+    _callback_tensor_inputs = ["latents", "pred_original_sample"]  # the second: the step's x0 (read-only)
 
     def __init__(self, unet: UNet2DConditionModel | UNet2DModel, scheduler: DDPMScheduler,
                  vae: AutoencoderKL | None = None, label_config: dict | None = None):
@@ -453,10 +469,10 @@ class LungGenPipeline(DiffusionPipeline):
         self._num_timesteps = len(self.scheduler.timesteps)
         step_kwargs = {"generator": generator} if "generator" in signature(self.scheduler.step).parameters else {}
 
-        def on_step(i, t, latents):
+        def on_step(i, t, latents, pred_original_sample):
             if callback_on_step_end is None:
                 return latents
-            names = {"latents": latents}
+            names = {"latents": latents, "pred_original_sample": pred_original_sample}
             outputs = callback_on_step_end(self, i, t, {k: names[k] for k in callback_on_step_end_tensor_inputs})
             return outputs.pop("latents", latents)
 

@@ -139,3 +139,40 @@ def test_from_pretrained_loads_a_variant_and_refuses_an_unknown_keyword(saved):
         LungGenPipeline.from_pretrained(saved)  # the plain weights are gone: the variant really was what loaded
     with pytest.raises(TypeError, match="unknown keyword\\(s\\) tokne; accepted: token"):
         LungGenPipeline.from_pretrained(saved, variant="ema", tokne="hf_x")
+
+
+def test_callbacks_can_read_the_steps_prediction_of_the_clean_image():
+    """`pred_original_sample` in callback_kwargs: the scheduler's own x0 where its step returns one (DDPM, DDIM), the
+    model output inverted on the noise schedule otherwise (DPM-Solver); on DDIM the last x0 is the output itself."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    pipe = tiny_pipeline()
+    seen = []
+
+    def record(pipeline, i, t, kwargs):
+        seen.append(kwargs["pred_original_sample"].clone())
+        last.append(kwargs["latents"].clone())
+        return {}
+
+    last = []
+
+    inputs = ["latents", "pred_original_sample"]
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    images = _call(pipe, num_inference_steps=4, output_type="np", callback_on_step_end=record,
+                   callback_on_step_end_tensor_inputs=inputs).images
+    assert len(seen) == 4
+    assert torch.equal(seen[-1], last[-1])  # DDIM's last step lands on its own (clipped) x0 exactly
+    assert np.array_equal(postprocess(seen[-1], "np"), images)
+    dpm_seen = []  # DPM-Solver's step returns no x0: it is computed
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    _call(pipe, num_inference_steps=3, callback_on_step_end=lambda p, i, t, k: dpm_seen.append(
+        k["pred_original_sample"]) or {}, callback_on_step_end_tensor_inputs=inputs)
+    assert len(dpm_seen) == 3 and all(torch.isfinite(x).all() for x in dpm_seen)
+    # The computed x0 is the one diffusers' DDPM step returns, for both parameterisations.
+    sample, output = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    for kind in ("epsilon", "v_prediction"):
+        ddpm = DDPMScheduler(prediction_type=kind, clip_sample=False)
+        ddpm.set_timesteps(10)
+        t = ddpm.timesteps[3]
+        own = ddpm.step(output, t, sample).pred_original_sample
+        assert torch.allclose(lunggen_pipeline.predicted_original(ddpm, output, sample, t), own, atol=1e-5), kind
