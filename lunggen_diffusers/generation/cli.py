@@ -62,6 +62,11 @@ class SamplingArguments:
         "help": "Models conditioned on patient_age: the age in years (its bin as trained: 0-17, 18-39, 40-59, "
                 "60-79, 80+)."})
     view: str | None = field(default=None, metadata={"help": "Models conditioned on view_position: PA or AP."})
+    save_process: int = field(default=0, metadata={
+        "help": "Write process.gif: the noisy sample beside the predicted clean image at each step, for this many "
+                "of the first images (at most --batch_size). 0: none."})
+    save_process_every: int = field(default=1, metadata={"help": "With --save_process: a frame every this many "
+                                                                  "steps (and the last)."})
 
 
 def sample_from_args(args: SamplingArguments) -> list[dict]:
@@ -69,6 +74,9 @@ def sample_from_args(args: SamplingArguments) -> list[dict]:
     images."""
     check_output(args.output_dir, args.num_images, args.num_inference_steps, args.batch_size, args.start_index,
                  args.scheduler, args.bit_depth)
+    if not 0 <= args.save_process <= args.batch_size or args.save_process_every < 1:
+        raise ValueError(f"--save_process {args.save_process} --save_process_every {args.save_process_every}: "
+                         f"record 0 to --batch_size ({args.batch_size}) images, a frame every 1 or more steps")
     if args.cpu_threads is not None and args.cpu_threads < 1:
         raise ValueError(f"--cpu_threads must be a positive integer, got {args.cpu_threads}")
     state = process_state()

@@ -30,6 +30,7 @@ from PIL import Image
 from ..runtime import process_share, process_state
 from ..utils import SYNTHETIC_NOTICE, atomic_path, image_grid, synthetic_png_info
 from ..vocabulary import MANIFEST_LABELS, NO_FINDING, UNCONDITIONED, label_cell
+from .process import DenoisingRecorder
 from .sampling import (
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
@@ -46,6 +47,7 @@ from .sampling import (
 BIT_DEPTHS = (8, 16)
 GRID_MAX_IMAGES = 64
 MANIFEST = "manifest.csv"
+PROCESS_GIF = "process.gif"
 # What a resume must match (RUN_FIELDS) and what each image adds; the process columns may differ between the
 # processes and runs that filled one folder.
 RUN_FIELDS = ("seed", "scheduler", "steps", "model", "revision", "dtype", "bit_depth")
@@ -166,7 +168,8 @@ def _merge(output_dir: str, rows: dict[int, dict], fields) -> None:
 
 def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS,
                 batch_size=16, start_index=0, bit_depth=8, model="", revision="", progress=True, findings=None,
-                labels_from=None, guidance_scale=None, patient=None, guidance_interval=None):
+                labels_from=None, guidance_scale=None, patient=None, guidance_interval=None, save_process=0,
+                save_process_every=1):
     """Write image_<index>.png for each image, manifest.csv and grid.png; returns the manifest rows.
 
     Under `accelerate launch`, every process runs this with the same arguments and takes its own share of the
@@ -174,7 +177,8 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
     in a killed process's journal (and present) are skipped. Each PNG is written to a temporary name and renamed,
     and its row appended to its process's journal after, so an interrupted run never leaves a half-written image
     that a resume would trust. A conditional model's manifest and PNGs also carry each image's labels and the
-    guidance scale and interval.
+    guidance scale and interval. `save_process` > 0 writes `process.gif`: the denoising of the first that many
+    images of the first batch made, every `save_process_every`-th step (`process.DenoisingRecorder`).
     """
     check_output(output_dir, num_images, num_inference_steps, batch_size, start_index, scheduler, bit_depth)
     state = process_state()
@@ -198,11 +202,12 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
     device = pipe.unet.device.type
     made_by = {"device": device, "cpu_threads": torch.get_num_threads() if device == "cpu" else ""}
     made = []
+    recorder = DenoisingRecorder(save_process, save_process_every) if save_process and state.is_main_process else None
     writer, f = _journal(output_dir, fields)
     with f:
         for batch, images in iter_batches(pipe, mine, seed, scheduler, num_inference_steps, batch_size,
                                           progress and state.is_main_process, labels, scale,
-                                          guidance_interval=interval):
+                                          guidance_interval=interval, recorder=recorder):
             for index, image in zip(batch, images):
                 row = {"file": f"image_{index:06d}.png", "index": index, "noise_seed": noise_seed(seed, index),
                        **run, **made_by}
@@ -214,6 +219,8 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
                 writer.writerow(row)
                 f.flush()  # the row of every renamed image reaches the file before the next image is made
                 made.append({k: str(v) for k, v in row.items()})
+    if recorder is not None and recorder.frames:  # none when every image was already there
+        recorder.save_gif(os.path.join(output_dir, PROCESS_GIF))
     done.update((int(row["index"]), row) for row in gather_object(made))
     if state.is_main_process:
         _merge(output_dir, done, fields)

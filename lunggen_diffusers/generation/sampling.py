@@ -10,6 +10,7 @@ import json
 import os
 import random
 from inspect import signature
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -237,11 +238,13 @@ def resolve_interval(pipe, guidance_interval) -> tuple[int, int] | None:
 
 
 def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS, batch_size=16,
-                 progress=True, labels=None, guidance_scale=1.0, guidance_rescale=0.0, guidance_interval=None):
+                 progress=True, labels=None, guidance_scale=1.0, guidance_rescale=0.0, guidance_interval=None,
+                 recorder=None):
     """Yield (indices, images) per batch; images are float32 numpy (B, H, W, C) in [0, 1].
 
     `labels` maps each index of a conditional model to its labels (None or missing: the null condition);
-    `guidance_rescale` and `guidance_interval` are `guided_denoise`'s.
+    `guidance_rescale` and `guidance_interval` are `guided_denoise`'s. `recorder` (a `process.DenoisingRecorder`)
+    sees every step of the first batch.
     """
     check_counts(num_inference_steps=num_inference_steps, batch_size=batch_size)
     check_scheduler(scheduler)
@@ -265,9 +268,18 @@ def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inferen
             class_labels = null_labels = None
             if is_conditional(pipe):
                 class_labels, null_labels = pipe.encode([(labels or {}).get(i) for i in batch], len(batch), device)
+            on_step = None
+            if recorder is not None and start == 0:
+                # The recorder reads the steps' scheduler and the decoder, as it does inside a pipeline call.
+                view = SimpleNamespace(scheduler=sched, vae=getattr(pipe, "vae", None))
+
+                def on_step(i, t, x, x0):
+                    recorder(view, i, t, {"latents": x, "pred_original_sample": x0})
+                    return x
             with torch.inference_mode():
                 x = guided_denoise(unet, sched, x, class_labels, null_labels, guidance_scale, step_kwargs,
-                                   guidance_rescale=guidance_rescale, guidance_interval=guidance_interval)
+                                   on_step=on_step, guidance_rescale=guidance_rescale,
+                                   guidance_interval=guidance_interval)
                 if getattr(pipe, "vae", None) is not None:  # the latent route: decode to pixels
                     x = decode_latents(pipe.vae, x)
             images = postprocess(x, "np")
