@@ -11,7 +11,6 @@ from PIL import Image
 from lunggen_diffusers import LungGenPipeline
 from lunggen_diffusers.generation import cli as generation_cli
 from lunggen_diffusers.generation.process import BAND, DenoisingRecorder
-from lunggen_diffusers.lunggen_pipeline import postprocess
 
 from test_conditioning import tiny_pipeline
 
