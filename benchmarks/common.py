@@ -10,7 +10,6 @@ finding in, and the heart on the image's right, each with its Wilson 95% interva
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import sys
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from lunggen_diffusers.data.phantom import FINDINGS  # noqa: E402
 from lunggen_diffusers.evaluation.phantom_classifier import HEART_RIGHT, OUTPUTS  # noqa: E402
+from lunggen_diffusers.utility.stats import wilson  # noqa: E402
 from lunggen_diffusers.utils import write_json  # noqa: E402
 
 LIBRARIES = ("torch", "diffusers", "accelerate", "datasets", "numpy", "pillow")
@@ -78,13 +78,6 @@ def finish(result: dict, path: str | Path | None, table: str | None = None) -> d
         write_json(path, result)
         print(f"wrote {path}")
     return result
-
-
-def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = hits / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
-        1 + z * z / n)
-    return centre - half, centre + half
 
 
 def census(images: np.ndarray, classifier) -> dict:

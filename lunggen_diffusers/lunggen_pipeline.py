@@ -8,8 +8,12 @@ LungGenPipeline`; both are the same code. It follows diffusers' own pipelines (D
 StableDiffusionPipeline): `_execution_device`, `callback_on_step_end`, `maybe_free_model_hooks`, `output_type`,
 `return_dict`.
 
-Two routes, one class: a pixel-space UNet (conditional models), or a UNet on the latents of a `vae`
-(`AutoencoderKL`; conditional or not) whose output the pipeline decodes. Labels: a multi-hot vector of the model's findings, then one one-hot block per extra group (view position, sex),
+Two routes, one class: a pixel-space UNet, or a UNet on the latents of a `vae` (`AutoencoderKL`) whose output the
+pipeline decodes; either conditional or not. An unconditional pixel model is exported as a `DDPMPipeline`, which
+has no `callback_on_step_end`; `LungGenPipeline(unet=ddpm.unet, scheduler=ddpm.scheduler)` draws the same images
+from the same generator and takes callbacks.
+
+Labels: a multi-hot vector of the model's findings, then one one-hot block per extra group (view position, sex),
 then one "unconditioned" entry (the condition vector; `LabelSpace` lays it out). "No Finding" is a condition (every
 finding 0, the null entry 0); the null condition used for guidance has only the null entry set, so the two never
 meet.
@@ -311,6 +315,7 @@ class LungGenPipeline(DiffusionPipeline):
 
     pipe(findings=[["Cardiomegaly"], []], guidance_scale=2.0).images  # [] asks for no finding
     pipe(batch_size=4).images                                          # unconditional (the null condition)
+    LungGenPipeline(unet=ddpm.unet, scheduler=ddpm.scheduler)          # a DDPMPipeline's model, with callbacks
     """
 
     model_cpu_offload_seq = "unet->vae"
@@ -327,9 +332,6 @@ class LungGenPipeline(DiffusionPipeline):
         if takes != (self.labels.size if self.labels else None):
             raise ValueError(f"the UNet takes {takes or 'no'} label vectors but the label config describes "
                              f"{self.labels.size if self.labels else 'none'}")
-        if vae is None and not self.labels:
-            raise ValueError("a pixel-space model without labels is a DDPMPipeline; LungGenPipeline needs labels, a "
-                             "vae, or both")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

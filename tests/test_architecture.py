@@ -86,8 +86,8 @@ GRAPH = {module: _imports(module) for module in MODULES}
 
 
 def test_the_picture_and_the_graph_are_read():
-    assert [name for name, _ in FLOORS] == ["doors", "training", "hub", "utility", "evaluation", "generation", "data",
-                                            "foundation"]
+    assert [name for name, _ in FLOORS] == ["doors", "training", "hub", "reader_study", "utility", "evaluation",
+                                            "generation", "data", "foundation"]
     assert "lunggen_diffusers.generation.sampling" in GRAPH["lunggen_diffusers.generation.output_folder"]
     assert "lunggen_diffusers.hub.export" in GRAPH["lunggen_diffusers.training.diffusion"]
     assert not GRAPH["lunggen_diffusers.lunggen_pipeline"]  # shipped as remote code: torch and diffusers only

@@ -21,6 +21,7 @@ from lunggen_diffusers.data import prepare
 from lunggen_diffusers.evaluation.run import EvaluationArguments
 from lunggen_diffusers.generation.cli import SamplingArguments
 from lunggen_diffusers.hub import cli as hub_cli
+from lunggen_diffusers.reader_study import cli as reader_study_cli
 from lunggen_diffusers.training.autoencoder_report import AutoencoderReportArguments
 from lunggen_diffusers.utility.run import UtilityArguments
 
@@ -37,6 +38,7 @@ PARSERS = {
     "lunggen_diffusers.utility.cli": lambda argv: parse_args(UtilityArguments, argv),
     "lunggen_diffusers.data.prepare": prepare.parse_command_line,
     "lunggen_diffusers.hub.cli": hub_cli.parse_command_line,
+    "lunggen_diffusers.reader_study.cli": reader_study_cli.parse_command_line,
     "lunggen_diffusers.training.autoencoder_report": lambda argv: parse_args(AutoencoderReportArguments, argv),
 }
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]

@@ -166,6 +166,11 @@ def test_sources_read_folders_of_any_mode_and_saved_datasets(tmp_path):
     np.testing.assert_array_equal(images[3], images[0])
     assert np.abs(images[4].astype(int) - images[0]).mean() < 3
 
+    # A pipeline.py folder: the images its manifest lists, not grid.png (or anything else) beside them.
+    (folder / "manifest.csv").write_text("file,index\na.png,0\nsub/b.jpg,1\n")
+    Image.fromarray(np.tile(gray, (2, 2))).save(folder / "grid.png")
+    assert len(load_source(str(folder))) == 2
+
     table = {"pixel_values": [gray] * 3, "patient_id": ["p1", "p1", "p2"]}
     features = datasets.Features({"pixel_values": datasets.Array2D((64, 64), "uint8"),
                                   "patient_id": datasets.Value("string")})

@@ -414,6 +414,7 @@ def test_conditional_push_loads_both_ways_from_the_hub_cache(export, fake_hub, t
 # ------------------------------------------------------------------ sections written by other tools (--*_dir)
 FIDELITY = "## Fidelity on the phantom\n\n| scale | cardiomegaly present |\n|---|---|\n| 2 | 0.93 |\n"
 UTILITY = "## Downstream utility\n\nMacro AUROC 0.81 (0.74 to 0.87, bootstrap over 40 test patients).\n"
+READERS = "## Reader study\n\n3 readers told real from synthetic in 0.58 of 600 readings (95% CI 0.54 to 0.62).\n"
 
 
 def _section_dir(root, name, text):
@@ -426,10 +427,13 @@ def _section_dir(root, name, text):
 def test_sections_are_included_verbatim_in_a_fixed_place_and_the_push_keeps_them(export, fake_hub, tmp_path):
     out = export(labels=LABELS)
     fidelity, utility = _section_dir(tmp_path, "fid", FIDELITY), _section_dir(tmp_path, "util", UTILITY)
-    assert hub_cli.main(["card", str(out), "--utility_dir", str(utility), "--fidelity_dir", str(fidelity)]) is None
+    readers = _section_dir(tmp_path, "readers", READERS)
+    assert hub_cli.main(["card", str(out), "--reader_study_dir", str(readers), "--utility_dir", str(utility),
+                         "--fidelity_dir", str(fidelity)]) is None
     text = (out / "README.md").read_text()
-    order = [text.index(s) for s in ("### Memorization audit", FIDELITY.strip(), UTILITY.strip(), "## Intended use")]
-    assert order == sorted(order)  # after the evaluation, fidelity before utility, whatever the flag order
+    order = [text.index(s) for s in ("### Memorization audit", FIDELITY.strip(), UTILITY.strip(), READERS.strip(),
+                                     "## Intended use")]
+    assert order == sorted(order)  # after the evaluation: fidelity, utility, readers, whatever the flag order
     assert "The fidelity section below measures" in text  # the guidance advice points at it
     hub.push_to_hub(out, "org/name")  # no dirs given: the sections kept from the last card stay on it
     pushed = fake_hub["files"]["README.md"].decode()

@@ -31,7 +31,8 @@ def test_requirements_pin_the_cpu_torch_and_install_the_project():
 
 
 @pytest.mark.parametrize("name, target, argv", [
-    (name, target, ["card", "--help"] if name == "lunggen-hub" else ["--help"])
+    (name, target, ["card", "--help"] if name == "lunggen-hub" else ["create", "--help"] if name ==
+     "lunggen-reader-study" else ["--help"])
     for name, target in sorted(PYPROJECT["project"]["scripts"].items())
 ])
 def test_every_console_command_prints_its_help(name, target, argv, capsys):

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from lunggen_diffusers.training import loop, diffusion as training
 from lunggen_diffusers.config import load_config
+from lunggen_diffusers.generation.process import BAND
+from lunggen_diffusers.hub.privacy import files_to_upload
 from lunggen_diffusers.training.loop import NonFiniteLossError, find_checkpoint
 from lunggen_diffusers.training.diffusion import train
 
@@ -40,6 +42,15 @@ def test_smoke_train_export_and_load(tiny_config, monkeypatch):
     assert load_config(out / "training_config.json").to_dict() == config.to_dict()
     assert Image.open(out / "samples.png").size[0] >= 32
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    progress = Image.open(out / "training_progress.gif")  # the two previews in step order, captioned
+    width, height = Image.open(out / "samples" / "step-0000002.png").size
+    assert progress.n_frames == 2 and progress.size == (width, height + BAND)
+    assert b"synthetic" in progress.info["comment"]
+    assert Image.open(out / "denoising.gif").n_frames == 2  # the preview's 2 steps, x_t beside x0
+    card = (out / "README.md").read_text()
+    assert "![denoising](denoising.gif)" in card and "![training progress](training_progress.gif)" in card
+    assert {"denoising.gif", "training_progress.gif"} <= set(files_to_upload(out))
+    assert not {"denoising.mp4", "training_progress.mp4"} & set(files_to_upload(out))  # the MP4s stay local
     for grid in (out / "samples.png", out / "samples" / "step-0000004.png"):  # marked synthetic, as every PNG made
         with Image.open(grid) as im:
             assert im.text["synthetic"] == "research use only" and "not real patients" in im.text["Description"]

@@ -1,4 +1,5 @@
-"""Image sources for evaluation: an image folder or a `datasets.save_to_disk` folder (optionally `path:split`).
+"""Image sources for evaluation: an image folder (a `pipeline.py` folder: the images its manifest lists) or a
+`datasets.save_to_disk` folder (optionally `path:split`).
 
 Every image becomes 8-bit grayscale (mode L) at one square evaluation size, the same way for real, generated
 and training images, so every metric compares like with like. Images are read lazily in batches: a 100,000-image
@@ -18,6 +19,7 @@ from PIL import Image
 
 from ..data.decode import open_image
 from ..data.transforms import preprocess_image
+from ..generation.output_folder import MANIFEST, read_manifest
 from ..utils import IMAGE_EXTENSIONS, list_images, split_spec, stable_hash
 
 IMAGE_COLUMNS = ("image", "pixel_values")
@@ -76,6 +78,9 @@ class ImageSource:
 
 def _folder_source(spec: str, root: Path) -> ImageSource:
     files = list_images(root)
+    if (root / MANIFEST).is_file():  # a pipeline.py folder: its images, not grid.png beside them
+        listed = {row["file"] for row in read_manifest(str(root))}
+        files = [p for p in files if p.relative_to(root).as_posix() in listed]
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]

@@ -63,8 +63,8 @@ class SamplingArguments:
                 "60-79, 80+)."})
     view: str | None = field(default=None, metadata={"help": "Models conditioned on view_position: PA or AP."})
     save_process: int = field(default=0, metadata={
-        "help": "Write process.gif: the noisy sample beside the predicted clean image at each step, for this many "
-                "of the first images (at most --batch_size). 0: none."})
+        "help": "Write denoising.gif (and denoising.mp4 with the video extra): the noisy sample beside the predicted "
+                "clean image at each step, for this many of the first images (at most --batch_size). 0: none."})
     save_process_every: int = field(default=1, metadata={"help": "With --save_process: a frame every this many "
                                                                   "steps (and the last)."})
 

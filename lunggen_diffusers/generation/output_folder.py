@@ -30,7 +30,7 @@ from PIL import Image
 from ..runtime import process_share, process_state
 from ..utils import SYNTHETIC_NOTICE, atomic_path, image_grid, synthetic_png_info
 from ..vocabulary import MANIFEST_LABELS, NO_FINDING, UNCONDITIONED, label_cell
-from .process import DenoisingRecorder
+from .process import DENOISING, DenoisingRecorder
 from .sampling import (
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
@@ -47,7 +47,6 @@ from .sampling import (
 BIT_DEPTHS = (8, 16)
 GRID_MAX_IMAGES = 64
 MANIFEST = "manifest.csv"
-PROCESS_GIF = "process.gif"
 # What a resume must match (RUN_FIELDS) and what each image adds; the process columns may differ between the
 # processes and runs that filled one folder.
 RUN_FIELDS = ("seed", "scheduler", "steps", "model", "revision", "dtype", "bit_depth")
@@ -177,8 +176,8 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
     in a killed process's journal (and present) are skipped. Each PNG is written to a temporary name and renamed,
     and its row appended to its process's journal after, so an interrupted run never leaves a half-written image
     that a resume would trust. A conditional model's manifest and PNGs also carry each image's labels and the
-    guidance scale and interval. `save_process` > 0 writes `process.gif`: the denoising of the first that many
-    images of the first batch made, every `save_process_every`-th step (`process.DenoisingRecorder`).
+    guidance scale and interval. `save_process` > 0 writes `denoising.gif` (and .mp4): the denoising of the first
+    that many images of the first batch made, every `save_process_every`-th step (`process.DenoisingRecorder`).
     """
     check_output(output_dir, num_images, num_inference_steps, batch_size, start_index, scheduler, bit_depth)
     state = process_state()
@@ -220,7 +219,7 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
                 f.flush()  # the row of every renamed image reaches the file before the next image is made
                 made.append({k: str(v) for k, v in row.items()})
     if recorder is not None and recorder.frames:  # none when every image was already there
-        recorder.save_gif(os.path.join(output_dir, PROCESS_GIF))
+        recorder.save(os.path.join(output_dir, DENOISING))
     done.update((int(row["index"]), row) for row in gather_object(made))
     if state.is_main_process:
         _merge(output_dir, done, fields)

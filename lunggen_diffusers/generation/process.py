@@ -1,16 +1,28 @@
-"""The denoising process as an animation: for the first images of a batch, the noisy sample x_t beside the step's
-prediction of the clean image x0, every `every`-th step, with a caption band that marks each frame synthetic.
+"""The diffusion process as video: the denoising of a few images (the noisy sample x_t beside the step's prediction
+of the clean image x0) and a run's training progress (its preview grids in step order), each frame over a caption
+band that marks it synthetic.
 
-`DenoisingRecorder` is a diffusers `PipelineCallback`, so a `LungGenPipeline` user passes it as it is:
+`DenoisingRecorder` is a diffusers `PipelineCallback`, so a `LungGenPipeline` user passes it as it is; an exported
+`DDPMPipeline` has no `callback_on_step_end`, and the same model in a `LungGenPipeline` draws the same images:
 
     recorder = DenoisingRecorder(num_images=2, every=5)
-    pipe(findings=[["Cardiomegaly"], []], callback_on_step_end=recorder)
-    recorder.save_gif("process.gif")
+    pipe = LungGenPipeline(unet=ddpm.unet, scheduler=ddpm.scheduler)  # or a LungGenPipeline as loaded
+    pipe(batch_size=2, callback_on_step_end=recorder)
+    recorder.save("denoising")  # denoising.gif, and denoising.mp4 with the video extra
 
 `pipeline.py --save_process N` records the same way inside the project's sampling loop.
+
+GIF (PIL) is always written. MP4 (H.264) needs PyAV, the optional `video` extra (`pip install -e ".[video]"`): its
+wheel brings FFmpeg with libx264 in 104 MB, against 165 MB for imageio-ffmpeg, and encodes in process from numpy
+frames with the container's metadata under our control (imageio-ffmpeg pipes raw frames to an ffmpeg executable).
 """
 
 from __future__ import annotations
+
+import logging
+import re
+from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 from diffusers.callbacks import PipelineCallback
@@ -19,7 +31,14 @@ from PIL import Image, ImageDraw
 from ..lunggen_pipeline import decode_latents, postprocess
 from ..utils import SYNTHETIC_NOTICE, atomic_path
 
+logger = logging.getLogger(__name__)
+
 BAND = 12  # pixels of caption under each frame
+FRAME_MS = 80  # 12.5 frames a second; a GIF's last frame is held a second
+DENOISING = "denoising"  # denoising.gif / .mp4: pipeline.py --save_process, and every export
+TRAINING_PROGRESS = "training_progress"  # training_progress.gif / .mp4: every export with preview grids
+MARK = f"synthetic: {SYNTHETIC_NOTICE}"  # the files' comment (GIF comment, MP4 metadata)
+VIDEO_EXTRA = 'MP4 needs PyAV, the video extra: pip install -e ".[video]"'
 
 
 class DenoisingRecorder(PipelineCallback):
@@ -48,23 +67,71 @@ class DenoisingRecorder(PipelineCallback):
             panels.append(postprocess(x, "np"))
         rows = [np.concatenate([noisy, clean], axis=1) for noisy, clean in zip(*panels)]
         pixels = np.round(np.concatenate(rows, axis=0)[..., 0] * 255).astype(np.uint8)
-        self.frames.append(_captioned(pixels, f"SYNTHETIC  step {step_index + 1}  t={int(timestep)}"))
+        self.frames.append(captioned(Image.fromarray(pixels), f"SYNTHETIC step {step_index + 1} t={int(timestep)}"))
         self.steps.append(step_index)
         return {}
 
-    def save_gif(self, path, duration_ms: int = 80) -> None:
-        """An animated GIF (PIL), the last frame held a second; its comment marks it synthetic."""
+    def save(self, stem) -> list[Path]:
+        """`stem`.gif and, with PyAV, `stem`.mp4 (`save_animation`)."""
         if not self.frames:
             raise ValueError("no frames were recorded: pass the recorder as callback_on_step_end first")
-        durations = [duration_ms] * (len(self.frames) - 1) + [1000]
-        with atomic_path(path) as temporary:
-            self.frames[0].save(temporary, format="GIF", save_all=True, append_images=self.frames[1:],
-                                duration=durations, loop=0, comment=f"synthetic: {SYNTHETIC_NOTICE}")
+        return save_animation(self.frames, stem)
 
 
-def _captioned(pixels: np.ndarray, text: str) -> Image.Image:
-    """The frame over a black band carrying `text` (every frame says it is synthetic, not only the file)."""
-    frame = Image.new("L", (pixels.shape[1], pixels.shape[0] + BAND), 0)
-    frame.paste(Image.fromarray(pixels), (0, 0))
-    ImageDraw.Draw(frame).text((1, pixels.shape[0]), text, fill=255)
+def captioned(image: Image.Image, text: str) -> Image.Image:
+    """The image over a black band carrying `text` (every frame says it is synthetic, not only the file)."""
+    frame = Image.new("L", (image.width, image.height + BAND), 0)
+    frame.paste(image.convert("L"), (0, 0))
+    ImageDraw.Draw(frame).text((1, image.height), text, fill=255)
     return frame
+
+
+def save_animation(frames: list[Image.Image], stem) -> list[Path]:
+    """`stem`.gif always, and `stem`.mp4 when PyAV is installed (else one warning line naming the extra). Returns the
+    files written."""
+    stem = Path(stem)
+    written = [stem.with_suffix(".gif")]
+    save_gif(frames, written[0])
+    try:
+        save_mp4(frames, stem.with_suffix(".mp4"))
+        written.append(stem.with_suffix(".mp4"))
+    except ImportError:
+        logger.warning(f"{stem.name}.mp4 not written ({stem.name}.gif was): {VIDEO_EXTRA}")
+    return written
+
+
+def save_gif(frames: list[Image.Image], path) -> None:
+    """An animated 8-bit grayscale GIF (every grey level exact), looping, its last frame held a second."""
+    durations = [FRAME_MS] * (len(frames) - 1) + [1000]
+    with atomic_path(path) as temporary:
+        frames[0].save(temporary, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0,
+                       comment=MARK)
+
+
+def save_mp4(frames: list[Image.Image], path) -> None:
+    """An H.264 MP4 (yuv420p, which every player reads; odd sides padded black by a pixel), one video frame per
+    frame, its metadata comment marking it synthetic. ImportError with the extra to install when PyAV is absent."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError(VIDEO_EXTRA) from None
+    width, height = frames[0].size
+    even = (width + width % 2, height + height % 2)
+    with atomic_path(path) as temporary, av.open(str(temporary), "w", format="mp4") as container:
+        container.metadata["comment"] = MARK
+        stream = container.add_stream("libx264", rate=Fraction(1000, FRAME_MS))
+        stream.width, stream.height, stream.pix_fmt = *even, "yuv420p"
+        stream.options = {"crf": "18"}  # visually lossless at these sizes
+        for frame in frames:
+            padded = np.zeros(even[::-1], np.uint8)
+            padded[:height, :width] = np.asarray(frame.convert("L"))
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(padded, format="gray")))
+        container.mux(stream.encode())
+
+
+def progress_frames(samples_dir) -> list[Image.Image]:
+    """A run's preview grids (`samples/step-NNNNNNN.png`, the same noise and seeds at every preview) in step order,
+    each captioned with its step: what the training progress video shows."""
+    found = sorted((int(m.group(1)), path) for path in Path(samples_dir).glob("step-*.png")
+                   if (m := re.fullmatch(r"step-(\d+)\.png", path.name)))
+    return [captioned(Image.open(path), f"SYNTHETIC training step {step:,}") for step, path in found]

@@ -17,18 +17,25 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..data.conditioning import prevalence
 from ..generation.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_code
-from ..lunggen_pipeline import DEFAULT_GUIDANCE_SCALE, LabelSpace, describe_standardisation, normalize
+from ..lunggen_pipeline import (
+    DEFAULT_GUIDANCE_SCALE,
+    LabelSpace,
+    describe_standardisation,
+    normalize,
+)
 from ..utils import atomic_write_text
 from ..vocabulary import SUBGROUPS
 from .privacy import (
     AUTOENCODER_REPORT,
     CARD,
+    DENOISING_GIF,
     EVAL_SUMMARY,
     LOCAL,
     MANIFEST,
     PIPELINE_CODE,
     SAMPLES,
     TRAINING_CONFIG,
+    TRAINING_PROGRESS_GIF,
     check_published,
     local_paths,
 )
@@ -37,7 +44,8 @@ TEMPLATE = Path(__file__).with_name("model_card.md")
 SECTION_FILE = "card_section.md"
 # Sections other tools write, in the order the card shows them (after the evaluation), with the tool that writes each.
 SECTIONS = {"fidelity": "benchmarks/fidelity_benchmark.py --output_dir DIR",
-            "utility": "python -m lunggen_diffusers.utility --output_dir DIR"}
+            "utility": "python -m lunggen_diffusers.utility --output_dir DIR",
+            "reader_study": "lunggen-reader-study analyze STUDY --output_dir DIR"}
 KEPT_SECTIONS = "card_sections"  # local copies (never uploaded), so a later push or card keeps the sections
 TAGS = ["medical-imaging", "chest-x-ray", "ddpm", "diffusers-training", "synthetic-data", "lunggen"]
 # The Hub has no task for label-conditioned image generation: such models keep the unconditional-image-generation
@@ -201,7 +209,8 @@ def _context(folder: Path, manifest: dict, summary: dict | None, model_id: str, 
         # pipeline.py's default sampler (chosen on benchmarks/sampler_benchmark.py), as plain diffusers code.
         "sampler": dict(zip(("cls", "code"), scheduler_code(DEFAULT_SCHEDULER, scheduler)), name=DEFAULT_SCHEDULER,
                         steps=min(DEFAULT_STEPS, max(1, steps // 2))),
-        "samples": (folder / SAMPLES).is_file(), "nih": nih, "phantom": phantom,
+        "samples": (folder / SAMPLES).is_file(), "denoising": (folder / DENOISING_GIF).is_file(),
+        "training_progress": (folder / TRAINING_PROGRESS_GIF).is_file(), "nih": nih, "phantom": phantom,
         "data": manifest["data"], "config": manifest["config"], "seed": manifest["seed"],
         "training": manifest["training"], "duration": _duration(manifest["training"]["wall_time_s"]),
         "libraries": manifest["libraries"], "git_commit": manifest.get("git_commit"),
@@ -212,13 +221,14 @@ def _context(folder: Path, manifest: dict, summary: dict | None, model_id: str, 
 
 
 def build_card(folder: Path, eval_metrics: dict | None = None, repo_id: str | None = None, eval_dir=None,
-               fidelity_dir=None, utility_dir=None) -> tuple[ModelCard, dict | None, dict[str, str]]:
+               fidelity_dir=None, utility_dir=None,
+               reader_study_dir=None) -> tuple[ModelCard, dict | None, dict[str, str]]:
     """The card for `folder`, the evaluation summary and the included sections it shows, in memory."""
     if eval_dir is not None:
         if eval_metrics is not None:
             raise ValueError("give eval_metrics or eval_dir, not both")
         eval_metrics = read_json(Path(eval_dir) / "metrics.json", "written by python -m lunggen_diffusers.evaluate")
-    dirs = {"fidelity": fidelity_dir, "utility": utility_dir}
+    dirs = {"fidelity": fidelity_dir, "utility": utility_dir, "reader_study": reader_study_dir}
     paths = local_paths(raw_config(folder), folder, *(Path(d) for d in (eval_dir, *dirs.values()) if d))
     sections = _sections(folder, dirs, paths)
     manifest = read_json(folder / MANIFEST, "written at export by the training loop")

@@ -31,6 +31,8 @@ class SectionArguments:
         default=None, metadata={"help": "benchmarks/fidelity_benchmark.py output folder (its card_section.md)."})
     utility_dir: str | None = field(
         default=None, metadata={"help": "python -m lunggen_diffusers.utility output folder (its card_section.md)."})
+    reader_study_dir: str | None = field(
+        default=None, metadata={"help": "lunggen-reader-study analyze output folder (its card_section.md)."})
 
 
 @dataclass

@@ -4,6 +4,8 @@
     vae/                                  safetensors, the EMA weights; a latent model's autoencoder in vae/
     autoencoder_report.json               a latent model's autoencoder report (evaluation.autoencoder)
     samples.png                           a fixed-seed grid of the default sampler
+    denoising.gif / .mp4                  two images denoised step by step (x_t beside the predicted x0)
+    training_progress.gif / .mp4          the preview grids in step order (the same noise at every preview)
     training_config.json                  the run's config (written by training when it starts)
     manifest.json                         provenance: config (scrubbed), seed, data summary, versions, commit
     README.md, eval_results.json          the model card and the evaluation summary it shows
@@ -24,6 +26,7 @@ import subprocess
 from pathlib import Path
 
 from ..config import Config
+from ..generation.process import save_animation
 from ..summaries import DataSummary, RunSummary
 from ..utils import SAMPLE_GRID, atomic_write_text, synthetic_png_info
 from .card import build_card, card_files, keep_sections
@@ -82,11 +85,13 @@ def write_manifest(output_dir, config: Config, data: DataSummary, run: RunSummar
 
 
 def write_model_card(output_dir, eval_metrics: dict | None = None, repo_id: str | None = None, eval_dir=None,
-                     fidelity_dir=None, utility_dir=None):
+                     fidelity_dir=None, utility_dir=None, reader_study_dir=None):
     """(Re)write README.md from manifest.json, plus the evaluation's `model_card` section (`eval_metrics`, or
-    `eval_dir`/metrics.json) and the `card_section.md` of `fidelity_dir` / `utility_dir` when given."""
+    `eval_dir`/metrics.json) and the `card_section.md` of `fidelity_dir` / `utility_dir` / `reader_study_dir` (the
+    analysis folder) when given."""
     folder = Path(output_dir)
-    card, summary, sections = build_card(folder, eval_metrics, repo_id, eval_dir, fidelity_dir, utility_dir)
+    card, summary, sections = build_card(folder, eval_metrics, repo_id, eval_dir, fidelity_dir, utility_dir,
+                                         reader_study_dir)
     for name, text in card_files(folder, card, summary).items():
         atomic_write_text(folder / name, text)
     keep_sections(folder, sections)
@@ -94,12 +99,15 @@ def write_model_card(output_dir, eval_metrics: dict | None = None, repo_id: str 
 
 
 def export_pipeline(output_dir, pipe, samples, config: Config, data: DataSummary, run: RunSummary,
-                    autoencoder_report: dict | None = None) -> None:
+                    autoencoder_report: dict | None = None, animations: dict | None = None) -> None:
     """The whole export folder from a built pipeline and its sample grid (a PIL image), with a latent model's
-    autoencoder report; the push when the config asks for it. Main process only."""
+    autoencoder report and `animations` (file stem: frames, `generation.process`); the push when the config asks
+    for it. Main process only."""
     folder = Path(output_dir)
     pipe.save_pretrained(folder, safe_serialization=True)
     samples.save(folder / SAMPLES, pnginfo=synthetic_png_info(SAMPLE_GRID))
+    for stem, frames in (animations or {}).items():
+        save_animation(frames, folder / stem)
     write_manifest(folder, config, data, run)
     if autoencoder_report is not None:
         text = json.dumps(autoencoder_report, indent=2, sort_keys=True) + "\n"

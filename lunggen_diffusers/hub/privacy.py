@@ -23,6 +23,7 @@ from huggingface_hub.utils import filter_repo_objects
 
 from ..data.folders import PHI_DIGESTS
 from ..data.registry import source_report_dir
+from ..generation.process import DENOISING, TRAINING_PROGRESS
 from ..utils import find_secret
 
 MANIFEST = "manifest.json"
@@ -31,12 +32,14 @@ CARD = "README.md"
 EVAL_SUMMARY = "eval_results.json"  # the eval report's non-identifying `model_card` section, kept for the card
 PIPELINE_CODE = "lunggen_pipeline.py"  # a conditional or latent model's pipeline class: the project's code, no data
 SAMPLES = "samples.png"
+# The process videos the card shows (generation.process); their MP4s stay local, for slides and talks.
+DENOISING_GIF, TRAINING_PROGRESS_GIF = f"{DENOISING}.gif", f"{TRAINING_PROGRESS}.gif"
 # A latent model's autoencoder report (figures only; its reconstruction grid shows held-out patients and stays local).
 AUTOENCODER_REPORT = "autoencoder_report.json"
 ALLOW_PATTERNS = [
     "model_index.json", "scheduler/*.json", "unet/config.json", "unet/*.safetensors", "vae/config.json",
     "vae/*.safetensors", PIPELINE_CODE, CARD, MANIFEST, TRAINING_CONFIG, EVAL_SUMMARY, AUTOENCODER_REPORT, SAMPLES,
-    "samples/*.png",
+    "samples/*.png", DENOISING_GIF, TRAINING_PROGRESS_GIF,
 ]
 # Belt and braces under the allow-list: what must never leave the machine even if a pattern above widens.
 IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "eval/*", "autoencoder/*", "cache/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle",

@@ -32,7 +32,7 @@ def _hub_error(err: Exception, repo_id: str, folder: Path) -> ConnectionError:
 
 def push_to_hub(output_dir, repo_id: str, private: bool = True, token: str | None = None,
                 commit_message: str = "Upload LungGen DDPM pipeline, model card and manifest", eval_dir=None,
-                fidelity_dir=None, utility_dir=None) -> str:
+                fidelity_dir=None, utility_dir=None, reader_study_dir=None) -> str:
     """Create the repo (private unless told otherwise) and upload the allow-listed files in one commit.
 
     The card is rebuilt for `repo_id` (with the sections of the given dirs, else those kept from the last card) and
@@ -41,7 +41,8 @@ def push_to_hub(output_dir, repo_id: str, private: bool = True, token: str | Non
     folder = Path(output_dir)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder}: no model_index.json; give a folder exported by training")
-    card, summary, sections = build_card(folder, None, repo_id, eval_dir, fidelity_dir, utility_dir)
+    card, summary, sections = build_card(folder, None, repo_id, eval_dir, fidelity_dir, utility_dir,
+                                         reader_study_dir)
     generated = card_files(folder, card, summary)
     raw = raw_config(folder)
     paths = local_paths(raw, folder)

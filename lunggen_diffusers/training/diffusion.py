@@ -25,7 +25,8 @@ from ..data.conditioning import label_config
 from ..data.registry import cache_root
 from ..data.transforms import augment, to_model_input
 from ..evaluation.autoencoder import REPORT
-from ..generation.sampling import DEFAULT_SCHEDULER, generate, make_scheduler
+from ..generation.process import DENOISING, TRAINING_PROGRESS, DenoisingRecorder, progress_frames
+from ..generation.sampling import DEFAULT_SCHEDULER, generate, iter_batches, make_scheduler, resolve_guidance
 from ..hub.export import export_pipeline
 from ..lunggen_pipeline import LabelSpace, describe_standardisation, latent_shape, sample_latents
 from ..summaries import RunSummary
@@ -160,13 +161,32 @@ def export(accelerator, unet, ema, noise_scheduler, labels, config: Config, data
     """The EMA weights as a safetensors pipeline (with the autoencoder on the latent route), with its samples,
     manifest and model card (hub.export)."""
     t, output_dir = config.training, Path(config.training.output_dir)
-    model = accelerator.unwrap_model(unet)
+    model = accelerator.unwrap_model(unet).eval()  # training is over: every sample below is drawn in eval mode
     with EMAWeights(ema, model):
         samples = render_samples(model, noise_scheduler, t.eval_batch_size, t.preview_inference_steps, t.seed, labels,
                                  vae)
-        export_pipeline(output_dir, build_pipeline(model, noise_scheduler, labels, vae), samples, config,
-                        data_summary, run, autoencoder_report(config) if vae is not None else None)
+        pipe = build_pipeline(model, noise_scheduler, labels, vae)
+        animations = {DENOISING: record_denoising(pipe, t.preview_inference_steps, t.seed, labels)}
+        progress = progress_frames(output_dir / "samples")
+        if len(progress) > 1:
+            animations[TRAINING_PROGRESS] = progress
+        export_pipeline(output_dir, pipe, samples, config, data_summary, run,
+                        autoencoder_report(config) if vae is not None else None, animations)
     logger.info(f"exported the pipeline to {output_dir} ({run.global_step} steps, final loss {run.final_loss:.4f})")
+
+
+def record_denoising(pipe, steps: int, seed: int, labels: dict | None, num_images: int = 2) -> list:
+    """The frames of the export's denoising video: the first images of `seed` with the default sampler; a
+    conditional model's ask for "No Finding", then each finding in turn, at its own guidance scale."""
+    requests = None
+    if labels is not None:
+        rows = [[]] + [[finding] for finding in labels["findings"]]
+        requests = {i: rows[i % len(rows)] for i in range(num_images)}
+    recorder = DenoisingRecorder(num_images)
+    for _ in iter_batches(pipe, range(num_images), seed, DEFAULT_SCHEDULER, steps, num_images, progress=False,
+                          labels=requests, guidance_scale=resolve_guidance(pipe, None), recorder=recorder):
+        pass
+    return recorder.frames
 
 
 def autoencoder_report(config: Config) -> dict | None:

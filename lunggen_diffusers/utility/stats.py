@@ -1,4 +1,6 @@
-"""AUROC by the rank formula and its patient bootstrap, in numpy.
+"""The statistics the utility and reader-study reports share, in numpy and the standard library: AUROC by the rank
+formula and its patient bootstrap, Wilson intervals, the exact binomial test, Mann-Whitney U, Cohen's and Fleiss'
+kappa.
 
 The bootstrap never copies images: resampling patients with replacement gives each image a weight (how often its
 patient was drawn), and the weighted Mann-Whitney statistic over tie groups equals the rank formula on the
@@ -7,7 +9,9 @@ materialised resample, for a thousand resamples at the cost of one sort per scor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
+from statistics import NormalDist
 
 import numpy as np
 
@@ -86,3 +90,59 @@ def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.nanpercentile(values, [tail, 100.0 - tail])
     return float(low), float(high)
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% at z = 1.96); (nan, nan) for n = 0."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def binomial_test(hits: int, n: int) -> float:
+    """Exact two-sided binomial test against p = 0.5: the probability of an outcome at most as likely as `hits`, in
+    exact integers (the outcomes are symmetric, so this is also the doubled smaller tail)."""
+    if n == 0:
+        return 1.0
+    observed = math.comb(n, hits)
+    return min(1.0, sum(math.comb(n, i) for i in range(n + 1) if math.comb(n, i) <= observed) / 2**n)
+
+
+def mann_whitney(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """(U of `x`, two-sided p) by the normal approximation with the tie correction and a continuity correction,
+    as scipy's `mannwhitneyu(method="asymptotic")`; (nan, nan) when a sample is empty."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    n1, n2 = len(x), len(y)
+    if not n1 or not n2:
+        return float("nan"), float("nan")
+    u = auroc(np.r_[np.ones(n1), np.zeros(n2)], np.r_[x, y]) * n1 * n2
+    n = n1 + n2
+    _, ties = np.unique(np.r_[x, y], return_counts=True)
+    variance = n1 * n2 / 12 * ((n + 1) - (ties**3 - ties).sum() / (n * (n - 1)))
+    if variance <= 0:
+        return float(u), 1.0
+    z = (abs(u - n1 * n2 / 2) - 0.5) / math.sqrt(variance)
+    return float(u), float(min(1.0, 2 * (1 - NormalDist().cdf(max(z, 0.0)))))
+
+
+def cohen_kappa(a: Sequence, b: Sequence) -> float:
+    """Cohen's kappa of two raters' categories over the same items; nan when chance agreement is total."""
+    a, b = np.asarray(a), np.asarray(b)
+    categories = np.unique(np.r_[a, b])
+    observed = float((a == b).mean())
+    expected = float(sum((a == c).mean() * (b == c).mean() for c in categories))
+    return float("nan") if expected == 1 else (observed - expected) / (1 - expected)
+
+
+def fleiss_kappa(counts: np.ndarray) -> float:
+    """Fleiss' kappa from an (items, categories) table of how many raters put each item in each category (every
+    item rated by the same number of raters, at least two)."""
+    counts = np.asarray(counts, np.float64)
+    raters = counts.sum(1)[0]
+    shares = counts.sum(0) / counts.sum()
+    agreement = ((counts * (counts - 1)).sum(1) / (raters * (raters - 1))).mean()
+    expected = float((shares**2).sum())
+    return float("nan") if expected == 1 else float((agreement - expected) / (1 - expected))

@@ -1,0 +1,129 @@
+"""`serve`: the reading web app (FastAPI, Jinja templates, uvicorn).
+
+Every route carries a token: a reader's (`/r/TOKEN`, their next image; `/r/TOKEN/image/ID`; `POST
+/r/TOKEN/answer`) or the organiser's (`/organiser/TOKEN`, progress per reader, no answers). Anything else, a wrong
+token included, is 403. Images are looked up by ID in the reader's own order, never by a path taken from the request.
+What a page or an image response holds is the same for a real and a synthetic image except the pixels and the
+opaque ID: the answer key stays in SQLite. An answer is committed before its request returns, so the page moves on
+only once it is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from . import store
+
+logger = logging.getLogger(__name__)
+
+IMAGE_ID = re.compile(r"[0-9a-f]{32}")
+# No caching (a shared browser must not keep another reader's images), no Referer (tokens are in the URLs), no
+# content sniffing.
+HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
+FORBIDDEN = "403 Forbidden: this link is not valid for this study."
+
+
+def forbidden() -> Response:
+    return Response(FORBIDDEN, status_code=403, media_type="text/plain", headers=HEADERS)
+
+
+def check_answer(body: dict, vocabulary: list[str]) -> dict:
+    """The posted answer, checked: call, confidence and quality 1-5, findings from the vocabulary, a comment."""
+    findings = body.get("findings") or []
+    ok = (body.get("call") in ("real", "synthetic") and body.get("confidence") in range(1, 6)
+          and body.get("quality") in range(1, 6) and isinstance(findings, list) and set(findings) <= set(vocabulary)
+          and isinstance(body.get("comment", ""), str) and isinstance(body.get("position"), int))
+    if not ok:
+        raise ValueError("an answer needs call real|synthetic, confidence 1-5, quality 1-5 and findings from the list")
+    seconds = body.get("seconds")
+    return {"call": body["call"], "confidence": body["confidence"], "quality": body["quality"],
+            "findings": sorted(findings), "comment": body.get("comment", "")[:2000],
+            "seconds": float(seconds) if isinstance(seconds, (int, float)) else None}
+
+
+def build_app(folder) -> FastAPI:
+    folder = Path(folder)
+    store.connect(folder).close()  # fails now, with the folder named, if there is no study
+    templates = Jinja2Templates(directory=Path(__file__).with_name("templates"))
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    def reader(db, token: str):
+        return store.reader_by_token(db, token) if len(token) < 100 else None
+
+    @app.get("/r/{token}", response_class=HTMLResponse)
+    def page(request: Request, token: str):
+        with store.opened(folder) as db:
+            found = reader(db, token)
+            if found is None:
+                return forbidden()
+            settings = store.meta(db)
+            item = store.next_item(db, found["id"])
+            total = db.execute("SELECT COUNT(*) FROM items WHERE reader_id = ?", (found["id"],)).fetchone()[0]
+            practice = db.execute("SELECT COUNT(*) FROM items WHERE reader_id = ? AND practice = 1",
+                                  (found["id"],)).fetchone()[0]
+        context = {"name": found["name"], "token": token, "total": total, "practice_total": practice,
+                   "item": dict(item) if item else None, "vocabulary": settings["vocabulary"],
+                   "ask_findings": settings["ask_findings"]}
+        return templates.TemplateResponse(request, "read.html", context, headers=HEADERS)
+
+    @app.get("/r/{token}/image/{image_id}")
+    def image(token: str, image_id: str):
+        if not IMAGE_ID.fullmatch(image_id):
+            return forbidden()
+        with store.opened(folder) as db:
+            found = reader(db, token)
+            shown = found is not None and db.execute("SELECT 1 FROM items WHERE reader_id = ? AND image_id = ?",
+                                                     (found["id"], image_id)).fetchone()
+        if not shown:
+            return forbidden()
+        # The ID is 32 hex digits checked against the reader's own items: the file name is built from it alone.
+        data = (folder / store.IMAGES / f"{image_id}.png").read_bytes()
+        return Response(data, media_type="image/png", headers=HEADERS)
+
+    @app.post("/r/{token}/answer")
+    async def answer(request: Request, token: str):
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            body = None
+        with store.opened(folder) as db:
+            found = reader(db, token)
+            if found is None:
+                return forbidden()
+            if not isinstance(body, dict):
+                return JSONResponse({"error": "expected a JSON answer"}, status_code=400, headers=HEADERS)
+            try:
+                checked = check_answer(body, store.meta(db)["vocabulary"])
+            except ValueError as err:
+                return JSONResponse({"error": str(err)}, status_code=400, headers=HEADERS)
+            item = db.execute("SELECT * FROM items WHERE reader_id = ? AND position = ?",
+                              (found["id"], body["position"])).fetchone()
+            if item is None:
+                return JSONResponse({"error": "no such item"}, status_code=400, headers=HEADERS)
+            stored = store.record_answer(db, found["id"], item["position"], checked)
+            reply = {"stored": stored}
+            if item["practice"]:  # practice only: the answer, to learn from (never for a study image)
+                reply["truth"] = db.execute("SELECT origin FROM images WHERE id = ?",
+                                            (item["image_id"],)).fetchone()[0]
+        return JSONResponse(reply, headers=HEADERS)
+
+    @app.get("/organiser/{token}", response_class=HTMLResponse)
+    def organiser(request: Request, token: str):
+        with store.opened(folder) as db:
+            if token != store.meta(db)["organiser_token"]:
+                return forbidden()
+            rows = store.progress(db)
+        return templates.TemplateResponse(request, "organiser.html", {"rows": rows}, headers=HEADERS)
+
+    @app.api_route("/{anything:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+    def everything_else(anything: str):
+        return forbidden()
+
+    return app
