@@ -369,3 +369,18 @@ def test_the_readme_planning_table_is_the_function():
     readme = (REPO / "README.md").read_text()
     for row in rows:
         assert "| " + " | ".join([str(row[0])] + [f"{w:.3f}" for w in row[1:]]) + " |" in readme
+
+
+def test_serve_binds_to_loopback_and_warns_otherwise(sources, tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    make_study(sources, tmp_path / "study")
+    bound = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kwargs: bound.append((host, port)))
+    reader_study_main(["serve", str(tmp_path / "study")])
+    first = capsys.readouterr()
+    reader_study_main(["serve", str(tmp_path / "study"), "--host", "0.0.0.0", "--port", "9000"])
+    second = capsys.readouterr()
+    assert bound == [("127.0.0.1", 8000), ("0.0.0.0", 9000)]
+    assert "warning" not in first.err and second.err.startswith("warning: serving on 0.0.0.0")
+    assert "http://127.0.0.1:8000/r/" in first.out and "/organiser/" in first.out
