@@ -77,6 +77,13 @@ class DataConfig:
         metadata={"help": "DICOM images with no VOI (no window, no VOI LUT): map these two percentiles of each image "
                           "to black and white (e.g. 0.5 99.5) instead of its minimum and maximum."},
     )
+    pseudonym_key: str | None = field(
+        default=None,
+        metadata={"help": "DICOM: a key file (16+ random bytes) the Patient ID pseudonyms are keyed with (HMAC). A "
+                          "team that shares one gets the same pseudonyms and the same patient-wise split on every "
+                          "machine; default: this installation's own key (~/.config/lunggen_diffusers/pseudonym.key, "
+                          "made on first use), so another machine splits the same folder differently."},
+    )
     # NIH ChestX-ray14 filters (used when the source is an NIH folder or a prepared NIH dataset).
     view_position: str = field(default="all", metadata={"help": "NIH view filter: PA, AP or all."})
     include_findings: list[str] | None = field(

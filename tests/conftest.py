@@ -1,6 +1,7 @@
 """Shared test helpers: a tiny, fast training configuration (32 px, two UNet levels, a handful of phantoms)."""
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from lunggen_diffusers.config import from_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# DICOM pseudonym keys made on first use go to a folder of this run, never to the user's ~/.config.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="lunggen-tests-config-")
 
 TINY = {
     "resolution": 32,

@@ -19,6 +19,8 @@ from lunggen_diffusers.utils import list_images
 from conftest import TINY
 from dicom_files import chest, dataset, gradient, structured_report, voi_lut, write
 
+KEY = bytes(range(32))  # a fixed pseudonym key for tests that read headers
+
 S = gradient().astype(np.float64)  # the stored values every case below starts from
 # Elementwise float64 arithmetic only (no matrix products, no reductions in another order): the same on every CPU.
 EXACT = {"rtol": 0, "atol": 1e-12}
@@ -121,7 +123,7 @@ def test_header_columns_in_the_projects_vocabulary(tmp_path):
     }
     for name, header in rows.items():
         chest(tmp_path / name, **header)
-    paths, columns, skipped = dicom.dicom_folder(tmp_path)
+    paths, columns, skipped = dicom.dicom_folder(tmp_path, KEY)
     assert skipped == [] and [p.rsplit("/", 1)[1] for p in paths] == list(rows)
     assert columns["patient_sex"] == ["F", "M", "", "O"]
     assert columns["patient_age"] == [45.0, 0.5, 50.0, round(10 / 52.1775, 2)]
@@ -136,7 +138,7 @@ def test_what_is_no_single_grey_radiograph_is_skipped_and_listed_with_its_reason
     write(dataset(np.zeros((2, 8, 8), np.uint16), NumberOfFrames=2), tmp_path / "frames.dcm")
     write(dataset(np.zeros((8, 8, 3), np.uint8), photometric="RGB", bits_stored=8), tmp_path / "colour.dcm")
     (tmp_path / "garbage.dcm").write_bytes(b"a text file named like DICOM")
-    paths, _, skipped = dicom.dicom_folder(tmp_path)
+    paths, _, skipped = dicom.dicom_folder(tmp_path, KEY)
     assert [p.rsplit("/", 1)[1] for p in paths] == ["good.dcm"]
     reasons = dict(skipped)
     assert reasons["report.dcm"].startswith("no pixel data (Basic Text SR")
@@ -268,3 +270,61 @@ def test_prepare_a_dicom_folder_into_patient_wise_splits_with_its_skipped_list(t
     prepare.main([*argv, "--view_position", "PA", "--overwrite_output_dir"])
     assert set(datasets.concatenate_datasets(list(datasets.load_from_disk(str(out)).values()))["view_position"]) \
         == {"PA"}
+
+
+def test_pseudonyms_are_keyed_so_a_guessed_id_cannot_be_tested_without_the_key(tmp_path):
+    import hashlib
+
+    chest(tmp_path / "a.dcm", patient="12345")
+    (ours,) = dicom.dicom_folder(tmp_path, KEY)[1]["patient_id"]
+    (theirs,) = dicom.dicom_folder(tmp_path, bytes(range(1, 33)))[1]["patient_id"]
+    assert ours == dicom.patient_key("12345", KEY) != theirs and ours.startswith("dicom-") and len(ours) == 22
+    # The unkeyed hash of the ID (what the pseudonym was before) no longer finds it.
+    unkeyed = "dicom-" + hashlib.sha256(b"lunggen-diffusers dicom patient|12345").hexdigest()[:16]
+    assert ours != unkeyed
+
+
+def test_the_installations_own_key_is_made_once_private_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    first = dicom.pseudonym_key()
+    path = tmp_path / "config" / "lunggen_diffusers" / "pseudonym.key"
+    assert len(first) == 32 and path.read_bytes() == first and (path.stat().st_mode & 0o777) == 0o600
+    assert dicom.pseudonym_key() == first and not list(path.parent.glob(".*"))  # reused; no temporary left
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "other-machine"))
+    assert dicom.pseudonym_key() != first
+    with pytest.raises(FileNotFoundError, match="--pseudonym_key .*no such file"):
+        dicom.pseudonym_key(tmp_path / "absent.key")
+    (tmp_path / "short.key").write_bytes(b"x" * 8)
+    with pytest.raises(ValueError, match="8 bytes; a key needs at least 16"):
+        dicom.pseudonym_key(tmp_path / "short.key")
+
+
+def test_a_shared_key_gives_every_machine_the_same_split_and_the_record_names_the_key_not_its_bytes(
+        tmp_path, monkeypatch):
+    import datasets
+
+    from lunggen_diffusers.data import prepare
+
+    for i in range(24):
+        chest(tmp_path / "pacs" / f"IM{i:04d}", patient=f"{i // 2}", seed=i)
+    (tmp_path / "team.key").write_bytes(KEY)
+
+    def prepare_on(machine, *extra):
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / machine))
+        out = tmp_path / f"prepared-{machine}-{len(extra)}"
+        prepare.main(["--train_data_dir", str(tmp_path / "pacs"), "--output_dir", str(out), "--resolution", "32",
+                      "--cache_dir", str(tmp_path / f"cache-{machine}"), *extra])
+        splits = datasets.load_from_disk(str(out))
+        report = json.loads((out / "prepare_report.json").read_text())
+        return {name: sorted(s["patient_id"]) for name, s in splits.items()}, report, out
+
+    shared = [prepare_on(machine, "--pseudonym_key", str(tmp_path / "team.key")) for machine in ("a", "b")]
+    own = [prepare_on(machine) for machine in ("a", "b")]
+    assert shared[0][0] == shared[1][0]  # the same pseudonyms in the same splits on both machines
+    assert shared[0][1]["pseudonym_key_id"] == shared[1][1]["pseudonym_key_id"] == dicom.key_id(KEY)
+    assert own[0][0] != own[1][0] and own[0][1]["pseudonym_key_id"] != own[1][1]["pseudonym_key_id"]
+    for _, _, out in shared:
+        card = (out / "README.md").read_text()
+        assert f"key id {dicom.key_id(KEY)}" in card
+        for path in out.rglob("*"):
+            assert not path.is_file() or KEY not in path.read_bytes()  # the key itself is nowhere in the output

@@ -10,7 +10,7 @@ The grey pipeline, in the standard's order (PS3.3 C.11.1, C.11.2, C.7.6.3.1.2):
     -> 8-bit grayscale (mode L) for the decode pass every source goes through.
 
 Headers carry names, birth dates, institutions, accession numbers: only KEPT_COLUMNS leave this module, with the
-patient pseudonymised (`patient_key`), and a skipped file is listed by its path and a reason, never a header value.
+patient pseudonymised (`patient_key`: HMAC under a key kept locally, `pseudonym_key`), and a skipped file is listed by its path and a reason, never a header value.
 Compressed transfer syntaxes decode through pydicom's plugins: pylibjpeg-libjpeg (JPEG baseline, extended,
 lossless, JPEG-LS), pylibjpeg-openjpeg (JPEG 2000) and pylibjpeg-rle (RLE; pydicom's own RLE decoder otherwise).
 """
@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import hmac
+import os
 import re
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ from PIL import Image
 from ..utils import is_dicom, list_images
 
 KEPT_COLUMNS = ("patient_id", "patient_age", "patient_sex", "view_position")
+KEY_FILE, MIN_KEY_BYTES = "pseudonym.key", 16
 # Identifying attributes of PS3.15's Basic Application Level Confidentiality Profile that chest radiographs carry.
 # Their values are never stored; their digests are (`phi_digests.json`, local), so that every text the project
 # publishes is checked for them (hub/privacy.py).
@@ -76,10 +80,51 @@ def check_image(ds) -> None:
         raise SkippedFile(f"colour or not grayscale (PhotometricInterpretation {photometric or 'missing'})")
 
 
-def patient_key(patient_id: str) -> str:
-    """A stable pseudonym of a DICOM Patient ID: the same patient gets the same key (so splits stay patient-wise),
-    and the key is not the ID (the ID itself is never stored)."""
-    return "dicom-" + hashlib.sha256(f"lunggen-diffusers dicom patient|{patient_id}".encode()).hexdigest()[:16]
+def default_key_file() -> Path:
+    """This installation's own pseudonym key: $XDG_CONFIG_HOME (or ~/.config)/lunggen_diffusers/pseudonym.key."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "lunggen_diffusers" / KEY_FILE
+
+
+def pseudonym_key(path: str | Path | None = None) -> bytes:
+    """The secret DICOM pseudonyms are keyed with: the file `path` (a key a team shares, so every machine makes the
+    same pseudonyms and the same split), else this installation's own, made on first use (32 random bytes, readable
+    by its owner only). Without a key, a short Patient ID could be found again by hashing every possible value."""
+    if path is not None:
+        found = Path(path)
+        if not found.is_file():
+            raise FileNotFoundError(f"--pseudonym_key {path}: no such file (make one with python -c \"import secrets; "
+                                    f"open('team.key', 'wb').write(secrets.token_bytes(32))\")")
+        key = found.read_bytes()
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"--pseudonym_key {path}: {len(key)} bytes; a key needs at least {MIN_KEY_BYTES} random "
+                             "bytes")
+        return key
+    own = default_key_file()
+    if not own.is_file():
+        own.parent.mkdir(parents=True, exist_ok=True)
+        temporary = own.with_name(f".{own.name}.{os.getpid()}")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as f:
+            f.write(secrets.token_bytes(32))
+        try:
+            os.link(temporary, own)  # atomic, and never over a key another process made first
+        except FileExistsError:
+            pass
+        finally:
+            temporary.unlink()
+    return own.read_bytes()
+
+
+def key_id(key: bytes) -> str:
+    """Which key made a set of pseudonyms, for records and cache keys: not the key, and no way back to it."""
+    return hashlib.sha256(b"lunggen-diffusers pseudonym key id|" + key).hexdigest()[:12]
+
+
+def patient_key(patient_id: str, key: bytes) -> str:
+    """A stable pseudonym of a DICOM Patient ID: HMAC-SHA256 under `key`, so the same patient gets the same pseudonym
+    (splits stay patient-wise) and no one without the key can test a guessed ID against it (the ID itself is never
+    stored)."""
+    return "dicom-" + hmac.new(key, f"dicom patient|{patient_id}".encode(), hashlib.sha256).hexdigest()[:16]
 
 
 def _age(ds) -> float | None:
@@ -122,16 +167,16 @@ def phi_values(ds) -> set[str]:
     return {v.upper() for v in found if len(v) >= MIN_PHI_LENGTH}
 
 
-def read_header(path: str | Path, phi: set[str] | None = None) -> dict:
-    """The kept columns of one DICOM file (the pixel data is not read); SkippedFile if it is no usable image.
-    `phi`, when given, collects the file's identifying values (`phi_values`)."""
+def read_header(path: str | Path, key: bytes, phi: set[str] | None = None) -> dict:
+    """The kept columns of one DICOM file (the pixel data is not read), the patient pseudonymised under `key`;
+    SkippedFile if it is no usable image. `phi`, when given, collects the file's identifying values (`phi_values`)."""
     ds = _read(path, defer_size="1 KB")
     if phi is not None:
         phi.update(phi_values(ds))
     check_image(ds)
     patient = str(ds.get("PatientID", "")).strip()
     sex = str(ds.get("PatientSex", "")).strip().upper()
-    return {"patient_id": patient_key(patient) if patient else "", "patient_age": _age(ds),
+    return {"patient_id": patient_key(patient, key) if patient else "", "patient_age": _age(ds),
             "patient_sex": sex if sex in ("M", "F", "O") else "", "view_position": _view(ds)}
 
 
@@ -182,10 +227,11 @@ def read_image(path: str | Path, percentiles: tuple[float, float] | None = None)
     return Image.fromarray(np.round(grey_levels(_read(path), percentiles) * 255).astype(np.uint8), "L")
 
 
-def dicom_folder(root: str | Path, phi: set[str] | None = None
+def dicom_folder(root: str | Path, key: bytes, phi: set[str] | None = None
                  ) -> tuple[list[str], dict[str, list], list[tuple[str, str]]]:
-    """Every DICOM file below `root` that is a usable radiograph: (paths, kept columns, skipped). `skipped` holds
-    (path relative to `root`, reason) for each file left out; `phi` collects every file's identifying values. A
+    """Every DICOM file below `root` that is a usable radiograph: (paths, kept columns with patients pseudonymised
+    under `key`, skipped). `skipped` holds (path relative to `root`, reason) for each file left out; `phi` collects
+    every file's identifying values. A
     folder that mixes DICOM with other images is refused: its non-DICOM images would carry no patient, and the
     split could not be patient-wise."""
     root = Path(root)
@@ -197,7 +243,7 @@ def dicom_folder(root: str | Path, phi: set[str] | None = None
     paths, columns, skipped = [], {name: [] for name in KEPT_COLUMNS}, []
     for path in files:
         try:
-            header = read_header(path, phi)
+            header = read_header(path, key, phi)
         except SkippedFile as why:
             skipped.append((str(path.relative_to(root)), str(why)))
             continue

@@ -79,12 +79,14 @@ def report_skipped(source: str | Path, report_dir: Path, kept: int, skipped: lis
         logger.warning("skipped %d of %d %s (%s); the list is in %s", len(skipped), total, what, summary, listed)
 
 
-def dicom_dataset(path: str | Path, report_dir: Path, labels: dict[str, list[str]] | None = None) -> datasets.Dataset:
-    """A folder of DICOM files as a dataset: the image paths and the kept header columns, and with `labels` (file
-    name without suffix -> finding names) a `finding_labels` column. The files that are no usable radiograph, or
-    that `labels` does not name, are listed in report_dir/skipped_files.csv and counted in one warning line."""
+def dicom_dataset(path: str | Path, report_dir: Path, labels: dict[str, list[str]] | None = None,
+                  key: bytes | None = None) -> datasets.Dataset:
+    """A folder of DICOM files as a dataset: the image paths and the kept header columns (patients pseudonymised
+    under `key`, default this installation's own: `dicom.pseudonym_key`), and with `labels` (file name without
+    suffix -> finding names) a `finding_labels` column. The files that are no usable radiograph, or that `labels`
+    does not name, are listed in report_dir/skipped_files.csv and counted in one warning line."""
     phi = set()
-    paths, columns, skipped = dicom.dicom_folder(path, phi)
+    paths, columns, skipped = dicom.dicom_folder(path, key if key is not None else dicom.pseudonym_key(), phi)
     report_dir.mkdir(parents=True, exist_ok=True)
     write_json(report_dir / PHI_DIGESTS, secret_digests(phi))
     if labels is not None:

@@ -22,7 +22,7 @@ from transformers import HfArgumentParser
 from ..cli import parse, run
 from ..config import DataConfig
 from ..utils import files_fingerprint, list_images, stable_hash
-from . import nih
+from . import dicom, nih
 from .folders import PHI_DIGESTS, SKIPPED_CSV
 from .registry import detect_source, folder_source, source_report_dir
 from .decode import decode_images
@@ -203,8 +203,12 @@ def prepare_folder(args: PrepareArguments, settings: DataConfig) -> tuple[dict, 
     if not root.is_dir():
         raise FileNotFoundError(f"--train_data_dir {root}: no such folder")
     output = Path(args.output_dir)
-    options = {k: v for k, v in asdict(settings).items() if k not in ("preprocessing_num_workers", "cache_dir")}
-    key = stable_hash({"files": files_fingerprint(list_images(root)), "settings": options})
+    options = {k: v for k, v in asdict(settings).items()
+               if k not in ("preprocessing_num_workers", "cache_dir", "pseudonym_key")}
+    # Which key, not where its file is: the same key under another path prepares the same split.
+    pseudonyms = dicom.key_id(dicom.pseudonym_key(settings.pseudonym_key)) if detect_source(settings, str(root)) in (
+        "vindr", "rsna", "dicom") else None
+    key = stable_hash({"files": files_fingerprint(list_images(root)), "settings": options, "pseudonyms": pseudonyms})
     previous = _previous(output, key, args.overwrite_output_dir)
     if previous is not None:
         return previous, True
@@ -232,12 +236,21 @@ def prepare_folder(args: PrepareArguments, settings: DataConfig) -> tuple[dict, 
               "skipped_files": max(0, len(skipped.read_text().splitlines()) - 1) if skipped.is_file() else 0,
               "settings": {"resolution": settings.resolution, "center_crop": settings.center_crop,
                            "validation_fraction": settings.validation_fraction, "split_seed": settings.split_seed}}
+    if pseudonyms is not None:
+        report["pseudonym_key_id"] = pseudonyms  # which key made the patient pseudonyms; never the key
     extra = {"README.md": folder_card(report)}
     for path in (skipped, digests):
         if path.is_file():
             extra[path.name] = path.read_text()
     nih.save_prepared(dsdict, output, work_dir, report, failures, extra)
     return report, False
+
+
+def pseudonym_line(report: dict) -> str:
+    if "pseudonym_key_id" not in report:
+        return ""
+    return (f"\n- Patient pseudonyms are HMAC-SHA256 of the Patient ID under a local key (key id "
+            f"{report['pseudonym_key_id']}; the key itself is kept on the preparing machine, never here).")
 
 
 def folder_card(report: dict) -> str:
@@ -260,7 +273,7 @@ Prepared with `python -m lunggen_diffusers.prepare --train_data_dir ...` (LungGe
 - Each image was decoded once (DICOM through its modality LUT, VOI and MONOCHROME1 inversion), converted to 8-bit
   grayscale, {'centre-cropped' if s['center_crop'] else 'padded with black'} to a square and resized with Lanczos
   to {s['resolution']}x{s['resolution']}; nothing was flipped. DICOM headers keep only a patient pseudonym, age,
-  sex and view.
+  sex and view.{pseudonym_line(report)}
 
 Research use only, under the source collection's own terms. The patient pseudonyms allow patient-wise splits;
 keep any copy of this dataset private.

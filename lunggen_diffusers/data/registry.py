@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 
 from ..utils import IMAGE_EXTENSIONS, list_images
-from . import chexpert, class_folders, dicom_collections, mimic, nih, padchest
+from . import chexpert, class_folders, dicom, dicom_collections, mimic, nih, padchest
 from .folders import METADATA_CSV, dicom_dataset, image_folder, is_dicom_folder, report_skipped
 
 
@@ -123,7 +123,7 @@ def folder_source(d, root: str | None = None) -> tuple[datasets.Dataset, str]:
     elif name in ("vindr", "rsna", "dicom"):
         labels = {"vindr": lambda: dicom_collections.vindr_labels(root, d.vindr_label_rule),
                   "rsna": lambda: dicom_collections.rsna_labels(root), "dicom": lambda: None}[name]()
-        ds = dicom_dataset(root, report_dir, labels)
+        ds = dicom_dataset(root, report_dir, labels, dicom.pseudonym_key(d.pseudonym_key))
     elif name == "class_folders":
         ds = class_folders.class_folder_dataset(root)
     elif name == "image_folder":

@@ -1,7 +1,8 @@
 """What may leave the machine, in one place: config scrubbing, the upload allow-list, the leak check.
 
-- Scrubbed: data paths (`train_data_dir`, `cache_dir`, a local `dataset_name`) become "<local>"; run paths
-  (`output_dir`, `logging_dir`, `resume_from_checkpoint`) keep their last folder name; the token never travels.
+- Scrubbed: data paths (`train_data_dir`, `cache_dir`, `pseudonym_key`, a local `dataset_name`) become "<local>";
+  run paths (`output_dir`, `logging_dir`, `resume_from_checkpoint`) keep their last folder name; the token never
+  travels.
 - Uploaded: only ALLOW_PATTERNS, minus IGNORE_PATTERNS (checkpoints, logs, evaluation pairs, pickles).
 - Checked: every published text (card, manifest, config, eval summary, included card sections) is refused if it
   holds one of the run's local paths, something shaped like a patient identifier (PATIENT_ID_PATTERNS), or, for a
@@ -45,7 +46,7 @@ ALLOW_PATTERNS = [
 IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "eval/*", "autoencoder/*", "cache/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle",
                    "*memorized_patients*", "*nearest_pairs*", f"*{PHI_DIGESTS}"]
 LOCAL = "<local>"
-DATA_PATH_OPTIONS = ("train_data_dir", "cache_dir")  # scrubbed to "<local>" (dataset_name too, when a folder)
+DATA_PATH_OPTIONS = ("train_data_dir", "cache_dir", "pseudonym_key")  # "<local>" (dataset_name too, when a folder)
 RUN_PATH_OPTIONS = ("output_dir", "logging_dir", "resume_from_checkpoint")  # scrubbed to their folder name
 PATIENT_ID_PATTERNS = {
     # NIH image names: the first 8 digits are the patient.
