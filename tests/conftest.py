@@ -10,8 +10,12 @@ from lunggen_diffusers.config import from_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# DICOM pseudonym keys made on first use go to a folder of this run, never to the user's ~/.config.
+# The DICOM pseudonym key lives in a folder of this run, never the user's ~/.config, and is fixed: splits are made
+# from the pseudonyms, and a key drawn at random would split the tests' small DICOM folders differently each run.
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="lunggen-tests-config-")
+os.makedirs(os.path.join(os.environ["XDG_CONFIG_HOME"], "lunggen_diffusers"))
+with open(os.path.join(os.environ["XDG_CONFIG_HOME"], "lunggen_diffusers", "pseudonym.key"), "wb") as _key:
+    _key.write(bytes(range(100, 132)))
 
 TINY = {
     "resolution": 32,
