@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from PIL import Image
 
 from lunggen_diffusers import LungGenPipeline
+from lunggen_diffusers.lunggen_pipeline import postprocess
 from lunggen_diffusers.generation import cli as generation_cli
 from lunggen_diffusers.generation.process import (
     BAND,
@@ -47,6 +49,28 @@ def test_frames_follow_the_steps_and_the_last_clean_panel_is_the_output():
     assert last[32:].max() > 128  # the caption is drawn (antialiased)
     first = np.asarray(recorder.frames[0])
     assert first[:32, :16].std() > last[:32, :16].std() / 2  # x_t starts as noise
+
+
+class Capture(PipelineCallback):
+    """The step's prediction of the clean image, as the pipeline hands it to callbacks."""
+
+    tensor_inputs = ["pred_original_sample"]
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        self.seen = [*getattr(self, "seen", []), callback_kwargs["pred_original_sample"].clone()]
+        return callback_kwargs
+
+
+def test_the_clean_panel_is_the_steps_prediction_not_the_noisy_sample():
+    pipe = tiny_pipeline()
+    recorder, capture = DenoisingRecorder(num_images=1, every=2), Capture()
+    pipe(findings=[["cardiomegaly"]], guidance_scale=2.0, num_inference_steps=5, output_type="np",
+         generator=torch.Generator().manual_seed(0), callback_on_step_end=MultiPipelineCallbacks([recorder, capture]))
+    for frame, step in zip(recorder.frames, recorder.steps, strict=True):
+        expected = np.round(postprocess(capture.seen[step], "np")[0, ..., 0] * 255).astype(np.uint8)
+        panels = np.asarray(frame)[:16]
+        assert np.array_equal(panels[:, 16:], expected)  # the same tensor through the same arithmetic
+    assert not np.array_equal(np.asarray(recorder.frames[0])[:16, 16:], np.asarray(recorder.frames[0])[:16, :16])
 
 
 def test_a_latent_pipeline_records_decoded_frames():
@@ -99,14 +123,16 @@ def test_pipeline_py_writes_the_denoising_video_and_nothing_without_the_flag(tin
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_every_sampler_records_each_step_ending_on_the_output(tiny_model, scheduler):
     """x0 from the step's own pred_original_sample (DDPM, DDIM) or from the model output (the DPM-Solvers, UniPC):
-    either way the last frame's x0 is the image the run returns."""
+    either way the last frame's x0 is the image the run returns (exactly, on the CPU this was written on)."""
     pipe, _ = load_pipeline(tiny_model, device="cpu")
     recorder = DenoisingRecorder(num_images=1)
     ((_, images),) = iter_batches(pipe, range(2), 0, scheduler, 4, 2, progress=False, recorder=recorder)
     assert recorder.steps == [0, 1, 2, 3]
-    output = np.round(images[0, ..., 0] * 255).astype(np.uint8)
+    output = np.round(images[0, ..., 0] * 255).astype(int)
     clean = [np.asarray(frame)[:16, 16:].astype(int) for frame in recorder.frames]
-    assert np.array_equal(clean[-1], output)
+    # A grey level of slack: for the solvers the last x0 is computed from the model output, the image by the
+    # solver's own update, and the two can round apart on another CPU.
+    assert np.abs(clean[-1] - output).max() <= 1
     assert np.abs(clean[0] - output).mean() > 0  # a prediction that moves, not the output copied
 
 

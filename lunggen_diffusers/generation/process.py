@@ -57,7 +57,7 @@ class DenoisingRecorder(PipelineCallback):
     def callback_fn(self, pipeline, step_index, timestep, callback_kwargs) -> dict:
         last = step_index == len(pipeline.scheduler.timesteps) - 1
         if step_index % self.every and not last:
-            return {}
+            return callback_kwargs  # unchanged, as diffusers' callbacks hand them on (MultiPipelineCallbacks)
         vae = getattr(pipeline, "vae", None)
         panels = []
         for name in ("latents", "pred_original_sample"):
@@ -69,7 +69,7 @@ class DenoisingRecorder(PipelineCallback):
         pixels = np.round(np.concatenate(rows, axis=0)[..., 0] * 255).astype(np.uint8)
         self.frames.append(captioned(Image.fromarray(pixels), f"SYNTHETIC step {step_index + 1} t={int(timestep)}"))
         self.steps.append(step_index)
-        return {}
+        return callback_kwargs
 
     def save(self, stem) -> list[Path]:
         """`stem`.gif and, with PyAV, `stem`.mp4 (`save_animation`)."""

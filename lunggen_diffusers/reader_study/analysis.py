@@ -328,5 +328,8 @@ def write_report(result: dict, output_dir) -> Path:
 def planning_table(images=(50, 100, 200, 400), readers=(1, 3, 6, 10), accuracy: float = 0.6) -> list[list]:
     """Width of the pooled accuracy's Wilson 95% interval for `images` per reader and `readers`, at `accuracy`,
     taking readings as independent (readers who agree on an image make it wider: a floor)."""
-    return [[n] + [round(float(np.subtract(*wilson(round(accuracy * n * r), n * r)[::-1])), 3) for r in readers]
-            for n in images]
+    def width(readings: int) -> float:
+        low, high = wilson(round(accuracy * readings), readings)
+        return round(high - low, 3)
+
+    return [[n] + [width(n * r) for r in readers] for n in images]

@@ -14,9 +14,11 @@ import json
 import random
 import secrets
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -38,7 +40,7 @@ class Pool:
     """An image source with each image's labels (findings list, sex, view, age bin; "" where unknown)."""
 
     name: str
-    read: callable  # (index, size) -> uint8 (size, size)
+    read: Callable[[int, int], np.ndarray]  # (index, size) -> uint8 (size, size)
     labels: list[dict]
     labelled: bool  # whether its findings are known: asked for (generated) or the dataset's labels (real)
     side: int | None = None  # a generated folder's image side
