@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from lunggen_diffusers.data.phantom import FINDINGS  # noqa: E402
 from lunggen_diffusers.evaluation.phantom_classifier import HEART_RIGHT, OUTPUTS  # noqa: E402
-from lunggen_diffusers.utility.stats import wilson  # noqa: E402
+from lunggen_diffusers.evaluation.stats import wilson  # noqa: E402
 from lunggen_diffusers.utils import write_json  # noqa: E402
 
 LIBRARIES = ("torch", "diffusers", "accelerate", "datasets", "numpy", "pillow")

@@ -39,6 +39,10 @@ class DataConfig:
     )
     num_phantom_images: int = field(default=2000, metadata={"help": "Phantom images when no data source is given."})
     phantom_finding_prob: float = field(default=0.1, metadata={"help": "Per-finding probability in the phantom."})
+    phantom_images_per_patient: float = field(default=1.0, metadata={
+        "help": "Mean images per phantom patient: 1, every image its own patient; above 1, each patient's number "
+                "of studies is long-tailed around this mean (3.64 gives NIH ChestX-ray14's 57% of patients with "
+                "one image), the anatomy the same on each."})
     phantom_finding_scale: list[str] | None = field(default=None, metadata={
         "help": "Plant a bias: SUBGROUP:FACTOR multiplies the phantom's finding probability within a subgroup "
                 "(patient_sex=F:0.5 gives women half the prevalence), to check that subgroup reports find it."})
@@ -399,6 +403,9 @@ def validate(config: Config) -> Config:
         raise ValueError(f"--condition_on {' '.join(on)}: choose findings, optionally with "
                          f"{', '.join(CONDITIONS[1:-1])} and {CONDITIONS[-1]}")
     phantom_finding_scales(config.data.phantom_finding_scale)
+    if not 1 <= config.data.phantom_images_per_patient <= 50:
+        raise ValueError(f"--phantom_images_per_patient {config.data.phantom_images_per_patient}: give a mean number "
+                         "of images per patient in [1, 50] (NIH ChestX-ray14: 3.64)")
     if config.hub.push_to_hub and not config.hub.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. my-org/lunggen-256)")
     return config

@@ -350,7 +350,7 @@ def test_planted_answers_give_the_hand_computed_figures(tmp_path):
 
 
 def test_kappa_statistics_against_hand_values():
-    from lunggen_diffusers.utility.stats import cohen_kappa, fleiss_kappa, mann_whitney
+    from lunggen_diffusers.evaluation.stats import cohen_kappa, fleiss_kappa, mann_whitney
 
     # Two raters, 10 items: agree on 7; a says yes 5 times, b 4 times: chance .5*.4 + .5*.6 = .5, kappa .4.
     a = list("yyyyynnnnn")

@@ -22,7 +22,7 @@ from lunggen_diffusers.utility.cli import main
 from lunggen_diffusers.utility.data import ImageSet, patient_rows, real_splits, synthetic_set
 from lunggen_diffusers.utility.report import STYLES
 from lunggen_diffusers.utility.run import UtilityArguments, regime_parts, run_utility
-from lunggen_diffusers.utility.stats import (auroc, bootstrap_aurocs, interval, patient_weights,
+from lunggen_diffusers.evaluation.stats import (auroc, bootstrap_aurocs, interval, patient_weights,
                                              weighted_auroc)
 from lunggen_diffusers.utility.subgroups import subgroup_markdown, subgroup_summary, youden_thresholds
 

@@ -78,6 +78,7 @@ def load_source(config: Config, root: str | None = None) -> tuple[datasets.Datas
     ds = phantom_dataset(
         d.num_phantom_images, d.resolution, seed=config.training.seed, finding_prob=d.phantom_finding_prob,
         finding_prob_scale=phantom_finding_scales(d.phantom_finding_scale),
+        images_per_patient=d.phantom_images_per_patient,
     )
     return filter_dataset(ds, d), "the built-in procedural chest phantom"
 

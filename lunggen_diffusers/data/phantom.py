@@ -13,6 +13,10 @@ lung fields and a narrower frame; age calcifies the costal cartilages, thins the
 the heart and flattens the domes, and a child has a round chest, horizontal ribs, a large heart and a thymus; an AP
 (portable) film magnifies the heart, projects the scapulae over the lungs and the clavicles higher, is taken at a
 poorer inspiration and usually carries a marker.
+
+A patient may have several studies (`images_per_patient` above 1, NIH's mean is 3.64): the anatomy that is the
+patient's own (body and lung shape, heart, rib spacing, the vessel pattern, where a nodule or effusion sits) stays,
+while positioning, inspiration, exposure, noise, the view and the findings change from study to study.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import datasets
@@ -34,6 +39,13 @@ from ..vocabulary import NO_FINDING, SUBGROUPS, age_bin
 FINDINGS = ("cardiomegaly", "pleural_effusion", "nodule", "consolidation")
 SEXES, VIEWS = ("M", "F"), ("PA", "AP")
 MALE_SHARE, AP_SHARE, CHILD_SHARE = 0.565, 0.40, 0.048   # NIH ChestX-ray14, per image
+# A patient's studies: 1 + a negative binomial of this shape (long-tailed); at NIH's mean of 3.64 it gives 57% of
+# patients one image, 90% at most 9 (NIH: 57%, 8); capped where NIH's most-imaged patient is.
+STUDIES_SHAPE, MAX_STUDIES = 0.22, 184
+# What belongs to the patient and so is the same on every study; the other draws change between studies.
+PATIENT_KEYS = ("body_w", "body_fat", "lung_a", "lung_top", "lung_gap", "dome_right", "dome_drop", "dome_k", "heart",
+                "rib_spacing", "vessels", "effusion_side", "nodule_side", "nodule_pos", "nodule_r",
+                "cardiomegaly_scale", "breast")
 
 
 @dataclass(frozen=True)
@@ -273,11 +285,18 @@ def _density(x, y, p, findings, edge):
 
 
 def render_phantom(resolution: int, rng: np.random.Generator, findings: Sequence[str] = (),
-                   demographics: Demographics = Demographics()) -> np.ndarray:
-    """One phantom radiograph as uint8 (resolution, resolution); all randomness comes from `rng`."""
+                   demographics: Demographics = Demographics(),
+                   patient_rng: np.random.Generator | None = None) -> np.ndarray:
+    """One phantom radiograph as uint8 (resolution, resolution); all randomness comes from `rng`, or, with
+    `patient_rng`, the patient's own anatomy (`PATIENT_KEYS`) from that and the study's draws from `rng`."""
     _check_resolution(resolution)
     _check_findings(findings)
-    p = _with_demographics(_sample_parameters(rng), demographics)
+    p = _sample_parameters(rng)
+    if patient_rng is not None:
+        study_dome = p["dome_right"]
+        p.update({key: value for key, value in _sample_parameters(patient_rng).items() if key in PATIENT_KEYS})
+        p["dome_right"] += 0.3 * (study_dome - 0.39)  # inspiration: the domes sit a little higher or lower
+    p = _with_demographics(p, demographics)
     coords = (np.arange(resolution) + 0.5) * (2.0 / resolution) - 1.0
     gx, gy = coords[None, :], coords[:, None]
     c, s = np.cos(p["angle"]), np.sin(p["angle"])
@@ -318,6 +337,35 @@ def subgroups_of(demographics: Demographics) -> list[str]:
             f"view_position={demographics.view}"]
 
 
+def _check_images_per_patient(images_per_patient: float) -> None:
+    if not 1 <= images_per_patient <= 50:
+        raise ValueError(f"images_per_patient must be a mean number of images per patient in [1, 50] (NIH: 3.64), "
+                         f"got {images_per_patient!r}")
+
+
+@lru_cache(maxsize=8)
+def _first_images(seed: int, images_per_patient: float, num_patients: int) -> np.ndarray:
+    """Index of each patient's first image (num_patients + 1 entries): the cumulative sum of the patients' study
+    counts, drawn in one stream so they depend on (seed, mean) alone."""
+    shape = STUDIES_SHAPE
+    rng = np.random.default_rng([seed, 2])
+    counts = 1 + np.minimum(rng.negative_binomial(shape, shape / (shape + images_per_patient - 1), num_patients),
+                            MAX_STUDIES - 1)
+    return np.concatenate([[0], np.cumsum(counts)])
+
+
+def patients_of(seed: int, images_per_patient: float, start_index: int, stop_index: int) -> list[tuple[int, int]]:
+    """(patient, study) of every image of the patients whose first image lies in [start_index, stop_index): whole
+    patients only, so two sets over adjacent ranges never share one. One image per patient: image i is patient i."""
+    if images_per_patient == 1:
+        return [(index, 0) for index in range(start_index, stop_index)]
+    num_patients = 1024
+    while (first := _first_images(seed, images_per_patient, num_patients))[-1] <= stop_index:
+        num_patients *= 2
+    patients = range(np.searchsorted(first, start_index), np.searchsorted(first, stop_index))
+    return [(patient, study) for patient in patients for study in range(first[patient + 1] - first[patient])]
+
+
 def draw_phantom(seed: int, index: int, resolution: int, finding_prob: float, without: Sequence[str] = (),
                  finding_prob_scale: dict[str, float] | None = None) -> tuple[np.ndarray, list[str], Demographics]:
     """Image `index` of the set `seed`, from those two numbers alone so any subset can be regenerated, its
@@ -328,34 +376,63 @@ def draw_phantom(seed: int, index: int, resolution: int, finding_prob: float, wi
     # The patient comes from its own stream, so the anatomy, findings and noise draws are those of the same index
     # whoever the patient is.
     demographics = Demographics.draw(np.random.default_rng([seed, index, 1]))
+    return _draw(np.random.default_rng([seed, index]), None, demographics, resolution, finding_prob, without,
+                 finding_prob_scale)
+
+
+def draw_study(seed: int, patient: int, study: int, resolution: int, finding_prob: float,
+               without: Sequence[str] = (), finding_prob_scale: dict[str, float] | None = None
+               ) -> tuple[np.ndarray, list[str], Demographics]:
+    """Study `study` of patient `patient` of the set `seed` (with several images per patient), as `draw_phantom`:
+    the patient's anatomy, sex and birth year are the same on every study; the view, positioning, exposure and
+    findings are drawn per study, about six months apart. Any study number is defined, beyond the ones the data
+    set holds: another image of a training patient that no training set contains."""
+    first = Demographics.draw(np.random.default_rng([seed, patient, 1]))
+    rng = np.random.default_rng([seed, patient, study, 4])
+    view = VIEWS[int(np.random.default_rng([seed, patient, study, 5]).random() < AP_SHARE)]
+    demographics = Demographics(first.sex, round(min(first.age + 0.5 * study, 100.0), 1), view)
+    return _draw(rng, np.random.default_rng([seed, patient, 3]), demographics, resolution, finding_prob, without,
+                 finding_prob_scale)
+
+
+def _draw(rng, patient_rng, demographics, resolution, finding_prob, without, finding_prob_scale):
     scale = np.prod([(finding_prob_scale or {}).get(key, 1.0) for key in subgroups_of(demographics)])
-    rng = np.random.default_rng([seed, index])
     findings = [f for f, draw in zip(FINDINGS, rng.random(len(FINDINGS))) if draw < finding_prob * scale]
     shown = [f for f in findings if f not in without]
-    return render_phantom(resolution, rng, shown, demographics), findings, demographics
+    return render_phantom(resolution, rng, shown, demographics, patient_rng), findings, demographics
 
 
 def phantom_dataset(num_images: int, resolution: int = 64, seed: int = 0, finding_prob: float = 0.0,
-                    start_index: int = 0, finding_prob_scale: dict[str, float] | None = None) -> datasets.Dataset:
+                    start_index: int = 0, finding_prob_scale: dict[str, float] | None = None,
+                    images_per_patient: float = 1.0) -> datasets.Dataset:
     """`num_images` phantoms as a Dataset: image (PNG, mode L), patient_id, finding_labels, one bool per finding,
     and the patient's patient_sex ("M"/"F"), patient_age (years) and view_position ("PA"/"AP").
 
-    Every image is its own patient, so patient-wise splits work unchanged. `finding_prob` is the independent
-    probability of each finding (times `finding_prob_scale` in a subgroup, see `draw_phantom`); image i is image
-    `start_index + i` of the set `seed`.
+    `finding_prob` is the independent probability of each finding (times `finding_prob_scale` in a subgroup, see
+    `draw_phantom`). With one image per patient (the default) image i is image `start_index + i` of the set `seed`
+    and its own patient. With `images_per_patient` above 1 (a mean; see `patients_of`) the set holds every study of
+    the patients whose first image falls in [start_index, start_index + num_images), so about `num_images` images,
+    and a set that starts where another ends shares no patient with it.
     """
     _check_resolution(resolution)
     _check_dataset_args(num_images, seed, finding_prob, start_index)
     _check_scales(finding_prob_scale or {})
+    _check_images_per_patient(images_per_patient)
     rows = {"image": [], "patient_id": [], "finding_labels": [], **{f: [] for f in FINDINGS},
             "patient_sex": [], "patient_age": [], "view_position": []}
-    for index in tqdm(range(start_index, start_index + num_images), desc="phantom", disable=num_images < 1000):
-        pixels, findings, demographics = draw_phantom(seed, index, resolution, finding_prob,
-                                                      finding_prob_scale=finding_prob_scale)
+    images = patients_of(seed, images_per_patient, start_index, start_index + num_images)
+    for patient, study in tqdm(images, desc="phantom", disable=len(images) < 1000):
+        if images_per_patient == 1:
+            pixels, findings, demographics = draw_phantom(seed, patient, resolution, finding_prob,
+                                                          finding_prob_scale=finding_prob_scale)
+            rows["patient_id"].append(f"phantom-{seed}-{patient}")
+        else:
+            pixels, findings, demographics = draw_study(seed, patient, study, resolution, finding_prob,
+                                                        finding_prob_scale=finding_prob_scale)
+            rows["patient_id"].append(f"phantom-{seed}-p{patient}")
         buffer = io.BytesIO()
         Image.fromarray(pixels, "L").save(buffer, format="PNG", compress_level=1)
         rows["image"].append({"bytes": buffer.getvalue(), "path": None})
-        rows["patient_id"].append(f"phantom-{seed}-{index}")
         rows["finding_labels"].append(findings or [NO_FINDING])
         for f in FINDINGS:
             rows[f].append(f in findings)

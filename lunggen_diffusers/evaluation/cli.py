@@ -5,7 +5,8 @@
     accelerate launch --multi_gpu --num_processes 8 -m lunggen_diffusers.evaluate ...   # the same, sharded
 
 Writes eval/metrics.json (read by the model card), eval/report.md, eval/nearest_pairs.png and
-eval/memorized_patients.csv (the last two are local only: they show training images and patient IDs).
+eval/memorized_patients.csv (the last two are local only: they show training images and patient IDs). With
+--reid VERIFIER, the re-identification risk and eval/reidentified_patients.csv (local only too).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def _report(args: EvaluationArguments) -> dict | None:
         mem = report["memorization"]
         print(f"memorization: {mem['num_flagged']} flagged ({mem['flagged_fraction']:.2%}; held-out null "
               f"{mem['null_flagged_fraction']:.2%})")
+    if "reidentification" in report["metrics"]:
+        r = report["metrics"]["reidentification"]
+        print(f"re-identification: {r['share_generated']:.2%} of generated images above the verifier's threshold "
+              f"(held-out null {r['share_null']:.2%}){'; FLAGGED' if r['flagged'] else ''}")
     print(f"report written to {args.output_dir}/report.md")
     return report
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..runtime import process_share, process_state
 from ..utils import atomic_path, stable_hash
+from ..verifier import encoder_embedder
 from .images import ImageSource, cache_root
 
 EXTRACTORS = ("pixels", "raddino", "inception", "phantom")
@@ -61,24 +62,7 @@ def _model_identity(path: str, config) -> str:
 
 
 def _raddino(model_name_or_path: str, device: str, batch_size: int) -> Extractor:
-    from transformers import AutoImageProcessor, AutoModel
-
-    processor = AutoImageProcessor.from_pretrained(model_name_or_path)
-    model = AutoModel.from_pretrained(model_name_or_path).to(device).eval()
-
-    @torch.inference_mode()
-    def embed(images: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(images), batch_size):
-            # The processor expects RGB: a radiograph is the same gray in all three channels.
-            rgb = [np.repeat(image[..., None], 3, axis=-1) for image in images[start:start + batch_size]]
-            pixel_values = processor(images=rgb, return_tensors="pt")["pixel_values"].to(device)
-            outputs = model(pixel_values=pixel_values)
-            # Dinov2's pooler_output is the layer-normed CLS token, the embedding RAD-DINO's card uses.
-            cls = outputs.pooler_output if outputs.pooler_output is not None else outputs.last_hidden_state[:, 0]
-            out.append(cls.float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), np.float32)
-
+    embed, model, processor = encoder_embedder(model_name_or_path, device, batch_size)
     identity = f"raddino:{model_name_or_path}@{_model_identity(model_name_or_path, model.config)}"
     description = (f"raddino: CLS embedding (pooler_output, {model.config.hidden_size}-d) of {model_name_or_path} "
                    f"via transformers {type(model).__name__} + {type(processor).__name__}; gray replicated to RGB")

@@ -56,6 +56,12 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self._folder_files) if self._folder_files is not None else len(self._dataset)
 
+    def names(self) -> list[str]:
+        """What a report calls each image: its file name in a folder, its row in a dataset."""
+        if self._folder_files is None:
+            return [f"row-{i}" for i in range(len(self))]
+        return [path.name for path in self._folder_files]
+
     def read(self, indices, size: int) -> np.ndarray:
         """The images at `indices` as uint8 (len(indices), size, size)."""
         indices = [int(i) for i in indices]

@@ -1,6 +1,6 @@
 """The evaluation's outputs: metrics.json (everything, plus a non-identifying `model_card` section the Hub card
-reads), report.md, nearest_pairs.png and memorized_patients.csv. The last two show or name training patients'
-data and stay on this machine."""
+reads), report.md, nearest_pairs.png, memorized_patients.csv and reidentified_patients.csv. The last three show or
+name training patients' data and stay on this machine."""
 
 from __future__ import annotations
 
@@ -73,7 +73,23 @@ def _model_card_section(recipe: dict, counts: dict, metrics: dict, memorization:
         section["memorization"] = {k: memorization[k] for k in keys}
     if "subgroups" in metrics:
         section["subgroups"] = subgroup_rows(metrics["subgroups"])
+    if "reidentification" in metrics:
+        section["reidentification"] = reid_card(metrics["reidentification"])
     return section
+
+
+def reid_card(r: dict) -> dict:
+    """The re-identification figures as the model and dataset cards show them: aggregates only."""
+    return {"generated above the threshold": _interval_text(r["share_generated"], r["share_generated_interval"]),
+            "held-out real (null) above the threshold": _interval_text(r["share_null"], r["share_null_interval"]),
+            "flagged": "yes" if r["flagged"] else "no",
+            "threshold (best-match probability)": f"{r['threshold']:.4g}, exceeded by {r['false_match_rate']:.0%} "
+                                                  f"of {r['num_calibration']} held-out images (calibration half)",
+            "verifier": f"{r['verifier_backbone']}, AUROC {r['verifier_auroc']:.4f} on "
+                        f"{r['verifier_held_out_patients']} held-out patients, true-match rate "
+                        f"{r['verifier_true_match_rate']:.3f} at the threshold",
+            "images": f"{r['num_generated']} generated, {r['num_null']} null ({r['num_null_patients']} patients), "
+                      f"{r['num_train']} training ({r['num_train_patients']} patients)"}
 
 
 def _interval_text(value: float, interval) -> str:
@@ -172,6 +188,16 @@ def _markdown(report: dict) -> str:
                   f"distinct training {mem['matched_by']}(s). ![closest pairs](nearest_pairs.png)", "",
                   "`nearest_pairs.png` (generated | training) and `memorized_patients.csv` show training data and "
                   "patient IDs: keep them local, never publish them.", ""]
+    if "reidentification" in m:
+        r = m["reidentification"]
+        lines += ["## Re-identification risk", "",
+                  "Each image's highest same-patient probability against every training image, by the patient "
+                  "verifier; the share above the threshold, beside held-out real images of patients not in training "
+                  "(the null: the held-out patients the threshold was not calibrated on; interval over patients). "
+                  "Flagged: the generated share's lower 95% bound above the null's upper bound.", "",
+                  markdown_table(["measure", "value"], list(reid_card(r).items())), "",
+                  f"{r['num_above']} generated image(s) above the threshold, matching {r['patients_matched']} "
+                  "training patient(s): `reidentified_patients.csv` names them (local only, never publish it).", ""]
     if "subgroups" in m:
         lines += _subgroup_markdown(m["subgroups"])
     if report["notes"]:
@@ -179,8 +205,17 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
+        handle.write(f"# {LOCAL_ONLY}\n")
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write_report(output_dir: Path, recipe: dict, counts: dict, metrics: dict, result: Audit | None,
-                 patients: list[dict] | None, pairs: Image.Image | None, notes: list[str]) -> dict:
+                 patients: list[dict] | None, pairs: Image.Image | None, notes: list[str],
+                 reid_rows: list[dict] | None = None) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     memorization = _memorization_summary(result, recipe, counts, patients) if result is not None else None
     report = {"recipe": recipe, "counts": counts, "metrics": metrics, "memorization": memorization, "notes": notes,
@@ -194,10 +229,8 @@ def write_report(output_dir: Path, recipe: dict, counts: dict, metrics: dict, re
         with atomic_path(output_dir / "nearest_pairs.png") as temporary:
             pairs.save(temporary, pnginfo=info)
     if patients is not None:
-        with atomic_path(output_dir / "memorized_patients.csv") as temporary, \
-                open(temporary, "w", newline="") as handle:
-            handle.write(f"# {LOCAL_ONLY}\n")
-            writer = csv.DictWriter(handle, ["patient_id", "flagged_matches", "nearest_matches", "train_images"])
-            writer.writeheader()
-            writer.writerows(patients)
+        _write_csv(output_dir / "memorized_patients.csv", patients,
+                   ["patient_id", "flagged_matches", "nearest_matches", "train_images"])
+    if reid_rows is not None:
+        _write_csv(output_dir / "reidentified_patients.csv", reid_rows, ["image", "training_patient", "probability"])
     return report

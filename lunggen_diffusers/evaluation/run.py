@@ -16,6 +16,8 @@ from ..runtime import process_device, process_state
 from .features import DEFAULT_FEATURE_MODEL, extract, get_extractor
 from .images import ImageSource, load_source
 from .memorization import audit, matched_patients
+from .reid import VerifierRecipe, reid_risk, verifier_for
+from .reid import extractor as reid_extractor
 from .metrics import (frechet_distance, kernel_inception_distance, mean_pairwise_ms_ssim, ms_ssim_scales, prdc,
                       random_pairs)
 from .report import nearest_pairs_image, write_report
@@ -59,11 +61,18 @@ class EvaluationArguments:
                 "(--real a saved dataset with those columns; generated subgroups from manifest.csv's labels)."})
     subgroup_bootstrap: int = field(default=200, metadata={
         "help": "Patient resamples for the subgroup intervals (Bonferroni-adjusted over subgroups)."})
+    reid: str | None = field(default=None, metadata={
+        "help": "Re-identification risk: a patient-verifier folder. Absent, one is trained there on --train's "
+                "patients and judged on --real's (local only: it holds the training set's embeddings)."})
+    reid_backbone: Literal["cnn", "raddino"] = field(default="cnn", metadata={
+        "help": "Verifier trained with --reid: a small CNN, or a head over frozen --feature_model features "
+                "(RAD-DINO; a local folder works offline)."})
+    reid_steps: int = field(default=1000, metadata={"help": "Training steps of a verifier trained with --reid."})
 
 
 def _check(args: EvaluationArguments) -> None:
     positive = ("image_size", "batch_size", "k", "audit_size", "chunk_size", "diversity_pairs", "kid_subsets",
-                "kid_subset_size", "subgroup_bootstrap")
+                "kid_subset_size", "subgroup_bootstrap", "reid_steps")
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -75,6 +84,8 @@ def _check(args: EvaluationArguments) -> None:
         raise ValueError(f"--audit_size {args.audit_size} must exceed 2 * --max_shift ({2 * args.max_shift})")
     ms_ssim_scales(args.image_size, args.image_size)
     parse_subgroups(args.subgroups)
+    if args.reid and not args.train:
+        raise ValueError(f"--reid {args.reid} needs --train: the risk is measured against the training patients")
 
 
 def split_halves(n: int, patient_ids: list[str] | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -182,6 +193,12 @@ def run_evaluation(args: EvaluationArguments) -> dict | None:
     wanted = {"features": extractor}
     if train is not None:
         wanted["pixels"] = get_extractor("pixels", pixel_size=args.audit_size)
+    verifier = None
+    if args.reid:
+        recipe = VerifierRecipe(args.reid_backbone, args.feature_model, steps=args.reid_steps, seed=args.seed)
+        with state.main_process_first():  # the main process trains and saves it; the others load it
+            verifier = verifier_for(args.reid, train, real, recipe, args.image_size, args.cache_dir, device)
+        wanted["verifier"] = reid_extractor(verifier)
     embed = {name: extract(source, wanted, args.image_size, args.batch_size, args.cache_dir)
              for name, source in (("real", real), ("fake", fake), ("train", train)) if source is not None}
     real_f, fake_f = embed["real"]["features"], embed["fake"]["features"]
@@ -223,9 +240,14 @@ def run_evaluation(args: EvaluationArguments) -> dict | None:
         pairs = nearest_pairs_image(fake, train, result, args.top_k, args.image_size)
     if args.subgroups:
         metrics["subgroups"] = subgroup_figures(args, real, fake, real_f, fake_f)
+    reid_rows = None
+    if verifier is not None:
+        metrics["reidentification"], reid_rows = reid_risk(
+            verifier, embed["fake"]["verifier"], embed["real"]["verifier"], real.patient_ids,
+            embed["train"]["verifier"], train.patient_ids, fake.names(), args.seed)
     recipe = {**asdict(args), "device": device, "extractor": extractor.description, "extractor_id": extractor.identity,
               "grayscale": "every image converted to L and centre-cropped/resized (antialiased) to image_size",
               "real_split": "patient-disjoint halves" if real.patient_ids else "random image halves",
               "matched_by": "patient" if train is not None and train.patient_ids else "image",
               "lunggen_diffusers": __version__}
-    return write_report(Path(args.output_dir), recipe, counts, metrics, result, patients, pairs, notes)
+    return write_report(Path(args.output_dir), recipe, counts, metrics, result, patients, pairs, notes, reid_rows)

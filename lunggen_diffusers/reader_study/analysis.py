@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..utility.stats import (
+from ..evaluation.stats import (
     auroc,
     binomial_test,
     bootstrap_aurocs,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .stats import auroc
+from ..evaluation.stats import auroc
 
 CLASSIFIERS = ("resnet", "linear")
 _EVAL_BATCH = 256

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..utils import atomic_path, atomic_write_text, markdown_table, write_json
-from .stats import auroc, bootstrap_aurocs, interval
+from ..evaluation.stats import auroc, bootstrap_aurocs, interval
 from .subgroups import subgroup_markdown
 
 REGIMES = {

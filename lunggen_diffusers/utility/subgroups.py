@@ -16,7 +16,7 @@ import numpy as np
 
 from ..evaluation.subgroups import normal_interval
 from ..utils import markdown_table
-from .stats import auroc, patient_weights, weighted_auroc
+from ..evaluation.stats import auroc, patient_weights, weighted_auroc
 
 
 def youden_thresholds(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The statistics the utility and reader-study reports share, in numpy and the standard library: AUROC by the rank
+"""The statistics the evaluation, utility and reader-study reports share, in numpy and the standard library: AUROC by the rank
 formula and its patient bootstrap, Wilson intervals, the exact binomial test, Mann-Whitney U, Cohen's and Fleiss'
 kappa.
 
