@@ -80,14 +80,15 @@ def _model_card_section(recipe: dict, counts: dict, metrics: dict, memorization:
 
 def reid_card(r: dict) -> dict:
     """The re-identification figures as the model and dataset cards show them: aggregates only."""
-    return {"generated above the threshold": _interval_text(r["share_generated"], r["share_generated_interval"]),
-            "held-out real (null) above the threshold": _interval_text(r["share_null"], r["share_null_interval"]),
+    share = lambda value, interval: f"{value:.2%} [{interval[0]:.2%}, {interval[1]:.2%}]"  # noqa: E731
+    return {"generated above the threshold": share(r["share_generated"], r["share_generated_interval"]),
+            "held-out real (null) above the threshold": share(r["share_null"], r["share_null_interval"]),
             "flagged": "yes" if r["flagged"] else "no",
             "threshold (best-match probability)": f"{r['threshold']:.4g}, exceeded by {r['false_match_rate']:.0%} "
                                                   f"of {r['num_calibration']} held-out images (calibration half)",
             "verifier": f"{r['verifier_backbone']}, AUROC {r['verifier_auroc']:.4f} on "
-                        f"{r['verifier_held_out_patients']} held-out patients, true-match rate "
-                        f"{r['verifier_true_match_rate']:.3f} at the threshold",
+                        f"{r['verifier_held_out_patients']} held-out patients; same-patient pairs found "
+                        f"{r['verifier_true_match_rate']:.3f} at a 1% pair false-match rate",
             "images": f"{r['num_generated']} generated, {r['num_null']} null ({r['num_null_patients']} patients), "
                       f"{r['num_train']} training ({r['num_train_patients']} patients)"}
 

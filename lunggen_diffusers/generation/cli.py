@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from ..cli import parse_args, run
 from ..runtime import end_processes, keep_freed_memory, process_device, process_state, set_cpu_threads
 from .output_folder import check_output, save_images
+from .privacy_filter import PrivacyFilter
 from .sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, DTYPES, SCHEDULERS, load_pipeline, model_label
 
 
@@ -67,6 +68,16 @@ class SamplingArguments:
                 "clean image at each step, for this many of the first images (at most --batch_size). 0: none."})
     save_process_every: int = field(default=1, metadata={"help": "With --save_process: a frame every this many "
                                                                   "steps (and the last)."})
+    privacy_filter: str | None = field(default=None, metadata={
+        "help": "A patient-verifier folder (made by `evaluate --reid`): an image it matches to a training patient is "
+                "rejected and redrawn from its next seed; rejected.csv and privacy_filter.json say what and why."})
+    privacy_threshold: float | None = field(default=None, metadata={
+        "help": "Same-patient probability above which an image is rejected; default: the verifier's, which 1% of "
+                "held-out strangers' best matches exceed."})
+    privacy_nn_threshold: float | None = field(default=None, metadata={
+        "help": "Also reject an image whose pixel NCC (32x32) with a training image exceeds this (e.g. 0.95)."})
+    privacy_max_redraws: int = field(default=10, metadata={
+        "help": "Redraws of one image before it is left out (and listed in privacy_filter.json)."})
 
 
 def sample_from_args(args: SamplingArguments) -> list[dict]:
@@ -86,7 +97,11 @@ def sample_from_args(args: SamplingArguments) -> list[dict]:
         set_cpu_threads(args.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)))
         keep_freed_memory()
     kwargs = {k: v for k, v in asdict(args).items()
-              if k not in ("model", "revision", "dtype", "device", "cpu_threads", "sex", "age", "view")}
+              if k not in ("model", "revision", "dtype", "device", "cpu_threads", "sex", "age", "view")
+              and not k.startswith("privacy_")}
+    kwargs["privacy_filter"] = PrivacyFilter.load(
+        args.privacy_filter, args.privacy_threshold, args.privacy_nn_threshold, args.privacy_max_redraws,
+        str(pipe.device)) if args.privacy_filter else None
     kwargs["patient"] = {"sex": args.sex, "age": args.age, "view": args.view}
     if args.findings is not None:
         kwargs["findings"] = [name.strip() for name in args.findings.split(",") if name.strip()]
@@ -98,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = run(lambda: sample_from_args(args))
     if process_state().is_main_process:
         print(f"{len(rows)} images in {args.output_dir} (manifest.csv, grid.png)")
+        if len(rows) < args.num_images:
+            print(f"{args.num_images - len(rows)} image(s) left out: still rejected after --privacy_max_redraws "
+                  f"{args.privacy_max_redraws} (privacy_filter.json, rejected.csv)")
     end_processes()
 
 

@@ -1,8 +1,10 @@
 """A folder of generated images: what is in it, how it is written (by one process or many), and how it is read back.
 
     image_<index>.png   8-bit L or 16-bit grayscale, with text chunks marking it synthetic and how it was made
-    manifest.csv        one row per image (MANIFEST_FIELDS, + CONDITIONAL_FIELDS for a conditional model)
+    manifest.csv        one row per image (MANIFEST_FIELDS, + CONDITIONAL_FIELDS for a conditional model, + the
+                        privacy filter's redraws)
     grid.png            the first GRID_MAX_IMAGES images
+    rejected.csv, privacy_filter.json   with a privacy filter: every rejected draw and why, and the totals
 
 Provenance: each row names the model, revision, scheduler, steps, seed and its image's own noise seed, the dtype,
 the device type and the CPU threads of the process that made the image. Images are byte-identical between runs
@@ -16,6 +18,7 @@ process merges the journals into manifest.csv and writes grid.png once every ima
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import io
@@ -28,8 +31,9 @@ from accelerate.utils import gather_object
 from PIL import Image
 
 from ..runtime import process_share, process_state
-from ..utils import SYNTHETIC_NOTICE, atomic_path, image_grid, synthetic_png_info
+from ..utils import SYNTHETIC_NOTICE, atomic_path, image_grid, synthetic_png_info, write_json
 from ..vocabulary import MANIFEST_LABELS, NO_FINDING, UNCONDITIONED, label_cell
+from .privacy_filter import REJECTED, REJECTED_FIELDS, SUMMARY, PrivacyFilter
 from .process import DENOISING, DenoisingRecorder
 from .sampling import (
     DEFAULT_SCHEDULER,
@@ -57,6 +61,8 @@ CONDITIONAL_FIELDS = (MANIFEST_LABELS, "guidance_scale", "guidance_interval", "r
 PNG_FIELDS = ("model", "revision", "seed", "index", "noise_seed", "scheduler", "steps", MANIFEST_LABELS,
               "guidance_scale", "guidance_interval")
 JOURNAL_PREFIX = "manifest.part-"  # one per process and run; merged into manifest.csv when the run completes
+REJECTED_PREFIX = "rejected.part-"
+PRIVACY_FIELDS = ("privacy_filter", "redraws")
 
 
 def to_png(image: np.ndarray, bit_depth: int) -> Image.Image:
@@ -95,8 +101,8 @@ def _complete_rows(path: str) -> list[dict]:
     return list(csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])))
 
 
-def _journals(output_dir: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(glob.escape(output_dir), JOURNAL_PREFIX + "*.csv")))
+def _journals(output_dir: str, prefix: str = JOURNAL_PREFIX) -> list[str]:
+    return sorted(glob.glob(os.path.join(glob.escape(output_dir), prefix + "*.csv")))
 
 
 def read_manifest(output_dir: str) -> list[dict]:
@@ -144,9 +150,9 @@ def _request(findings: list[str] | bool, labels_from: str | None, patient: dict 
     return UNCONDITIONED if findings is False else "findings=" + ("|".join(findings) or NO_FINDING)
 
 
-def _journal(output_dir: str, fields) -> tuple[csv.DictWriter, object]:
+def _journal(output_dir: str, fields, prefix: str = JOURNAL_PREFIX) -> tuple[csv.DictWriter, object]:
     """A new row file of this process alone (a unique name: no process, of this run or an earlier one, shares it)."""
-    handle, _ = tempfile.mkstemp(prefix=JOURNAL_PREFIX, suffix=".csv", dir=output_dir)
+    handle, _ = tempfile.mkstemp(prefix=prefix, suffix=".csv", dir=output_dir)
     f = open(handle, "w", newline="")
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
@@ -165,10 +171,26 @@ def _merge(output_dir: str, rows: dict[int, dict], fields) -> None:
         os.remove(path)
 
 
+def _merge_rejected(output_dir: str) -> list[dict]:
+    """rejected.csv: every rejected draw of this and earlier runs, once each, by index and attempt."""
+    path = os.path.join(output_dir, REJECTED)
+    parts = _journals(output_dir, REJECTED_PREFIX)
+    rows = {(int(r["index"]), int(r["attempt"])): r
+            for f in ([path] if os.path.isfile(path) else []) + parts for r in _complete_rows(f)}
+    merged = [rows[key] for key in sorted(rows)]
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=REJECTED_FIELDS)
+        writer.writeheader()
+        writer.writerows(merged)
+    for part in parts:
+        os.remove(part)
+    return merged
+
+
 def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS,
                 batch_size=16, start_index=0, bit_depth=8, model="", revision="", progress=True, findings=None,
                 labels_from=None, guidance_scale=None, patient=None, guidance_interval=None, save_process=0,
-                save_process_every=1):
+                save_process_every=1, privacy_filter: PrivacyFilter | None = None):
     """Write image_<index>.png for each image, manifest.csv and grid.png; returns the manifest rows.
 
     Under `accelerate launch`, every process runs this with the same arguments and takes its own share of the
@@ -178,6 +200,8 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
     that a resume would trust. A conditional model's manifest and PNGs also carry each image's labels and the
     guidance scale and interval. `save_process` > 0 writes `denoising.gif` (and .mp4): the denoising of the first
     that many images of the first batch made, every `save_process_every`-th step (`process.DenoisingRecorder`).
+    `privacy_filter` judges every image before it is written and redraws the rejected ones (`privacy_filter.py`);
+    an image still rejected after its last redraw is not written, and the summary lists it.
     """
     check_output(output_dir, num_images, num_inference_steps, batch_size, start_index, scheduler, bit_depth)
     state = process_state()
@@ -193,6 +217,9 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
         run.update(guidance_scale=scale, guidance_interval=" ".join(map(str, interval or ())),
                    request=_request(findings is not None and labels[start_index], labels_from, patient))
         fields = MANIFEST_FIELDS + CONDITIONAL_FIELDS
+    if privacy_filter is not None:
+        run["privacy_filter"] = privacy_filter.recipe
+        fields = fields + PRIVACY_FIELDS
     done = _rows_so_far(output_dir, run)
     todo = [i for i in wanted if not (i in done and os.path.isfile(os.path.join(output_dir, done[i]["file"])))]
     # Every process must have read the folder before any writes to it, or they would not agree on what is missing.
@@ -202,27 +229,54 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
     made_by = {"device": device, "cpu_threads": torch.get_num_threads() if device == "cpu" else ""}
     made = []
     recorder = DenoisingRecorder(save_process, save_process_every) if save_process and state.is_main_process else None
+    attempts = dict.fromkeys(mine, 0)
+    gave_up = []
     writer, f = _journal(output_dir, fields)
-    with f:
-        for batch, images in iter_batches(pipe, mine, seed, scheduler, num_inference_steps, batch_size,
-                                          progress and state.is_main_process, labels, scale,
-                                          guidance_interval=interval, recorder=recorder):
-            for index, image in zip(batch, images):
-                row = {"file": f"image_{index:06d}.png", "index": index, "noise_seed": noise_seed(seed, index),
-                       **run, **made_by}
-                if is_conditional(pipe):
-                    row[MANIFEST_LABELS] = label_cell(labels[index])
-                path = os.path.join(output_dir, row["file"])
-                with atomic_path(path) as temporary:
-                    to_png(image, bit_depth).save(temporary, format="PNG", pnginfo=png_info(row))
-                writer.writerow(row)
-                f.flush()  # the row of every renamed image reaches the file before the next image is made
-                made.append({k: str(v) for k, v in row.items()})
+    rejected_writer, rejected_file = (_journal(output_dir, REJECTED_FIELDS, REJECTED_PREFIX) if privacy_filter
+                                      else (None, contextlib.nullcontext()))
+    with f, rejected_file:
+        pending = mine
+        while pending:
+            redraw = []
+            # The denoising video shows first draws only: a redraw pass records nothing.
+            for batch, images in iter_batches(pipe, pending, seed, scheduler, num_inference_steps, batch_size,
+                                              progress and state.is_main_process, labels, scale,
+                                              guidance_interval=interval, attempts=attempts,
+                                              recorder=recorder if pending is mine else None):
+                verdicts = privacy_filter.judge(images) if privacy_filter else [{"reason": ""}] * len(batch)
+                for index, image, verdict in zip(batch, images, verdicts):
+                    seed_used = noise_seed(seed, index, attempts[index])
+                    if verdict["reason"]:
+                        rejected_writer.writerow({"index": index, "attempt": attempts[index], "noise_seed": seed_used,
+                                                  **verdict})
+                        rejected_file.flush()
+                        attempts[index] += 1
+                        (redraw if attempts[index] <= privacy_filter.max_redraws else gave_up).append(index)
+                        continue
+                    row = {"file": f"image_{index:06d}.png", "index": index, "noise_seed": seed_used, **run,
+                           **made_by}
+                    if is_conditional(pipe):
+                        row[MANIFEST_LABELS] = label_cell(labels[index])
+                    if privacy_filter is not None:
+                        row["redraws"] = attempts[index]
+                    path = os.path.join(output_dir, row["file"])
+                    with atomic_path(path) as temporary:
+                        to_png(image, bit_depth).save(temporary, format="PNG", pnginfo=png_info(row))
+                    writer.writerow(row)
+                    f.flush()  # the row of every renamed image reaches the file before the next image is made
+                    made.append({k: str(v) for k, v in row.items()})
+            pending = redraw
     if recorder is not None and recorder.frames:  # none when every image was already there
         recorder.save(os.path.join(output_dir, DENOISING))
     done.update((int(row["index"]), row) for row in gather_object(made))
+    gave_up = sorted(gather_object(gave_up))
+    written = [done[i] for i in wanted if i in done]
     if state.is_main_process:
         _merge(output_dir, done, fields)
-        write_grid(output_dir, [done[i] for i in wanted], png_info(run))
+        if written:  # a privacy filter may have left none
+            write_grid(output_dir, written, png_info(run))
+        if privacy_filter is not None:
+            summary = privacy_filter.summary(len(written), _merge_rejected(output_dir), gave_up)
+            write_json(os.path.join(output_dir, SUMMARY), summary)
     state.wait_for_everyone()  # no process returns before the folder is complete
-    return [done[i] for i in wanted]
+    return written

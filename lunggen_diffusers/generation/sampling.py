@@ -180,9 +180,11 @@ def model_label(model: str) -> str:
     return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
 
 
-def noise_seed(seed: int, index: int) -> int:
-    """Seed of image `index`'s own generator: a well-mixed 64-bit hash of (seed, index), so no two pairs collide."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+def noise_seed(seed: int, index: int, attempt: int = 0) -> int:
+    """Seed of image `index`'s own generator: a well-mixed 64-bit hash of (seed, index), so no two pairs collide;
+    the privacy filter's k-th redraw of the image hashes (seed, index, k)."""
+    entropy = [seed, index, attempt] if attempt else [seed, index]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 
 def check_counts(**counts: int) -> None:
@@ -239,12 +241,12 @@ def resolve_interval(pipe, guidance_interval) -> tuple[int, int] | None:
 
 def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS, batch_size=16,
                  progress=True, labels=None, guidance_scale=1.0, guidance_rescale=0.0, guidance_interval=None,
-                 recorder=None):
+                 recorder=None, attempts=None):
     """Yield (indices, images) per batch; images are float32 numpy (B, H, W, C) in [0, 1].
 
     `labels` maps each index of a conditional model to its labels (None or missing: the null condition);
     `guidance_rescale` and `guidance_interval` are `guided_denoise`'s. `recorder` (a `process.DenoisingRecorder`)
-    sees every step of the first batch.
+    sees every step of the first batch. `attempts` maps an index to its redraw (`noise_seed`'s attempt; default 0).
     """
     check_counts(num_inference_steps=num_inference_steps, batch_size=batch_size)
     check_scheduler(scheduler)
@@ -256,7 +258,8 @@ def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inferen
     with tqdm(total=len(indices), unit="img", disable=not progress) as bar:
         for start in range(0, len(indices), batch_size):
             batch = indices[start : start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(noise_seed(seed, i)) for i in batch]
+            generators = [torch.Generator("cpu").manual_seed(noise_seed(seed, i, (attempts or {}).get(i, 0)))
+                          for i in batch]
             # fp32 noise on CPU whatever the device and dtype, so every setup starts from the same noise.
             noise = torch.cat([torch.randn((1, cfg.in_channels, *size), generator=g) for g in generators])
             sched = make_scheduler(scheduler, pipe.scheduler.config)

@@ -2,6 +2,7 @@
 
     python -m lunggen_diffusers.hub card FOLDER [--eval_dir DIR] [--fidelity_dir DIR] [--utility_dir DIR]
     python -m lunggen_diffusers.hub push FOLDER --repo_id my-org/lunggen-256 [--private false] [the same dirs]
+    python -m lunggen_diffusers.hub push-dataset SYNTH_DIR --repo_id my-org/lunggen-synthetic [--eval_dir DIR]
 
 The same dirs are keyword arguments of `write_model_card` and `push_to_hub`:
 - `eval_dir`: `python -m lunggen_diffusers.evaluate`'s output; the card's Evaluation section is built from the
@@ -18,11 +19,14 @@ One module per concern:
     card.py         the facts a card shows; its wording is the Jinja template model_card.md
     push.py         the private-by-default, allow-listed, single-commit upload
     export.py       the export folder: pipeline, samples, manifest.json (provenance), card; training and cli use it
-    cli.py          the two commands above (`main`; the console script lunggen-hub)
+    dataset.py      a generated folder as a Hub dataset: refusals, Parquet shards, the dataset card (dataset_card.md)
+    cli.py          the three commands above (`main`; the console script lunggen-hub)
 """
 
 from .export import export_pipeline, write_manifest, write_model_card
 from .privacy import files_to_upload, scrub_config
+from .dataset import push_dataset
 from .push import push_to_hub
 
-__all__ = ["export_pipeline", "write_manifest", "write_model_card", "push_to_hub", "files_to_upload", "scrub_config"]
+__all__ = ["export_pipeline", "write_manifest", "write_model_card", "push_to_hub", "push_dataset", "files_to_upload",
+           "scrub_config"]

@@ -1,4 +1,5 @@
-"""`python -m lunggen_diffusers.hub card|push OUTPUT_DIR [options]` (the contract is in the package docstring)."""
+"""`python -m lunggen_diffusers.hub card|push OUTPUT_DIR [options]` and `push-dataset SYNTH_DIR [options]` (the
+contract is in the package docstring)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from transformers import HfArgumentParser
 from ..cli import fail, parse, run
 from .export import write_model_card
 from .privacy import CARD
+from .dataset import push_dataset
 from .push import push_to_hub
 
 
@@ -36,12 +38,26 @@ class SectionArguments:
 
 
 @dataclass
+class DatasetPushArguments:
+    repo_id: str = field(metadata={"help": "Hub dataset repo, e.g. my-org/lunggen-synthetic-10k."})
+    eval_dir: str | None = field(default=None, metadata={
+        "help": "The folder's evaluation (metrics.json with the memorization audit and --reid); default SYNTH_DIR/eval."})
+    allow_flagged: bool = field(default=False, metadata={
+        "help": "Publish although the audit or the re-identification check flags the images (the card says so)."})
+    private: bool = field(default=True, metadata={"help": "Create the repo private (default); false: public."})
+    token: str | None = field(default=None, metadata={"help": "Else HF_TOKEN or the cached login."})
+    commit_message: str = field(default="Upload synthetic chest X-rays (LungGen)")
+
+
+@dataclass
 class CardArguments:
     repo_id: str | None = field(default=None, metadata={"help": "Hub id to show in the usage snippet."})
 
 
-COMMANDS = {"push": (PushArguments, SectionArguments), "card": (CardArguments, SectionArguments)}
-USAGE = "usage: python -m lunggen_diffusers.hub {push,card} OUTPUT_DIR [options] (--help for options)"
+COMMANDS = {"push": (PushArguments, SectionArguments), "card": (CardArguments, SectionArguments),
+            "push-dataset": (DatasetPushArguments,)}
+USAGE = ("usage: python -m lunggen_diffusers.hub {push,card} OUTPUT_DIR [options] | push-dataset SYNTH_DIR [options] "
+         "(--help for options)")
 
 
 def parse_command_line(argv: list[str] | None = None) -> tuple:
@@ -51,6 +67,10 @@ def parse_command_line(argv: list[str] | None = None) -> tuple:
         print(USAGE, file=sys.stderr)
         fail(f"choose a command: {' or '.join(COMMANDS)}" + (f" (got {argv[0]!r})" if argv else ""))
     parser = HfArgumentParser(COMMANDS[argv[0]], prog=f"python -m lunggen_diffusers.hub {argv[0]}")
+    if argv[0] == "push-dataset":
+        parser.add_argument("output_dir", help="A pipeline.py output folder of generated images.")
+        args, extra = parse(parser, argv[1:])
+        return args, None, extra.output_dir
     parser.add_argument("output_dir", help="The exported training output folder.")
     args, sections, extra = parse(parser, argv[1:])
     return args, sections, extra.output_dir
@@ -61,8 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     run(lambda: _command(args, sections, output_dir))
 
 
-def _command(args, sections: SectionArguments, output_dir: str) -> None:
-    if isinstance(args, PushArguments):
+def _command(args, sections: SectionArguments | None, output_dir: str) -> None:
+    if isinstance(args, DatasetPushArguments):
+        url = push_dataset(output_dir, args.repo_id, args.private, args.token, args.eval_dir, args.allow_flagged,
+                           args.commit_message)
+        print(f"pushed {output_dir} as a dataset to {url} ({'private' if args.private else 'public'})")
+    elif isinstance(args, PushArguments):
         url = push_to_hub(output_dir, args.repo_id, args.private, args.token, args.commit_message, **vars(sections))
         print(f"pushed {output_dir} to {url} ({'private' if args.private else 'public'})")
     else:

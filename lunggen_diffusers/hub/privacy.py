@@ -44,7 +44,8 @@ ALLOW_PATTERNS = [
 ]
 # Belt and braces under the allow-list: what must never leave the machine even if a pattern above widens.
 IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "eval/*", "autoencoder/*", "cache/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle",
-                   "*memorized_patients*", "*nearest_pairs*", f"*{PHI_DIGESTS}"]
+                   "*memorized_patients*", "*reidentified_patients*", "*nearest_pairs*", "*gallery.npz",
+                   f"*{PHI_DIGESTS}"]
 LOCAL = "<local>"
 DATA_PATH_OPTIONS = ("train_data_dir", "cache_dir", "pseudonym_key")  # "<local>" (dataset_name too, when a folder)
 RUN_PATH_OPTIONS = ("output_dir", "logging_dir", "resume_from_checkpoint")  # scrubbed to their folder name
@@ -52,7 +53,7 @@ PATIENT_ID_PATTERNS = {
     # NIH image names: the first 8 digits are the patient.
     "an NIH image name": re.compile(r"\b\d{8}_\d{3}(?:\.png)?\b", re.IGNORECASE),
     # The built-in phantom's patient ids (lunggen_diffusers/data/phantom.py).
-    "a phantom patient id": re.compile(r"\bphantom-\d+-\d+\b"),
+    "a phantom patient id": re.compile(r"\bphantom-\d+-p?\d+\b"),
     # The DICOM reader's patient pseudonyms (lunggen_diffusers/data/dicom.py): local keys, never published either.
     "a DICOM patient pseudonym": re.compile(r"\bdicom-(?:[0-9a-f]{16}|image-\d+)\b"),
     # A value labelled as a patient id, or a table column of them (memorized_patients.csv's layout).

@@ -14,7 +14,7 @@ from .privacy import CARD, EVAL_SUMMARY, MANIFEST, TRAINING_CONFIG, check_publis
     scrub_config
 
 
-def _hub_error(err: Exception, repo_id: str, folder: Path) -> ConnectionError:
+def hub_error(err: Exception, repo_id: str, folder: Path) -> ConnectionError:
     kept = f"nothing was uploaded and {folder.name}/ is unchanged"
     status = getattr(getattr(err, "response", None), "status_code", None)
     if isinstance(err, OfflineModeIsEnabled):
@@ -59,7 +59,7 @@ def push_to_hub(output_dir, repo_id: str, private: bool = True, token: str | Non
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.create_commit(repo_id, operations, commit_message=commit_message)
     except (OSError, HTTPError) as err:  # OfflineModeIsEnabled, HfHubHTTPError and no-token are OSErrors
-        raise _hub_error(err, repo_id, folder) from None
+        raise hub_error(err, repo_id, folder) from None
     for name in (CARD, EVAL_SUMMARY):
         if name in generated:
             atomic_write_text(folder / name, generated[name])
