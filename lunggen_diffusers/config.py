@@ -41,8 +41,8 @@ class DataConfig:
     phantom_finding_prob: float = field(default=0.1, metadata={"help": "Per-finding probability in the phantom."})
     phantom_images_per_patient: float = field(default=1.0, metadata={
         "help": "Mean images per phantom patient: 1, every image its own patient; above 1, each patient's number "
-                "of studies is long-tailed around this mean (3.64 gives NIH ChestX-ray14's 57% of patients with "
-                "one image), the anatomy the same on each."})
+                "of studies is long-tailed around this mean (3.64 gives NIH ChestX-ray14's share of patients "
+                "with one image, 0.57), the anatomy the same on each."})
     phantom_finding_scale: list[str] | None = field(default=None, metadata={
         "help": "Plant a bias: SUBGROUP:FACTOR multiplies the phantom's finding probability within a subgroup "
                 "(patient_sex=F:0.5 gives women half the prevalence), to check that subgroup reports find it."})

@@ -58,7 +58,7 @@ def test_an_unknown_flag_is_argparses_error(script, capsys):
      "/no/such/folder"),
     ("lunggen-hub", ["card", "{tmp}/absent"], "absent"),
     ("lunggen-hub", ["push", "{tmp}/absent", "--repo_id", "org/name"], "no model_index.json"),
-    ("lunggen-hub", ["publish", "{tmp}"], "choose a command: push or card (got 'publish')"),
+    ("lunggen-hub", ["publish", "{tmp}"], "choose a command: push, card or push-dataset (got 'publish')"),
     ("lunggen-reader-study", ["serve", "{tmp}/absent"], "holds no reader study"),
     ("lunggen-reader-study", ["read", "{tmp}"], "choose a command: create, serve, analyze (got 'read')"),
 ])

@@ -293,9 +293,13 @@ def render_phantom(resolution: int, rng: np.random.Generator, findings: Sequence
     _check_findings(findings)
     p = _sample_parameters(rng)
     if patient_rng is not None:
-        study_dome = p["dome_right"]
-        p.update({key: value for key, value in _sample_parameters(patient_rng).items() if key in PATIENT_KEYS})
-        p["dome_right"] += 0.3 * (study_dome - 0.39)  # inspiration: the domes sit a little higher or lower
+        study = dict(p)
+        patient = _sample_parameters(patient_rng)
+        p.update({key: value for key, value in patient.items() if key in PATIENT_KEYS})
+        # Inspiration moves the domes a little; the film's scale is mostly the patient's build and a little the
+        # distance to the detector on the day.
+        p["dome_right"] += 0.3 * (study["dome_right"] - 0.39)
+        p["zoom"] = patient["zoom"] + 0.3 * (study["zoom"] - patient["zoom"])
     p = _with_demographics(p, demographics)
     coords = (np.arange(resolution) + 0.5) * (2.0 / resolution) - 1.0
     gx, gy = coords[None, :], coords[:, None]

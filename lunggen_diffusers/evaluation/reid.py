@@ -174,15 +174,18 @@ def extractor(verifier: PatientVerifier) -> Extractor:
     return Extractor("verifier", verifier.identity, f"patient verifier ({what}, {recipe['dim']}-d)", verifier.embed)
 
 
-def patient_bootstrap(hits: np.ndarray, patients: list[str], num_resamples: int = 1000,
-                      seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of a share of images, resampling patients with replacement."""
+def patient_interval(hits: np.ndarray, patients: list[str], num_resamples: int = 1000,
+                     seed: int = 0) -> tuple[float, float]:
+    """95% interval of a share of images over patients: the percentile interval of a patient bootstrap, widened to
+    the Wilson interval with as many trials as patients (images of one patient are not independent; and a share of
+    0 still has an upper bound, which no resample of zeros shows)."""
     patient, names = _by_patient(patients)
     per_hits = np.bincount(patient, hits.astype(np.float64), len(names))
     per_count = np.bincount(patient, minlength=len(names)).astype(np.float64)
     weights = np.random.default_rng(seed).multinomial(len(names), np.full(len(names), 1 / len(names)), num_resamples)
     shares = (weights @ per_hits) / (weights @ per_count)
-    return float(np.quantile(shares, 0.025)), float(np.quantile(shares, 0.975))
+    low, high = wilson(hits.mean() * len(names), len(names))
+    return max(0.0, min(float(np.quantile(shares, 0.025)), low)), max(float(np.quantile(shares, 0.975)), high)
 
 
 def _patient_halves(patients: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -212,8 +215,8 @@ def reid_risk(verifier: PatientVerifier, fake: np.ndarray, null: np.ndarray, nul
     calibrate, measure = _patient_halves(null_patients, seed)
     threshold = search_threshold(null_best[calibrate])
     fake_hits, null_hits = fake_best > threshold, null_best[measure] > threshold
-    fake_interval = wilson(int(fake_hits.sum()), len(fake_hits))
-    null_interval = patient_bootstrap(null_hits, [null_patients[i] for i in measure], seed=seed)
+    fake_interval = tuple(max(0.0, bound) for bound in wilson(int(fake_hits.sum()), len(fake_hits)))
+    null_interval = patient_interval(null_hits, [null_patients[i] for i in measure], seed=seed)
     rows = sorted(({"image": fake_names[i], "training_patient": train_patients[fake_row[i]],
                     "probability": round(float(fake_best[i]), 6)} for i in np.flatnonzero(fake_hits)),
                   key=lambda row: -row["probability"])

@@ -72,7 +72,7 @@ class SamplingArguments:
         "help": "A patient-verifier folder (made by `evaluate --reid`): an image it matches to a training patient is "
                 "rejected and redrawn from its next seed; rejected.csv and privacy_filter.json say what and why."})
     privacy_threshold: float | None = field(default=None, metadata={
-        "help": "Same-patient probability above which an image is rejected; default: the verifier's, which 1% of "
+        "help": "Same-patient probability above which an image is rejected; default: the verifier's, which 1 in 100 "
                 "held-out strangers' best matches exceed."})
     privacy_nn_threshold: float | None = field(default=None, metadata={
         "help": "Also reject an image whose pixel NCC (32x32) with a training image exceeds this (e.g. 0.95)."})

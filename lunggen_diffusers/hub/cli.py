@@ -65,7 +65,7 @@ def parse_command_line(argv: list[str] | None = None) -> tuple:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
-        fail(f"choose a command: {' or '.join(COMMANDS)}" + (f" (got {argv[0]!r})" if argv else ""))
+        fail(f"choose a command: {', '.join(list(COMMANDS)[:-1])} or {list(COMMANDS)[-1]}" + (f" (got {argv[0]!r})" if argv else ""))
     parser = HfArgumentParser(COMMANDS[argv[0]], prog=f"python -m lunggen_diffusers.hub {argv[0]}")
     if argv[0] == "push-dataset":
         parser.add_argument("output_dir", help="A pipeline.py output folder of generated images.")
