@@ -14,6 +14,7 @@ generation command filters its images with it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -120,10 +121,12 @@ class PatientVerifier:
         self.net, self.config, self.gallery = net.to(device).eval(), config, gallery
         self.device, self.batch_size = torch.device(device), batch_size
         self._encoder = None
-        self.identity = f"patient-verifier:{stable_hash([config, {k: v.tolist() for k, v in self._head().items()}])}"
-
-    def _head(self) -> dict:
-        return {"scale": self.net.scale.detach().cpu(), "bias": self.net.bias.detach().cpu()}
+        # The weights' bytes name it (a feature cache key): a verifier retrained on other data never reads another's.
+        weights = hashlib.sha256()
+        for name, tensor in sorted(self.net.state_dict().items()):
+            weights.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        recipe = [config.get("backbone"), config.get("feature_model"), config.get("resolution"), weights.hexdigest()]
+        self.identity = f"patient-verifier:{stable_hash(recipe)}"
 
     @property
     def threshold(self) -> float:

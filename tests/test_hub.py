@@ -146,6 +146,7 @@ def test_card_parses_with_metadata_sections_and_eval(export, secret_dir):
                     "## Limitations and biases", "## Citation"):
         assert heading in text
     assert "TODO" not in str(card).upper()
+    assert "No re-identification check was run for this export" in text
     assert "32x32 pixels, 1 channel" in text and "![samples](samples.png)" in text
     assert "Unconditional: findings, views or demographics cannot be requested." in text
     assert "trust_remote_code" not in text and "class-conditional" not in data.tags
@@ -162,6 +163,18 @@ def test_card_parses_with_metadata_sections_and_eval(export, secret_dir):
     for published in ("README.md", "manifest.json", "eval_results.json"):
         content = (out / published).read_text()
         assert "Secret_NIH_Source_7f3a" not in content and str(out) not in content and TOKEN not in content
+
+
+def test_the_card_shows_the_re_identification_figures(export):
+    reid = {"generated above the threshold": "30.40% [26.53%, 34.57%]",
+            "held-out real (null) above the threshold": "1.71% [0.62%, 4.59%]", "flagged": "yes",
+            "verifier": "cnn, AUROC 0.9978 on 404 held-out patients"}
+    out = export(eval_metrics={**EVAL, "model_card": {**EVAL["model_card"], "reidentification": reid}})
+    text = (out / "README.md").read_text()
+    section = text.split("### Re-identification risk", 1)[1].split("\n## ", 1)[0]
+    for name, value in reid.items():
+        assert f"| {name} | {value} |" in section or f"| `{name}` | {value} |" in section, name
+    assert "No re-identification check" not in text
 
 
 def test_card_wording_lives_in_the_template(export, tmp_path, monkeypatch):

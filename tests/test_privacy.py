@@ -264,7 +264,8 @@ def test_push_dataset_round_trips_through_the_hub_as_users_load_it(world, audite
     script = ("import datasets, json\n"
               "d = datasets.load_dataset('org/synthetic', split='train')\n"
               "print(json.dumps({'n': len(d), 'columns': d.column_names, 'mode': d[0]['image'].mode,\n"
-              "                  'size': d[0]['image'].size, 'index': list(d['index']), 'noise_seed': list(d['noise_seed']),\n"
+              "                  'size': d[0]['image'].size, 'index': list(d['index']),\n"
+              "                  'noise_seed': list(d['noise_seed']),\n"
               "                  'synthetic': d[0]['image'].info.get('synthetic')}))\n")
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": "hf_test",
            "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"}
@@ -332,3 +333,40 @@ def _copy_eval(world, tmp_path):
     out = tmp_path / "independent-eval"
     _evaluate(world, world["root"] / "independent", out)
     return out
+
+
+def test_a_raddino_verifier_is_a_head_over_a_local_encoder_and_filters_offline(world, tmp_path):
+    from helpers import save_tiny_encoder
+
+    encoder = save_tiny_encoder(tmp_path / "rad-dino")
+    recipe = VerifierRecipe(backbone="raddino", feature_model=encoder, steps=30)
+    train, held = (load_source(f"{world['data']}:{split}") for split in ("train", "test"))
+    verifier = verifier_for(str(tmp_path / "v"), train, held, recipe, SIZE, str(tmp_path / "cache"), "cpu")
+    c = verifier.config
+    assert c["backbone"] == "raddino" and c["in_features"] == 32 and c["feature_model"] == encoder
+    assert 0 <= c["auroc"] <= 1 and c["train_images"] == len(train)
+    loaded = load_verifier(tmp_path / "v")  # the encoder comes back from the recipe's local folder
+    images = held.read(range(6), SIZE)
+    assert np.allclose(loaded.embed(images), verifier.embed(images), atol=1e-5)
+    assert np.allclose(np.linalg.norm(loaded.embed(images), axis=1), 1, atol=1e-5)
+    _generate(world, tmp_path / "synth", "--privacy_filter", str(tmp_path / "v"))
+    assert json.loads((tmp_path / "synth" / "privacy_filter.json").read_text())["verifier_backbone"] == "raddino"
+
+
+def test_prepare_phantom_makes_patient_wise_splits_of_patients_with_several_studies(tmp_path, capsys):
+    from lunggen_diffusers.prepare import main as prepare_main
+
+    argv = ["--phantom", "--num_phantom_images", "200", "--phantom_images_per_patient", "3.64", "--resolution", "32",
+            "--output_dir", str(tmp_path / "pp")]
+    prepare_main(argv)
+    prepared = datasets.load_from_disk(str(tmp_path / "pp"))
+    patients = {split: set(prepared[split]["patient_id"]) for split in prepared}
+    assert set(prepared) == {"train", "validation", "test"} and sum(map(len, prepared.values())) >= 200
+    assert not patients["train"] & patients["test"] and not patients["train"] & patients["validation"]
+    assert len(patients["train"]) < len(prepared["train"])  # patients with several studies
+    assert "no real patient" in (tmp_path / "pp" / "README.md").read_text()
+    prepare_main(argv)
+    assert "Reused" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        prepare_main(["--phantom", "--nih_dir", str(tmp_path), "--output_dir", str(tmp_path / "x")])
+    assert "one of them" in capsys.readouterr().err

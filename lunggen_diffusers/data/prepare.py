@@ -24,6 +24,7 @@ from ..config import DataConfig
 from ..utils import files_fingerprint, list_images, stable_hash
 from . import dicom, nih
 from .folders import PHI_DIGESTS, SKIPPED_CSV
+from .phantom import phantom_dataset
 from .registry import detect_source, folder_source, source_report_dir
 from .decode import decode_images
 from .splits import SPLITS, check_patient_disjoint, filter_dataset, patient_splits
@@ -51,6 +52,10 @@ class PrepareArguments:
     nih_dir: str | None = field(default=None, metadata={
         "help": "The NIH ChestX-ray14 folder (Data_Entry_2017_v2020.csv and the PNGs). Other sources (a DICOM folder, "
                 "VinDr-CXR, RSNA Pneumonia, an image folder with a metadata.csv of patient IDs): --train_data_dir."})
+    phantom: bool = field(default=False, metadata={
+        "help": "Prepare the built-in phantom instead of a folder (--num_phantom_images, --phantom_images_per_patient, "
+                "--phantom_finding_prob, at --resolution), split patient-wise like any source: a demo of everything "
+                "that needs patients, such as `evaluate --reid`."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a dataset prepared differently."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload as a PRIVATE Hub dataset."})
     hub_dataset_id: str | None = field(default=None, metadata={"help": "e.g. my-org/nih-chestxray14-256."})
@@ -178,8 +183,11 @@ def _previous(output: Path, key: str, overwrite: bool) -> dict | None:
 
 def make_prepared_dataset(args: PrepareArguments, settings: DataConfig) -> tuple[dict, bool]:
     """Decode, split and save (or reuse) `args.output_dir`; returns its report and whether it reused one."""
-    if bool(args.nih_dir) == bool(settings.train_data_dir):
-        raise ValueError("give --nih_dir (NIH ChestX-ray14) or --train_data_dir (any other source), one of them")
+    if bool(args.nih_dir) + bool(settings.train_data_dir) + args.phantom != 1:
+        raise ValueError("give --nih_dir (NIH ChestX-ray14), --train_data_dir (any other source) or --phantom, one of "
+                         "them")
+    if args.phantom:
+        return prepare_phantom(args, settings)
     if settings.train_data_dir and len(settings.train_data_dir) > 1:
         raise ValueError("prepare one --train_data_dir at a time (training joins several: give each to train.py)")
     if settings.train_data_dir and detect_source(settings) != "nih":
@@ -246,11 +254,51 @@ def prepare_folder(args: PrepareArguments, settings: DataConfig) -> tuple[dict, 
     return report, False
 
 
+def prepare_phantom(args: PrepareArguments, settings: DataConfig) -> tuple[dict, bool]:
+    """The built-in phantom (seed 0, the demo's) in the layout of a prepared folder: train / validation / test by
+    patient, with its report and card."""
+    if not 1 <= settings.phantom_images_per_patient <= 50:
+        raise ValueError(f"--phantom_images_per_patient {settings.phantom_images_per_patient}: give a mean in [1, 50]")
+    output = Path(args.output_dir)
+    options = {k: getattr(settings, k) for k in ("num_phantom_images", "phantom_images_per_patient",
+                                                  "phantom_finding_prob", "resolution", "validation_fraction",
+                                                  "test_fraction", "split_seed")}
+    key = stable_hash({"phantom": options})
+    previous = _previous(output, key, args.overwrite_output_dir)
+    if previous is not None:
+        return previous, True
+    raw = phantom_dataset(settings.num_phantom_images, settings.resolution, finding_prob=settings.phantom_finding_prob,
+                          images_per_patient=settings.phantom_images_per_patient)
+    names = patient_splits(raw, settings)
+    dsdict = datasets.DatasetDict({s: raw.select([i for i, n in enumerate(names) if n == s])
+                                   for s in SPLITS if s in names})
+    check_patient_disjoint(dsdict)
+    report = {"key": key, "source": "the built-in procedural chest phantom", "split_method": "by a hash of the "
+              "patient IDs", "splits": nih.describe(dsdict), "failed_images": 0, "skipped_files": 0,
+              "settings": {"resolution": settings.resolution, "center_crop": settings.center_crop,
+                           "validation_fraction": settings.validation_fraction, "split_seed": settings.split_seed},
+              "phantom": options}
+    work_dir = output.with_name(output.name + ".partial")
+    nih.save_prepared(dsdict, output, work_dir, report, [], {"README.md": folder_card(report)})
+    return report, False
+
+
 def pseudonym_line(report: dict) -> str:
     if "pseudonym_key_id" not in report:
         return ""
     return (f"\n- Patient pseudonyms are HMAC-SHA256 of the Patient ID under a local key (key id "
             f"{report['pseudonym_key_id']}; the key itself is kept on the preparing machine, never here).")
+
+
+def _preprocessing(report: dict) -> str:
+    s = report["settings"]
+    if "phantom" in report:
+        return (f"Procedural phantoms drawn at {s['resolution']}x{s['resolution']}, "
+                f"{report['phantom']['phantom_images_per_patient']} images per patient on average: no real patient.")
+    return f"""Each image was decoded once (DICOM through its modality LUT, VOI and MONOCHROME1 inversion), converted to 8-bit
+  grayscale, {'centre-cropped' if s['center_crop'] else 'padded with black'} to a square and resized with Lanczos
+  to {s['resolution']}x{s['resolution']}; nothing was flipped. DICOM headers keep only a patient pseudonym, age,
+  sex and view.{pseudonym_line(report)}"""
 
 
 def folder_card(report: dict) -> str:
@@ -270,10 +318,7 @@ Prepared with `python -m lunggen_diffusers.prepare --train_data_dir ...` (LungGe
   validation holds {s['validation_fraction']:.0%} of the train/validation patients (seed {s['split_seed']}).
 - {report['failed_images']:,} image(s) could not be decoded (`failed_images.csv`); {report['skipped_files']:,} file(s)
   were no usable radiograph (`skipped_files.csv`: non-image DICOM objects, multi-frame, colour, unreadable).
-- Each image was decoded once (DICOM through its modality LUT, VOI and MONOCHROME1 inversion), converted to 8-bit
-  grayscale, {'centre-cropped' if s['center_crop'] else 'padded with black'} to a square and resized with Lanczos
-  to {s['resolution']}x{s['resolution']}; nothing was flipped. DICOM headers keep only a patient pseudonym, age,
-  sex and view.{pseudonym_line(report)}
+- {_preprocessing(report)}
 
 Research use only, under the source collection's own terms. The patient pseudonyms allow patient-wise splits;
 keep any copy of this dataset private.

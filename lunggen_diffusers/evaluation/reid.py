@@ -157,6 +157,8 @@ def train_verifier(train: ImageSource, held_out: ImageSource, recipe: VerifierRe
 def verifier_for(folder: str, train: ImageSource, held_out: ImageSource, recipe: VerifierRecipe, image_size: int,
                  cache_dir: str | None, device: str) -> PatientVerifier:
     """The verifier in `folder`, which must have been trained on `train`; trained and saved there when absent."""
+    _check_patients(train, "--train")
+    _check_patients(held_out, "--real")
     if is_verifier(folder):
         verifier = load_verifier(folder, device)
         if verifier.config["train_fingerprint"] != train.fingerprint:

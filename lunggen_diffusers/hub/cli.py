@@ -41,7 +41,8 @@ class SectionArguments:
 class DatasetPushArguments:
     repo_id: str = field(metadata={"help": "Hub dataset repo, e.g. my-org/lunggen-synthetic-10k."})
     eval_dir: str | None = field(default=None, metadata={
-        "help": "The folder's evaluation (metrics.json with the memorization audit and --reid); default SYNTH_DIR/eval."})
+        "help": "The folder's evaluation (metrics.json with the memorization audit and --reid); default "
+                "SYNTH_DIR/eval."})
     allow_flagged: bool = field(default=False, metadata={
         "help": "Publish although the audit or the re-identification check flags the images (the card says so)."})
     private: bool = field(default=True, metadata={"help": "Create the repo private (default); false: public."})
@@ -65,7 +66,8 @@ def parse_command_line(argv: list[str] | None = None) -> tuple:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
-        fail(f"choose a command: {', '.join(list(COMMANDS)[:-1])} or {list(COMMANDS)[-1]}" + (f" (got {argv[0]!r})" if argv else ""))
+        *others, last = COMMANDS
+        fail(f"choose a command: {', '.join(others)} or {last}" + (f" (got {argv[0]!r})" if argv else ""))
     parser = HfArgumentParser(COMMANDS[argv[0]], prog=f"python -m lunggen_diffusers.hub {argv[0]}")
     if argv[0] == "push-dataset":
         parser.add_argument("output_dir", help="A pipeline.py output folder of generated images.")
