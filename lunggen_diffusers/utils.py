@@ -24,6 +24,8 @@ from PIL.PngImagePlugin import PngInfo
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 SYNTHETIC_NOTICE = "research use only"
+# The PNG chunk of an image edited from a real radiograph (`lunggen-edit`): patient data, never published as synthetic.
+DERIVED_FROM_REAL = "derived_from_real"
 
 
 @contextlib.contextmanager
@@ -164,6 +166,12 @@ def synthetic_png_info(description: str, synthetic: str = SYNTHETIC_NOTICE, **fi
     for key, value in fields.items():
         info.add_text(key, str(value))
     return info
+
+
+def derived_from_real(path: str | Path) -> bool:
+    """Whether an image file carries the mark of an edit of a real patient's radiograph."""
+    with Image.open(path) as image:
+        return DERIVED_FROM_REAL in getattr(image, "text", {})
 
 
 def _cell(value: Any) -> str:

@@ -26,8 +26,9 @@ def _exit_code(main, argv):
 
 
 def test_every_command_has_a_console_script_and_a_module():
-    assert sorted(SCRIPTS) == ["lunggen-autoencoder-report", "lunggen-evaluate", "lunggen-generate", "lunggen-hub",
-                               "lunggen-prepare", "lunggen-reader-study", "lunggen-train", "lunggen-utility"]
+    assert sorted(SCRIPTS) == ["lunggen-autoencoder-report", "lunggen-edit", "lunggen-evaluate", "lunggen-generate",
+                               "lunggen-hub", "lunggen-prepare", "lunggen-reader-study", "lunggen-train",
+                               "lunggen-utility"]
     assert importlib.import_module("lunggen_diffusers.train").main is _main("lunggen-train")
 
 
@@ -36,7 +37,7 @@ REQUIRED = {"lunggen-autoencoder-report": ["--vae", "a", "--output_dir", "b"],
             "lunggen-evaluate": ["--real", "a", "--fake", "b"], "lunggen-generate": ["--model", "a", "--output_dir", "b"],
             "lunggen-hub": ["card", "a"], "lunggen-prepare": ["--nih_dir", "a", "--output_dir", "b"],
             "lunggen-train": [], "lunggen-utility": ["--real", "a", "--synthetic", "b", "--output_dir", "c"],
-            "lunggen-reader-study": ["analyze", "a"]}
+            "lunggen-reader-study": ["analyze", "a"], "lunggen-edit": ["--model", "a", "--input", "b", "--output_dir", "c"]}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
@@ -60,6 +61,8 @@ def test_an_unknown_flag_is_argparses_error(script, capsys):
     ("lunggen-hub", ["push", "{tmp}/absent", "--repo_id", "org/name"], "no model_index.json"),
     ("lunggen-hub", ["publish", "{tmp}"], "choose a command: push, card or push-dataset (got 'publish')"),
     ("lunggen-reader-study", ["serve", "{tmp}/absent"], "holds no reader study"),
+    ("lunggen-edit", ["--model", "{tmp}/absent", "--input", "{tmp}", "--output_dir", "{tmp}/out", "--add", "Effusion"],
+     "is neither a local folder nor"),
     ("lunggen-reader-study", ["read", "{tmp}"], "choose a command: create, serve, analyze (got 'read')"),
 ])
 def test_a_bad_value_or_path_is_one_line_naming_it(script, argv, message, tmp_path, capsys, monkeypatch):

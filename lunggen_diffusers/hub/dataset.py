@@ -25,7 +25,7 @@ from ..evaluation.report import reid_card
 from ..evaluation.subgroups import manifest_metadata
 from ..generation.output_folder import MANIFEST, read_manifest
 from ..generation.privacy_filter import SUMMARY as FILTER_SUMMARY
-from ..utils import SYNTHETIC_NOTICE
+from ..utils import DERIVED_FROM_REAL, SYNTHETIC_NOTICE
 from ..vocabulary import FINDINGS_COLUMN, SUBGROUPS
 from .privacy import check_published, local_paths
 from .push import hub_error
@@ -34,8 +34,6 @@ TEMPLATE = Path(__file__).with_name("dataset_card.md")
 LICENSE_NAME = "lunggen-synthetic-research-only"
 TAGS = ["medical-imaging", "chest-x-ray", "synthetic-data", "lunggen", "research-only"]
 SHARD_IMAGES = 2000
-# A PNG chunk that says an image was made from a real one (an edit of a patient's radiograph): never published.
-DERIVED_CHUNKS = ("derived_from_real", "edited_from")
 DEFAULT_EVAL = "eval"
 
 
@@ -73,9 +71,9 @@ def _image_bytes(path: Path) -> tuple[bytes, dict[str, str]]:
     """The PNG as written, after checking its chunks mark it synthetic and not derived from a real image."""
     with Image.open(path) as image:
         chunks = dict(image.text)
-    derived = [key for key in DERIVED_CHUNKS if key in chunks]
+    derived = DERIVED_FROM_REAL in chunks
     if derived or not chunks.get("synthetic"):
-        why = f"carries {derived[0]!r}: it was made from a real image" if derived else "is not marked synthetic"
+        why = f"carries {DERIVED_FROM_REAL!r}: it was made from a real image" if derived else "is not marked synthetic"
         raise ValueError(f"{path.name} {why}; a synthetic dataset holds generated images only")
     return path.read_bytes(), chunks
 

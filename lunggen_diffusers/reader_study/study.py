@@ -27,7 +27,7 @@ from ..data.phantom import phantom_dataset
 from ..evaluation.images import ImageSource, load_source, to_eval_image
 from ..evaluation.subgroups import dataset_metadata, manifest_metadata
 from ..generation.output_folder import MANIFEST, read_manifest
-from ..utils import split_spec
+from ..utils import derived_from_real, split_spec
 from ..vocabulary import FINDINGS, FINDINGS_COLUMN, MANIFEST_LABELS, age_bin, finding_lists
 from . import store
 
@@ -108,6 +108,10 @@ def synthetic_pool(folder: str) -> Pool:
     if source._dataset is not None:
         raise ValueError(f"--synthetic {folder}: a saved dataset; give a folder of generated images (pipeline.py "
                          "--output_dir)")
+    edited = next((p for p in source._folder_files if derived_from_real(p)), None)
+    if edited is not None:
+        raise ValueError(f"--synthetic {folder}: {edited.name} was edited from a real patient's radiograph "
+                         "(lunggen-edit); it is patient data, not a synthetic image")
     labelled = any(row.get(MANIFEST_LABELS) for row in read_manifest(folder)) if (Path(folder) / MANIFEST).is_file() \
         else False
     metadata = manifest_metadata(source, folder) if labelled else {}

@@ -1,0 +1,204 @@
+"""Counterfactual editing: add or remove a finding in a given radiograph and keep the patient.
+
+Every method runs deterministic DDIM steps on the model's own noise schedule, in its space (pixels, or the
+autoencoder's standardised latents), conditional on the source's labels going in and the target's coming out, with
+classifier-free guidance toward the target:
+
+- `ddim-inversion` (the default): the image is run up the DDIM trajectory to `strength` under its own labels, then
+  down again under the target's: what the noise keeps is the patient (Mokady et al. 2023; Hertz et al. 2022).
+- `sdedit`: noise to `strength` from the generator, then down under the target's labels (Meng et al. 2022).
+- `repaint`: inside the mask, from noise at `strength`, with `resample` jumps back up at each step; outside, the
+  source noised to each step (Lugmayr et al. 2022).
+
+A mask (`mask_image`, white = may change) makes every method a RadEdit edit (Pérez-García et al. 2024): outside it
+(or inside an explicit `keep_mask`) the source's own trajectory is re-imposed at every step, and the output there is
+the source, pixel for pixel. `auto_mask` is DiffEdit's (Couairon et al. 2023): where the model's noise predictions
+under the source and the target labels disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..lunggen_pipeline import decode_latents, encode_moments, postprocess, sample_latents
+
+METHODS = ("ddim-inversion", "sdedit", "repaint")
+DEFAULT_METHOD = "ddim-inversion"
+DEFAULT_STRENGTH = {"ddim-inversion": 0.8, "sdedit": 0.6, "repaint": 1.0}
+
+
+def _alphas(pipe) -> torch.Tensor:
+    return pipe.scheduler.alphas_cumprod.to(torch.float32)
+
+
+def _split(output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, kind: str) -> tuple[torch.Tensor, ...]:
+    """(predicted noise, predicted clean sample) of a model output at cumulative alpha `alpha`."""
+    if kind == "epsilon":
+        eps = output
+        x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+    elif kind == "v_prediction":
+        x0 = alpha.sqrt() * x - (1 - alpha).sqrt() * output
+        eps = (1 - alpha).sqrt() * x + alpha.sqrt() * output
+    else:  # "sample"
+        x0 = output
+        eps = (x - alpha.sqrt() * x0) / (1 - alpha).sqrt()
+    return eps, x0
+
+
+class Editor:
+    """One batch's edit: the model, its labels (source and target) and the timesteps, as DDIM steps."""
+
+    def __init__(self, pipe, source, target, guidance_scale, num_inference_steps, strength):
+        self.pipe, self.unet = pipe, pipe.unet
+        self.kind = pipe.scheduler.config.prediction_type
+        self.latent = getattr(pipe, "vae", None) is not None
+        device = self.unet.device
+        self.source, _ = pipe.encode(source, len(source), device)
+        self.target, self.null = pipe.encode(target, len(target), device)
+        self.scale = guidance_scale
+        total = pipe.scheduler.config.num_train_timesteps
+        steps = max(1, round(num_inference_steps * strength))
+        # The last `steps` of a num_inference_steps DDIM schedule: strength 1 starts from pure noise.
+        self.timesteps = (np.arange(steps) * (total // num_inference_steps) + 1).tolist()
+        self.alphas = _alphas(pipe).to(device)
+
+    def alpha(self, i: int) -> torch.Tensor:
+        """Cumulative alpha at timestep index i (-1: the clean image)."""
+        return self.alphas[self.timesteps[i]] if i >= 0 else torch.tensor(1.0, device=self.alphas.device)
+
+    def predict(self, x: torch.Tensor, i: int, labels, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.full((len(x),), self.timesteps[i], device=x.device, dtype=torch.long)
+        if labels is None:  # an unconditional model
+            output = self.unet(x, t).sample
+        elif not guided or self.scale == 1:
+            output = self.unet(x, t, encoder_hidden_states=None, class_labels=labels).sample
+        else:
+            both = self.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=None,
+                             class_labels=torch.cat([labels, self.null])).sample
+            conditional, unconditional = both.chunk(2)
+            output = unconditional + self.scale * (conditional - unconditional)
+        eps, x0 = _split(output, x, self.alpha(i), self.kind)
+        if not self.latent:  # pixel models: the clean image lies in [-1, 1] (the samplers threshold it too)
+            x0 = x0.clamp(-1, 1)
+        return eps, x0
+
+    def move(self, x0: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
+        """The DDIM point at timestep index i (-1: the clean image) of a clean sample and its noise."""
+        a = self.alpha(i)
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+    def invert(self, x0: torch.Tensor) -> list[torch.Tensor]:
+        """The source's DDIM trajectory up each timestep, under its own labels: [x0, x at index 0, x at 1, ...]. Each
+        step reuses the noise predicted at the point below (at the first, the model's at timestep 0 on the image)."""
+        path = [x0]
+        for i in range(len(self.timesteps)):
+            eps, clean = self.predict(path[-1], max(i - 1, 0), self.source, guided=False)
+            path.append(self.move(x0 if i == 0 else clean, eps, i))
+        return path
+
+
+def to_model(pipe, images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (N, 1, H, W) -> the model's space: [-1, 1] pixels, or the posterior mean's standardised
+    latent."""
+    x = images * 2 - 1
+    if getattr(pipe, "vae", None) is None:
+        return x.to(pipe.unet.device, pipe.unet.dtype)
+    return sample_latents(encode_moments(pipe.vae, x), pipe.vae.config).to(pipe.unet.device, pipe.unet.dtype)
+
+
+def from_model(pipe, x: torch.Tensor) -> torch.Tensor:
+    """The model's space -> images in [0, 1] (N, 1, H, W), float32 on the CPU."""
+    if getattr(pipe, "vae", None) is not None:
+        x = decode_latents(pipe.vae, x)
+    return postprocess(x, "pt").cpu()
+
+
+def _to_space(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A pixel mask (N, 1, H, W) in [0, 1] at the model's resolution: a latent cell may change if any of its pixels
+    may (max pooling), so the kept region never leaks into the edit."""
+    if mask.shape[-1] == like.shape[-1]:
+        return mask.to(like)
+    return F.adaptive_max_pool2d(mask, like.shape[-2:]).to(like)
+
+
+@torch.no_grad()
+def auto_mask(pipe, images: torch.Tensor, source: Sequence, target: Sequence, num_draws: int = 8,
+              strength: float = 0.5, threshold: float = 0.5, generator: torch.Generator | None = None,
+              guidance_scale: float = 1.0) -> torch.Tensor:
+    """DiffEdit's mask (N, 1, H, W) in {0, 1}: noise the image to `strength` `num_draws` times, and mark where the
+    model's noise predictions under the target and the source labels differ by more than `threshold` of the
+    largest difference (after smoothing)."""
+    x0 = to_model(pipe, images)
+    editor = Editor(pipe, source, target, guidance_scale, 50, strength)
+    last = len(editor.timesteps) - 1
+    total = torch.zeros_like(x0[:, :1])
+    for _ in range(num_draws):
+        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
+        x = editor.move(x0, noise, last)
+        to_target, _ = editor.predict(x, last, editor.target, guided=False)
+        to_source, _ = editor.predict(x, last, editor.source, guided=False)
+        total += (to_target - to_source).abs().mean(1, keepdim=True)
+    smooth = F.avg_pool2d(total, 3, stride=1, padding=1, count_include_pad=False)
+    peak = smooth.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    mask = (smooth / peak > threshold).float()
+    side = images.shape[-1]
+    if mask.shape[-1] != side:
+        mask = F.interpolate(mask, size=(side, side), mode="nearest")
+    # One pixel of margin: the finding's soft edge belongs to the edit.
+    return F.max_pool2d(mask, 3, stride=1, padding=1).cpu()
+
+
+@torch.no_grad()
+def edit(pipe, images: torch.Tensor, source: Sequence, target: Sequence, method: str = DEFAULT_METHOD,
+         strength: float | None = None, guidance_scale: float = 2.0, num_inference_steps: int = 50,
+         mask: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None,
+         generator: torch.Generator | None = None, resample: int = 2) -> torch.Tensor:
+    """Edit `images` (N, 1, H, W) in [0, 1] from their `source` labels (one list of names per image) to `target`;
+    returns the edited images (N, 1, H, W) in [0, 1], float32 on the CPU.
+
+    `mask` (white = may change) and `keep_mask` (white = must stay) are pixel masks of the images' size; with either,
+    the kept region's output is the source's pixels exactly."""
+    if method not in METHODS:
+        raise ValueError(f"unknown editing method {method!r}; accepted: {', '.join(METHODS)}")
+    strength = DEFAULT_STRENGTH[method] if strength is None else strength
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength {strength}: give a fraction of the noise schedule in (0, 1]")
+    if method == "repaint" and mask is None:
+        raise ValueError("repaint regenerates inside a mask: give mask_image (or --mask auto)")
+    keep = None
+    if keep_mask is not None or mask is not None:
+        keep = keep_mask if keep_mask is not None else 1 - mask
+        if keep_mask is not None and mask is not None:
+            keep = torch.maximum(keep_mask, 1 - mask)
+    editor = Editor(pipe, source, target, guidance_scale, num_inference_steps, strength)
+    x0 = to_model(pipe, images)
+    keep_m = None if keep is None else _to_space(keep, x0)
+    last = len(editor.timesteps) - 1
+
+    if method == "ddim-inversion":
+        path = editor.invert(x0)
+        x = path[-1]
+        known = lambda i: path[i + 1]  # noqa: E731  (the source's own point at timestep index i)
+    else:  # the source noised by the generator, to each step (at strength 1, almost pure noise)
+        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
+        known = lambda i: editor.move(x0, noise, i)  # noqa: E731
+        x = known(last)
+    for i in range(last, -1, -1):
+        for jump in range(resample if method == "repaint" else 1):
+            if keep_m is not None:
+                x = keep_m * known(i) + (1 - keep_m) * x
+            eps, clean = editor.predict(x, i, editor.target, guided=True)
+            x = editor.move(clean, eps, i - 1)
+            if method == "repaint" and jump < resample - 1 and i > 0:
+                # Back up one step with fresh noise, so the inside and the known outside can agree (RePaint).
+                ratio = editor.alpha(i) / editor.alpha(i - 1)
+                fresh = torch.randn(x.shape, generator=generator, device="cpu").to(x)
+                x = ratio.sqrt() * x + (1 - ratio).sqrt() * fresh
+    edited = from_model(pipe, x)
+    if keep is not None:  # the kept pixels are the source's, exactly (a decoder would blur them on latents)
+        edited = keep * images.cpu() + (1 - keep) * edited
+    return edited

@@ -1,0 +1,192 @@
+"""Counterfactual editing (#43): every method on pixel and latent conditional models, the keep mask exact, the auto
+mask, and `lunggen-edit`'s files, marks and one-line refusals."""
+
+import csv
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel
+from PIL import Image
+
+from lunggen_diffusers.data.phantom import draw_phantom
+from lunggen_diffusers.generation.edit import main as edit_main
+from lunggen_diffusers.generation.editing import METHODS, auto_mask, edit
+from lunggen_diffusers.hub import push_dataset
+from lunggen_diffusers.lunggen_pipeline import LungGenPipeline
+from lunggen_diffusers.reader_study.study import synthetic_pool
+from dicom_files import chest
+from test_conditioning import tiny_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SOURCE, TARGET = [[], ["cardiomegaly"]], [["cardiomegaly"], []]
+
+
+def _latent_pipeline():
+    pipe = tiny_pipeline()
+    torch.manual_seed(1)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), norm_num_groups=8,
+                        latent_channels=1, mid_block_add_attention=False).eval()
+    return LungGenPipeline(unet=pipe.unet, scheduler=pipe.scheduler, vae=vae, label_config=pipe.config.label_config)
+
+
+@pytest.fixture(scope="module", params=["pixel", "latent"])
+def pipe(request):
+    return tiny_pipeline() if request.param == "pixel" else _latent_pipeline()
+
+
+def _images(pipe):
+    side = 16 * (2 if getattr(pipe, "vae", None) is not None else 1)
+    return torch.from_numpy(np.stack([draw_phantom(0, i, 32, 0.0)[0] for i in range(2)]).astype(np.float32) / 255)[
+        :, None, :side, :side], side
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_edits_toward_the_target_reproducibly(pipe, method):
+    images, side = _images(pipe)
+    mask = torch.zeros(2, 1, side, side)
+    mask[..., side // 4: 3 * side // 4, side // 4: 3 * side // 4] = 1
+    run = lambda target, seed=0: edit(pipe, images, SOURCE, target, method, None, 2.0, 8, mask,  # noqa: E731
+                                      generator=torch.Generator().manual_seed(seed))
+    out = run(TARGET)
+    assert out.shape == images.shape and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+    assert torch.equal(out, run(TARGET))  # the same generator, the same edit
+    inside = mask.bool()
+    assert (out - images).abs()[inside].mean() > 1e-3  # it edits inside the mask
+    assert not torch.equal(out, run(SOURCE))  # and the target labels steer it
+    # Outside the mask the source is re-imposed at every step and pasted at the end: exactly the source's pixels.
+    assert torch.equal(out[~inside.expand_as(out)], images[~inside.expand_as(images)])
+
+
+def test_a_keep_mask_keeps_its_pixels_exactly_and_without_any_mask_the_whole_image_may_change(pipe):
+    images, side = _images(pipe)
+    keep = torch.zeros(2, 1, side, side)
+    keep[..., :, : side // 2] = 1
+    out = edit(pipe, images, SOURCE, TARGET, "sdedit", 0.8, 2.0, 8, keep_mask=keep,
+               generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[..., : side // 2], images[..., : side // 2])
+    free = edit(pipe, images, SOURCE, TARGET, "sdedit", 0.8, 2.0, 8, generator=torch.Generator().manual_seed(0))
+    assert (free - images)[..., : side // 2].abs().mean() > 1e-3
+
+
+def test_ddim_inversion_to_the_same_labels_gives_the_image_back():
+    pipe = tiny_pipeline()
+    images, _ = _images(pipe)
+    out = edit(pipe, images, SOURCE, SOURCE, "ddim-inversion", 0.3, 1.0, 50)
+    assert (out - images).abs().mean() < 0.01  # the deterministic trajectory runs back to where it started
+    noisy = edit(pipe, images, SOURCE, SOURCE, "sdedit", 0.3, 1.0, 50, generator=torch.Generator().manual_seed(0))
+    assert (noisy - images).abs().mean() > 3 * (out - images).abs().mean()
+
+
+def test_the_auto_mask_marks_where_the_labels_disagree_and_nothing_when_they_agree(pipe):
+    images, side = _images(pipe)
+    mask = auto_mask(pipe, images, SOURCE, TARGET, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (2, 1, side, side) and set(mask.unique().tolist()) <= {0.0, 1.0} and mask.sum() > 0
+    none = auto_mask(pipe, images, SOURCE, SOURCE, generator=torch.Generator().manual_seed(0))
+    assert none.sum() == 0
+    # An edit confined to an empty mask is the source itself.
+    assert torch.equal(edit(pipe, images, SOURCE, TARGET, "ddim-inversion", 0.5, 2.0, 8, none), images)
+
+
+def test_bad_edit_arguments_are_value_errors_naming_them():
+    pipe = tiny_pipeline()
+    images, _ = _images(pipe)
+    with pytest.raises(ValueError, match="unknown editing method 'blend'"):
+        edit(pipe, images, SOURCE, TARGET, "blend")
+    with pytest.raises(ValueError, match=r"strength 1.5"):
+        edit(pipe, images, SOURCE, TARGET, strength=1.5)
+    with pytest.raises(ValueError, match="repaint regenerates inside a mask"):
+        edit(pipe, images, SOURCE, TARGET, "repaint")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("edit-models")
+    tiny_pipeline().save_pretrained(root / "conditional")
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(root / "plain")
+    return root
+
+
+def _phantom(index, side):
+    return np.asarray(Image.fromarray(draw_phantom(0, index, 32, 0.0)[0]).resize((side, side), Image.LANCZOS))
+
+
+def _inputs(tmp_path):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    Image.fromarray(_phantom(0, 16)).save(folder / "patient_0001.png")
+    Image.fromarray(_phantom(1, 32)).save(folder / "patient_0002_big.png")  # resized, with a warning
+    Image.fromarray(np.stack([_phantom(2, 16)] * 3, -1)).save(folder / "colour.png")  # converted to grey
+    return folder
+
+
+def test_lunggen_edit_writes_marked_edits_named_by_hash_and_a_manifest_without_names(models, tmp_path, capsys,
+                                                                                     caplog):
+    folder = _inputs(tmp_path)
+    out = tmp_path / "edits"
+    edit_main(["--model", str(models / "conditional"), "--input", str(folder), "--add", "Cardiomegaly", "--mask",
+               "auto", "--num_inference_steps", "8", "--output_dir", str(out)])
+    captured = capsys.readouterr()
+    assert "3 edited image(s)" in captured.out and "keep them local" in captured.out
+    assert "an input of 32x32 was resized to the model's 16x16" in caplog.text
+    with open(out / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    digests = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir())
+    assert sorted(r["source_sha256"] for r in rows) == digests
+    text = (out / "manifest.csv").read_text()
+    assert "patient_000" not in text and "colour" not in text and str(folder) not in text
+    row = rows[0]
+    assert row["source"] == "No Finding" and row["target"] == "cardiomegaly" and row["method"] == "ddim-inversion"
+    assert row["mask"] == "auto" and row["model"] == "conditional"
+    for r in rows:
+        stem = r["source_sha256"][:12]
+        assert {f"edit_{stem}.png", f"difference_{stem}.png", f"grid_{stem}.png"} <= {p.name for p in out.iterdir()}
+        with Image.open(out / r["file"]) as edited:
+            assert edited.mode == "L" and edited.size == (16, 16)
+            assert edited.text["derived_from_real"] == f"sha256:{r['source_sha256']}"
+            assert "synthetic" not in edited.text and "not synthetic" in edited.text["Description"]
+        with Image.open(out / f"grid_{stem}.png") as grid:
+            assert grid.size == (4 * 16, 16)  # source | edited | difference | mask
+    # Patient data is refused wherever images are called synthetic or published.
+    with pytest.raises(ValueError, match="made from a real image"):
+        push_dataset(out, "org/edits")
+    with pytest.raises(ValueError, match="edited from a real patient's radiograph"):
+        synthetic_pool(str(out))
+
+
+@pytest.mark.parametrize("model, extra, words", [
+    ("plain", ["--add", "Cardiomegaly"], "trained without labels"),
+    ("conditional", ["--add", "Fracture"], "Fracture"),
+    ("conditional", [], "give --add or --remove"),
+    ("conditional", ["--add", "Cardiomegaly", "--remove", "Cardiomegaly"], "both added and removed"),
+    ("conditional", ["--add", "Cardiomegaly", "--mask", "{mask}"], "give a mask of the images' size (16x16)"),
+    ("conditional", ["--add", "Cardiomegaly", "--method", "blend"], "--method 'blend'"),
+])
+def test_lunggen_edit_refuses_in_one_line(models, tmp_path, capsys, model, extra, words):
+    folder = _inputs(tmp_path)
+    Image.new("L", (20, 20), 255).save(tmp_path / "mask.png")
+    argv = ["--model", str(models / model), "--input", str(folder), "--output_dir", str(tmp_path / "out"),
+            *[a.format(mask=tmp_path / "mask.png") for a in extra]]
+    with pytest.raises(SystemExit) as exit_info:
+        edit_main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "out" / "manifest.csv").exists()
+
+
+def test_an_edit_of_a_dicom_file_reads_its_grey_pipeline(models, tmp_path):
+    path = chest(tmp_path / "study.dcm")
+    edit_main(["--model", str(models / "conditional"), "--input", str(path), "--remove", "Cardiomegaly",
+               "--method", "sdedit", "--num_inference_steps", "6", "--output_dir", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and rows[0]["source"] == "cardiomegaly" and rows[0]["target"] == "No Finding"
+    assert rows[0]["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert "study" not in json.dumps(rows) and "P-001" not in json.dumps(rows)
