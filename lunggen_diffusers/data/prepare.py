@@ -295,10 +295,10 @@ def _preprocessing(report: dict) -> str:
     if "phantom" in report:
         return (f"Procedural phantoms drawn at {s['resolution']}x{s['resolution']}, "
                 f"{report['phantom']['phantom_images_per_patient']} images per patient on average: no real patient.")
-    return f"""Each image was decoded once (DICOM through its modality LUT, VOI and MONOCHROME1 inversion), converted to 8-bit
-  grayscale, {'centre-cropped' if s['center_crop'] else 'padded with black'} to a square and resized with Lanczos
-  to {s['resolution']}x{s['resolution']}; nothing was flipped. DICOM headers keep only a patient pseudonym, age,
-  sex and view.{pseudonym_line(report)}"""
+    return ("Each image was decoded once (DICOM through its modality LUT, VOI and MONOCHROME1 inversion), converted "
+            f"to 8-bit\n  grayscale, {'centre-cropped' if s['center_crop'] else 'padded with black'} to a square and "
+            f"resized with Lanczos\n  to {s['resolution']}x{s['resolution']}; nothing was flipped. DICOM headers keep "
+            f"only a patient pseudonym, age,\n  sex and view.{pseudonym_line(report)}")
 
 
 def folder_card(report: dict) -> str:
