@@ -20,6 +20,7 @@ from lunggen_diffusers.config import parse_args as parse_config
 from lunggen_diffusers.data import prepare
 from lunggen_diffusers.evaluation.run import EvaluationArguments
 from lunggen_diffusers.generation.cli import SamplingArguments
+from lunggen_diffusers.generation.edit import EditArguments
 from lunggen_diffusers.hub import cli as hub_cli
 from lunggen_diffusers.reader_study import cli as reader_study_cli
 from lunggen_diffusers.training.autoencoder_report import AutoencoderReportArguments
@@ -34,6 +35,7 @@ BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 PARSERS = {
     "lunggen_diffusers.training.cli": parse_config,
     "lunggen_diffusers.generation.cli": lambda argv: parse_args(SamplingArguments, argv),
+    "lunggen_diffusers.generation.edit": lambda argv: parse_args(EditArguments, argv),
     "lunggen_diffusers.evaluation.cli": lambda argv: parse_args(EvaluationArguments, argv),
     "lunggen_diffusers.utility.cli": lambda argv: parse_args(UtilityArguments, argv),
     "lunggen_diffusers.data.prepare": prepare.parse_command_line,

@@ -162,12 +162,19 @@ def _ssim_terms(x: torch.Tensor, y: torch.Tensor, win_size: int, sigma: float, c
     return (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1), (2 * cov + c2) / (var_x + var_y + c2)
 
 
+def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, win_size: int = 11,
+             sigma: float = 1.5) -> torch.Tensor:
+    """SSIM of each window of (N, 1, H, W) float batches: (N, 1, H - win_size + 1, W - win_size + 1), the value at
+    (i, j) belonging to the window centred on pixel (i + win_size // 2, j + win_size // 2)."""
+    luminance, cs = _ssim_terms(x, y, win_size, sigma, (0.01 * data_range) ** 2, (0.03 * data_range) ** 2)
+    return luminance * cs
+
+
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, win_size: int = 11,
          sigma: float = 1.5) -> torch.Tensor:
     """Mean SSIM of each pair of (N, 1, H, W) float batches, differentiable (a training loss term); the default
     data range is the model's [-1, 1]. `ms_ssim(..., scales=1)` is the same figure for evaluation."""
-    luminance, cs = _ssim_terms(x, y, win_size, sigma, (0.01 * data_range) ** 2, (0.03 * data_range) ** 2)
-    return (luminance * cs).mean((-1, -2, -3))
+    return ssim_map(x, y, data_range, win_size, sigma).mean((-1, -2, -3))
 
 
 def ms_ssim_scales(height: int, width: int, win_size: int = 11) -> int:
