@@ -33,7 +33,8 @@ CONFIG, WEIGHTS, GALLERY = "config.json", "model.safetensors", "gallery.npz"
 NN_SIZE = 32  # side of the pixel vectors the nearest-neighbour check correlates
 
 
-def _block(channels_in: int, channels_out: int, stride: int = 1) -> list[nn.Module]:
+def conv_block(channels_in: int, channels_out: int, stride: int = 1) -> list[nn.Module]:
+    """Conv 3x3, BatchNorm, ReLU: the unit of the project's small measuring CNNs."""
     return [nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1), nn.BatchNorm2d(channels_out), nn.ReLU()]
 
 
@@ -48,8 +49,8 @@ class VerifierNet(nn.Module):
         if in_features:
             self.body = nn.Sequential(nn.Linear(in_features, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
         else:
-            self.body = nn.Sequential(*_block(1, w), nn.MaxPool2d(2), *_block(w, 2 * w), nn.MaxPool2d(2),
-                                      *_block(2 * w, 4 * w), nn.MaxPool2d(2), *_block(4 * w, 4 * w, stride=2),
+            self.body = nn.Sequential(*conv_block(1, w), nn.MaxPool2d(2), *conv_block(w, 2 * w), nn.MaxPool2d(2),
+                                      *conv_block(2 * w, 4 * w), nn.MaxPool2d(2), *conv_block(4 * w, 4 * w, stride=2),
                                       nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(4 * w * 16, dim))
         self.scale = nn.Parameter(torch.tensor(10.0))
         self.bias = nn.Parameter(torch.tensor(-5.0))

@@ -108,7 +108,7 @@ def test_bad_settings_are_refused(change, message):
 
 def test_images_must_be_a_stack():
     with pytest.raises(ValueError, match=r"\(N, H, W\)"):
-        pc._to_input(np.zeros((32, 32), np.uint8), 32)
+        pc.to_input(np.zeros((32, 32), np.uint8), 32)
 
 
 def test_the_evaluate_command_accepts_phantom_features():

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..data.phantom import FINDINGS, MAX_RESOLUTION, MIN_RESOLUTION, phantom_dataset
 from ..utils import atomic_path, stable_hash
+from ..verifier import conv_block, to_input
 from .images import cache_root
 
 HEART_RIGHT, FEMALE, VIEW_AP, AGE = "heart_on_right", "female", "view_ap", "age"
@@ -72,10 +73,6 @@ class ClassifierSettings:
         return stable_hash({"version": VERSION, **dataclasses.asdict(self)})
 
 
-def _block(channels_in: int, channels_out: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1), nn.BatchNorm2d(channels_out), nn.ReLU()]
-
-
 class _Net(nn.Module):
     """Two paths from one stem. `where`: strided convs down to a 4x4 map that is flattened, not pooled, because
     where the heart sits is the laterality label and global pooling would discard it. `whether`: a global max over
@@ -86,8 +83,9 @@ class _Net(nn.Module):
     def __init__(self, width: int, feature_dim: int):
         super().__init__()
         w = width
-        self.stem = nn.Sequential(*_block(1, w), *_block(w, w), nn.MaxPool2d(2), *_block(w, 2 * w), nn.MaxPool2d(2))
-        self.where = nn.Sequential(*_block(2 * w, 4 * w, stride=2), *_block(4 * w, 4 * w, stride=2))
+        self.stem = nn.Sequential(*conv_block(1, w), *conv_block(w, w), nn.MaxPool2d(2), *conv_block(w, 2 * w),
+                                  nn.MaxPool2d(2))
+        self.where = nn.Sequential(*conv_block(2 * w, 4 * w, stride=2), *conv_block(4 * w, 4 * w, stride=2))
         self.embed = nn.Sequential(nn.Linear(4 * w * 16 + 2 * w, feature_dim), nn.ReLU())
         self.head = nn.Linear(feature_dim, len(OUTPUTS))
 
@@ -98,17 +96,6 @@ class _Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
-
-
-def _to_input(images, resolution: int) -> torch.Tensor:
-    """uint8 (N, H, W), or float in [0, 1] -> float32 (N, 1, resolution, resolution) in [-1, 1], antialiased."""
-    x = torch.as_tensor(np.ascontiguousarray(images))  # a mirrored view has negative strides
-    if x.ndim != 3:
-        raise ValueError(f"expected images shaped (N, H, W), got {tuple(x.shape)}")
-    x = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float())[:, None]
-    if x.shape[-2:] != (resolution, resolution):
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
-    return x * 2 - 1
 
 
 def _phantom_set(settings: ClassifierSettings, num_images: int, start_index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +153,7 @@ class PhantomClassifier:
 
     @torch.inference_mode()
     def _run(self, images, layer) -> np.ndarray:
-        x = _to_input(images, self.settings.resolution)
+        x = to_input(images, self.settings.resolution)
         out = [layer(x[s:s + self.batch_size].to(self.device)).float().cpu() for s in range(0, len(x), self.batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.settings.feature_dim), np.float32)
 
@@ -191,7 +178,7 @@ def train_classifier(settings: ClassifierSettings, progress: bool = True) -> tup
         torch.manual_seed(settings.seed)
         net = _Net(settings.width, settings.feature_dim)
     images, labels = _phantom_set(settings, settings.num_train, 0)
-    x, y = _to_input(images, settings.resolution), torch.from_numpy(labels)
+    x, y = to_input(images, settings.resolution), torch.from_numpy(labels)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.learning_rate, total_steps=settings.steps)
     rng, size = np.random.default_rng(settings.seed), settings.batch_size
