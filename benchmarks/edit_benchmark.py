@@ -48,11 +48,14 @@ GOAL_FINDINGS = ("cardiomegaly", "pleural_effusion", "consolidation")
 SSIM_WINDOW = 7
 
 
-def pairs(finding: str, num: int, side: int, start: int) -> tuple[np.ndarray, np.ndarray]:
-    """(without, with) the finding, uint8 (num, side, side): phantoms drawn with every finding, all others left out."""
+def pairs(finding: str, num: int, side: int, start: int, finding_draw: int | None = None
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """(without, with) the finding, uint8 (num, side, side): phantoms drawn with every finding, all others left out;
+    `finding_draw` puts the finding where another draw of the patient would have it."""
     others = [f for f in FINDINGS if f != finding]
     without = [draw_phantom(HELD_OUT_SEED, start + i, side, 1.0, without=FINDINGS)[0] for i in range(num)]
-    with_it = [draw_phantom(HELD_OUT_SEED, start + i, side, 1.0, without=others)[0] for i in range(num)]
+    with_it = [draw_phantom(HELD_OUT_SEED, start + i, side, 1.0, without=others, finding_draw=finding_draw)[0]
+               for i in range(num)]
     return np.stack(without), np.stack(with_it)
 
 
@@ -62,13 +65,14 @@ def region(source: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return F.max_pool2d(changed, 3, stride=1, padding=1)[:, 0].numpy() > 0
 
 
-def measure(source, edited, truth, inside, read_source, read_edited, finding, add) -> dict:
+def measure(source, edited, truth, inside, read_source, read_edited, read_truth, finding, add) -> dict:
     s, e, t = (a.astype(np.float64) for a in (source, edited, truth))
     outside = ~inside
     mae = (np.abs(e - s) * outside).sum((1, 2)) / np.maximum(outside.sum((1, 2)), 1)
     ssim = ssim_map(torch.from_numpy(e[:, None]), torch.from_numpy(s[:, None]), 255.0, SSIM_WINDOW)[:, 0].numpy()
-    half = SSIM_WINDOW // 2
-    centres = outside[:, half:-half, half:-half]
+    # Only windows wholly outside: one that reaches into the region measures the edit, not the rest.
+    touched = F.max_pool2d(torch.from_numpy(inside[:, None].astype(np.float32)), SSIM_WINDOW, stride=1)[:, 0]
+    centres = touched.numpy() == 0
     ssim_out = (ssim * centres).sum((1, 2)) / np.maximum(centres.sum((1, 2)), 1)
     to_truth = (np.abs(e - t) * inside).sum((1, 2)) / np.maximum(inside.sum((1, 2)), 1)
     source_to_truth = (np.abs(s - t) * inside).sum((1, 2)) / np.maximum(inside.sum((1, 2)), 1)
@@ -82,6 +86,8 @@ def measure(source, edited, truth, inside, read_source, read_edited, finding, ad
     for name in (HEART_RIGHT, FEMALE, VIEW_AP):
         c = BINARY_OUTPUTS.index(name)
         out[f"kept_{name}"] = float(((read_source[:, c] >= 0.5) == (read_edited[:, c] >= 0.5)).mean())
+        # The classifier does not read every truth as it reads its source: beside "kept", as the truth is read.
+        out[f"as_truth_{name}"] = float(((read_truth[:, c] >= 0.5) == (read_edited[:, c] >= 0.5)).mean())
     return out
 
 
@@ -138,22 +144,33 @@ def main() -> None:
     side, scale = image_side(pipe), resolve_guidance(pipe, args.guidance_scale)
     classifier = load_classifier()
     name = {f: pipe.labels.canonical([f])[0] for f in args.findings}
-    results, examples = [], []
+    results, examples, references = [], [], {}
     start_time = time.perf_counter()
     for finding in args.findings:
         without, with_it = pairs(finding, args.num_patients, side, 0)
+        elsewhere = pairs(finding, args.num_patients, side, 0, finding_draw=0)[1]
         read = {"without": classifier.predict(without), "with": classifier.predict(with_it)}
         for add in (True, False):
             source, truth = (without, with_it) if add else (with_it, without)
             inside = region(source, truth)
             labels = ([], [name[finding]]) if add else ([name[finding]], [])
+            read_source, read_truth = (read["without"], read["with"]) if add else (read["with"], read["without"])
+            # What the instrument reads on the truth itself (its ceiling), and, for an addition, the figures of a
+            # perfect editor that does not know where this patient's finding would be: the same patient with the
+            # finding where another draw puts it (a removal's truth does not depend on where it was).
+            key = f"{finding} {'add' if add else 'remove'}"
+            as_truth = measure(source, truth, truth, inside, read_source, read_truth, read_truth, finding, add)
+            references[key] = {"truth": as_truth}
+            if add:
+                references[key]["another_site"] = measure(source, elsewhere, truth, inside, read_source,
+                                                          classifier.predict(elsewhere), read_truth, finding, add)
             for method in args.methods:
                 for strength in args.strengths or [DEFAULT_STRENGTH[method]]:
                     t0 = time.perf_counter()
                     edited = run_edits(pipe, source, *labels, method, strength, scale, args.num_inference_steps,
                                        args.mask, inside, args.batch_size, seed=0)
-                    row = measure(source, edited, truth, inside, read["without" if add else "with"],
-                                  classifier.predict(edited), finding, add)
+                    row = measure(source, edited, truth, inside, read_source, classifier.predict(edited), read_truth,
+                                  finding, add)
                     row.update(finding=finding, direction="add" if add else "remove", method=method,
                                strength=strength, mask=args.mask, seconds=round(time.perf_counter() - t0, 1))
                     results.append(row)
@@ -183,14 +200,15 @@ def main() -> None:
                                "specificity_edited": float((~after[flipped == 0]).mean())}
     if args.picture:
         picture(examples, args.picture)
-    default = [r for r in results if r["method"] == DEFAULT_METHOD and r["strength"] == DEFAULT_STRENGTH[DEFAULT_METHOD]]
+    default_strength = DEFAULT_STRENGTH[DEFAULT_METHOD]
+    default = [r for r in results if r["method"] == DEFAULT_METHOD and r["strength"] == default_strength]
     met = {f"{r['finding']} {r['direction']}": {
         "success": r["success"] >= GOALS["success"] if r["finding"] in GOAL_FINDINGS else None,
         "outside": r["outside_mae"] <= GOALS["outside_mae"] and r["outside_ssim"] >= GOALS["outside_ssim"],
         "inside": r["inside_ratio"] <= GOALS["inside_ratio"],
         "kept": min(r[f"kept_{k}"] for k in (HEART_RIGHT, FEMALE, VIEW_AP)) >= GOALS["kept"]} for r in default}
-    result = {"settings": vars(args), "guidance_scale": scale, "results": results, "stress": stress, "goals": GOALS,
-              "met": met, "seconds": round(time.perf_counter() - start_time, 1)}
+    result = {"settings": vars(args), "guidance_scale": scale, "results": results, "references": references,
+              "stress": stress, "goals": GOALS, "met": met, "seconds": round(time.perf_counter() - start_time, 1)}
     finish(result, args.output, json.dumps({"met": met, "stress": stress}, indent=2))
 
 

@@ -125,6 +125,20 @@ def test_each_finding_changes_only_part_of_the_same_anatomy(finding):
     assert sick[changed].mean() > clean[changed].mean()  # findings are opacities: brighter, never darker
 
 
+def test_finding_draw_moves_the_finding_and_nothing_else():
+    others = [f for f in FINDINGS if f != "consolidation"]
+    clean, drawn, _ = draw_phantom(4, 9, 96, 1.0, without=FINDINGS)
+    here, findings, _ = draw_phantom(4, 9, 96, 1.0, without=others)
+    there, findings_there, _ = draw_phantom(4, 9, 96, 1.0, without=others, finding_draw=0)
+    # Without findings the image is the same whatever the draw, and the labels never move.
+    assert np.array_equal(draw_phantom(4, 9, 96, 1.0, without=FINDINGS, finding_draw=0)[0], clean)
+    assert findings == findings_there == drawn
+    at_here, at_there = (np.abs(image.astype(int) - clean) > 8 for image in (here, there))
+    assert at_here.sum() > 50 and at_there.sum() > 50
+    assert (at_here & at_there).sum() < 0.5 * min(at_here.sum(), at_there.sum())  # elsewhere, not the same spot
+    assert not np.array_equal(draw_phantom(4, 9, 96, 1.0, without=others, finding_draw=1)[0], there)
+
+
 def test_cardiomegaly_widens_the_heart_to_the_image_right():
     clean = render_phantom(128, np.random.default_rng([4, 1])).astype(float)
     big = render_phantom(128, np.random.default_rng([4, 1]), ["cardiomegaly"]).astype(float)

@@ -46,6 +46,11 @@ STUDIES_SHAPE, MAX_STUDIES = 0.22, 184
 PATIENT_KEYS = ("body_w", "body_fat", "lung_a", "lung_top", "lung_gap", "dome_right", "dome_drop", "dome_k", "heart",
                 "rib_spacing", "vessels", "effusion_side", "nodule_side", "nodule_pos", "nodule_r",
                 "cardiomegaly_scale", "breast")
+# Where and how large each finding is when present: draws of the patient that its image does not show without it.
+FINDING_KEYS = {"cardiomegaly": ("cardiomegaly_scale",), "pleural_effusion": ("effusion_side", "effusion_level"),
+                "nodule": ("nodule_side", "nodule_pos", "nodule_r"),
+                "consolidation": ("consolidation_side", "consolidation_pos", "consolidation_r",
+                                  "consolidation_texture")}
 
 
 @dataclass(frozen=True)
@@ -286,9 +291,11 @@ def _density(x, y, p, findings, edge):
 
 def render_phantom(resolution: int, rng: np.random.Generator, findings: Sequence[str] = (),
                    demographics: Demographics = Demographics(),
-                   patient_rng: np.random.Generator | None = None) -> np.ndarray:
+                   patient_rng: np.random.Generator | None = None,
+                   finding_rng: np.random.Generator | None = None) -> np.ndarray:
     """One phantom radiograph as uint8 (resolution, resolution); all randomness comes from `rng`, or, with
-    `patient_rng`, the patient's own anatomy (`PATIENT_KEYS`) from that and the study's draws from `rng`."""
+    `patient_rng`, the patient's own anatomy (`PATIENT_KEYS`) from that and the study's draws from `rng`; with
+    `finding_rng`, the findings' sites and sizes (`FINDING_KEYS`) from that: the same image, the findings elsewhere."""
     _check_resolution(resolution)
     _check_findings(findings)
     p = _sample_parameters(rng)
@@ -300,6 +307,9 @@ def render_phantom(resolution: int, rng: np.random.Generator, findings: Sequence
         # distance to the detector on the day.
         p["dome_right"] += 0.3 * (study["dome_right"] - 0.39)
         p["zoom"] = patient["zoom"] + 0.3 * (study["zoom"] - patient["zoom"])
+    if finding_rng is not None:
+        other = _sample_parameters(finding_rng)
+        p.update({key: other[key] for keys in FINDING_KEYS.values() for key in keys})
     p = _with_demographics(p, demographics)
     coords = (np.arange(resolution) + 0.5) * (2.0 / resolution) - 1.0
     gx, gy = coords[None, :], coords[:, None]
@@ -371,17 +381,20 @@ def patients_of(seed: int, images_per_patient: float, start_index: int, stop_ind
 
 
 def draw_phantom(seed: int, index: int, resolution: int, finding_prob: float, without: Sequence[str] = (),
-                 finding_prob_scale: dict[str, float] | None = None) -> tuple[np.ndarray, list[str], Demographics]:
+                 finding_prob_scale: dict[str, float] | None = None, finding_draw: int | None = None
+                 ) -> tuple[np.ndarray, list[str], Demographics]:
     """Image `index` of the set `seed`, from those two numbers alone so any subset can be regenerated, its
     findings and its patient. `without` renders the same image with those of its findings left out (the findings
     returned are still the ones it was drawn with): the difference is the finding's own pixels.
     `finding_prob_scale` ({"patient_sex=F": 0.5}) multiplies the finding probability within a subgroup: a planted
-    bias for checking that subgroup reports find one."""
+    bias for checking that subgroup reports find one. `finding_draw` k draws the findings' sites and sizes afresh
+    (the k-th time): the same patient with its findings where another patient's would be."""
     # The patient comes from its own stream, so the anatomy, findings and noise draws are those of the same index
     # whoever the patient is.
     demographics = Demographics.draw(np.random.default_rng([seed, index, 1]))
+    finding_rng = None if finding_draw is None else np.random.default_rng([seed, index, 6, finding_draw])
     return _draw(np.random.default_rng([seed, index]), None, demographics, resolution, finding_prob, without,
-                 finding_prob_scale)
+                 finding_prob_scale, finding_rng)
 
 
 def draw_study(seed: int, patient: int, study: int, resolution: int, finding_prob: float,
@@ -399,11 +412,11 @@ def draw_study(seed: int, patient: int, study: int, resolution: int, finding_pro
                  finding_prob_scale)
 
 
-def _draw(rng, patient_rng, demographics, resolution, finding_prob, without, finding_prob_scale):
+def _draw(rng, patient_rng, demographics, resolution, finding_prob, without, finding_prob_scale, finding_rng=None):
     scale = np.prod([(finding_prob_scale or {}).get(key, 1.0) for key in subgroups_of(demographics)])
     findings = [f for f, draw in zip(FINDINGS, rng.random(len(FINDINGS))) if draw < finding_prob * scale]
     shown = [f for f in findings if f not in without]
-    return render_phantom(resolution, rng, shown, demographics, patient_rng), findings, demographics
+    return render_phantom(resolution, rng, shown, demographics, patient_rng, finding_rng), findings, demographics
 
 
 def phantom_dataset(num_images: int, resolution: int = 64, seed: int = 0, finding_prob: float = 0.0,
