@@ -91,7 +91,8 @@ def measure(source, edited, truth, inside, read_source, read_edited, read_truth,
     return out
 
 
-def run_edits(pipe, images, source, target, method, strength, scale, steps, mask_kind, truth_masks, batch, seed):
+def run_edits(pipe, images, source, target, method, strength, scale, steps, mask_kind, truth_masks, batch, seed,
+              eta=0.0):
     out = []
     for start in range(0, len(images), batch):
         x = torch.from_numpy(images[start:start + batch].astype(np.float32) / 255)[:, None]
@@ -104,7 +105,7 @@ def run_edits(pipe, images, source, target, method, strength, scale, steps, mask
             mask = torch.from_numpy(truth_masks[start:start + batch].astype(np.float32))[:, None]
         if method == "repaint" and mask is None:
             raise ValueError("repaint needs --mask auto or truth")
-        edited = edit(pipe, x, src, tgt, method, strength, scale, steps, mask, generator=generator)
+        edited = edit(pipe, x, src, tgt, method, strength, scale, steps, mask, generator=generator, eta=eta)
         out.append(np.round(edited[:, 0].numpy() * 255).astype(np.uint8))
     return np.concatenate(out)
 
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--mask", default="auto", choices=["auto", "truth", "none"])
     parser.add_argument("--num_inference_steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=None)
+    parser.add_argument("--eta", type=float, default=0.0, help="fresh noise on the way down, as lunggen-edit --eta")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--stress", action="store_true")
     parser.add_argument("--picture", default=None)
@@ -168,7 +170,7 @@ def main() -> None:
                 for strength in args.strengths or [DEFAULT_STRENGTH[method]]:
                     t0 = time.perf_counter()
                     edited = run_edits(pipe, source, *labels, method, strength, scale, args.num_inference_steps,
-                                       args.mask, inside, args.batch_size, seed=0)
+                                       args.mask, inside, args.batch_size, 0, args.eta)
                     row = measure(source, edited, truth, inside, read_source, classifier.predict(edited), read_truth,
                                   finding, add)
                     row.update(finding=finding, direction="add" if add else "remove", method=method,
@@ -187,10 +189,11 @@ def main() -> None:
             column = BINARY_OUTPUTS.index(finding)
             originals = np.concatenate([without, with_it])
             labels = np.r_[np.zeros(len(without)), np.ones(len(with_it))]
-            added = run_edits(pipe, without, [], [name[finding]], args.methods[0], None, scale,
-                              args.num_inference_steps, args.mask, region(without, with_it), args.batch_size, 0)
-            removed = run_edits(pipe, with_it, [name[finding]], [], args.methods[0], None, scale,
-                                args.num_inference_steps, args.mask, region(with_it, without), args.batch_size, 0)
+            settings = (args.methods[0], None, scale, args.num_inference_steps, args.mask)
+            added = run_edits(pipe, without, [], [name[finding]], *settings, region(without, with_it),
+                              args.batch_size, 0, args.eta)
+            removed = run_edits(pipe, with_it, [name[finding]], [], *settings, region(with_it, without),
+                                args.batch_size, 0, args.eta)
             edits = np.concatenate([added, removed])
             before, after = classifier.predict(originals)[:, column] >= 0.5, classifier.predict(edits)[:, column] >= 0.5
             flipped = 1 - labels

@@ -13,7 +13,7 @@ from PIL import Image
 
 from lunggen_diffusers.data.phantom import draw_phantom
 from lunggen_diffusers.generation.edit import main as edit_main
-from lunggen_diffusers.generation.editing import METHODS, auto_mask, edit
+from lunggen_diffusers.generation.editing import METHODS, Editor, auto_mask, edit
 from lunggen_diffusers.hub import push_dataset
 from lunggen_diffusers.lunggen_pipeline import LungGenPipeline
 from lunggen_diffusers.reader_study.study import synthetic_pool
@@ -81,6 +81,26 @@ def test_ddim_inversion_to_the_same_labels_gives_the_image_back():
     assert (noisy - images).abs().mean() > 3 * (out - images).abs().mean()
 
 
+def test_eta_puts_fresh_noise_back_reproducibly_and_zero_is_deterministic_ddim(pipe):
+    images, _ = _images(pipe)
+    run = lambda eta, seed: edit(pipe, images, SOURCE, TARGET, "ddim-inversion", 0.8, 2.0, 8, eta=eta,  # noqa: E731
+                                 generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(0.0, 0), run(0.0, 1))  # DDIM's own steps: the generator plays no part
+    assert torch.equal(run(1.0, 0), run(1.0, 0))
+    assert not torch.equal(run(1.0, 0), run(1.0, 1))
+
+
+def test_a_step_with_eta_keeps_the_noise_level_of_the_schedule():
+    editor = Editor(tiny_pipeline(), SOURCE, TARGET, 2.0, 10, 1.0)
+    clean, eps = torch.zeros(2, 1, 64, 64), torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    for eta in (0.0, 0.5, 1.0):
+        x = editor.step(clean, eps, 5, eta, torch.Generator().manual_seed(1))
+        # Unit-variance noise and a clean image of zeros: the point's variance is 1 - alpha at the step below,
+        # however the noise is split between the predicted and the fresh.
+        assert x.var().item() == pytest.approx(1 - editor.alpha(4).item(), rel=0.05)
+    assert torch.equal(editor.step(clean, eps, 0, 1.0, None), clean)  # the last step lands on the clean image
+
+
 def test_the_auto_mask_marks_where_the_labels_disagree_and_nothing_when_they_agree(pipe):
     images, side = _images(pipe)
     mask = auto_mask(pipe, images, SOURCE, TARGET, generator=torch.Generator().manual_seed(0))
@@ -98,6 +118,8 @@ def test_bad_edit_arguments_are_value_errors_naming_them():
         edit(pipe, images, SOURCE, TARGET, "blend")
     with pytest.raises(ValueError, match=r"strength 1.5"):
         edit(pipe, images, SOURCE, TARGET, strength=1.5)
+    with pytest.raises(ValueError, match=r"eta -0.5: give 0"):
+        edit(pipe, images, SOURCE, TARGET, eta=-0.5)
     with pytest.raises(ValueError, match="repaint regenerates inside a mask"):
         edit(pipe, images, SOURCE, TARGET, "repaint")
 
@@ -144,7 +166,7 @@ def test_lunggen_edit_writes_marked_edits_named_by_hash_and_a_manifest_without_n
     assert "patient_000" not in text and "colour" not in text and str(folder) not in text
     row = rows[0]
     assert row["source"] == "No Finding" and row["target"] == "cardiomegaly" and row["method"] == "ddim-inversion"
-    assert row["mask"] == "auto" and row["model"] == "conditional"
+    assert row["mask"] == "auto" and row["model"] == "conditional" and row["eta"] == "0.0"
     for r in rows:
         stem = r["source_sha256"][:12]
         assert {f"edit_{stem}.png", f"difference_{stem}.png", f"grid_{stem}.png"} <= {p.name for p in out.iterdir()}

@@ -34,8 +34,8 @@ from .sampling import image_side, load_pipeline, model_label, resolve_guidance
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.csv"
-FIELDS = ("file", "source_sha256", "source", "target", "method", "strength", "guidance_scale", "steps", "seed",
-          "mask", "model", "revision")
+FIELDS = ("file", "source_sha256", "source", "target", "method", "strength", "guidance_scale", "eta", "steps",
+          "seed", "mask", "model", "revision")
 EDITED_NOTICE = ("EDITED from a real patient's radiograph by a diffusion model: patient data, not synthetic and not "
                  "anonymous; research use only, not for diagnosis.")
 
@@ -58,12 +58,15 @@ class EditArguments:
                 f"({', '.join(f'{k} {v}' for k, v in DEFAULT_STRENGTH.items())})."})
     guidance_scale: float | None = field(default=None, metadata={"help": "Toward the target; default: the model's."})
     num_inference_steps: int = field(default=50, metadata={"help": "DDIM steps of the whole schedule."})
+    eta: float = field(default=0.0, metadata={
+        "help": "Fresh noise put back at each step on the way down (DDIM's eta): 0 deterministic, 1 as much as "
+                "DDPM, which commits to one site of a finding the image does not place (see docs/editing.md)."})
     mask: str | None = field(default=None, metadata={
         "help": "Where the image may change: a grey PNG of the image's size (white = may change), or `auto` "
                 "(DiffEdit: where the model's predictions under the source and target labels disagree). Outside "
                 "it the source stays exactly."})
     keep_mask: str | None = field(default=None, metadata={"help": "A PNG (white = must stay exactly as it is)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the noise (sdedit, repaint) and of the auto mask."})
+    seed: int = field(default=0, metadata={"help": "Seed of the noise (sdedit, repaint, eta) and of the auto mask."})
     device: str | None = field(default=None, metadata={"help": "cuda, mps or cpu; default: the best available."})
 
 
@@ -144,18 +147,18 @@ def edit_from_args(args: EditArguments) -> list[dict]:
         if args.mask == "auto":
             used = auto_mask(pipe, images, [source], [target], generator=generator)
         edited = edit(pipe, images, [source], [target], args.method, args.strength, scale, args.num_inference_steps,
-                      used, keep, generator)
+                      used, keep, generator, eta=args.eta)
         result = np.round(edited[0, 0].numpy() * 255).astype(np.uint8)
         row = {"file": f"edit_{digest[:12]}.png", "source_sha256": digest, "source": "|".join(source) or "No Finding",
                "target": "|".join(target) or "No Finding", "method": args.method,
                "strength": args.strength if args.strength is not None else DEFAULT_STRENGTH[args.method],
-               "guidance_scale": scale, "steps": args.num_inference_steps, "seed": args.seed,
+               "guidance_scale": scale, "eta": args.eta, "steps": args.num_inference_steps, "seed": args.seed,
                "mask": args.mask if args.mask in (None, "auto") else "given", "model": model_label(args.model),
                "revision": revision or ""}
         info = PngInfo()
         info.add_text("Description", EDITED_NOTICE)
         info.add_text(DERIVED_FROM_REAL, f"sha256:{digest}")
-        for key in ("source", "target", "method", "strength", "guidance_scale", "steps", "seed", "model"):
+        for key in ("source", "target", "method", "strength", "guidance_scale", "eta", "steps", "seed", "model"):
             info.add_text(f"edit_{key}", str(row[key]))
         difference = _stretch(np.abs(result.astype(np.float32) - pixels))
         tiles = [pixels, result, difference] + ([np.round(used[0, 0].numpy() * 255).astype(np.uint8)]

@@ -91,6 +91,16 @@ class Editor:
         a = self.alpha(i)
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
+    def step(self, clean: torch.Tensor, eps: torch.Tensor, i: int, eta: float, generator) -> torch.Tensor:
+        """From timestep index i down to i - 1; `eta` > 0 puts fresh noise back (1: as much as DDPM), so the
+        sampler commits to one way of drawing a finding instead of the average of all of them."""
+        if eta == 0 or i == 0:
+            return self.move(clean, eps, i - 1)
+        a, before = self.alpha(i), self.alpha(i - 1)
+        sigma = eta * ((1 - before) / (1 - a) * (1 - a / before)).sqrt()
+        fresh = torch.randn(clean.shape, generator=generator, device="cpu").to(clean)
+        return before.sqrt() * clean + (1 - before - sigma**2).sqrt() * eps + sigma * fresh
+
     def invert(self, x0: torch.Tensor) -> list[torch.Tensor]:
         """The source's DDIM trajectory up each timestep, under its own labels: [x0, x at index 0, x at 1, ...]. Each
         step reuses the noise predicted at the point below (at the first, the model's at timestep 0 on the image)."""
@@ -156,17 +166,20 @@ def auto_mask(pipe, images: torch.Tensor, source: Sequence, target: Sequence, nu
 def edit(pipe, images: torch.Tensor, source: Sequence, target: Sequence, method: str = DEFAULT_METHOD,
          strength: float | None = None, guidance_scale: float = 2.0, num_inference_steps: int = 50,
          mask: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None,
-         generator: torch.Generator | None = None, resample: int = 2) -> torch.Tensor:
+         generator: torch.Generator | None = None, resample: int = 2, eta: float = 0.0) -> torch.Tensor:
     """Edit `images` (N, 1, H, W) in [0, 1] from their `source` labels (one list of names per image) to `target`;
     returns the edited images (N, 1, H, W) in [0, 1], float32 on the CPU.
 
     `mask` (white = may change) and `keep_mask` (white = must stay) are pixel masks of the images' size; with either,
-    the kept region's output is the source's pixels exactly."""
+    the kept region's output is the source's pixels exactly. `eta` puts fresh noise from `generator` back at each
+    step down (DDIM's eta; the inversion up stays deterministic)."""
     if method not in METHODS:
         raise ValueError(f"unknown editing method {method!r}; accepted: {', '.join(METHODS)}")
     strength = DEFAULT_STRENGTH[method] if strength is None else strength
     if not 0 < strength <= 1:
         raise ValueError(f"strength {strength}: give a fraction of the noise schedule in (0, 1]")
+    if eta < 0:
+        raise ValueError(f"eta {eta}: give 0 (deterministic DDIM) or more (1: as much fresh noise as DDPM)")
     if method == "repaint" and mask is None:
         raise ValueError("repaint regenerates inside a mask: give mask_image (or --mask auto)")
     keep = None
@@ -192,7 +205,7 @@ def edit(pipe, images: torch.Tensor, source: Sequence, target: Sequence, method:
             if keep_m is not None:
                 x = keep_m * known(i) + (1 - keep_m) * x
             eps, clean = editor.predict(x, i, editor.target, guided=True)
-            x = editor.move(clean, eps, i - 1)
+            x = editor.step(clean, eps, i, eta, generator)
             if method == "repaint" and jump < resample - 1 and i > 0:
                 # Back up one step with fresh noise, so the inside and the known outside can agree (RePaint).
                 ratio = editor.alpha(i) / editor.alpha(i - 1)
