@@ -98,7 +98,7 @@ def test_a_step_with_eta_keeps_the_noise_level_of_the_schedule():
         # Unit-variance noise and a clean image of zeros: the point's variance is 1 - alpha at the step below,
         # however the noise is split between the predicted and the fresh.
         assert x.var().item() == pytest.approx(1 - editor.alpha(4).item(), rel=0.05)
-    assert torch.equal(editor.step(clean, eps, 0, 1.0, None), clean)  # the last step lands on the clean image
+    assert torch.equal(editor.step(eps, clean, 0, 1.0, None), eps)  # the last step lands on the clean image
 
 
 def test_the_auto_mask_marks_where_the_labels_disagree_and_nothing_when_they_agree(pipe):
