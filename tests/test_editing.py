@@ -212,3 +212,18 @@ def test_an_edit_of_a_dicom_file_reads_its_grey_pipeline(models, tmp_path):
     assert len(rows) == 1 and rows[0]["source"] == "cardiomegaly" and rows[0]["target"] == "No Finding"
     assert rows[0]["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert "study" not in json.dumps(rows) and "P-001" not in json.dumps(rows)
+
+
+def test_lunggen_edit_passes_eta_on_and_records_it(models, tmp_path):
+    Image.fromarray(_phantom(0, 16)).save(tmp_path / "cxr.png")
+    outputs = {}
+    for eta in ("0", "1"):
+        out = tmp_path / f"eta{eta}"
+        edit_main(["--model", str(models / "conditional"), "--input", str(tmp_path / "cxr.png"), "--add",
+                   "Cardiomegaly", "--eta", eta, "--num_inference_steps", "8", "--output_dir", str(out)])
+        with open(out / "manifest.csv", newline="") as f:
+            (row,) = csv.DictReader(f)
+        with Image.open(out / row["file"]) as edited:
+            assert row["eta"] == edited.text["edit_eta"] == f"{float(eta)}"
+            outputs[eta] = np.asarray(edited)
+    assert not np.array_equal(outputs["0"], outputs["1"])  # the fresh noise reached the edit
