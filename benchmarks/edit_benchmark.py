@@ -105,7 +105,8 @@ def run_edits(pipe, images, source, target, method, strength, scale, steps, mask
             mask = torch.from_numpy(truth_masks[start:start + batch].astype(np.float32))[:, None]
         if method == "repaint" and mask is None:
             raise ValueError("repaint needs --mask auto or truth")
-        edited = edit(pipe, x, src, tgt, method, strength, scale, steps, mask, generator=generator, eta=eta)
+        edited = edit(pipe, x, src, tgt, method, strength, scale, steps, mask, generator=generator, eta=eta,
+                      output_type="pt")
         out.append(np.round(edited[:, 0].numpy() * 255).astype(np.uint8))
     return np.concatenate(out)
 

@@ -153,7 +153,7 @@ def test_every_python_block_runs_on_a_tiny_stand_in(page, stand_ins, tmp_path, m
     namespace: dict = {}
     monkeypatch.chdir(tmp_path)
     for body in blocks:
-        model = stand_ins["conditional" if "findings=" in body else "plain"]
+        model = stand_ins["conditional" if "findings=" in body or "edit(" in body else "plain"]
         link = tmp_path / "lunggen-output"
         if link.is_symlink():
             link.unlink()

@@ -2,6 +2,7 @@
 mask, and `lunggen-edit`'s files, marks and one-line refusals."""
 
 import csv
+import functools
 import hashlib
 import json
 
@@ -13,7 +14,7 @@ from PIL import Image
 
 from lunggen_diffusers.data.phantom import draw_phantom
 from lunggen_diffusers.generation.edit import main as edit_main
-from lunggen_diffusers.generation.editing import METHODS, Editor, auto_mask, edit
+from lunggen_diffusers.generation.editing import METHODS, Editor, auto_mask, edit, from_model, to_model
 from lunggen_diffusers.hub import push_dataset
 from lunggen_diffusers.lunggen_pipeline import LungGenPipeline
 from lunggen_diffusers.reader_study.study import synthetic_pool
@@ -22,6 +23,7 @@ from test_conditioning import tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SOURCE, TARGET = [[], ["cardiomegaly"]], [["cardiomegaly"], []]
+edit_pt = functools.partial(edit, output_type="pt")  # tensors in, tensors out
 
 
 def _latent_pipeline():
@@ -49,7 +51,7 @@ def test_every_method_edits_toward_the_target_reproducibly(pipe, method):
     images, side = _images(pipe)
     mask = torch.zeros(2, 1, side, side)
     mask[..., side // 4: 3 * side // 4, side // 4: 3 * side // 4] = 1
-    run = lambda target, seed=0: edit(pipe, images, SOURCE, target, method, None, 2.0, 8, mask,  # noqa: E731
+    run = lambda target, seed=0: edit_pt(pipe, images, SOURCE, target, method, None, 2.0, 8, mask,  # noqa: E731
                                       generator=torch.Generator().manual_seed(seed))
     out = run(TARGET)
     assert out.shape == images.shape and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
@@ -65,25 +67,42 @@ def test_a_keep_mask_keeps_its_pixels_exactly_and_without_any_mask_the_whole_ima
     images, side = _images(pipe)
     keep = torch.zeros(2, 1, side, side)
     keep[..., :, : side // 2] = 1
-    out = edit(pipe, images, SOURCE, TARGET, "sdedit", 0.8, 2.0, 8, keep_mask=keep,
+    out = edit_pt(pipe, images, SOURCE, TARGET, "sdedit", 0.8, 2.0, 8, keep_mask_image=keep,
                generator=torch.Generator().manual_seed(0))
     assert torch.equal(out[..., : side // 2], images[..., : side // 2])
-    free = edit(pipe, images, SOURCE, TARGET, "sdedit", 0.8, 2.0, 8, generator=torch.Generator().manual_seed(0))
+    free = edit_pt(pipe, images, SOURCE, TARGET, "sdedit", 0.8, 2.0, 8, generator=torch.Generator().manual_seed(0))
     assert (free - images)[..., : side // 2].abs().mean() > 1e-3
 
 
 def test_ddim_inversion_to_the_same_labels_gives_the_image_back():
     pipe = tiny_pipeline()
     images, _ = _images(pipe)
-    out = edit(pipe, images, SOURCE, SOURCE, "ddim-inversion", 0.3, 1.0, 50)
+    out = edit_pt(pipe, images, SOURCE, SOURCE, "ddim-inversion", 0.3, 1.0, 50)
     assert (out - images).abs().mean() < 0.01  # the deterministic trajectory runs back to where it started
-    noisy = edit(pipe, images, SOURCE, SOURCE, "sdedit", 0.3, 1.0, 50, generator=torch.Generator().manual_seed(0))
+    noisy = edit_pt(pipe, images, SOURCE, SOURCE, "sdedit", 0.3, 1.0, 50, generator=torch.Generator().manual_seed(0))
     assert (noisy - images).abs().mean() > 3 * (out - images).abs().mean()
+
+
+def test_ddpm_inversion_to_the_same_labels_gives_the_image_back_at_any_guidance(pipe):
+    images, _ = _images(pipe)
+    latent = getattr(pipe, "vae", None) is not None
+    # A latent model's image can only come back as its autoencoder's reconstruction of it.
+    expected = from_model(pipe, to_model(pipe, images)) if latent else images
+    for scale in (1.0, 3.0):  # guidance is measured from the source labels: to the same labels it adds nothing
+        out = edit_pt(pipe, images, SOURCE, SOURCE, "ddpm-inversion", 0.8, scale, 8,
+                   generator=torch.Generator().manual_seed(0))
+        assert (out - expected).abs().max() < 1e-4
+    # Its noise maps are drawn from the generator: another seed, another edit of the same image.
+    run = lambda seed: edit_pt(pipe, images, SOURCE, TARGET, "ddpm-inversion", 0.8, 2.0, 8,  # noqa: E731
+                            generator=torch.Generator().manual_seed(seed))
+    assert not torch.equal(run(0), run(1))
+    with pytest.raises(ValueError, match="eta 1.0: ddpm-inversion's noise is the source's own"):
+        edit_pt(pipe, images, SOURCE, TARGET, "ddpm-inversion", eta=1.0)
 
 
 def test_eta_puts_fresh_noise_back_reproducibly_and_zero_is_deterministic_ddim(pipe):
     images, _ = _images(pipe)
-    run = lambda eta, seed: edit(pipe, images, SOURCE, TARGET, "ddim-inversion", 0.8, 2.0, 8, eta=eta,  # noqa: E731
+    run = lambda eta, seed: edit_pt(pipe, images, SOURCE, TARGET, "ddim-inversion", 0.8, 2.0, 8, eta=eta,  # noqa: E731
                                  generator=torch.Generator().manual_seed(seed))
     assert torch.equal(run(0.0, 0), run(0.0, 1))  # DDIM's own steps: the generator plays no part
     assert torch.equal(run(1.0, 0), run(1.0, 0))
@@ -108,20 +127,41 @@ def test_the_auto_mask_marks_where_the_labels_disagree_and_nothing_when_they_agr
     none = auto_mask(pipe, images, SOURCE, SOURCE, generator=torch.Generator().manual_seed(0))
     assert none.sum() == 0
     # An edit confined to an empty mask is the source itself.
-    assert torch.equal(edit(pipe, images, SOURCE, TARGET, "ddim-inversion", 0.5, 2.0, 8, none), images)
+    assert torch.equal(edit_pt(pipe, images, SOURCE, TARGET, "ddim-inversion", 0.5, 2.0, 8, none), images)
+
+
+def test_edit_takes_and_gives_images_as_diffusers_pipelines_do(pipe):
+    images, side = _images(pipe)
+    mask = torch.zeros(2, 1, side, side)
+    mask[..., side // 4: 3 * side // 4, :] = 1
+    run = lambda image, mask_image, output_type: edit(  # noqa: E731
+        pipe, image, SOURCE, TARGET, "ddpm-inversion", 0.8, 2.0, 8, mask_image,
+        generator=torch.Generator().manual_seed(0), output_type=output_type)
+    expected = run(images, mask, "pt")
+    # PIL in (an RGB image made grey, as diffusers' image processor does) and PIL out: grey images of the same size.
+    pil = [Image.fromarray(np.round(image[0].numpy() * 255).astype(np.uint8)) for image in images]
+    pil_masks = [Image.fromarray((m[0].numpy() * 255).astype(np.uint8)) for m in mask]
+    out = run([pil[0].convert("RGB"), pil[1]], pil_masks, "pil")
+    assert [(o.mode, o.size) for o in out] == [("L", (side, side))] * 2
+    # The same pixels whatever form they came in (the PNGs' 8-bit rounding aside).
+    assert np.abs(np.asarray(out[0], np.float32) / 255 - expected[0, 0].numpy()).max() <= 1 / 255 + 1e-6
+    as_np = run(images.numpy().transpose(0, 2, 3, 1), mask.numpy().transpose(0, 2, 3, 1), "np")
+    assert as_np.shape == (2, side, side, 1) and np.allclose(as_np[..., 0], expected[:, 0].numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="output_type 'latent': one of pil, np, pt"):
+        run(images, mask, "latent")
 
 
 def test_bad_edit_arguments_are_value_errors_naming_them():
     pipe = tiny_pipeline()
     images, _ = _images(pipe)
     with pytest.raises(ValueError, match="unknown editing method 'blend'"):
-        edit(pipe, images, SOURCE, TARGET, "blend")
+        edit_pt(pipe, images, SOURCE, TARGET, "blend")
     with pytest.raises(ValueError, match=r"strength 1.5"):
-        edit(pipe, images, SOURCE, TARGET, strength=1.5)
+        edit_pt(pipe, images, SOURCE, TARGET, strength=1.5)
     with pytest.raises(ValueError, match=r"eta -0.5: give 0"):
-        edit(pipe, images, SOURCE, TARGET, eta=-0.5)
+        edit_pt(pipe, images, SOURCE, TARGET, eta=-0.5)
     with pytest.raises(ValueError, match="repaint regenerates inside a mask"):
-        edit(pipe, images, SOURCE, TARGET, "repaint")
+        edit_pt(pipe, images, SOURCE, TARGET, "repaint")
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +205,7 @@ def test_lunggen_edit_writes_marked_edits_named_by_hash_and_a_manifest_without_n
     text = (out / "manifest.csv").read_text()
     assert "patient_000" not in text and "colour" not in text and str(folder) not in text
     row = rows[0]
-    assert row["source"] == "No Finding" and row["target"] == "cardiomegaly" and row["method"] == "ddim-inversion"
+    assert row["source"] == "No Finding" and row["target"] == "cardiomegaly" and row["method"] == "ddpm-inversion"
     assert row["mask"] == "auto" and row["model"] == "conditional" and row["eta"] == "0.0"
     for r in rows:
         stem = r["source_sha256"][:12]
@@ -220,7 +260,8 @@ def test_lunggen_edit_passes_eta_on_and_records_it(models, tmp_path):
     for eta in ("0", "1"):
         out = tmp_path / f"eta{eta}"
         edit_main(["--model", str(models / "conditional"), "--input", str(tmp_path / "cxr.png"), "--add",
-                   "Cardiomegaly", "--eta", eta, "--num_inference_steps", "8", "--output_dir", str(out)])
+                   "Cardiomegaly", "--method", "ddim-inversion", "--eta", eta, "--num_inference_steps", "8",
+                   "--output_dir", str(out)])
         with open(out / "manifest.csv", newline="") as f:
             (row,) = csv.DictReader(f)
         with Image.open(out / row["file"]) as edited:

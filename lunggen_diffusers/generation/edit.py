@@ -57,16 +57,17 @@ class EditArguments:
         "help": "How far up the noise schedule the edit starts, in (0, 1]; default per method "
                 f"({', '.join(f'{k} {v}' for k, v in DEFAULT_STRENGTH.items())})."})
     guidance_scale: float | None = field(default=None, metadata={"help": "Toward the target; default: the model's."})
-    num_inference_steps: int = field(default=50, metadata={"help": "DDIM steps of the whole schedule."})
+    num_inference_steps: int = field(default=50, metadata={"help": "Steps of the whole noise schedule."})
     eta: float = field(default=0.0, metadata={
-        "help": "Fresh noise put back at each step on the way down (DDIM's eta): 0 deterministic, 1 as much as "
-                "DDPM, which commits to one site of a finding the image does not place (see docs/editing.md)."})
+        "help": "ddim-inversion, sdedit, repaint: fresh noise put back at each step on the way down (DDIM's eta): "
+                "0 deterministic, 1 as much as DDPM (see docs/editing.md)."})
     mask: str | None = field(default=None, metadata={
         "help": "Where the image may change: a grey PNG of the image's size (white = may change), or `auto` "
                 "(DiffEdit: where the model's predictions under the source and target labels disagree). Outside "
                 "it the source stays exactly."})
     keep_mask: str | None = field(default=None, metadata={"help": "A PNG (white = must stay exactly as it is)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the noise (sdedit, repaint, eta) and of the auto mask."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of the noise (ddpm-inversion, sdedit, repaint, eta) and of the auto mask."})
     device: str | None = field(default=None, metadata={"help": "cuda, mps or cpu; default: the best available."})
 
 
@@ -147,7 +148,7 @@ def edit_from_args(args: EditArguments) -> list[dict]:
         if args.mask == "auto":
             used = auto_mask(pipe, images, [source], [target], generator=generator)
         edited = edit(pipe, images, [source], [target], args.method, args.strength, scale, args.num_inference_steps,
-                      used, keep, generator, eta=args.eta)
+                      used, keep, generator, eta=args.eta, output_type="pt")
         result = np.round(edited[0, 0].numpy() * 255).astype(np.uint8)
         row = {"file": f"edit_{digest[:12]}.png", "source_sha256": digest, "source": "|".join(source) or "No Finding",
                "target": "|".join(target) or "No Finding", "method": args.method,

@@ -1,19 +1,24 @@
 """Counterfactual editing: add or remove a finding in a given radiograph and keep the patient.
 
-Every method runs deterministic DDIM steps on the model's own noise schedule, in its space (pixels, or the
-autoencoder's standardised latents), conditional on the source's labels going in and the target's coming out, with
-classifier-free guidance toward the target:
+Every method runs steps on the model's own noise schedule, in its space (pixels, or the autoencoder's standardised
+latents), conditional on the source's labels going in and the target's coming out, with classifier-free guidance
+toward the target:
 
-- `ddim-inversion` (the default): the image is run up the DDIM trajectory to `strength` under its own labels, then
-  down again under the target's: what the noise keeps is the patient (Mokady et al. 2023; Hertz et al. 2022).
+- `ddpm-inversion` (the default): edit-friendly DDPM inversion (Huberman-Spiegelglas et al. 2024). The image is
+  noised independently to each timestep up to `strength`; the noise that takes the model's own step under the source
+  labels from each of these points to the one below is kept, and the steps down are taken again with it under the
+  target labels. Guidance is measured from the source labels, not from none: the edit is the model's difference
+  between the two, and a target equal to the source gives the image back exactly.
+- `ddim-inversion`: the image is run up the DDIM trajectory to `strength` under its own labels, then down again
+  under the target's: what the noise keeps is the patient (Mokady et al. 2023; Hertz et al. 2022).
 - `sdedit`: noise to `strength` from the generator, then down under the target's labels (Meng et al. 2022).
 - `repaint`: inside the mask, from noise at `strength`, with `resample` jumps back up at each step; outside, the
   source noised to each step (Lugmayr et al. 2022).
 
 A mask (`mask_image`, white = may change) makes every method a RadEdit edit (Pérez-García et al. 2024): outside it
-(or inside an explicit `keep_mask`) the source's own trajectory is re-imposed at every step, and the output there is
-the source, pixel for pixel. `auto_mask` is DiffEdit's (Couairon et al. 2023): where the model's noise predictions
-under the source and the target labels disagree.
+(or inside an explicit `keep_mask_image`) the source's own trajectory is re-imposed at every step, and the output
+there is the source, pixel for pixel. `auto_mask` is DiffEdit's (Couairon et al. 2023): where the model's noise
+predictions under the source and the target labels disagree.
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.image_processor import VaeImageProcessor
 
 from ..lunggen_pipeline import decode_latents, encode_moments, postprocess, sample_latents
 
-METHODS = ("ddim-inversion", "sdedit", "repaint")
-DEFAULT_METHOD = "ddim-inversion"
-DEFAULT_STRENGTH = {"ddim-inversion": 0.8, "sdedit": 0.6, "repaint": 1.0}
+METHODS = ("ddpm-inversion", "ddim-inversion", "sdedit", "repaint")
+DEFAULT_METHOD = "ddpm-inversion"
+DEFAULT_STRENGTH = {"ddpm-inversion": 0.8, "ddim-inversion": 0.8, "sdedit": 0.6, "repaint": 1.0}
+# diffusers' own image and mask handling, kept grey and in [0, 1]; masks binarised at 0.5.
+IMAGES = VaeImageProcessor(do_resize=False, do_normalize=False, do_convert_grayscale=True)
+MASKS = VaeImageProcessor(do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
 
 
 def _alphas(pipe) -> torch.Tensor:
@@ -70,15 +79,18 @@ class Editor:
         """Cumulative alpha at timestep index i (-1: the clean image)."""
         return self.alphas[self.timesteps[i]] if i >= 0 else torch.tensor(1.0, device=self.alphas.device)
 
-    def predict(self, x: torch.Tensor, i: int, labels, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, x: torch.Tensor, i: int, labels, guided: bool, start=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise, clean image) predicted at timestep index i; guided: `start + scale * (labels - start)`, where
+        `start` is the null label unless given (the source's labels for DDPM inversion)."""
         t = torch.full((len(x),), self.timesteps[i], device=x.device, dtype=torch.long)
         if labels is None:  # an unconditional model
             output = self.unet(x, t).sample
         elif not guided or self.scale == 1:
             output = self.unet(x, t, encoder_hidden_states=None, class_labels=labels).sample
         else:
+            start = self.null if start is None else start
             both = self.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=None,
-                             class_labels=torch.cat([labels, self.null])).sample
+                             class_labels=torch.cat([labels, start])).sample
             conditional, unconditional = both.chunk(2)
             output = unconditional + self.scale * (conditional - unconditional)
         eps, x0 = _split(output, x, self.alpha(i), self.kind)
@@ -91,15 +103,44 @@ class Editor:
         a = self.alpha(i)
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
-    def step(self, clean: torch.Tensor, eps: torch.Tensor, i: int, eta: float, generator) -> torch.Tensor:
-        """From timestep index i down to i - 1; `eta` > 0 puts fresh noise back (1: as much as DDPM), so the
-        sampler commits to one way of drawing a finding instead of the average of all of them."""
-        if eta == 0 or i == 0:
-            return self.move(clean, eps, i - 1)
+    def sigma(self, i: int, eta: float) -> torch.Tensor:
+        """The noise of the step from timestep index i down to i - 1 (eta 1: DDPM's)."""
         a, before = self.alpha(i), self.alpha(i - 1)
-        sigma = eta * ((1 - before) / (1 - a) * (1 - a / before)).sqrt()
-        fresh = torch.randn(clean.shape, generator=generator, device="cpu").to(clean)
-        return before.sqrt() * clean + (1 - before - sigma**2).sqrt() * eps + sigma * fresh
+        return eta * ((1 - before) / (1 - a) * (1 - a / before)).sqrt()
+
+    def step(self, clean: torch.Tensor, eps: torch.Tensor, i: int, eta: float, generator,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
+        """From timestep index i down to i - 1; `eta` > 0 puts fresh noise back (1: as much as DDPM), so the
+        sampler commits to one way of drawing a finding instead of the average of all of them. `noise` is DDPM
+        inversion's for this step, at eta 1 (at the last step: what is added to the clean image)."""
+        if noise is not None:
+            if i == 0:
+                return clean + noise
+            eta = 1.0
+        elif eta == 0 or i == 0:
+            return self.move(clean, eps, i - 1)
+        before, sigma = self.alpha(i - 1), self.sigma(i, eta)
+        if noise is None:
+            noise = torch.randn(clean.shape, generator=generator, device="cpu").to(clean)
+        return before.sqrt() * clean + (1 - before - sigma**2).sqrt() * eps + sigma * noise
+
+    def noise_maps(self, x0: torch.Tensor, generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Edit-friendly DDPM inversion: the image noised independently to each timestep index ([x at 0, x at 1,
+        ...]), and the noise that takes the model's own step under the source labels from each of these points to
+        the one below (at index 0, what the clean prediction lacks of the image), so that stepping down with them
+        under the source labels gives the image back."""
+        points = [self.move(x0, torch.randn(x0.shape, generator=generator, device="cpu").to(x0), i)
+                  for i in range(len(self.timesteps))]
+        maps = []
+        for i, x in enumerate(points):
+            eps, clean = self.predict(x, i, self.source, guided=False)
+            if i == 0:
+                maps.append(x0 - clean)
+                continue
+            before = self.alpha(i - 1)
+            rest = before.sqrt() * clean + (1 - before - self.sigma(i, 1.0) ** 2).sqrt() * eps
+            maps.append((points[i - 1] - rest) / self.sigma(i, 1.0))
+        return points, maps
 
     def invert(self, x0: torch.Tensor) -> list[torch.Tensor]:
         """The source's DDIM trajectory up each timestep, under its own labels: [x0, x at index 0, x at 1, ...]. Each
@@ -136,12 +177,13 @@ def _to_space(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def auto_mask(pipe, images: torch.Tensor, source: Sequence, target: Sequence, num_draws: int = 8,
+def auto_mask(pipe, image, source: Sequence, target: Sequence, num_draws: int = 8,
               strength: float = 0.5, threshold: float = 0.5, generator: torch.Generator | None = None,
               guidance_scale: float = 1.0) -> torch.Tensor:
-    """DiffEdit's mask (N, 1, H, W) in {0, 1}: noise the image to `strength` `num_draws` times, and mark where the
-    model's noise predictions under the target and the source labels differ by more than `threshold` of the
-    largest difference (after smoothing)."""
+    """DiffEdit's mask (N, 1, H, W) in {0, 1} of `image` (in any form `edit` takes): noise the image to `strength`
+    `num_draws` times, and mark where the model's noise predictions under the target and the source labels differ by
+    more than `threshold` of the largest difference (after smoothing)."""
+    images = IMAGES.preprocess(image).float().cpu()
     x0 = to_model(pipe, images)
     editor = Editor(pipe, source, target, guidance_scale, 50, strength)
     last = len(editor.timesteps) - 1
@@ -163,16 +205,22 @@ def auto_mask(pipe, images: torch.Tensor, source: Sequence, target: Sequence, nu
 
 
 @torch.no_grad()
-def edit(pipe, images: torch.Tensor, source: Sequence, target: Sequence, method: str = DEFAULT_METHOD,
+def edit(pipe, image, source: Sequence, target: Sequence, method: str = DEFAULT_METHOD,
          strength: float | None = None, guidance_scale: float = 2.0, num_inference_steps: int = 50,
-         mask: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None,
-         generator: torch.Generator | None = None, resample: int = 2, eta: float = 0.0) -> torch.Tensor:
-    """Edit `images` (N, 1, H, W) in [0, 1] from their `source` labels (one list of names per image) to `target`;
-    returns the edited images (N, 1, H, W) in [0, 1], float32 on the CPU.
+         mask_image=None, keep_mask_image=None, generator: torch.Generator | None = None, resample: int = 2,
+         eta: float = 0.0, output_type: str = "pil"):
+    """Edit `image` from its `source` labels (one list of names per image) to `target`, as diffusers' image-to-image
+    and inpainting pipelines take their arguments: `image` a PIL image, a list of them, or an array or tensor in
+    [0, 1] ((N, 1, H, W) or (N, H, W)); `output_type` "pil" (a list of grey images), "np" ((N, H, W, 1) in [0, 1]) or
+    "pt" ((N, 1, H, W) in [0, 1], float32 on the CPU).
 
-    `mask` (white = may change) and `keep_mask` (white = must stay) are pixel masks of the images' size; with either,
-    the kept region's output is the source's pixels exactly. `eta` puts fresh noise from `generator` back at each
-    step down (DDIM's eta; the inversion up stays deterministic)."""
+    `mask_image` (white = may change) and `keep_mask_image` (white = must stay) are masks of the images' size, in the
+    same forms; with either, the kept region's output is the source's pixels exactly. `eta` puts fresh noise from
+    `generator` back at each step down (DDIM's eta; the inversion up stays deterministic)."""
+    if output_type not in ("pil", "np", "pt"):
+        raise ValueError(f"output_type {output_type!r}: one of pil, np, pt")
+    images = IMAGES.preprocess(image).float().cpu()
+    mask, keep_mask = (None if m is None else MASKS.preprocess(m).float().cpu() for m in (mask_image, keep_mask_image))
     if method not in METHODS:
         raise ValueError(f"unknown editing method {method!r}; accepted: {', '.join(METHODS)}")
     strength = DEFAULT_STRENGTH[method] if strength is None else strength
@@ -180,6 +228,9 @@ def edit(pipe, images: torch.Tensor, source: Sequence, target: Sequence, method:
         raise ValueError(f"strength {strength}: give a fraction of the noise schedule in (0, 1]")
     if eta < 0:
         raise ValueError(f"eta {eta}: give 0 (deterministic DDIM) or more (1: as much fresh noise as DDPM)")
+    if eta and method == "ddpm-inversion":
+        raise ValueError(f"eta {eta}: ddpm-inversion's noise is the source's own at every step; eta is for "
+                         f"{', '.join(m for m in METHODS if m != 'ddpm-inversion')}")
     if method == "repaint" and mask is None:
         raise ValueError("repaint regenerates inside a mask: give mask_image (or --mask auto)")
     keep = None
@@ -192,7 +243,12 @@ def edit(pipe, images: torch.Tensor, source: Sequence, target: Sequence, method:
     keep_m = None if keep is None else _to_space(keep, x0)
     last = len(editor.timesteps) - 1
 
-    if method == "ddim-inversion":
+    maps = None
+    if method == "ddpm-inversion":
+        points, maps = editor.noise_maps(x0, generator)
+        known = points.__getitem__  # the source's own point at timestep index i
+        x = known(last)
+    elif method == "ddim-inversion":
         path = editor.invert(x0)
         x = path[-1]
         known = lambda i: path[i + 1]  # noqa: E731  (the source's own point at timestep index i)
@@ -204,8 +260,12 @@ def edit(pipe, images: torch.Tensor, source: Sequence, target: Sequence, method:
         for jump in range(resample if method == "repaint" else 1):
             if keep_m is not None:
                 x = keep_m * known(i) + (1 - keep_m) * x
-            eps, clean = editor.predict(x, i, editor.target, guided=True)
-            x = editor.step(clean, eps, i, eta, generator)
+            if maps is None:
+                eps, clean = editor.predict(x, i, editor.target, guided=True)
+                x = editor.step(clean, eps, i, eta, generator)
+            else:
+                eps, clean = editor.predict(x, i, editor.target, guided=True, start=editor.source)
+                x = editor.step(clean, eps, i, eta, generator, noise=maps[i])
             if method == "repaint" and jump < resample - 1 and i > 0:
                 # Back up one step with fresh noise, so the inside and the known outside can agree (RePaint).
                 ratio = editor.alpha(i) / editor.alpha(i - 1)
@@ -213,5 +273,5 @@ def edit(pipe, images: torch.Tensor, source: Sequence, target: Sequence, method:
                 x = ratio.sqrt() * x + (1 - ratio).sqrt() * fresh
     edited = from_model(pipe, x)
     if keep is not None:  # the kept pixels are the source's, exactly (a decoder would blur them on latents)
-        edited = keep * images.cpu() + (1 - keep) * edited
-    return edited
+        edited = keep * images + (1 - keep) * edited
+    return IMAGES.postprocess(edited, output_type)
