@@ -1,6 +1,6 @@
 """`lunggen-edit`: add or remove findings in given radiographs with a conditional model, keeping the patient.
 
-    lunggen-edit --model cond-demo --input cxr.png --add Effusion --output_dir edits/
+    lunggen-edit --model cond-demo --input cxr.png --add pleural_effusion --mask auto --output_dir edits/
     lunggen-edit --model my-org/lunggen-256 --input /data/pacs-export --remove Cardiomegaly --mask auto \
         --output_dir edits/
 
