@@ -46,6 +46,10 @@ FINDINGS = (
     "Aortic Enlargement", "Calcification", "ILD", "Nodule/Mass", "Other Lesion",
     "No Lung Opacity / Not Normal", "No Lung Opacity",
 )
+# Findings that sit at one site. Adding one, the auto mask keeps the one region the model favours most
+# (`generation.editing.auto_mask`): DiffEdit marks every site the finding could take, and an edit over all of them
+# draws it faintly at each. Effusion (often both sides) and diffuse findings are not among them.
+FOCAL_FINDINGS = ("Consolidation", "Lung Lesion", "Mass", "Nodule", "Nodule/Mass")
 # Each source's own spellings -> the canonical name (a name equal to a canonical one after `normalize` needs no
 # entry). The collection readers extend this table; the README shows it.
 ALIASES = {

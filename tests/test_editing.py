@@ -14,7 +14,8 @@ from PIL import Image
 
 from lunggen_diffusers.data.phantom import draw_phantom
 from lunggen_diffusers.generation.edit import main as edit_main
-from lunggen_diffusers.generation.editing import METHODS, Editor, auto_mask, edit, from_model, to_model
+from lunggen_diffusers.generation.editing import (METHODS, Editor, _strongest_region, adds_one_focal_site, auto_mask,
+                                                  edit, from_model, to_model)
 from lunggen_diffusers.hub import push_dataset
 from lunggen_diffusers.lunggen_pipeline import LungGenPipeline
 from lunggen_diffusers.reader_study.study import synthetic_pool
@@ -130,6 +131,35 @@ def test_the_auto_mask_marks_where_the_labels_disagree_and_nothing_when_they_agr
     assert torch.equal(edit_pt(pipe, images, SOURCE, TARGET, "ddim-inversion", 0.5, 2.0, 8, none), images)
 
 
+def test_the_strongest_region_is_the_connected_one_holding_the_most_difference():
+    mask, weight = torch.zeros(12, 12), torch.ones(12, 12)
+    mask[1:3, 1:3] = 1  # 4 pixels, each of weight 5
+    weight[1:3, 1:3] = 5
+    mask[6:11, 6:9] = 1  # 15 pixels of weight 1, with a diagonal neighbour: one region of 16
+    mask[11, 9] = 1
+    mask[0, 11] = 1  # a lone pixel
+    strongest = _strongest_region(mask, weight)
+    assert strongest.sum() == 4 and strongest[1:3, 1:3].all()
+    strongest = _strongest_region(mask, torch.ones(12, 12))
+    assert strongest.sum() == 16 and strongest[11, 9] == 1 and strongest[0, 11] == 0
+    assert _strongest_region(torch.zeros(5, 5), torch.ones(5, 5)).sum() == 0
+
+
+def test_the_auto_mask_keeps_one_site_for_focal_additions_only(pipe):
+    images, _ = _images(pipe)
+    draw = lambda source, target, one_site=None: auto_mask(  # noqa: E731
+        pipe, images, source, target, generator=torch.Generator().manual_seed(0), one_site=one_site)
+    add_nodule = ([[], ["cardiomegaly"]], [["nodule"], ["cardiomegaly", "nodule"]])
+    one, every = draw(*add_nodule, one_site=True), draw(*add_nodule, one_site=False)
+    assert torch.equal(draw(*add_nodule), one) and (one <= every).all() and one.sum() > 0
+    for source, target in (([[], []], [["pleural_effusion"]] * 2),  # effusion is often on both sides
+                           ([["nodule"]] * 2, [[], []]),  # a removal, wherever the finding is
+                           ([["cardiomegaly"]] * 2, [["nodule"]] * 2)):  # adds a nodule but removes another
+        assert torch.equal(draw(source, target), draw(source, target, one_site=False))
+    assert adds_one_focal_site([], ["Consolidation"]) and adds_one_focal_site(["Effusion"], ["Effusion", "Mass"])
+    assert not adds_one_focal_site([], ["Effusion", "Nodule"]) and not adds_one_focal_site(["Nodule"], [])
+
+
 def test_edit_takes_and_gives_images_as_diffusers_pipelines_do(pipe):
     images, side = _images(pipe)
     mask = torch.zeros(2, 1, side, side)
@@ -206,7 +236,7 @@ def test_lunggen_edit_writes_marked_edits_named_by_hash_and_a_manifest_without_n
     assert "patient_000" not in text and "colour" not in text and str(folder) not in text
     row = rows[0]
     assert row["source"] == "No Finding" and row["target"] == "cardiomegaly" and row["method"] == "ddpm-inversion"
-    assert row["mask"] == "auto" and row["model"] == "conditional" and row["eta"] == "0.0"
+    assert row["mask"] == "auto (all sites)" and row["model"] == "conditional" and row["eta"] == "0.0"
     for r in rows:
         stem = r["source_sha256"][:12]
         assert {f"edit_{stem}.png", f"difference_{stem}.png", f"grid_{stem}.png"} <= {p.name for p in out.iterdir()}
@@ -230,6 +260,7 @@ def test_lunggen_edit_writes_marked_edits_named_by_hash_and_a_manifest_without_n
     ("conditional", ["--add", "Cardiomegaly", "--remove", "Cardiomegaly"], "both added and removed"),
     ("conditional", ["--add", "Cardiomegaly", "--mask", "{mask}"], "give a mask of the images' size (16x16)"),
     ("conditional", ["--add", "Cardiomegaly", "--method", "blend"], "--method 'blend'"),
+    ("conditional", ["--add", "Nodule", "--mask", "auto", "--mask_sites", "two"], "--mask_sites 'two': one of auto"),
 ])
 def test_lunggen_edit_refuses_in_one_line(models, tmp_path, capsys, model, extra, words):
     folder = _inputs(tmp_path)

@@ -29,13 +29,14 @@ from ..data.decode import open_image
 from ..data.transforms import preprocess_image
 from ..runtime import end_processes, process_device, process_state
 from ..utils import DERIVED_FROM_REAL, IMAGE_EXTENSIONS, atomic_path, image_grid, is_dicom, list_images
-from .editing import DEFAULT_METHOD, DEFAULT_STRENGTH, METHODS, auto_mask, edit
+from .editing import DEFAULT_METHOD, DEFAULT_STRENGTH, METHODS, adds_one_focal_site, auto_mask, edit
 from .sampling import image_side, load_pipeline, model_label, resolve_guidance
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.csv"
 FIELDS = ("file", "source_sha256", "source", "target", "method", "strength", "guidance_scale", "eta", "steps",
           "seed", "mask", "model", "revision")
+SITES = {"auto": None, "one": True, "all": False}  # --mask_sites -> auto_mask's one_site
 EDITED_NOTICE = ("EDITED from a real patient's radiograph by a diffusion model: patient data, not synthetic and not "
                  "anonymous; research use only, not for diagnosis.")
 
@@ -65,6 +66,10 @@ class EditArguments:
         "help": "Where the image may change: a grey PNG of the image's size (white = may change), or `auto` "
                 "(DiffEdit: where the model's predictions under the source and target labels disagree). Outside "
                 "it the source stays exactly."})
+    mask_sites: str = field(default="auto", metadata={
+        "help": "With --mask auto: `one` keeps only the region where the predictions disagree most, `all` every "
+                "region; `auto` one when the edit only adds focal findings (a consolidation, nodule or mass sits at "
+                "one site), else all."})
     keep_mask: str | None = field(default=None, metadata={"help": "A PNG (white = must stay exactly as it is)."})
     seed: int = field(default=0, metadata={
         "help": "Seed of the noise (ddpm-inversion, sdedit, repaint, eta) and of the auto mask."})
@@ -134,19 +139,25 @@ def edit_from_args(args: EditArguments) -> list[dict]:
     pipe, revision = load_pipeline(args.model, device=args.device or process_device(state))
     source, target = labels_of(pipe, args)
     side = image_side(pipe)
+    if args.mask_sites not in SITES:
+        raise ValueError(f"--mask_sites {args.mask_sites!r}: one of {', '.join(SITES)}")
+    one_site = SITES[args.mask_sites]
+    if one_site is None:
+        one_site = adds_one_focal_site(source, target)
     mask = None if args.mask in (None, "auto") else read_mask(args.mask, side, "mask")
     keep = None if args.keep_mask is None else read_mask(args.keep_mask, side, "keep_mask")
     scale = resolve_guidance(pipe, args.guidance_scale)
     inputs = read_inputs(args.input, side)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    mask_cell = {None: None, "auto": f"auto ({'one site' if one_site else 'all sites'})"}.get(args.mask, "given")
     rows = []
     for pixels, digest in inputs:
         images = torch.from_numpy(pixels.astype(np.float32) / 255)[None, None]
         generator = torch.Generator("cpu").manual_seed(args.seed)
         used = mask
         if args.mask == "auto":
-            used = auto_mask(pipe, images, [source], [target], generator=generator)
+            used = auto_mask(pipe, images, [source], [target], generator=generator, one_site=one_site)
         edited = edit(pipe, images, [source], [target], args.method, args.strength, scale, args.num_inference_steps,
                       used, keep, generator, eta=args.eta, output_type="pt")
         result = np.round(edited[0, 0].numpy() * 255).astype(np.uint8)
@@ -154,7 +165,7 @@ def edit_from_args(args: EditArguments) -> list[dict]:
                "target": "|".join(target) or "No Finding", "method": args.method,
                "strength": args.strength if args.strength is not None else DEFAULT_STRENGTH[args.method],
                "guidance_scale": scale, "eta": args.eta, "steps": args.num_inference_steps, "seed": args.seed,
-               "mask": args.mask if args.mask in (None, "auto") else "given", "model": model_label(args.model),
+               "mask": mask_cell, "model": model_label(args.model),
                "revision": revision or ""}
         info = PngInfo()
         info.add_text("Description", EDITED_NOTICE)
