@@ -18,7 +18,8 @@ toward the target:
 A mask (`mask_image`, white = may change) makes every method a RadEdit edit (Pérez-García et al. 2024): outside it
 (or inside an explicit `keep_mask_image`) the source's own trajectory is re-imposed at every step, and the output
 there is the source, pixel for pixel. `auto_mask` is DiffEdit's (Couairon et al. 2023): where the model's noise
-predictions under the source and the target labels disagree.
+predictions under the source and the target labels disagree; adding a focal finding, only the region where they
+disagree most, so the finding goes to one site.
 """
 
 from __future__ import annotations
@@ -186,14 +187,14 @@ def adds_one_focal_site(source: Sequence[str], target: Sequence[str]) -> bool:
 def _strongest_region(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The connected region (8 neighbours) of a (H, W) mask in {0, 1} holding the most `weight`."""
     h, w = mask.shape
-    ids = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, 1, h, w) * mask
+    ids = torch.arange(1, h * w + 1, dtype=torch.float32, device=mask.device).view(1, 1, h, w) * mask
     while True:  # every pixel of a region takes the region's largest id
         grown = F.max_pool2d(ids, 3, stride=1, padding=1) * mask
         if torch.equal(grown, ids):
             break
         ids = grown
     ids = ids.view(-1).long()
-    totals = torch.zeros(h * w + 1).index_add_(0, ids, weight.reshape(-1).float().cpu())
+    totals = torch.zeros(h * w + 1, device=ids.device).index_add_(0, ids, weight.reshape(-1).float())
     totals[0] = -1  # the background is never the region
     return (ids == totals.argmax()).view(h, w).to(mask)
 
@@ -208,7 +209,7 @@ def auto_mask(pipe, image, source: Sequence, target: Sequence, num_draws: int = 
     with the most difference; None: for the images whose edit adds focal findings only (`adds_one_focal_site`).
 
     The threshold is DiffEdit's 0.5 lowered to 0.35: at 0.5 the mask covered about 40% of where the true
-    counterfactual differs on the phantom, and what it leaves out cannot change (docs/editing.md has the figures)."""
+    counterfactual differs on the phantom, and what it leaves out cannot change (benchmarks/HISTORY.md)."""
     images = IMAGES.preprocess(image).float().cpu()
     x0 = to_model(pipe, images)
     editor = Editor(pipe, source, target, guidance_scale, 50, strength)
