@@ -261,6 +261,7 @@ def test_lunggen_edit_writes_marked_edits_named_by_hash_and_a_manifest_without_n
     ("conditional", ["--add", "Cardiomegaly", "--mask", "{mask}"], "give a mask of the images' size (16x16)"),
     ("conditional", ["--add", "Cardiomegaly", "--method", "blend"], "--method 'blend'"),
     ("conditional", ["--add", "Nodule", "--mask", "auto", "--mask_sites", "two"], "--mask_sites 'two': one of auto"),
+    ("conditional", ["--add", "Nodule", "--mask_sites", "one"], "--mask_sites one chooses among the auto mask's"),
 ])
 def test_lunggen_edit_refuses_in_one_line(models, tmp_path, capsys, model, extra, words):
     folder = _inputs(tmp_path)
@@ -272,6 +273,16 @@ def test_lunggen_edit_refuses_in_one_line(models, tmp_path, capsys, model, extra
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
     assert not (tmp_path / "out" / "manifest.csv").exists()
+
+
+@pytest.mark.parametrize("extra, cell", [([], "auto (one site)"), (["--mask_sites", "all"], "auto (all sites)")])
+def test_lunggen_edit_records_how_many_sites_an_auto_mask_kept(models, tmp_path, extra, cell):
+    Image.fromarray(_phantom(0, 16)).save(tmp_path / "cxr.png")
+    edit_main(["--model", str(models / "conditional"), "--input", str(tmp_path / "cxr.png"), "--add", "Nodule",
+               "--mask", "auto", "--num_inference_steps", "4", "--output_dir", str(tmp_path / "out"), *extra])
+    with open(tmp_path / "out" / "manifest.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert row["mask"] == cell
 
 
 def test_an_edit_of_a_dicom_file_reads_its_grey_pipeline(models, tmp_path):

@@ -141,6 +141,8 @@ def edit_from_args(args: EditArguments) -> list[dict]:
     side = image_side(pipe)
     if args.mask_sites not in SITES:
         raise ValueError(f"--mask_sites {args.mask_sites!r}: one of {', '.join(SITES)}")
+    if args.mask_sites != "auto" and args.mask != "auto":
+        raise ValueError(f"--mask_sites {args.mask_sites} chooses among the auto mask's regions: give --mask auto")
     one_site = SITES[args.mask_sites]
     if one_site is None:
         one_site = adds_one_focal_site(source, target)
