@@ -38,7 +38,8 @@ from lunggen_diffusers.evaluation.metrics import ssim_map  # noqa: E402
 from lunggen_diffusers.evaluation.phantom_classifier import (BINARY_OUTPUTS, FEMALE, HEART_RIGHT,  # noqa: E402
                                                             VIEW_AP, load_classifier)
 from lunggen_diffusers.evaluation.stats import wilson  # noqa: E402
-from lunggen_diffusers.generation.editing import DEFAULT_METHOD, DEFAULT_STRENGTH, METHODS, auto_mask, edit  # noqa
+from lunggen_diffusers.generation.editing import (DEFAULT_GUIDANCE_RISE, DEFAULT_METHOD,  # noqa: E402
+                                                  DEFAULT_STRENGTH, METHODS, auto_mask, edit)
 from lunggen_diffusers.generation.sampling import image_side, load_pipeline, resolve_guidance  # noqa: E402
 from common import finish  # noqa: E402  (beside this file)
 
@@ -92,8 +93,9 @@ def measure(source, edited, truth, inside, read_source, read_edited, read_truth,
 
 
 def run_edits(pipe, images, source, target, method, strength, scale, steps, mask_kind, truth_masks, batch, seed,
-              eta=0.0):
-    out = []
+              eta=0.0, guidance_rise=DEFAULT_GUIDANCE_RISE) -> tuple[np.ndarray, np.ndarray]:
+    """(the edited images, uint8 (N, side, side); the guidance each was edited at)."""
+    out, scales = [], []
     for start in range(0, len(images), batch):
         x = torch.from_numpy(images[start:start + batch].astype(np.float32) / 255)[:, None]
         generator = torch.Generator().manual_seed(seed + start)
@@ -105,10 +107,11 @@ def run_edits(pipe, images, source, target, method, strength, scale, steps, mask
             mask = torch.from_numpy(truth_masks[start:start + batch].astype(np.float32))[:, None]
         if method == "repaint" and mask is None:
             raise ValueError("repaint needs --mask auto or truth")
-        edited = edit(pipe, x, src, tgt, method, strength, scale, steps, mask, generator=generator, eta=eta,
-                      output_type="pt")
+        edited, used = edit(pipe, x, src, tgt, method, strength, scale, steps, mask, generator=generator, eta=eta,
+                            output_type="pt", guidance_rise=guidance_rise, return_guidance=True)
         out.append(np.round(edited[:, 0].numpy() * 255).astype(np.uint8))
-    return np.concatenate(out)
+        scales += used
+    return np.concatenate(out), np.array(scales)
 
 
 def picture(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: str) -> None:
@@ -138,6 +141,8 @@ def main() -> None:
     parser.add_argument("--num_inference_steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=None)
     parser.add_argument("--eta", type=float, default=0.0, help="fresh noise on the way down, as lunggen-edit --eta")
+    parser.add_argument("--guidance_rise", type=float, default=DEFAULT_GUIDANCE_RISE,
+                        help="as lunggen-edit --guidance_rise (0: one pass at --guidance_scale)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--stress", action="store_true")
     parser.add_argument("--picture", default=None)
@@ -170,15 +175,18 @@ def main() -> None:
             for method in args.methods:
                 for strength in args.strengths or [DEFAULT_STRENGTH[method]]:
                     t0 = time.perf_counter()
-                    edited = run_edits(pipe, source, *labels, method, strength, scale, args.num_inference_steps,
-                                       args.mask, inside, args.batch_size, 0, args.eta)
+                    edited, used = run_edits(pipe, source, *labels, method, strength, scale,
+                                             args.num_inference_steps, args.mask, inside, args.batch_size, 0, args.eta,
+                                             args.guidance_rise)
                     row = measure(source, edited, truth, inside, read_source, classifier.predict(edited), read_truth,
                                   finding, add)
                     row.update(finding=finding, direction="add" if add else "remove", method=method,
-                               strength=strength, mask=args.mask, seconds=round(time.perf_counter() - t0, 1))
+                               strength=strength, mask=args.mask, raised=float((used > scale).mean()),
+                               mean_guidance=float(used.mean()), seconds=round(time.perf_counter() - t0, 1))
                     results.append(row)
                     print(json.dumps({k: row[k] for k in ("finding", "direction", "method", "strength", "success",
-                                                          "outside_mae", "outside_ssim", "inside_ratio")}), flush=True)
+                                                          "outside_mae", "outside_ssim", "inside_ratio", "raised")}),
+                          flush=True)
                     if method == args.methods[0] and strength == (args.strengths or [DEFAULT_STRENGTH[method]])[0]:
                         examples.append((f"{'+' if add else '-'}{finding}", source[0], edited[0], truth[0]))
     stress = None
@@ -191,10 +199,10 @@ def main() -> None:
             originals = np.concatenate([without, with_it])
             labels = np.r_[np.zeros(len(without)), np.ones(len(with_it))]
             settings = (args.methods[0], None, scale, args.num_inference_steps, args.mask)
-            added = run_edits(pipe, without, [], [name[finding]], *settings, region(without, with_it),
-                              args.batch_size, 0, args.eta)
-            removed = run_edits(pipe, with_it, [name[finding]], [], *settings, region(with_it, without),
-                                args.batch_size, 0, args.eta)
+            added, _ = run_edits(pipe, without, [], [name[finding]], *settings, region(without, with_it),
+                                 args.batch_size, 0, args.eta, args.guidance_rise)
+            removed, _ = run_edits(pipe, with_it, [name[finding]], [], *settings, region(with_it, without),
+                                   args.batch_size, 0, args.eta, args.guidance_rise)
             edits = np.concatenate([added, removed])
             before, after = classifier.predict(originals)[:, column] >= 0.5, classifier.predict(edits)[:, column] >= 0.5
             flipped = 1 - labels

@@ -5,6 +5,7 @@ import csv
 import functools
 import hashlib
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ from PIL import Image
 
 from lunggen_diffusers.data.phantom import draw_phantom
 from lunggen_diffusers.generation.edit import main as edit_main
+from lunggen_diffusers.generation import editing
 from lunggen_diffusers.generation.editing import (METHODS, Editor, _strongest_region, adds_one_focal_site, auto_mask,
-                                                  edit, from_model, to_model)
+                                                  edit, from_model, reads_target, to_model)
 from lunggen_diffusers.hub import push_dataset
 from lunggen_diffusers.lunggen_pipeline import LungGenPipeline
 from lunggen_diffusers.reader_study.study import synthetic_pool
@@ -194,6 +196,63 @@ def test_bad_edit_arguments_are_value_errors_naming_them():
         edit_pt(pipe, images, SOURCE, TARGET, "repaint")
 
 
+class Oracle(torch.nn.Module):
+    """A denoiser that knows the clean images `x0`: given cardiomegaly among its labels it predicts the noise exactly,
+    without it, none."""
+
+    def __init__(self, x0, alphas, column):
+        super().__init__()
+        self.x0, self.alphas, self.column = x0, alphas, column
+        self.dtype, self.device = torch.float32, torch.device("cpu")
+
+    def forward(self, x, t, encoder_hidden_states=None, class_labels=None):
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        exact = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+        return SimpleNamespace(sample=class_labels[:, self.column].view(-1, 1, 1, 1) * exact)
+
+
+def test_the_model_reads_an_image_as_the_labels_under_which_it_predicts_the_noise_better():
+    tiny = tiny_pipeline()
+    images, side = _images(tiny)
+    column = tiny.labels.names.index(tiny.labels.canonical(["cardiomegaly"])[0])
+    oracle = Oracle(to_model(tiny, images), tiny.scheduler.alphas_cumprod.float(), column)
+    pipe = SimpleNamespace(unet=oracle, scheduler=tiny.scheduler, encode=tiny.encode)
+    read = lambda source, target, region=None: reads_target(  # noqa: E731
+        pipe, images, source, target, region, generator=torch.Generator().manual_seed(0)).tolist()
+    with_it, without = [["cardiomegaly"]] * 2, [[]] * 2
+    assert read(without, with_it) == [True, True]  # the target's labels explain the noise: an addition taken
+    assert read(with_it, without) == [False, False]  # a removal the image does not show: not taken
+    assert read(with_it, with_it) == [False, False]  # the same labels both ways: read as neither
+    assert read(without, with_it, torch.zeros(2, 1, side, side)) == [False, False]  # nothing counted
+
+
+def test_an_edit_the_model_reads_as_its_source_is_taken_again_with_the_same_noise_at_higher_guidance(monkeypatch):
+    pipe = tiny_pipeline()
+    images, side = _images(pipe)
+    mask = torch.zeros(1, 1, side, side)
+    mask[..., side // 4: 3 * side // 4, :] = 1  # one mask for both images
+    run = lambda images, source, target, scale=2.0, rise=1.0: edit_pt(  # noqa: E731
+        pipe, images, source, target, "ddpm-inversion", 0.8, scale, 8, mask, generator=torch.Generator().manual_seed(0),
+        guidance_rise=rise, return_guidance=True)
+    calls = []
+    monkeypatch.setattr(editing, "reads_target", lambda pipe, image, source, target, region, generator: (
+        calls.append((len(image), region.sum().item())) or torch.tensor([False] * len(image))))
+    # Read as the source every time: raised by 0.5 at a time, to 2 + 1; the image with nothing to change never.
+    out, scales = run(images, [[], ["cardiomegaly"]], [["cardiomegaly"], ["cardiomegaly"]])
+    assert scales == [3.0, 2.0] and calls == [(1, mask.sum().item())] * 2  # read inside the mask only
+    alone, (scale,) = run(images[:1], [[]], [["cardiomegaly"]], 3.0, 0.0)
+    assert scale == 3.0 and torch.equal(out[:1], alone)  # what an edit at 3 gives, the same noise
+    first, _ = run(images, [[], ["cardiomegaly"]], [["cardiomegaly"], ["cardiomegaly"]], rise=0.0)
+    assert torch.equal(out[1:], first[1:]) and not torch.equal(out[:1], first[:1])
+    calls.clear()
+    assert run(images, [[], []], [["cardiomegaly"]] * 2, rise=0.4)[1] == [2.0, 2.0] and not calls  # under a step
+    monkeypatch.setattr(editing, "reads_target", lambda pipe, image, *args, **kwargs: torch.tensor([True] * len(image)))
+    again, scales = run(images, [[], []], [["cardiomegaly"]] * 2)
+    assert scales == [2.0, 2.0] and torch.equal(again, run(images, [[], []], [["cardiomegaly"]] * 2, rise=0.0)[0])
+    with pytest.raises(ValueError, match=r"guidance_rise -1.0: give 0 \(never\) or more"):
+        run(images, [[]] * 2, [["cardiomegaly"]] * 2, rise=-1.0)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("edit-models")
@@ -237,6 +296,8 @@ def test_lunggen_edit_writes_marked_edits_named_by_hash_and_a_manifest_without_n
     row = rows[0]
     assert row["source"] == "No Finding" and row["target"] == "cardiomegaly" and row["method"] == "ddpm-inversion"
     assert row["mask"] == "auto (all sites)" and row["model"] == "conditional" and row["eta"] == "0.0"
+    # The guidance each image was edited at: the model's 2, raised by 0.5 where it read the edit as its source.
+    assert row["guidance_rise"] == "1.0" and {r["guidance_scale"] for r in rows} <= {"2.0", "2.5", "3.0"}
     for r in rows:
         stem = r["source_sha256"][:12]
         assert {f"edit_{stem}.png", f"difference_{stem}.png", f"grid_{stem}.png"} <= {p.name for p in out.iterdir()}
@@ -262,6 +323,7 @@ def test_lunggen_edit_writes_marked_edits_named_by_hash_and_a_manifest_without_n
     ("conditional", ["--add", "Cardiomegaly", "--method", "blend"], "--method 'blend'"),
     ("conditional", ["--add", "Nodule", "--mask", "auto", "--mask_sites", "two"], "--mask_sites 'two': one of auto"),
     ("conditional", ["--add", "Nodule", "--mask_sites", "one"], "--mask_sites one chooses among the auto mask's"),
+    ("conditional", ["--add", "Nodule", "--guidance_rise", "-1"], "guidance_rise -1.0: give 0 (never) or more"),
 ])
 def test_lunggen_edit_refuses_in_one_line(models, tmp_path, capsys, model, extra, words):
     folder = _inputs(tmp_path)

@@ -29,13 +29,14 @@ from ..data.decode import open_image
 from ..data.transforms import preprocess_image
 from ..runtime import end_processes, process_device, process_state
 from ..utils import DERIVED_FROM_REAL, IMAGE_EXTENSIONS, atomic_path, image_grid, is_dicom, list_images
-from .editing import DEFAULT_METHOD, DEFAULT_STRENGTH, METHODS, adds_one_focal_site, auto_mask, edit
+from .editing import (DEFAULT_GUIDANCE_RISE, DEFAULT_METHOD, DEFAULT_STRENGTH, GUIDANCE_STEP, METHODS,
+                      adds_one_focal_site, auto_mask, edit)
 from .sampling import image_side, load_pipeline, model_label, resolve_guidance
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.csv"
-FIELDS = ("file", "source_sha256", "source", "target", "method", "strength", "guidance_scale", "eta", "steps",
-          "seed", "mask", "model", "revision")
+FIELDS = ("file", "source_sha256", "source", "target", "method", "strength", "guidance_scale", "guidance_rise", "eta",
+          "steps", "seed", "mask", "model", "revision")
 SITES = {"auto": None, "one": True, "all": False}  # --mask_sites -> auto_mask's one_site
 EDITED_NOTICE = ("EDITED from a real patient's radiograph by a diffusion model: patient data, not synthetic and not "
                  "anonymous; research use only, not for diagnosis.")
@@ -58,6 +59,9 @@ class EditArguments:
         "help": "How far up the noise schedule the edit starts, in (0, 1]; default per method "
                 f"({', '.join(f'{k} {v}' for k, v in DEFAULT_STRENGTH.items())})."})
     guidance_scale: float | None = field(default=None, metadata={"help": "Toward the target; default: the model's."})
+    guidance_rise: float = field(default=DEFAULT_GUIDANCE_RISE, metadata={
+        "help": "An edit the model itself still reads as the source is taken again with guidance raised by "
+                f"{GUIDANCE_STEP} at a time, up to this much more (0: never); the manifest records the guidance used."})
     num_inference_steps: int = field(default=50, metadata={"help": "Steps of the whole noise schedule."})
     eta: float = field(default=0.0, metadata={
         "help": "ddim-inversion, sdedit, repaint: fresh noise put back at each step on the way down (DDIM's eta): "
@@ -160,19 +164,22 @@ def edit_from_args(args: EditArguments) -> list[dict]:
         used = mask
         if args.mask == "auto":
             used = auto_mask(pipe, images, [source], [target], generator=generator, one_site=one_site)
-        edited = edit(pipe, images, [source], [target], args.method, args.strength, scale, args.num_inference_steps,
-                      used, keep, generator, eta=args.eta, output_type="pt")
+        edited, (guidance,) = edit(pipe, images, [source], [target], args.method, args.strength, scale,
+                                   args.num_inference_steps, used, keep, generator, eta=args.eta, output_type="pt",
+                                   guidance_rise=args.guidance_rise, return_guidance=True)
         result = np.round(edited[0, 0].numpy() * 255).astype(np.uint8)
         row = {"file": f"edit_{digest[:12]}.png", "source_sha256": digest, "source": "|".join(source) or "No Finding",
                "target": "|".join(target) or "No Finding", "method": args.method,
                "strength": args.strength if args.strength is not None else DEFAULT_STRENGTH[args.method],
-               "guidance_scale": scale, "eta": args.eta, "steps": args.num_inference_steps, "seed": args.seed,
+               "guidance_scale": guidance, "guidance_rise": args.guidance_rise, "eta": args.eta,
+               "steps": args.num_inference_steps, "seed": args.seed,
                "mask": mask_cell, "model": model_label(args.model),
                "revision": revision or ""}
         info = PngInfo()
         info.add_text("Description", EDITED_NOTICE)
         info.add_text(DERIVED_FROM_REAL, f"sha256:{digest}")
-        for key in ("source", "target", "method", "strength", "guidance_scale", "eta", "steps", "seed", "model"):
+        for key in ("source", "target", "method", "strength", "guidance_scale", "guidance_rise", "eta", "steps", "seed",
+                    "model"):
             info.add_text(f"edit_{key}", str(row[key]))
         difference = _stretch(np.abs(result.astype(np.float32) - pixels))
         tiles = [pixels, result, difference] + ([np.round(used[0, 0].numpy() * 255).astype(np.uint8)]

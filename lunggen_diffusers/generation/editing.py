@@ -37,6 +37,13 @@ from ..vocabulary import FOCAL_FINDINGS, canonical_finding
 METHODS = ("ddpm-inversion", "ddim-inversion", "sdedit", "repaint")
 DEFAULT_METHOD = "ddpm-inversion"
 DEFAULT_STRENGTH = {"ddpm-inversion": 0.8, "ddim-inversion": 0.8, "sdedit": 0.6, "repaint": 1.0}
+# An edit the model still reads as its source is taken again at guidance raised by GUIDANCE_STEP at a time, up to
+# DEFAULT_GUIDANCE_RISE above the guidance asked for (`edit(..., guidance_rise=)`).
+GUIDANCE_STEP = 0.5
+DEFAULT_GUIDANCE_RISE = 1.0
+# The noise level of that read (timestep 381 of 1,000): on the demo, where it told the added consolidations the
+# phantom classifier reads from the ones it does not best (benchmarks/HISTORY.md).
+CHECK_STRENGTH = 0.4
 # diffusers' own image and mask handling, kept grey and in [0, 1]; masks binarised at 0.5.
 IMAGES = VaeImageProcessor(do_resize=False, do_normalize=False, do_convert_grayscale=True)
 MASKS = VaeImageProcessor(do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
@@ -224,52 +231,51 @@ def auto_mask(pipe, image, source: Sequence, target: Sequence, num_draws: int = 
     smooth = F.avg_pool2d(total, 3, stride=1, padding=1, count_include_pad=False)
     peak = smooth.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
     mask = (smooth / peak > threshold).float()
-    for k, (before, after) in enumerate(zip(source, target)):
-        if one_site or (one_site is None and adds_one_focal_site(before, after)):
-            mask[k, 0] = _strongest_region(mask[k, 0], smooth[k, 0])
+    sites = torch.tensor([bool(one_site) or (one_site is None and adds_one_focal_site(before, after))
+                          for before, after in zip(source, target)])
+    for k in torch.nonzero(sites).flatten().tolist():
+        mask[k, 0] = _strongest_region(mask[k, 0], smooth[k, 0])
     side = images.shape[-1]
     if mask.shape[-1] != side:
         mask = F.interpolate(mask, size=(side, side), mode="nearest")
     # A margin of 1/32 of the side (2 pixels at 64): the finding's soft edge belongs to the edit, and so do the thin
     # corners the smoothing drops (an effusion's costophrenic angles, which left as dark slivers read as breast folds).
+    # Not at one site: the model places the finding there itself, the site is its whole extent, and a margin only
+    # let it grow (1.5 times a true consolidation's area, benchmarks/HISTORY.md).
     margin = max(1, side // 32)
-    return F.max_pool2d(mask, 2 * margin + 1, stride=1, padding=margin).cpu()
+    grown = F.max_pool2d(mask, 2 * margin + 1, stride=1, padding=margin)
+    grown[sites] = mask[sites]
+    return grown.cpu()
 
 
 @torch.no_grad()
-def edit(pipe, image, source: Sequence, target: Sequence, method: str = DEFAULT_METHOD,
-         strength: float | None = None, guidance_scale: float = 2.0, num_inference_steps: int = 50,
-         mask_image=None, keep_mask_image=None, generator: torch.Generator | None = None, resample: int = 2,
-         eta: float = 0.0, output_type: str = "pil"):
-    """Edit `image` from its `source` labels (one list of names per image) to `target`, as diffusers' image-to-image
-    and inpainting pipelines take their arguments: `image` a PIL image, a list of them, or an array or tensor in
-    [0, 1] ((N, 1, H, W) or (N, H, W)); `output_type` "pil" (a list of grey images), "np" ((N, H, W, 1) in [0, 1]) or
-    "pt" ((N, 1, H, W) in [0, 1], float32 on the CPU).
-
-    `mask_image` (white = may change) and `keep_mask_image` (white = must stay) are masks of the images' size, in the
-    same forms; with either, the kept region's output is the source's pixels exactly. `eta` puts fresh noise from
-    `generator` back at each step down (DDIM's eta; the inversion up stays deterministic)."""
-    if output_type not in ("pil", "np", "pt"):
-        raise ValueError(f"output_type {output_type!r}: one of pil, np, pt")
+def reads_target(pipe, image, source: Sequence, target: Sequence, region: torch.Tensor | None = None,
+                 num_draws: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Whether the model itself reads each image (in any form `edit` takes) as its `target` labels rather than its
+    `source` labels, bool (N,): noised to `CHECK_STRENGTH` of the schedule `num_draws` times, its noise is predicted
+    better under the target's labels than under the source's, summed over `region` ((N, 1, H, W), 1 = counted;
+    default everywhere). A diffusion classifier (Li et al. 2023); an image whose labels are the same both ways is
+    read as neither (False)."""
     images = IMAGES.preprocess(image).float().cpu()
-    mask, keep_mask = (None if m is None else MASKS.preprocess(m).float().cpu() for m in (mask_image, keep_mask_image))
-    if method not in METHODS:
-        raise ValueError(f"unknown editing method {method!r}; accepted: {', '.join(METHODS)}")
-    strength = DEFAULT_STRENGTH[method] if strength is None else strength
-    if not 0 < strength <= 1:
-        raise ValueError(f"strength {strength}: give a fraction of the noise schedule in (0, 1]")
-    if eta < 0:
-        raise ValueError(f"eta {eta}: give 0 (deterministic DDIM) or more (1: as much fresh noise as DDPM)")
-    if eta and method == "ddpm-inversion":
-        raise ValueError(f"eta {eta}: ddpm-inversion's noise is the source's own at every step; eta is for "
-                         f"{', '.join(m for m in METHODS if m != 'ddpm-inversion')}")
-    if method == "repaint" and mask is None:
-        raise ValueError("repaint regenerates inside a mask: give mask_image (or --mask auto)")
-    keep = None
-    if keep_mask is not None or mask is not None:
-        keep = keep_mask if keep_mask is not None else 1 - mask
-        if keep_mask is not None and mask is not None:
-            keep = torch.maximum(keep_mask, 1 - mask)
+    x0 = to_model(pipe, images)
+    editor = Editor(pipe, source, target, 1.0, 50, CHECK_STRENGTH)
+    if editor.source is None:
+        raise ValueError("the model was trained without labels: it cannot read a finding")
+    last = len(editor.timesteps) - 1
+    weight = torch.ones_like(x0[:, :1]) if region is None else _to_space(region.float().cpu(), x0)
+    score = torch.zeros(len(x0), device=x0.device)
+    for _ in range(num_draws):
+        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
+        x = editor.move(x0, noise, last)
+        to_target, _ = editor.predict(x, last, editor.target, guided=False)
+        to_source, _ = editor.predict(x, last, editor.source, guided=False)
+        score += (((noise - to_source) ** 2 - (noise - to_target) ** 2) * weight).sum((1, 2, 3))
+    return (score > 0).cpu()
+
+
+def _edit_once(pipe, images, source, target, method, strength, guidance_scale, num_inference_steps, keep, generator,
+               resample, eta) -> torch.Tensor:
+    """One pass of `edit` at one guidance scale: the edited images (N, 1, H, W) in [0, 1], float32 on the CPU."""
     editor = Editor(pipe, source, target, guidance_scale, num_inference_steps, strength)
     x0 = to_model(pipe, images)
     keep_m = None if keep is None else _to_space(keep, x0)
@@ -306,4 +312,72 @@ def edit(pipe, image, source: Sequence, target: Sequence, method: str = DEFAULT_
     edited = from_model(pipe, x)
     if keep is not None:  # the kept pixels are the source's, exactly (a decoder would blur them on latents)
         edited = keep * images + (1 - keep) * edited
-    return IMAGES.postprocess(edited, output_type)
+    return edited
+
+
+@torch.no_grad()
+def edit(pipe, image, source: Sequence, target: Sequence, method: str = DEFAULT_METHOD,
+         strength: float | None = None, guidance_scale: float = 2.0, num_inference_steps: int = 50,
+         mask_image=None, keep_mask_image=None, generator: torch.Generator | None = None, resample: int = 2,
+         eta: float = 0.0, output_type: str = "pil", guidance_rise: float = DEFAULT_GUIDANCE_RISE,
+         return_guidance: bool = False):
+    """Edit `image` from its `source` labels (one list of names per image) to `target`, as diffusers' image-to-image
+    and inpainting pipelines take their arguments: `image` a PIL image, a list of them, or an array or tensor in
+    [0, 1] ((N, 1, H, W) or (N, H, W)); `output_type` "pil" (a list of grey images), "np" ((N, H, W, 1) in [0, 1]) or
+    "pt" ((N, 1, H, W) in [0, 1], float32 on the CPU).
+
+    `mask_image` (white = may change) and `keep_mask_image` (white = must stay) are masks of the images' size, in the
+    same forms; with either, the kept region's output is the source's pixels exactly. `eta` puts fresh noise from
+    `generator` back at each step down (DDIM's eta; the inversion up stays deterministic).
+
+    An edit the model itself still reads as its source (`reads_target`, inside the mask) is taken again, with the same
+    noise, at guidance raised by `GUIDANCE_STEP` at a time, up to `guidance_scale + guidance_rise` (0: never).
+    `return_guidance`: (images, the guidance scale each image was edited at)."""
+    if output_type not in ("pil", "np", "pt"):
+        raise ValueError(f"output_type {output_type!r}: one of pil, np, pt")
+    images = IMAGES.preprocess(image).float().cpu()
+    mask, keep_mask = (None if m is None else MASKS.preprocess(m).float().cpu() for m in (mask_image, keep_mask_image))
+    if method not in METHODS:
+        raise ValueError(f"unknown editing method {method!r}; accepted: {', '.join(METHODS)}")
+    strength = DEFAULT_STRENGTH[method] if strength is None else strength
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength {strength}: give a fraction of the noise schedule in (0, 1]")
+    if eta < 0:
+        raise ValueError(f"eta {eta}: give 0 (deterministic DDIM) or more (1: as much fresh noise as DDPM)")
+    if eta and method == "ddpm-inversion":
+        raise ValueError(f"eta {eta}: ddpm-inversion's noise is the source's own at every step; eta is for "
+                         f"{', '.join(m for m in METHODS if m != 'ddpm-inversion')}")
+    if guidance_rise < 0:
+        raise ValueError(f"guidance_rise {guidance_rise}: give 0 (never) or more")
+    if method == "repaint" and mask is None:
+        raise ValueError("repaint regenerates inside a mask: give mask_image (or --mask auto)")
+    keep = None
+    if keep_mask is not None or mask is not None:
+        keep = keep_mask if keep_mask is not None else 1 - mask
+        if keep_mask is not None and mask is not None:
+            keep = torch.maximum(keep_mask, 1 - mask)
+        keep = keep.expand(len(images), -1, -1, -1)  # one mask for every image: each is taken again on its own
+    scales = [guidance_scale] * len(images)
+    state = None if generator is None else generator.get_state()
+    edited = _edit_once(pipe, images, source, target, method, strength, guidance_scale, num_inference_steps, keep,
+                        generator, resample, eta)
+    before, after = pipe.encode(source, len(images), "cpu")[0], pipe.encode(target, len(images), "cpu")[0]
+    todo = [] if before is None else torch.nonzero((before != after).any(1)).flatten().tolist()
+    scale = guidance_scale
+    while todo and scale + GUIDANCE_STEP <= guidance_scale + guidance_rise + 1e-9:
+        region = None if keep is None else 1 - keep[todo]
+        read = reads_target(pipe, edited[todo], [source[k] for k in todo], [target[k] for k in todo], region,
+                            generator=generator)
+        todo = [k for k, done in zip(todo, read.tolist()) if not done]
+        if not todo:
+            break
+        scale += GUIDANCE_STEP
+        if state is not None:  # the same noise as the first pass: only the guidance differs
+            generator.set_state(state)
+        edited[todo] = _edit_once(pipe, images[todo], [source[k] for k in todo], [target[k] for k in todo], method,
+                                  strength, scale, num_inference_steps, None if keep is None else keep[todo],
+                                  generator, resample, eta)
+        for k in todo:
+            scales[k] = scale
+    output = IMAGES.postprocess(edited, output_type)
+    return (output, scales) if return_guidance else output
