@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
@@ -154,6 +155,8 @@ def test_the_auto_mask_keeps_one_site_for_focal_additions_only(pipe):
     add_nodule = ([[], ["cardiomegaly"]], [["nodule"], ["cardiomegaly", "nodule"]])
     one, every = draw(*add_nodule, one_site=True), draw(*add_nodule, one_site=False)
     assert torch.equal(draw(*add_nodule), one) and (one <= every).all() and one.sum() > 0
+    # The one site has no margin: grown by the 1-pixel margin (at this size), it still lies inside the all-sites mask.
+    assert (F.max_pool2d(one, 3, stride=1, padding=1) <= every).all()
     for source, target in (([[], []], [["pleural_effusion"]] * 2),  # effusion is often on both sides
                            ([["nodule"]] * 2, [[], []]),  # a removal, wherever the finding is
                            ([["cardiomegaly"]] * 2, [["nodule"]] * 2)):  # adds a nodule but removes another

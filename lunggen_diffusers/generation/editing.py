@@ -20,6 +20,11 @@ A mask (`mask_image`, white = may change) makes every method a RadEdit edit (Pé
 there is the source, pixel for pixel. `auto_mask` is DiffEdit's (Couairon et al. 2023): where the model's noise
 predictions under the source and the target labels disagree; adding a focal finding, only the region where they
 disagree most, so the finding goes to one site.
+
+An edit the model itself still reads as its source (`reads_target`: its noise is predicted better under the source's
+labels than the target's, inside the mask; a diffusion classifier, Li et al. 2023) is taken again with the same noise
+at a higher guidance (`guidance_rise`): on the demo, an added consolidation the edit missed was one where nothing was
+drawn, and another seed missed it again on 7 patients of 8 (benchmarks/HISTORY.md).
 """
 
 from __future__ import annotations
@@ -212,8 +217,9 @@ def auto_mask(pipe, image, source: Sequence, target: Sequence, num_draws: int = 
               guidance_scale: float = 1.0, one_site: bool | None = None) -> torch.Tensor:
     """DiffEdit's mask (N, 1, H, W) in {0, 1} of `image` (in any form `edit` takes): noise the image to `strength`
     `num_draws` times, and mark where the model's noise predictions under the target and the source labels differ by
-    more than `threshold` of the largest difference (after smoothing). `one_site` keeps only the connected region
-    with the most difference; None: for the images whose edit adds focal findings only (`adds_one_focal_site`).
+    more than `threshold` of the largest difference (after smoothing), with a margin. `one_site` keeps only the
+    connected region with the most difference, without the margin; None: for the images whose edit adds focal
+    findings only (`adds_one_focal_site`).
 
     The threshold is DiffEdit's 0.5 lowered to 0.35: at 0.5 the mask covered about 40% of where the true
     counterfactual differs on the phantom, and what it leaves out cannot change (benchmarks/HISTORY.md)."""
