@@ -134,6 +134,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--num_patients", type=int, default=256)
+    parser.add_argument("--first_patient", type=int, default=0,
+                        help="index of the first held-out phantom: another set of patients to check a setting on "
+                             "(HISTORY uses 20000; the stress test's are from 10000)")
     parser.add_argument("--findings", nargs="+", default=list(FINDINGS))
     parser.add_argument("--methods", nargs="+", default=[DEFAULT_METHOD], choices=METHODS)
     parser.add_argument("--strengths", nargs="+", type=float, default=None, help="default: each method's own")
@@ -155,8 +158,8 @@ def main() -> None:
     results, examples, references = [], [], {}
     start_time = time.perf_counter()
     for finding in args.findings:
-        without, with_it = pairs(finding, args.num_patients, side, 0)
-        elsewhere = pairs(finding, args.num_patients, side, 0, finding_draw=0)[1]
+        without, with_it = pairs(finding, args.num_patients, side, args.first_patient)
+        elsewhere = pairs(finding, args.num_patients, side, args.first_patient, finding_draw=0)[1]
         read = {"without": classifier.predict(without), "with": classifier.predict(with_it)}
         for add in (True, False):
             source, truth = (without, with_it) if add else (with_it, without)
