@@ -138,6 +138,17 @@ class Editor:
             noise = torch.randn(clean.shape, generator=generator, device="cpu").to(clean)
         return before.sqrt() * clean + (1 - before - sigma**2).sqrt() * eps + sigma * noise
 
+    def both_ways(self, x0: torch.Tensor, num_draws: int, generator):
+        """For each of `num_draws` noises drawn from `generator`: (the noise, the model's prediction of it on `x0`
+        noised to the last timestep under the target labels, and under the source labels)."""
+        last = len(self.timesteps) - 1
+        for _ in range(num_draws):
+            noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
+            x = self.move(x0, noise, last)
+            to_target, _ = self.predict(x, last, self.target, guided=False)
+            to_source, _ = self.predict(x, last, self.source, guided=False)
+            yield noise, to_target, to_source
+
     def noise_maps(self, x0: torch.Tensor, generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Edit-friendly DDPM inversion: the image noised independently to each timestep index ([x at 0, x at 1,
         ...]), and the noise that takes the model's own step under the source labels from each of these points to
@@ -226,13 +237,8 @@ def auto_mask(pipe, image, source: Sequence, target: Sequence, num_draws: int = 
     images = IMAGES.preprocess(image).float().cpu()
     x0 = to_model(pipe, images)
     editor = Editor(pipe, source, target, guidance_scale, 50, strength)
-    last = len(editor.timesteps) - 1
     total = torch.zeros_like(x0[:, :1])
-    for _ in range(num_draws):
-        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
-        x = editor.move(x0, noise, last)
-        to_target, _ = editor.predict(x, last, editor.target, guided=False)
-        to_source, _ = editor.predict(x, last, editor.source, guided=False)
+    for _, to_target, to_source in editor.both_ways(x0, num_draws, generator):
         total += (to_target - to_source).abs().mean(1, keepdim=True)
     smooth = F.avg_pool2d(total, 3, stride=1, padding=1, count_include_pad=False)
     peak = smooth.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
@@ -267,14 +273,9 @@ def reads_target(pipe, image, source: Sequence, target: Sequence, region: torch.
     editor = Editor(pipe, source, target, 1.0, 50, CHECK_STRENGTH)
     if editor.source is None:
         raise ValueError("the model was trained without labels: it cannot read a finding")
-    last = len(editor.timesteps) - 1
     weight = torch.ones_like(x0[:, :1]) if region is None else _to_space(region.float().cpu(), x0)
     score = torch.zeros(len(x0), device=x0.device)
-    for _ in range(num_draws):
-        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
-        x = editor.move(x0, noise, last)
-        to_target, _ = editor.predict(x, last, editor.target, guided=False)
-        to_source, _ = editor.predict(x, last, editor.source, guided=False)
+    for noise, to_target, to_source in editor.both_ways(x0, num_draws, generator):
         score += (((noise - to_source) ** 2 - (noise - to_target) ** 2) * weight).sum((1, 2, 3))
     return (score > 0).cpu()
 
