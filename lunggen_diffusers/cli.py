@@ -1,23 +1,28 @@
 """What every command shares, so all of them fail alike:
 
 - an unknown flag or a value of the wrong type: argparse's own message and usage, exit status 2;
-- a bad value or a missing path found later: one `error: ...` line naming the option, exit status 2;
-- never a traceback for a user's mistake (a traceback means a bug).
+- a bad value or a missing path found later: a `UsageError`, printed as one `error: ...` line naming the option,
+  exit status 2;
+- never a traceback for a user's mistake, and always one for anything else (a bug, even a ValueError).
+
+Light on purpose (transformers is imported when a parser is built): the reader study's server starts from here.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
-from transformers import HfArgumentParser
+if TYPE_CHECKING:
+    from transformers import HfArgumentParser
 
 T = TypeVar("T")
 
-# What a user's input (flags, paths, data, a launch, a Hub login) can raise; anything else is a bug and keeps its
-# traceback. ConnectionError: the Hub push's one-line refusals (not logged in, no write access, offline).
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, ConnectionError)
+
+class UsageError(ValueError):
+    """A deliberate refusal of a user's input (a flag, a path, data, a launch, a Hub login), raised only where the code
+    checks that input. A ValueError, so library callers that catch those still do."""
 
 
 def fail(message: str) -> NoReturn:
@@ -36,14 +41,16 @@ def parse(parser: HfArgumentParser, argv: Sequence[str] | None = None) -> tuple:
 
 def parse_args(types, argv: Sequence[str] | None = None, prog: str | None = None, **defaults) -> tuple:
     """`parse` with a new HfArgumentParser over `types` (one dataclass or several), `defaults` overriding theirs."""
+    from transformers import HfArgumentParser
+
     parser = HfArgumentParser(types, prog=prog)
     parser.set_defaults(**defaults)
     return parse(parser, argv)
 
 
 def run(main: Callable[[], T]) -> T:
-    """Run a command's work; a user's mistake ends it with one line and exit status 2."""
+    """Run a command's work; a refusal ends it with one line and exit status 2, anything else with its traceback."""
     try:
         return main()
-    except USER_ERRORS as exc:
+    except UsageError as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from .cli import parse
+from .cli import UsageError, parse
 from .vocabulary import CONDITIONS, SUBGROUPS
 
 
@@ -281,7 +281,7 @@ def preset_names() -> list[str]:
 
 def preset_file(name: str) -> Path:
     if name not in preset_names():
-        raise ValueError(f"--preset {name!r} is not one of: {', '.join(preset_names())}")
+        raise UsageError(f"--preset {name!r} is not one of: {', '.join(preset_names())}")
     return PRESET_DIR / f"{name}.yaml"
 
 
@@ -303,7 +303,7 @@ CHOICES = {
 def _read_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file (expected a .yaml, .yml or .json file)")
+        raise UsageError(f"--config {path}: no such file (expected a .yaml, .yml or .json file)")
     if p.suffix in (".yaml", ".yml"):
         import yaml
 
@@ -311,9 +311,9 @@ def _read_file(path: str) -> dict[str, Any]:
     elif p.suffix == ".json":
         values = json.loads(p.read_text())
     else:
-        raise ValueError(f"--config {path}: unknown file type {p.suffix!r} (expected .yaml, .yml or .json)")
+        raise UsageError(f"--config {path}: unknown file type {p.suffix!r} (expected .yaml, .yml or .json)")
     if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: expected a mapping of option names to values")
+        raise UsageError(f"--config {path}: expected a mapping of option names to values")
     return values
 
 
@@ -324,10 +324,10 @@ def known_options() -> set[str]:
 def _check_keys(values: dict[str, Any], where: str) -> None:
     overlay = values.get(WHEN_CONDITIONED) or {}
     if not isinstance(overlay, dict):
-        raise ValueError(f"{where}: {WHEN_CONDITIONED} must be a mapping of option names to values")
+        raise UsageError(f"{where}: {WHEN_CONDITIONED} must be a mapping of option names to values")
     unknown = sorted(set(values) - known_options() - {WHEN_CONDITIONED}) + sorted(set(overlay) - known_options())
     if unknown:
-        raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}")
+        raise UsageError(f"{where}: unknown option(s) {', '.join(unknown)}")
 
 
 def _options(values: dict[str, Any], conditional: bool) -> dict[str, Any]:
@@ -341,7 +341,7 @@ def preset_values(name: str, conditional: bool = False) -> dict[str, Any]:
     values = _read_file(str(preset_file(name)))
     _check_keys(values, f"preset {name}")
     if values.get("preset", name) != name:
-        raise ValueError(f"{preset_file(name)} names preset {values['preset']!r}; a preset file names itself")
+        raise UsageError(f"{preset_file(name)} names preset {values['preset']!r}; a preset file names itself")
     return {k: v for k, v in _options(values, conditional).items() if k != "preset"}
 
 
@@ -351,12 +351,12 @@ def validate(config: Config) -> Config:
     flat = config.to_dict()
     for name, allowed in CHOICES.items():
         if flat[name] not in allowed:
-            raise ValueError(f"--{name} {flat[name]!r} is not one of: {', '.join(allowed)}")
+            raise UsageError(f"--{name} {flat[name]!r} is not one of: {', '.join(allowed)}")
     m = config.model
     if m.vae:
         m.latent = True
     if m.rescale_betas_zero_snr and m.prediction_type != "v_prediction":
-        raise ValueError(f"--rescale_betas_zero_snr needs --prediction_type v_prediction, not {m.prediction_type!r} "
+        raise UsageError(f"--rescale_betas_zero_snr needs --prediction_type v_prediction, not {m.prediction_type!r} "
                          "(at zero SNR the noise says nothing about the image); the demo preset sets it: add "
                          "--rescale_betas_zero_snr false to train another prediction type")
     res, levels = config.data.resolution, len(m.block_out_channels)
@@ -364,7 +364,7 @@ def validate(config: Config) -> Config:
     multiple = factor * 2 ** (levels - 1)
     if res < 8 or res % multiple:
         examples = ", ".join([str(r) for r in (64, 128, 256, 512, 1024) if r % multiple == 0][:3])
-        raise ValueError(
+        raise UsageError(
             f"--resolution {res} cannot be divided down by the {'autoencoder and the ' if factor > 1 else ''}"
             f"UNet's {levels} levels: use a multiple of {multiple} (e.g. {examples})"
         )
@@ -372,42 +372,42 @@ def validate(config: Config) -> Config:
                                    ("vae_norm_num_groups", m.vae_block_out_channels, m.vae_norm_num_groups)):
         bad_groups = [c for c in channels if c % groups]
         if bad_groups:
-            raise ValueError(f"--{name} {groups} does not divide {name.replace('norm_num_groups', '')}"
+            raise UsageError(f"--{name} {groups} does not divide {name.replace('norm_num_groups', '')}"
                              f"block_out_channels {bad_groups}")
     crop = config.training.vae_crop_size
     if crop is not None and not (8 <= crop <= res and crop % 2 ** (len(m.vae_block_out_channels) - 1) == 0):
-        raise ValueError(f"--vae_crop_size {crop}: give a side between 8 and --resolution {res} that the "
+        raise UsageError(f"--vae_crop_size {crop}: give a side between 8 and --resolution {res} that the "
                          f"autoencoder's {len(m.vae_block_out_channels)} levels divide down")
     if m.latent and config.data.augment:
-        raise ValueError("--augment works on pixels, and the latent route trains on latents cached once: "
+        raise UsageError("--augment works on pixels, and the latent route trains on latents cached once: "
                          "leave --augment off with --latent")
     if config.training.stage != "all" and not m.latent:
-        raise ValueError(f"--stage {config.training.stage} belongs to the latent route: add --latent (or --vae)")
+        raise UsageError(f"--stage {config.training.stage} belongs to the latent route: add --latent (or --vae)")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "checkpointing_steps",
                  "vae_max_train_steps", "vae_train_batch_size"):
         if getattr(config.training, name) < 1:
-            raise ValueError(f"--{name} {getattr(config.training, name)} must be a positive integer")
+            raise UsageError(f"--{name} {getattr(config.training, name)} must be a positive integer")
     if config.training.max_train_steps is not None and config.training.max_train_steps < 1:
-        raise ValueError(f"--max_train_steps {config.training.max_train_steps} must be a positive integer")
+        raise UsageError(f"--max_train_steps {config.training.max_train_steps} must be a positive integer")
     if config.data.dataset_name and config.data.train_data_dir:
-        raise ValueError("give either --dataset_name or --train_data_dir, not both")
+        raise UsageError("give either --dataset_name or --train_data_dir, not both")
     p = config.data.dicom_percentiles
     if p is not None and not (len(p) == 2 and 0 <= p[0] < p[1] <= 100):
-        raise ValueError(f"--dicom_percentiles {' '.join(map(str, p))}: give two percentiles, low < high, in [0, 100]")
+        raise UsageError(f"--dicom_percentiles {' '.join(map(str, p))}: give two percentiles, low < high, in [0, 100]")
     if not 0 <= config.training.condition_dropout < 1:
-        raise ValueError(f"--condition_dropout {config.training.condition_dropout} must be in [0, 1)")
+        raise UsageError(f"--condition_dropout {config.training.condition_dropout} must be in [0, 1)")
     if config.training.guidance_scale < 1:
-        raise ValueError(f"--guidance_scale {config.training.guidance_scale} must be >= 1 (1 = no guidance)")
+        raise UsageError(f"--guidance_scale {config.training.guidance_scale} must be >= 1 (1 = no guidance)")
     on = config.data.condition_on
     if on is not None and (set(on) - set(CONDITIONS) or "findings" not in on):
-        raise ValueError(f"--condition_on {' '.join(on)}: choose findings, optionally with "
+        raise UsageError(f"--condition_on {' '.join(on)}: choose findings, optionally with "
                          f"{', '.join(CONDITIONS[1:-1])} and {CONDITIONS[-1]}")
     phantom_finding_scales(config.data.phantom_finding_scale)
     if not 1 <= config.data.phantom_images_per_patient <= 50:
-        raise ValueError(f"--phantom_images_per_patient {config.data.phantom_images_per_patient}: give a mean number "
+        raise UsageError(f"--phantom_images_per_patient {config.data.phantom_images_per_patient}: give a mean number "
                          "of images per patient in [1, 50] (NIH ChestX-ray14: 3.64)")
     if config.hub.push_to_hub and not config.hub.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id (e.g. my-org/lunggen-256)")
+        raise UsageError("--push_to_hub needs --hub_model_id (e.g. my-org/lunggen-256)")
     return config
 
 
@@ -422,7 +422,7 @@ def phantom_finding_scales(items: list[str] | None) -> dict[str, float]:
             name = ""
         group, _, value = name.partition("=")
         if value not in SUBGROUPS.get(group, ()) or scales.get(name, -1) < 0:
-            raise ValueError(f"--phantom_finding_scale {item!r}: give SUBGROUP:FACTOR (FACTOR >= 0), SUBGROUP one of "
+            raise UsageError(f"--phantom_finding_scale {item!r}: give SUBGROUP:FACTOR (FACTOR >= 0), SUBGROUP one of "
                              + ", ".join(f"{g}={'|'.join(v)}" for g, v in SUBGROUPS.items()))
     return scales
 

@@ -21,6 +21,7 @@ meet.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -40,6 +41,15 @@ from diffusers import (
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
+
+try:  # inside the package, its commands' refusal, so they print these as one line (imported by name: a model
+    # folder's copy must not make diffusers ask its users to install the package)
+    UsageError = importlib.import_module("lunggen_diffusers.cli").UsageError
+except ImportError:  # this file on its own, as a model folder's remote code
+
+    class UsageError(ValueError):
+        """A refusal of the caller's input."""
+
 
 NO_FINDING = "No Finding"  # the one spelling; matched whatever its case (see normalize)
 # The file name in a model folder; not `pipeline`, which is the project's command-line script.
@@ -73,8 +83,8 @@ class LabelSpace:
         self.size = len(self.names) + 1
         self._index = {normalize(n): i for i, n in enumerate(self.names)}
 
-    def _unknown(self, name: str) -> ValueError:
-        return ValueError(f"unknown label {name!r}; this model knows: {', '.join(self.names)} (and '{NO_FINDING}')")
+    def _unknown(self, name: str) -> UsageError:
+        return UsageError(f"unknown label {name!r}; this model knows: {', '.join(self.names)} (and '{NO_FINDING}')")
 
     def canonical(self, labels: Sequence[str]) -> list[str]:
         """Requested names (any case; "No Finding" alone asks for none) -> the model's names, in vector order.
@@ -95,7 +105,7 @@ class LabelSpace:
         for group, values in self.groups.items():
             chosen = [i for i in wanted if self.names[i].startswith(f"{group}=")]
             if len(chosen) > 1:
-                raise ValueError(f"{', '.join(self.names[i] for i in chosen)}: one {group} per image")
+                raise UsageError(f"{', '.join(self.names[i] for i in chosen)}: one {group} per image")
             if not chosen:
                 wanted.add(self.names.index(f"{group}={self.most_frequent(group)}"))
         return [self.names[i] for i in sorted(wanted)]
@@ -127,10 +137,10 @@ class LabelSpace:
         """A label combination drawn from the training split's joint distribution (its stored counts); `given`
         (say ["patient_sex=F"]) draws from the combinations holding those labels, so findings follow the subgroup."""
         if not self.counts:
-            raise ValueError("this model stores no label counts to draw from")
+            raise UsageError("this model stores no label counts to draw from")
         combinations = [c for c in sorted(self.counts) if set(given) <= set(c.split("|"))]
         if not combinations:
-            raise ValueError(f"no training image carries {', '.join(given)}: nothing to draw from")
+            raise UsageError(f"no training image carries {', '.join(given)}: nothing to draw from")
         chosen = rng.choices(combinations, weights=[self.counts[c] for c in combinations])[0]
         return self.canonical(chosen.split("|") if chosen else [])  # in vector order, as a request by name
 
@@ -142,16 +152,16 @@ class LabelSpace:
             if value is None:
                 continue
             if group not in self.groups:
-                raise ValueError(f"{group} {value!r}: this model was not trained with --condition_on {group} "
+                raise UsageError(f"{group} {value!r}: this model was not trained with --condition_on {group} "
                                  f"(it knows: {', '.join(self.names)})")
             if group == "patient_age":
                 found = next((b for b in self.groups[group] if _in_age_bin(float(value), b)), None)
                 if found is None:
-                    raise ValueError(f"age {value} falls in no age bin this model was trained on (it knows: "
+                    raise UsageError(f"age {value} falls in no age bin this model was trained on (it knows: "
                                      f"{', '.join(self.groups[group])})")
                 value = found
             if str(value) not in self.groups[group]:
-                raise ValueError(f"{group} {value!r}: this model knows {', '.join(self.groups[group])}")
+                raise UsageError(f"{group} {value!r}: this model knows {', '.join(self.groups[group])}")
             labels.append(f"{group}={value}")
         return labels
 
@@ -170,7 +180,7 @@ def postprocess(sample: torch.Tensor, output_type: str = "np"):
     float32 array (N, H, W, C), "pil" a list of PIL images (mode L for one channel). The one post-processing step of
     the pipeline class and of the project's sampling CLI; 8- or 16-bit files are cut from "np"."""
     if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)} ('latent' does not "
+        raise UsageError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)} ('latent' does not "
                          "apply to a pixel-space model)")
     # float() first: numpy has no bfloat16 (the stock pipeline's output path crashes there).
     image = (sample.float() / 2 + 0.5).clamp(0, 1)
@@ -209,7 +219,7 @@ def latent_shape(vae: AutoencoderKL, resolution: int) -> tuple[int, int]:
     """(channels, side) of the latent of a resolution x resolution image."""
     factor = downsampling(vae)
     if resolution % factor:
-        raise ValueError(f"--resolution {resolution} is not a multiple of the autoencoder's downsampling {factor}")
+        raise UsageError(f"--resolution {resolution} is not a multiple of the autoencoder's downsampling {factor}")
     return vae.config.latent_channels, resolution // factor
 
 
@@ -249,7 +259,7 @@ def check_guidance_interval(interval, num_train_timesteps: int) -> tuple[int, in
     if interval is None:
         return None
     if len(interval) != 2 or not 0 <= interval[0] <= interval[1] < num_train_timesteps:
-        raise ValueError(f"guidance_interval {list(interval)}: give the lowest and highest training timestep to guide "
+        raise UsageError(f"guidance_interval {list(interval)}: give the lowest and highest training timestep to guide "
                          f"at, 0 <= lowest <= highest <= {num_train_timesteps - 1} (e.g. 82 579)")
     return int(interval[0]), int(interval[1])
 
@@ -285,7 +295,9 @@ def guided_denoise(unet, scheduler, x, class_labels=None, null_labels=None, guid
             if guidance_rescale > 0:
                 # Imported here: the Stable Diffusion module imports transformers' image processors, which warn on
                 # stderr at import when torchvision is absent (every CLI's one-line errors would get a second line).
-                from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+                from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+                    rescale_noise_cfg,
+                )
 
                 output = rescale_noise_cfg(output, conditional, guidance_rescale)
         step = scheduler.step(output, t, x, **step_kwargs)
@@ -330,7 +342,7 @@ class LungGenPipeline(DiffusionPipeline):
         self.labels = LabelSpace(label_config) if label_config else None
         takes = getattr(unet.config, "projection_class_embeddings_input_dim", None)
         if takes != (self.labels.size if self.labels else None):
-            raise ValueError(f"the UNet takes {takes or 'no'} label vectors but the label config describes "
+            raise UsageError(f"the UNet takes {takes or 'no'} label vectors but the label config describes "
                              f"{self.labels.size if self.labels else 'none'}")
 
     @classmethod
@@ -356,7 +368,7 @@ class LungGenPipeline(DiffusionPipeline):
         with open(os.path.join(folder, "model_index.json")) as f:
             index = json.load(f)
         if index.get("_class_name") != [MODULE_NAME, cls.__name__]:
-            raise ValueError(f"{pretrained_model_name_or_path}: model_index.json names {index.get('_class_name')}; "
+            raise UsageError(f"{pretrained_model_name_or_path}: model_index.json names {index.get('_class_name')}; "
                              "it is not a LungGen model")
         weights = {"torch_dtype": dtype} if dtype is not None else {}
         if "unet" not in given:
@@ -401,24 +413,24 @@ class LungGenPipeline(DiffusionPipeline):
     def check_inputs(self, findings, batch_size, guidance_scale, num_inference_steps, output_type,
                      callback_on_step_end_tensor_inputs):
         if findings is not None and self.labels is None:
-            raise ValueError("findings were asked of a model trained without labels (no --condition_on)")
+            raise UsageError("findings were asked of a model trained without labels (no --condition_on)")
         if findings is not None and (isinstance(findings, str) or any(isinstance(f, str) for f in findings)):
             raise TypeError("findings must be a list of name lists, one per image (e.g. [['Cardiomegaly'], []])")
         if findings is not None and batch_size is not None and batch_size != len(findings):
-            raise ValueError(f"batch_size {batch_size} contradicts the {len(findings)} images `findings` asks for; "
+            raise UsageError(f"batch_size {batch_size} contradicts the {len(findings)} images `findings` asks for; "
                              "give one of them, or both equal")
         if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+            raise UsageError(f"batch_size must be a positive integer, got {batch_size}")
         if guidance_scale < 1:
-            raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
+            raise UsageError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
         if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
+            raise UsageError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
         if output_type not in OUTPUT_TYPES and not (output_type == "latent" and self.vae is not None):
-            raise ValueError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}"
+            raise UsageError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}"
                              + (", latent" if self.vae is not None else " ('latent' needs a latent model)"))
         bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
         if bad:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not among {self._callback_tensor_inputs}")
+            raise UsageError(f"callback_on_step_end_tensor_inputs {bad} are not among {self._callback_tensor_inputs}")
 
     @torch.no_grad()
     def __call__(self, findings: Sequence[Sequence[str] | None] | None = None, batch_size: int | None = None,
@@ -427,11 +439,15 @@ class LungGenPipeline(DiffusionPipeline):
                  return_dict: bool = True, callback_on_step_end: Callable | PipelineCallback | None = None,
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",), sex: str | None = None,
                  age: float | None = None, view: str | None = None,
-                 guidance_interval: tuple[int, int] | None = None):
+                 guidance_interval: tuple[int, int] | None = None, guidance_rescale: float = 0.0,
+                 eta: float = 0.0):
         """Generate images; `findings` holds one list of finding names per image ([] = "No Finding"), None samples
         the null (unconditioned) condition for `batch_size` images. `guidance_scale` None takes the model's own;
         `guidance_interval` (lowest, highest training timestep) guides only there, the conditional model alone
-        elsewhere (82 579, sigma 0.28 to 5.4 on the linear schedule: benchmarks/HISTORY.md, "Samplers").
+        elsewhere (e.g. 82 579: benchmarks/README.md); `guidance_rescale` (0-1) pulls the guided prediction's spread
+        back toward the conditional one's. `generator` as diffusers' pipelines take it: one for the batch, or a list
+        of one per image (image i then depends on its own generator alone). `eta` reaches schedulers whose step
+        takes it (DDIM: 0 deterministic, 1 as much fresh noise as DDPM).
         `sex` ("M"/"F"), `age` (years) and `view` ("PA"/"AP") ask every image for that patient, on a model trained
         with `--condition_on` them (a group not given takes its most frequent training value); they need `findings`.
 
@@ -443,11 +459,11 @@ class LungGenPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if self.labels is None:
             if guidance_scale not in (None, 1.0):
-                raise ValueError(f"guidance_scale {guidance_scale}: a model trained without labels has nothing to "
+                raise UsageError(f"guidance_scale {guidance_scale}: a model trained without labels has nothing to "
                                  "guide by")
             guidance_scale = 1.0
             if guidance_interval is not None:
-                raise ValueError(f"guidance_interval {list(guidance_interval)}: a model trained without labels has "
+                raise UsageError(f"guidance_interval {list(guidance_interval)}: a model trained without labels has "
                                  "nothing to guide by")
         elif guidance_scale is None:
             guidance_scale = self.config.label_config.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
@@ -456,7 +472,7 @@ class LungGenPipeline(DiffusionPipeline):
         guidance_interval = check_guidance_interval(guidance_interval, self.scheduler.config.num_train_timesteps)
         if (sex, age, view) != (None, None, None):
             if findings is None:
-                raise ValueError("sex, age and view need findings (one list per image, [] for none): the "
+                raise UsageError("sex, age and view need findings (one list per image, [] for none): the "
                                  "unconditioned sample has no patient")
             patient = self.labels.patient(sex, age, view)
             findings = [list(f) + patient for f in findings]
@@ -466,10 +482,14 @@ class LungGenPipeline(DiffusionPipeline):
         class_labels, null_labels = self.encode(findings, batch_size, device)
         size = self.unet.config.sample_size
         shape = (batch_size, self.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        # fp32 noise whatever the dtype, so fp16, bf16 and fp32 runs start from the same noise.
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32).to(self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
-        step_kwargs = {"generator": generator} if "generator" in signature(self.scheduler.step).parameters else {}
+        takes = signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if "generator" in takes else {}
+        if "eta" in takes:
+            step_kwargs["eta"] = eta
 
         def on_step(i, t, latents, pred_original_sample):
             if callback_on_step_end is None:
@@ -480,7 +500,7 @@ class LungGenPipeline(DiffusionPipeline):
 
         latents = guided_denoise(self.unet, self.scheduler, latents * self.scheduler.init_noise_sigma, class_labels,
                                  null_labels, guidance_scale, step_kwargs, self.progress_bar, on_step,
-                                 guidance_interval=guidance_interval)
+                                 guidance_rescale=guidance_rescale, guidance_interval=guidance_interval)
         if output_type == "latent":
             image = latents
         else:

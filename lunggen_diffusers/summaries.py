@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cli import UsageError
+
 
 @dataclass(frozen=True)
 class DataSummary:
@@ -23,7 +25,7 @@ class DataSummary:
 
     def __post_init__(self):
         if os.path.isabs(self.source) or Path(self.source).exists():
-            raise ValueError(f"DataSummary source {self.source!r} is a path; give a short description instead")
+            raise UsageError(f"DataSummary source {self.source!r} is a path; give a short description instead")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .cli import UsageError
+
 # Every image suffix PIL reads that chest X-ray collections ship in (NIH PNG, CheXpert/MIMIC JPEG, DICOM exports
 # to TIFF). Training and evaluation both read this list, so a folder that trains also evaluates.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -143,7 +145,7 @@ def find_secret(text: str, digests: dict) -> str | None:
 def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
     """An 8-bit grayscale grid, row by row, `cols` wide (default: as square as it gets); the last row padded black."""
     if not images:
-        raise ValueError("image_grid needs at least one image")
+        raise UsageError("image_grid needs at least one image")
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     width, height = images[0].size

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .cli import UsageError
 from .utils import stable_hash
 
 BACKBONES = ("cnn", "raddino")
@@ -199,7 +200,7 @@ def is_verifier(folder: str | Path) -> bool:
 def load_verifier(folder: str | Path, device: str = "cpu") -> PatientVerifier:
     folder = Path(folder)
     if not is_verifier(folder):
-        raise FileNotFoundError(f"{folder}: not a patient verifier (no {CONFIG} and {WEIGHTS}); train one with "
+        raise UsageError(f"{folder}: not a patient verifier (no {CONFIG} and {WEIGHTS}); train one with "
                                 "`python -m lunggen_diffusers.evaluate --reid FOLDER --train ... --real ...`")
     config = json.loads((folder / CONFIG).read_text())
     net = VerifierNet(config["width"], config["dim"], config.get("in_features", 0))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-
 # Defined in the pipeline file, which must stay self-contained (it ships as remote code): one definition each.
 from .lunggen_pipeline import NO_FINDING, normalize
 

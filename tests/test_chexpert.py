@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY
 from PIL import Image
 
 from lunggen_diffusers.config import from_dict
@@ -16,8 +17,6 @@ from lunggen_diffusers.data.chexpert import OBSERVATIONS, chexpert_dataset, find
 from lunggen_diffusers.data.splits import patient_splits
 from lunggen_diffusers.vocabulary import FINDINGS_COLUMN as FINDINGS
 from lunggen_diffusers.vocabulary import NO_FINDING
-
-from conftest import TINY
 
 CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "chexpert" / "train.csv.gz"
 needs_real = pytest.mark.skipif(not CSV.is_file(), reason=f"real CheXpert metadata not found at {CSV}")

@@ -5,6 +5,7 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import TINY
 from PIL import Image
 
 import pipeline
@@ -12,8 +13,6 @@ from lunggen_diffusers.config import from_dict
 from lunggen_diffusers.data import registry
 from lunggen_diffusers.data.class_folders import is_class_folder_tree
 from lunggen_diffusers.vocabulary import NO_FINDING
-
-from conftest import TINY
 
 CLASSES = ("COVID-19", "Viral Pneumonia", "Normal")
 

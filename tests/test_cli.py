@@ -3,12 +3,14 @@ the option; exit status 2 and never a traceback. And `lunggen-train` trains."""
 
 import importlib
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
-
+import tomllib
 from conftest import TINY
+
+from lunggen_diffusers.cli import UsageError
+from lunggen_diffusers.generation.sampling import check_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
@@ -71,6 +73,28 @@ def test_a_bad_value_or_path_is_one_line_naming_it(script, argv, message, tmp_pa
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("usage")]
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script, module, function, argv", [
+    ("lunggen-generate", "lunggen_diffusers.generation.cli", "load_pipeline", ["--model", "m", "--output_dir", "{tmp}"]),
+    ("lunggen-train", "lunggen_diffusers.training.diffusion", "train", ["--output_dir", "{tmp}/run"]),
+])
+def test_an_unexpected_value_error_keeps_its_traceback(script, module, function, argv, tmp_path, monkeypatch):
+    """Only a deliberate refusal (UsageError) becomes one line: a ValueError from a bug (numpy broadcasting, a
+    diffusers config) reaches the user as itself, with its traceback."""
+    def broken(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together with shapes (2,3) (4,)")
+
+    monkeypatch.setattr(importlib.import_module(module), function, broken)
+    with pytest.raises(ValueError, match="could not be broadcast") as raised:
+        _main(script)([a.format(tmp=tmp_path) for a in argv])
+    assert not isinstance(raised.value, UsageError)
+
+
+def test_a_refusal_is_a_usage_error_and_a_value_error():
+    with pytest.raises(UsageError, match="unknown scheduler"):
+        check_scheduler("fast")
+    assert issubclass(UsageError, ValueError)  # library callers that catch ValueError still do
 
 
 def test_lunggen_train_trains_and_exits_0(tmp_path):

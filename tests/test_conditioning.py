@@ -11,7 +11,11 @@ from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
 from lunggen_diffusers import LungGenPipeline
 from lunggen_diffusers.config import parse_args
-from lunggen_diffusers.data.conditioning import condition_vectors, label_config, prevalence
+from lunggen_diffusers.data.conditioning import (
+    condition_vectors,
+    label_config,
+    prevalence,
+)
 from lunggen_diffusers.data.phantom import FINDINGS, phantom_dataset
 from lunggen_diffusers.lunggen_pipeline import LabelSpace, guided_denoise
 

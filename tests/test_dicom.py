@@ -7,17 +7,17 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import TINY
+from dicom_files import chest, dataset, gradient, structured_report, voi_lut, write
 from pydicom.datadict import DicomDictionary
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
+from lunggen_diffusers.cli import UsageError
 from lunggen_diffusers.config import from_dict
 from lunggen_diffusers.data import dicom, folders
 from lunggen_diffusers.data.decode import decode_images, open_image
 from lunggen_diffusers.training.diffusion import train
 from lunggen_diffusers.utils import list_images
-
-from conftest import TINY
-from dicom_files import chest, dataset, gradient, structured_report, voi_lut, write
 
 KEY = bytes(range(32))  # a fixed pseudonym key for tests that read headers
 
@@ -292,7 +292,7 @@ def test_the_installations_own_key_is_made_once_private_and_reused(tmp_path, mon
     assert dicom.pseudonym_key() == first and not list(path.parent.glob(".*"))  # reused; no temporary left
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "other-machine"))
     assert dicom.pseudonym_key() != first
-    with pytest.raises(FileNotFoundError, match="--pseudonym_key .*no such file"):
+    with pytest.raises(UsageError, match="--pseudonym_key .*no such file"):
         dicom.pseudonym_key(tmp_path / "absent.key")
     (tmp_path / "short.key").write_bytes(b"x" * 8)
     with pytest.raises(ValueError, match="8 bytes; a key needs at least 16"):

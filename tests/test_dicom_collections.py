@@ -8,14 +8,18 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
+from conftest import TINY
+from dicom_files import dataset, gradient, write
 
 from lunggen_diffusers.config import from_dict
 from lunggen_diffusers.data import folders
-from lunggen_diffusers.data.dicom_collections import RSNA_NO_OPACITY, RSNA_NOT_NORMAL, rsna_labels, vindr_labels
+from lunggen_diffusers.data.dicom_collections import (
+    RSNA_NO_OPACITY,
+    RSNA_NOT_NORMAL,
+    rsna_labels,
+    vindr_labels,
+)
 from lunggen_diffusers.vocabulary import NO_FINDING
-
-from conftest import TINY
-from dicom_files import dataset, gradient, write
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VINDR, RSNA = SHARED / "vindr" / "train.csv.gz", SHARED / "rsna_pneumonia" / "stage_2_train_labels.csv.gz"

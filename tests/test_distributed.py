@@ -11,15 +11,14 @@ import datasets
 import numpy as np
 import pytest
 from PIL import Image
+from test_conditioning import tiny_pipeline
 
-from lunggen_diffusers.generation import output_folder
 from lunggen_diffusers.data.phantom import phantom_dataset
 from lunggen_diffusers.evaluation.cli import main as evaluate_main
 from lunggen_diffusers.evaluation.run import EvaluationArguments, run_evaluation
+from lunggen_diffusers.generation import output_folder
 from lunggen_diffusers.generation.output_folder import save_images
 from lunggen_diffusers.generation.sampling import load_pipeline
-
-from test_conditioning import tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES, BATCH = 7, 2  # 4 batches: rank 0 makes images 0-3, rank 1 images 4-6

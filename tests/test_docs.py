@@ -9,10 +9,10 @@ import importlib
 import importlib.util
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from accelerate.commands.launch import launch_command_parser
 
 from lunggen_diffusers.cli import parse_args

@@ -11,19 +11,28 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from dicom_files import chest
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
+from test_conditioning import tiny_pipeline
 
 from lunggen_diffusers.data.phantom import draw_phantom
-from lunggen_diffusers.generation.edit import main as edit_main
 from lunggen_diffusers.generation import editing
-from lunggen_diffusers.generation.editing import (METHODS, Editor, _strongest_region, adds_one_focal_site, auto_mask,
-                                                  edit, from_model, reads_target, to_model)
+from lunggen_diffusers.generation.edit import main as edit_main
+from lunggen_diffusers.generation.editing import (
+    METHODS,
+    Editor,
+    _strongest_region,
+    adds_one_focal_site,
+    auto_mask,
+    edit,
+    from_model,
+    reads_target,
+    to_model,
+)
 from lunggen_diffusers.hub import push_dataset
-from lunggen_diffusers.lunggen_pipeline import LungGenPipeline
+from lunggen_diffusers.lunggen_pipeline import LungGenPipeline, predicted_original
 from lunggen_diffusers.reader_study.study import synthetic_pool
-from dicom_files import chest
-from test_conditioning import tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SOURCE, TARGET = [[], ["cardiomegaly"]], [["cardiomegaly"], []]
@@ -113,15 +122,23 @@ def test_eta_puts_fresh_noise_back_reproducibly_and_zero_is_deterministic_ddim(p
     assert not torch.equal(run(1.0, 0), run(1.0, 1))
 
 
-def test_a_step_with_eta_keeps_the_noise_level_of_the_schedule():
+@pytest.mark.parametrize("spacing, grid", [("leading", [20, 15, 10, 5, 0]), ("trailing", [24, 19, 14, 9, 4])])
+def test_an_edit_runs_on_the_models_own_timestep_grid(spacing, grid):
+    """The edit takes the last `strength` of the model's own schedule, as its scheduler spaces it: a zero-terminal-SNR
+    model is stored with trailing spacing, and its strength-1 edit starts at the last timestep, pure noise."""
+    pipe = tiny_pipeline()  # 50 training timesteps
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
+    assert Editor(pipe, SOURCE, TARGET, 2.0, 10, 0.5).timesteps.tolist() == grid
+    assert Editor(pipe, SOURCE, TARGET, 2.0, 10, 1.0).timesteps[0] == (49 if spacing == "trailing" else 45)
+
+
+def test_the_last_step_lands_on_the_clean_image():
     editor = Editor(tiny_pipeline(), SOURCE, TARGET, 2.0, 10, 1.0)
-    clean, eps = torch.zeros(2, 1, 64, 64), torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
-    for eta in (0.0, 0.5, 1.0):
-        x = editor.step(clean, eps, 5, eta, torch.Generator().manual_seed(1))
-        # Unit-variance noise and a clean image of zeros: the point's variance is 1 - alpha at the step below,
-        # however the noise is split between the predicted and the fresh.
-        assert x.var().item() == pytest.approx(1 - editor.alpha(4).item(), rel=0.05)
-    assert torch.equal(editor.step(eps, clean, 0, 1.0, None), eps)  # the last step lands on the clean image
+    x, output = (torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(k)) for k in (0, 1))
+    last = editor.timesteps[-1]
+    clean = predicted_original(editor.scheduler, output, x, last).clamp(-1, 1)
+    for eta in (0.0, 1.0):
+        assert torch.allclose(editor.step(output, last, x, eta, torch.Generator().manual_seed(2)), clean, atol=1e-6)
 
 
 def test_the_auto_mask_marks_where_the_labels_disagree_and_nothing_when_they_agree(pipe):

@@ -8,17 +8,28 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import phantom_array, save_tiny_encoder
 from PIL import Image
 
+from lunggen_diffusers.cli import UsageError
 from lunggen_diffusers.data.phantom import phantom_dataset
 from lunggen_diffusers.evaluation.cli import main
-from lunggen_diffusers.evaluation.features import Extractor, extract, get_extractor, pixel_features
+from lunggen_diffusers.evaluation.features import (
+    Extractor,
+    extract,
+    get_extractor,
+    pixel_features,
+)
 from lunggen_diffusers.evaluation.images import load_source
-from lunggen_diffusers.evaluation.metrics import (frechet_distance, frechet_distance_from_stats,
-                                                  kernel_inception_distance, ms_ssim, ms_ssim_scales, prdc)
+from lunggen_diffusers.evaluation.metrics import (
+    frechet_distance,
+    frechet_distance_from_stats,
+    kernel_inception_distance,
+    ms_ssim,
+    ms_ssim_scales,
+    prdc,
+)
 from lunggen_diffusers.evaluation.run import split_halves
-
-from helpers import phantom_array, save_tiny_encoder
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +195,7 @@ def test_sources_read_folders_of_any_mode_and_saved_datasets(tmp_path):
         load_source(str(tmp_path / "prepared"))
     with pytest.raises(ValueError, match="only applies to a saved dataset"):
         load_source(f"{folder}:train")
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(UsageError, match="not a folder"):
         load_source(str(tmp_path / "missing"))
     datasets.Dataset.from_dict({"text": ["x"]}).save_to_disk(tmp_path / "no_images")
     with pytest.raises(ValueError, match="no image column"):

@@ -18,12 +18,12 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from PIL import Image
 
 from lunggen_diffusers import LungGenPipeline, hub
+from lunggen_diffusers.config import save_config
 from lunggen_diffusers.hub import card as card_module
 from lunggen_diffusers.hub import cli as hub_cli
-from lunggen_diffusers.config import save_config
 from lunggen_diffusers.lunggen_pipeline import LabelSpace
-from lunggen_diffusers.training.model import build_scheduler, build_unet
 from lunggen_diffusers.summaries import DataSummary, RunSummary
+from lunggen_diffusers.training.model import build_scheduler, build_unet
 
 TOKEN = "hf_SeCrEtT0kenNeverShown123"
 NIH_SOURCE = "the NIH ChestX-ray14 folder (official train_val list)"

@@ -14,21 +14,25 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lunggen_diffusers import LungGenPipeline
-from lunggen_diffusers.training import loop
-from lunggen_diffusers.lunggen_pipeline import encode_moments, sample_latents
-from lunggen_diffusers.training.autoencoder import latent_statistics, load_autoencoder
-from lunggen_diffusers.training.autoencoder_stage import random_crops, reconstruction_loss
-from lunggen_diffusers.training.autoencoder_report import main as report_main
+from lunggen_diffusers.cli import UsageError
 from lunggen_diffusers.data.phantom import phantom_dataset
 from lunggen_diffusers.data.transforms import to_model_input
 from lunggen_diffusers.evaluation import autoencoder as judging
 from lunggen_diffusers.evaluation import phantom_classifier as pc
 from lunggen_diffusers.evaluation.metrics import ms_ssim, ssim
 from lunggen_diffusers.generation.cli import main as generate_main
-from lunggen_diffusers.hub.privacy import files_to_upload
-from lunggen_diffusers.training.latents import cached_latents
 from lunggen_diffusers.generation.sampling import image_side
+from lunggen_diffusers.hub.privacy import files_to_upload
+from lunggen_diffusers.lunggen_pipeline import encode_moments, sample_latents
+from lunggen_diffusers.training import loop
+from lunggen_diffusers.training.autoencoder import latent_statistics, load_autoencoder
+from lunggen_diffusers.training.autoencoder_report import main as report_main
+from lunggen_diffusers.training.autoencoder_stage import (
+    random_crops,
+    reconstruction_loss,
+)
 from lunggen_diffusers.training.diffusion import train
+from lunggen_diffusers.training.latents import cached_latents
 
 REPO = Path(__file__).resolve().parents[1]
 LATENT = {"latent": True, "vae_block_out_channels": [8, 16], "vae_norm_num_groups": 8, "latent_channels": 4,
@@ -221,7 +225,7 @@ def test_latent_options_that_cannot_work_are_refused_in_one_line(flags, message)
 
 
 def test_a_missing_autoencoder_is_one_line(latent_config, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no autoencoder there"):
+    with pytest.raises(UsageError, match="no autoencoder there"):
         train(latent_config(vae=str(tmp_path), stage="diffusion"))
 
 

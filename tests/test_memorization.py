@@ -2,11 +2,16 @@
 
 import numpy as np
 import pytest
+from helpers import phantom_array, save_tiny_encoder
 
 from lunggen_diffusers.evaluation.features import get_extractor, pixel_features
-from lunggen_diffusers.evaluation.memorization import Audit, audit, matched_patients, ncc_search, top_matches
-
-from helpers import phantom_array, save_tiny_encoder
+from lunggen_diffusers.evaluation.memorization import (
+    Audit,
+    audit,
+    matched_patients,
+    ncc_search,
+    top_matches,
+)
 
 SIZE = 64
 

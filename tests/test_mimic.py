@@ -7,16 +7,16 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY
 from PIL import Image
 
+from lunggen_diffusers.cli import UsageError
 from lunggen_diffusers.config import from_dict
 from lunggen_diffusers.data import build
 from lunggen_diffusers.data.chexpert import OBSERVATIONS
 from lunggen_diffusers.data.mimic import mimic_dataset
 from lunggen_diffusers.data.splits import patient_splits
 from lunggen_diffusers.vocabulary import NO_FINDING
-
-from conftest import TINY
 
 # subject, study, image, view, split; study labels below
 IMAGES = [("10000032", "50414267", "d0b71acc", "PA", "train"), ("10000032", "50414267", "a1b2c3d4", "LATERAL", "train"),
@@ -69,7 +69,7 @@ def test_official_split_frontal_views_and_study_labels(mimic):
 
 def test_a_missing_labels_file_is_one_line_naming_it(mimic):
     (mimic / "mimic-cxr-2.0.0-chexpert.csv.gz").unlink()
-    with pytest.raises(FileNotFoundError, match="no mimic-cxr-2.0.0-chexpert.csv\\(.gz\\) or mimic-cxr-2.0.0-negbio"):
+    with pytest.raises(UsageError, match="no mimic-cxr-2.0.0-chexpert.csv\\(.gz\\) or mimic-cxr-2.0.0-negbio"):
         mimic_dataset(mimic)
 
 

@@ -18,9 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lunggen_diffusers.data import prepare as prepare_cli
+from lunggen_diffusers.cli import UsageError
 from lunggen_diffusers.config import DataConfig, parse_args
 from lunggen_diffusers.data import build, decode, nih, splits
+from lunggen_diffusers.data import prepare as prepare_cli
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nih"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih"
@@ -278,7 +279,7 @@ def test_missing_images_are_reported_and_too_many_is_an_error(tmp_path, fixture_
     assert plan.missing == gone and len(plan.dataset) == 166 - 3
     assert f"3 of 166 images named in Data_Entry_2017_v2020.csv are not under {root}" in caplog.text
     assert gone[0] in caplog.text
-    with pytest.raises(FileNotFoundError, match="3 of 166 images .* more than --max_failed_fraction 0.01"):
+    with pytest.raises(UsageError, match="3 of 166 images .* more than --max_failed_fraction 0.01"):
         nih.plan_nih(root, DataConfig(resolution=32, max_failed_fraction=0.01))
 
 
@@ -375,7 +376,7 @@ def test_an_image_folder_with_metadata_csv_is_split_by_patient(tiny_config, tmp_
     expected = [v == "PA" and "Edema" in f for v, f in zip(train["view_position"], train["finding_labels"])]
     assert len(pa) == sum(expected) > 0 and pa[0]["image"].size == (32, 32)
     (root / lines[1].split(",")[0]).unlink()
-    with pytest.raises(FileNotFoundError, match="1 of 60 images listed in metadata.csv are not under"):
+    with pytest.raises(UsageError, match="1 of 60 images listed in metadata.csv are not under"):
         build.load_source(tiny_config(**config))
 
 
@@ -459,7 +460,7 @@ def test_absent_archives_prepare_what_is_there_and_say_so(tmp_path, fixture_tabl
     card = (out / "README.md").read_text()
     assert f"Partial download: {len(present)} of {len(names)} images found" in card and "images_002" in card
     # Missing files inside a present archive still count against --max_failed_fraction (1 of the present ones).
-    with pytest.raises(FileNotFoundError, match=f"1 of {len(present) + 1} images .* --max_failed_fraction"):
+    with pytest.raises(UsageError, match=f"1 of {len(present) + 1} images .* --max_failed_fraction"):
         nih.plan_nih(root, DataConfig(resolution=32, max_failed_fraction=0.005))
 
 
@@ -468,7 +469,7 @@ def test_a_flattened_folder_counts_every_missing_file_as_a_failure(tmp_path, fix
     gone = sorted(fixture_table["image_index"])[55:111]  # what images_002 holds in the archive layout
     for name in gone:
         (root / name).unlink()
-    with pytest.raises(FileNotFoundError, match="56 of 166 images .* more than --max_failed_fraction 0.2"):
+    with pytest.raises(UsageError, match="56 of 166 images .* more than --max_failed_fraction 0.2"):
         nih.plan_nih(root, DataConfig(resolution=32, max_failed_fraction=0.2))
 
 

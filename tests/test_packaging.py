@@ -1,10 +1,10 @@
 """`pip install .` gives the package, its data files and working console commands."""
 
 import importlib
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from hub_stand_in import HubStandIn
 from huggingface_hub import HfApi
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from hub_stand_in import HubStandIn
 from lunggen_diffusers.data.phantom import draw_study, patients_of, phantom_dataset
 from lunggen_diffusers.evaluate import main as evaluate_main
 from lunggen_diffusers.evaluation.images import load_source

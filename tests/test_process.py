@@ -12,9 +12,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from PIL import Image
+from test_conditioning import tiny_pipeline
 
 from lunggen_diffusers import LungGenPipeline
-from lunggen_diffusers.lunggen_pipeline import postprocess
 from lunggen_diffusers.generation import cli as generation_cli
 from lunggen_diffusers.generation.process import (
     BAND,
@@ -24,9 +24,12 @@ from lunggen_diffusers.generation.process import (
     save_animation,
     save_mp4,
 )
-from lunggen_diffusers.generation.sampling import SCHEDULERS, iter_batches, load_pipeline
-
-from test_conditioning import tiny_pipeline
+from lunggen_diffusers.generation.sampling import (
+    SCHEDULERS,
+    iter_batches,
+    load_pipeline,
+)
+from lunggen_diffusers.lunggen_pipeline import postprocess
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

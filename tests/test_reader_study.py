@@ -21,14 +21,13 @@ import datasets
 import numpy as np
 import pytest
 from PIL import Image
+from test_conditioning import tiny_pipeline
 
 from lunggen_diffusers.data.phantom import phantom_dataset
 from lunggen_diffusers.generation.output_folder import save_images
 from lunggen_diffusers.reader_study import analysis, store
 from lunggen_diffusers.reader_study.cli import main as reader_study_main
 from lunggen_diffusers.reader_study.study import create_study
-
-from test_conditioning import tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PHANTOM_LABELS = {"condition_on": ["findings"], "findings": ["cardiomegaly", "consolidation", "nodule",
@@ -351,7 +350,11 @@ def test_planted_answers_give_the_hand_computed_figures(tmp_path):
 
 
 def test_kappa_statistics_against_hand_values():
-    from lunggen_diffusers.evaluation.stats import cohen_kappa, fleiss_kappa, mann_whitney
+    from lunggen_diffusers.evaluation.stats import (
+        cohen_kappa,
+        fleiss_kappa,
+        mann_whitney,
+    )
 
     # Two raters, 10 items: agree on 7; a says yes 5 times, b 4 times: chance .5*.4 + .5*.6 = .5, kappa .4.
     a = list("yyyyynnnnn")

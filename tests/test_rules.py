@@ -7,15 +7,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 from diffusers import UNet2DModel
 from huggingface_hub import HfApi
 
-from conftest import TINY
-from lunggen_diffusers.training import diffusion as training
-from lunggen_diffusers.hub import cli as hub_cli
 from lunggen_diffusers.config import from_dict
 from lunggen_diffusers.data.build import build_dataset, load_source
 from lunggen_diffusers.evaluation.memorization import Audit
+from lunggen_diffusers.hub import cli as hub_cli
+from lunggen_diffusers.training import diffusion as training
 
 REPO_ID = "org/lunggen-rules"
 # Two optimizer steps of two accumulated batches, with augmentation, a checkpoint after each step and a push.

@@ -13,9 +13,9 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
 import pipeline
-from lunggen_diffusers.generation import cli as generate_cli
+from lunggen_diffusers.cli import UsageError
 from lunggen_diffusers.config import parse_args
-from lunggen_diffusers.training.model import build_scheduler
+from lunggen_diffusers.generation import cli as generate_cli
 from lunggen_diffusers.generation.output_folder import MANIFEST_FIELDS, save_images
 from lunggen_diffusers.generation.sampling import (
     DEFAULT_SCHEDULER,
@@ -26,6 +26,7 @@ from lunggen_diffusers.generation.sampling import (
     noise_seed,
     scheduler_code,
 )
+from lunggen_diffusers.training.model import build_scheduler
 
 STEPS = 4
 
@@ -283,5 +284,5 @@ def test_cli_bad_input_is_one_line_error(case, extra, message, model_dir, not_a_
 
 def test_pickle_weights_are_refused(pipe, tmp_path):
     pipe.save_pretrained(tmp_path, safe_serialization=False)
-    with pytest.raises(FileNotFoundError, match="safetensors"):
+    with pytest.raises(UsageError, match="safetensors"):
         load_pipeline(str(tmp_path), device="cpu")

@@ -6,13 +6,12 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import TINY
 from PIL import Image
+from test_mimic import mimic  # noqa: F401  (the MIMIC-CXR-JPG layout fixture)
 
 from lunggen_diffusers.config import from_dict, parse_args
 from lunggen_diffusers.data import build
-
-from conftest import TINY
-from test_mimic import mimic  # noqa: F401  (the MIMIC-CXR-JPG layout fixture)
 
 
 @pytest.fixture

@@ -5,7 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lunggen_diffusers.data.transforms import augment, preprocess_image, to_grayscale, to_model_input, to_square
+from lunggen_diffusers.data.transforms import (
+    augment,
+    preprocess_image,
+    to_grayscale,
+    to_model_input,
+    to_square,
+)
 
 
 def _ramp(h=40, w=40):

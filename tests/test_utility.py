@@ -16,15 +16,29 @@ from PIL import Image
 
 from lunggen_diffusers.config import preset_values
 from lunggen_diffusers.data.phantom import FINDINGS, phantom_dataset
+from lunggen_diffusers.evaluation.stats import (
+    auroc,
+    bootstrap_aurocs,
+    interval,
+    patient_weights,
+    weighted_auroc,
+)
 from lunggen_diffusers.utility import data as utility_data
 from lunggen_diffusers.utility import run as utility_run
 from lunggen_diffusers.utility.cli import main
-from lunggen_diffusers.utility.data import ImageSet, patient_rows, real_splits, synthetic_set
+from lunggen_diffusers.utility.data import (
+    ImageSet,
+    patient_rows,
+    real_splits,
+    synthetic_set,
+)
 from lunggen_diffusers.utility.report import STYLES
 from lunggen_diffusers.utility.run import UtilityArguments, regime_parts, run_utility
-from lunggen_diffusers.evaluation.stats import (auroc, bootstrap_aurocs, interval, patient_weights,
-                                             weighted_auroc)
-from lunggen_diffusers.utility.subgroups import subgroup_markdown, subgroup_summary, youden_thresholds
+from lunggen_diffusers.utility.subgroups import (
+    subgroup_markdown,
+    subgroup_summary,
+    youden_thresholds,
+)
 
 SIZE = 32
 

@@ -5,8 +5,14 @@ import pytest
 from PIL import Image
 
 from lunggen_diffusers.evaluation.images import load_source
-from lunggen_diffusers.utils import (IMAGE_EXTENSIONS, atomic_path, image_grid, list_images, markdown_table,
-                                     split_spec)
+from lunggen_diffusers.utils import (
+    IMAGE_EXTENSIONS,
+    atomic_path,
+    image_grid,
+    list_images,
+    markdown_table,
+    split_spec,
+)
 
 
 @pytest.mark.parametrize("suffix", IMAGE_EXTENSIONS)

@@ -18,13 +18,21 @@ from pathlib import Path
 
 import datasets
 
+from ..cli import UsageError
 from ..config import Config, phantom_finding_scales
 from ..summaries import DataSummary
 from ..vocabulary import SUBGROUP_COLUMNS, subgroup_columns
 from . import nih
 from .decode import decode_images, prepared_resolution
 from .phantom import phantom_dataset
-from .registry import SOURCES, cache_root, detect_source, folder_key, folder_source, root_of
+from .registry import (
+    SOURCES,
+    cache_root,
+    detect_source,
+    folder_key,
+    folder_source,
+    root_of,
+)
 from .splits import filter_dataset, split_by_patient
 
 logger = logging.getLogger(__name__)
@@ -43,7 +51,7 @@ def _nih_split(config: Config, root: str) -> datasets.Dataset:
     dsdict, report, failures = nih.decode_splits(nih.plan_nih(root, d), d, work_dir)
     nih.write_report(work_dir, report, failures)
     if d.split not in dsdict:
-        raise ValueError(f"--split {d.split!r}: the NIH folder has no such split (has: {', '.join(dsdict)})")
+        raise UsageError(f"--split {d.split!r}: the NIH folder has no such split (has: {', '.join(dsdict)})")
     logger.info("NIH ChestX-ray14 prepared in %s: %s", work_dir, json.dumps(report["splits"]))
     return dsdict[d.split]
 
@@ -62,7 +70,7 @@ def load_source(config: Config, root: str | None = None) -> tuple[datasets.Datas
             loaded = datasets.load_from_disk(name)
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:
-                    raise ValueError(f"--dataset_name {name}: no split {split!r} (has: {', '.join(loaded)})")
+                    raise UsageError(f"--dataset_name {name}: no split {split!r} (has: {', '.join(loaded)})")
                 loaded = loaded[split]
             return filter_dataset(loaded, d), "a local `save_to_disk` dataset"
         loaded = datasets.load_dataset(name, d.dataset_config_name, split=split)
@@ -111,7 +119,7 @@ def build_dataset(config: Config) -> tuple[datasets.Dataset, DataSummary]:
     if d.max_train_samples is not None:
         prepared = prepared.select(range(min(d.max_train_samples, len(prepared))))
     if len(prepared) == 0:
-        raise ValueError(f"no training images left from {source}")
+        raise UsageError(f"no training images left from {source}")
     return prepared, summarize(prepared, source, d.split)
 
 
@@ -150,14 +158,14 @@ def _prepare_one(config: Config, root: str | None = None) -> tuple[datasets.Data
     d = config.data
     raw, source = load_source(config, root)
     if isinstance(raw.features.get("pixel_values"), datasets.Array2D) and d.image_column not in raw.column_names:
-        raise ValueError(
+        raise UsageError(
             f"{source} was prepared by an earlier version (uint8 `pixel_values`, no `image` column): prepare it "
             "again with `python -m lunggen_diffusers.prepare --overwrite_output_dir ...`"
         )
     stored = prepared_resolution(raw)
     if stored is not None:  # prepared already (e.g. by `python -m lunggen_diffusers.prepare`, or an NIH folder)
         if stored != d.resolution:
-            raise ValueError(
+            raise UsageError(
                 f"{source} holds {stored}x{stored} prepared images but --resolution is {d.resolution}: "
                 f"prepare it again with --resolution {d.resolution}"
             )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import datasets
 
+from ..cli import UsageError
 from ..utils import find_table, read_table, table_columns
 from ..vocabulary import FINDINGS_COLUMN, NO_FINDING, canonical_finding
 
@@ -54,7 +55,7 @@ def chexpert_dataset(root: str | Path, uncertain: str = "ones") -> tuple[dataset
     """The frontal images of train.csv and valid.csv (`official_test` marks valid.csv's) with patient_id,
     patient_sex, patient_age, view_position and finding_labels; and (path, reason) for each row left out."""
     if uncertain not in UNCERTAIN:
-        raise ValueError(f"--uncertain_labels {uncertain!r} is not one of: {', '.join(UNCERTAIN)}")
+        raise UsageError(f"--uncertain_labels {uncertain!r} is not one of: {', '.join(UNCERTAIN)}")
     root = Path(root)
     columns = {k: [] for k in ("image", "patient_id", "patient_sex", "patient_age", "view_position", FINDINGS_COLUMN,
                                "official_test")}
@@ -63,7 +64,7 @@ def chexpert_dataset(root: str | Path, uncertain: str = "ones") -> tuple[dataset
         path = find_table(root, name)
         if path is None:
             if not is_test:
-                raise FileNotFoundError(f"--train_data_dir {root}: no train.csv (CheXpert's labels file)")
+                raise UsageError(f"--train_data_dir {root}: no train.csv (CheXpert's labels file)")
             continue
         for row in read_table(path):
             if row["Frontal/Lateral"] != "Frontal":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import datasets
 
+from ..cli import UsageError
 from ..utils import list_images
 from ..vocabulary import FINDINGS_COLUMN, canonical_finding
 
@@ -40,11 +41,11 @@ def class_folder_dataset(root: str | Path) -> datasets.Dataset:
         with open(patients_csv, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         if not rows or not {"file_name", "patient_id"} <= set(rows[0]):
-            raise ValueError(f"{patients_csv}: needs the columns file_name and patient_id")
+            raise UsageError(f"{patients_csv}: needs the columns file_name and patient_id")
         patient_of = {row["file_name"]: row["patient_id"] for row in rows}
         unnamed = [p.relative_to(root).as_posix() for p in files if p.relative_to(root).as_posix() not in patient_of]
         if unnamed:
-            raise ValueError(f"{patients_csv} names no patient for {len(unnamed)} image(s); first: {unnamed[0]}")
+            raise UsageError(f"{patients_csv} names no patient for {len(unnamed)} image(s); first: {unnamed[0]}")
         patients = [patient_of[p.relative_to(root).as_posix()] for p in files]
     else:
         logger.warning("class folders name no patients: each image is its own patient, so one patient's images may "

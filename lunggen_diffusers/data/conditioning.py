@@ -11,8 +11,15 @@ from collections import Counter
 import datasets
 import numpy as np
 
+from ..cli import UsageError
 from ..lunggen_pipeline import DEFAULT_GUIDANCE_SCALE, LabelSpace
-from ..vocabulary import AGE_BIN_NAMES, CONDITION_COLUMNS, FINDINGS_COLUMN, condition_value, finding_lists
+from ..vocabulary import (
+    AGE_BIN_NAMES,
+    CONDITION_COLUMNS,
+    FINDINGS_COLUMN,
+    condition_value,
+    finding_lists,
+)
 
 
 def _row_labels(findings: list[str], extras: dict[str, str]) -> list[str]:
@@ -25,7 +32,7 @@ def label_config(dataset: datasets.Dataset, condition_on: list[str],
     columns = [CONDITION_COLUMNS[c] for c in condition_on]
     missing = [c for c, column in zip(condition_on, columns) if column not in dataset.column_names]
     if missing:
-        raise ValueError(f"--condition_on {' '.join(missing)}: the training data has no "
+        raise UsageError(f"--condition_on {' '.join(missing)}: the training data has no "
                          f"{', '.join(CONDITION_COLUMNS[c] for c in missing)} column "
                          f"(it has: {', '.join(dataset.column_names)})")
     table = dataset.select_columns(columns).with_format(None).to_dict()

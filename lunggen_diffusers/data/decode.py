@@ -22,6 +22,7 @@ import pyarrow as pa
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..cli import UsageError
 from ..utils import files_fingerprint, is_dicom
 from . import dicom, transforms
 from .transforms import preprocess_image
@@ -98,9 +99,9 @@ def decode_images(
     own fingerprint cache applies when the source is on disk (Hub datasets).
     """
     if image_column not in ds.column_names:
-        raise ValueError(f"--image_column {image_column!r} is not a column of the dataset (has: {ds.column_names})")
+        raise UsageError(f"--image_column {image_column!r} is not a column of the dataset (has: {ds.column_names})")
     if len(ds) == 0:
-        raise ValueError("the data source holds no images")
+        raise UsageError("the data source holds no images")
     images = ds.select_columns([image_column])
     if isinstance(images.features[image_column], datasets.Image):
         images = images.cast_column(image_column, datasets.Image(decode=False))
@@ -148,7 +149,7 @@ def decode_images(
     if failed_rows:
         fraction = len(failed_rows) / len(ds)
         if fraction > max_failed_fraction:
-            raise ValueError(
+            raise UsageError(
                 f"{len(failed_rows)} of {len(ds)} images could not be read ({fraction:.0%} > --max_failed_fraction "
                 f"{max_failed_fraction}); first: {', '.join(name for name, _ in failures[:3])}"
             )

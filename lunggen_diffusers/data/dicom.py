@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..cli import UsageError
 from ..utils import is_dicom, list_images
 
 KEPT_COLUMNS = ("patient_id", "patient_age", "patient_sex", "view_position")
@@ -92,11 +93,11 @@ def pseudonym_key(path: str | Path | None = None) -> bytes:
     if path is not None:
         found = Path(path)
         if not found.is_file():
-            raise FileNotFoundError(f"--pseudonym_key {path}: no such file (make one with python -c \"import secrets; "
+            raise UsageError(f"--pseudonym_key {path}: no such file (make one with python -c \"import secrets; "
                                     f"open('team.key', 'wb').write(secrets.token_bytes(32))\")")
         key = found.read_bytes()
         if len(key) < MIN_KEY_BYTES:
-            raise ValueError(f"--pseudonym_key {path}: {len(key)} bytes; a key needs at least {MIN_KEY_BYTES} random "
+            raise UsageError(f"--pseudonym_key {path}: {len(key)} bytes; a key needs at least {MIN_KEY_BYTES} random "
                              "bytes")
         return key
     own = default_key_file()
@@ -238,7 +239,7 @@ def dicom_folder(root: str | Path, key: bytes, phi: set[str] | None = None
     files = list_images(root)
     others = [p for p in files if not is_dicom(p)]
     if others:
-        raise ValueError(f"{root} mixes DICOM files with {len(others)} other image(s) (first: "
+        raise UsageError(f"{root} mixes DICOM files with {len(others)} other image(s) (first: "
                          f"{others[0].relative_to(root)}); give a folder of one kind")
     paths, columns, skipped = [], {name: [] for name in KEPT_COLUMNS}, []
     for path in files:

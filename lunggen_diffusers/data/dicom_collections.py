@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from ..cli import UsageError
 from ..utils import find_table, read_table, table_columns
 from ..vocabulary import NO_FINDING, canonical_finding
 
@@ -44,7 +45,7 @@ def vindr_labels(root: str | Path, rule: str = "majority") -> dict[str, list[str
     """image_id -> its findings (canonical names) under `rule`: "majority", a finding more than half of the image's
     radiologists marked, or "any", a finding at least one marked; [NO_FINDING] when none is."""
     if rule not in LABEL_RULES:
-        raise ValueError(f"--vindr_label_rule {rule!r} is not one of: {', '.join(LABEL_RULES)}")
+        raise UsageError(f"--vindr_label_rule {rule!r} is not one of: {', '.join(LABEL_RULES)}")
     readers, marked = defaultdict(set), defaultdict(lambda: defaultdict(set))
     image_labels = _vindr_image_labels(Path(root))
     if image_labels:  # image_id, rad_ID, then one 0/1 column per finding or diagnosis (and "No finding")

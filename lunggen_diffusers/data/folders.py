@@ -12,7 +12,15 @@ from pathlib import Path
 
 import datasets
 
-from ..utils import IMAGE_EXTENSIONS, atomic_path, is_dicom, list_images, secret_digests, write_json
+from ..cli import UsageError
+from ..utils import (
+    IMAGE_EXTENSIONS,
+    atomic_path,
+    is_dicom,
+    list_images,
+    secret_digests,
+    write_json,
+)
 from ..vocabulary import FINDINGS_COLUMN
 from . import dicom
 
@@ -33,12 +41,12 @@ def image_folder(path: str | Path) -> datasets.Dataset:
     """
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"--train_data_dir {path}: no such folder")
+        raise UsageError(f"--train_data_dir {path}: no such folder")
     if (root / METADATA_CSV).is_file():
         return _listed_folder(root)
     files = [str(p) for p in list_images(root)]
     if not files:
-        raise ValueError(f"--train_data_dir {path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+        raise UsageError(f"--train_data_dir {path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
     return datasets.Dataset.from_dict(
         {"image": files}, features=datasets.Features({"image": datasets.Image(decode=False)})
     )
@@ -68,13 +76,13 @@ def report_skipped(source: str | Path, report_dir: Path, kept: int, skipped: lis
     total = kept + len(skipped)
     if not kept:
         first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
-        raise ValueError(f"--train_data_dir {source}: no usable image among {total} {what}{first}; the list is in "
+        raise UsageError(f"--train_data_dir {source}: no usable image among {total} {what}{first}; the list is in "
                          f"{listed}")
     if skipped:
         reasons = Counter(reason.split(" (")[0] for _, reason in skipped)
         summary = ", ".join(f"{n} {r}" for r, n in reasons.most_common())
         if len(skipped) / total > max_fraction:
-            raise ValueError(f"--train_data_dir {source}: {len(skipped)} of {total} {what} skipped ({summary}) > "
+            raise UsageError(f"--train_data_dir {source}: {len(skipped)} of {total} {what} skipped ({summary}) > "
                              f"--max_failed_fraction {max_fraction}; the list is in {listed}")
         logger.warning("skipped %d of %d %s (%s); the list is in %s", len(skipped), total, what, summary, listed)
 
@@ -112,11 +120,11 @@ def _listed_folder(root: Path) -> datasets.Dataset:
     with open(root / METADATA_CSV, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows or "file_name" not in rows[0]:
-        raise ValueError(f"{root / METADATA_CSV}: needs a file_name column (image paths relative to the folder)")
+        raise UsageError(f"{root / METADATA_CSV}: needs a file_name column (image paths relative to the folder)")
     files = [str(root / row["file_name"]) for row in rows]
     missing = [row["file_name"] for row, file in zip(rows, files) if not os.path.isfile(file)]
     if missing:
-        raise FileNotFoundError(
+        raise UsageError(
             f"{len(missing)} of {len(rows)} images listed in {METADATA_CSV} are not under {root}; "
             f"first: {', '.join(missing[:5])}"
         )

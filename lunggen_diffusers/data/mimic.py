@@ -13,6 +13,7 @@ from pathlib import Path
 
 import datasets
 
+from ..cli import UsageError
 from ..utils import find_table, read_table
 from ..vocabulary import FINDINGS_COLUMN
 from .chexpert import findings
@@ -39,7 +40,7 @@ def mimic_dataset(root: str | Path, uncertain: str = "ones") -> tuple[datasets.D
     for what, path in (("labels", labels_path), ("split", _find(root, SPLIT))):
         if path is None:
             wanted = " or ".join(f"{PREFIX}{p}.csv(.gz)" for p in (LABELERS if what == "labels" else (SPLIT,)))
-            raise FileNotFoundError(f"--train_data_dir {root}: no {wanted} (MIMIC-CXR-JPG's {what} file)")
+            raise UsageError(f"--train_data_dir {root}: no {wanted} (MIMIC-CXR-JPG's {what} file)")
     studies = {(r["subject_id"], r["study_id"]): r for r in read_table(labels_path)}
     split_of = {r["dicom_id"]: SPLIT_NAMES.get(r["split"], r["split"]) for r in read_table(_find(root, SPLIT))}
     columns = {k: [] for k in ("image", "patient_id", "view_position", FINDINGS_COLUMN, "official_split")}

@@ -23,10 +23,17 @@ from typing import Any, NamedTuple
 
 import datasets
 
+from ..cli import UsageError
 from ..utils import atomic_write_text, files_fingerprint
 from .decode import FORMAT_VERSION, decode_images
 from .splits import (
-    SPLITS, TEST_LIST, TRAIN_VAL_LIST, active_filters, assign_splits, check_patient_disjoint, select_rows,
+    SPLITS,
+    TEST_LIST,
+    TRAIN_VAL_LIST,
+    active_filters,
+    assign_splits,
+    check_patient_disjoint,
+    select_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,7 +76,7 @@ def find_metadata(nih_dir: str | Path) -> Path:
         for candidate in (root / name, root / f"{name}.gz"):
             if candidate.is_file():
                 return candidate
-    raise FileNotFoundError(
+    raise UsageError(
         f"{nih_dir}: no NIH metadata file ({' or '.join(METADATA_FILES)}, optionally .gz) in this folder"
     )
 
@@ -96,7 +103,7 @@ def read_metadata(path: str | Path) -> dict[str, list]:
         header = [h.strip() for h in next(reader, [])]
         absent = [h for h in _CSV_COLUMNS.values() if h not in header]
         if absent:
-            raise ValueError(f"{path.name}: missing column(s) {', '.join(absent)}; is this the NIH Data_Entry CSV?")
+            raise UsageError(f"{path.name}: missing column(s) {', '.join(absent)}; is this the NIH Data_Entry CSV?")
         where = {column: header.index(h) for column, h in _CSV_COLUMNS.items()}
         table: dict[str, list] = {column: [] for column in _CSV_COLUMNS}
         for line, row in enumerate(reader, start=2):
@@ -112,9 +119,9 @@ def read_metadata(path: str | Path) -> dict[str, list]:
                 table["patient_sex"].append(cell["patient_sex"])
                 table["view_position"].append(cell["view_position"])
             except (ValueError, IndexError) as exc:
-                raise ValueError(f"{path.name} line {line}: cannot parse {row[:7]} ({exc})") from None
+                raise UsageError(f"{path.name} line {line}: cannot parse {row[:7]} ({exc})") from None
     if not table["image_index"]:
-        raise ValueError(f"{path.name}: no rows")
+        raise UsageError(f"{path.name}: no rows")
     return table
 
 
@@ -198,7 +205,7 @@ def plan_nih(nih_dir: str | Path, settings: Any) -> Plan:
     """
     root = Path(nih_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"--nih_dir {nih_dir}: no such folder")
+        raise UsageError(f"--nih_dir {nih_dir}: no such folder")
     csv_path = find_metadata(root)
     table = read_metadata(csv_path)
     test_names, train_val_names = read_split_lists(root)
@@ -211,11 +218,11 @@ def plan_nih(nih_dir: str | Path, settings: Any) -> Plan:
     if unlisted:
         logger.warning("%d image(s) of %s are in neither split list and are left out", unlisted, csv_path.name)
     if not rows:
-        raise ValueError(f"no image of {csv_path.name} is in {TEST_LIST} or {TRAIN_VAL_LIST}")
+        raise UsageError(f"no image of {csv_path.name} is in {TEST_LIST} or {TRAIN_VAL_LIST}")
 
     found, folders = find_images(root)
     if not found:
-        raise FileNotFoundError(f"{nih_dir}: no PNG files (looked in ., images/, images_*/ and images_*/images/)")
+        raise UsageError(f"{nih_dir}: no PNG files (looked in ., images/, images_*/ and images_*/images/)")
     missing = [table["image_index"][i] for i in rows if table["image_index"][i] not in found]
     selected = len(rows)
     missing, elsewhere, absent_archives = sort_missing(table["image_index"], missing, found, root)
@@ -234,7 +241,7 @@ def plan_nih(nih_dir: str | Path, settings: Any) -> Plan:
         )
         if fraction > settings.max_failed_fraction:
             limit = settings.max_failed_fraction
-            raise FileNotFoundError(f"{message}; that is more than --max_failed_fraction {limit}")
+            raise UsageError(f"{message}; that is more than --max_failed_fraction {limit}")
         logger.warning(message)
     if missing or elsewhere:
         absent = set(missing) | set(elsewhere)

@@ -15,7 +15,14 @@ from pathlib import Path
 import datasets
 
 from ..utils import read_table
-from ..vocabulary import FINDINGS, FINDINGS_COLUMN, NO_FINDING, canonical_finding, is_no_finding, normalize
+from ..vocabulary import (
+    FINDINGS,
+    FINDINGS_COLUMN,
+    NO_FINDING,
+    canonical_finding,
+    is_no_finding,
+    normalize,
+)
 
 logger = logging.getLogger(__name__)
 

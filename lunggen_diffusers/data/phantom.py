@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..cli import parse_args, run
+from ..cli import UsageError, parse_args, run
 from ..utils import image_grid, synthetic_png_info
 from ..vocabulary import NO_FINDING, SUBGROUPS, age_bin
 
@@ -64,7 +64,7 @@ class Demographics:
 
     def __post_init__(self):
         if self.sex not in SEXES or self.view not in VIEWS or not 0 <= self.age <= 100:
-            raise ValueError(f"demographics {self}: sex must be one of {SEXES}, view one of {VIEWS}, age in [0, 100]")
+            raise UsageError(f"demographics {self}: sex must be one of {SEXES}, view one of {VIEWS}, age in [0, 100]")
 
     @classmethod
     def draw(cls, rng: np.random.Generator) -> "Demographics":
@@ -76,15 +76,15 @@ MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
 
 def _check_resolution(resolution: int) -> None:
     if not isinstance(resolution, (int, np.integer)) or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
-        raise ValueError(f"resolution must be an integer in [{MIN_RESOLUTION}, {MAX_RESOLUTION}], got {resolution!r}")
+        raise UsageError(f"resolution must be an integer in [{MIN_RESOLUTION}, {MAX_RESOLUTION}], got {resolution!r}")
 
 
 def _check_findings(findings: Sequence[str]) -> None:
     if isinstance(findings, str):
-        raise ValueError(f"findings must be a sequence of names from {FINDINGS}, got the string {findings!r}")
+        raise UsageError(f"findings must be a sequence of names from {FINDINGS}, got the string {findings!r}")
     unknown = [f for f in findings if f not in FINDINGS]
     if unknown:
-        raise ValueError(f"unknown finding(s) {unknown}; accepted: {', '.join(FINDINGS)}")
+        raise UsageError(f"unknown finding(s) {unknown}; accepted: {', '.join(FINDINGS)}")
 
 
 def _ramp(inside: np.ndarray, width: float) -> np.ndarray:
@@ -332,16 +332,16 @@ def render_phantom(resolution: int, rng: np.random.Generator, findings: Sequence
 def _check_dataset_args(num_images, seed, finding_prob, start_index) -> None:
     for name, value, lowest in (("num_images", num_images, 1), ("seed", seed, 0), ("start_index", start_index, 0)):
         if not isinstance(value, (int, np.integer)) or value < lowest:
-            raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
+            raise UsageError(f"{name} must be an integer >= {lowest}, got {value!r}")
     if not 0.0 <= finding_prob <= 1.0:
-        raise ValueError(f"finding_prob must be in [0, 1], got {finding_prob!r}")
+        raise UsageError(f"finding_prob must be in [0, 1], got {finding_prob!r}")
 
 
 def _check_scales(scales: dict[str, float]) -> None:
     for key, factor in scales.items():
         group, _, value = key.partition("=")
         if group not in SUBGROUPS or value not in SUBGROUPS[group] or not 0 <= factor:
-            raise ValueError(f"finding_prob_scale {key}:{factor}: a subgroup is one of "
+            raise UsageError(f"finding_prob_scale {key}:{factor}: a subgroup is one of "
                              f"{', '.join(f'{g}=' + '|'.join(v) for g, v in SUBGROUPS.items())}, its factor >= 0")
 
 
@@ -353,7 +353,7 @@ def subgroups_of(demographics: Demographics) -> list[str]:
 
 def _check_images_per_patient(images_per_patient: float) -> None:
     if not 1 <= images_per_patient <= 50:
-        raise ValueError(f"images_per_patient must be a mean number of images per patient in [1, 50] (NIH: 3.64), "
+        raise UsageError(f"images_per_patient must be a mean number of images per patient in [1, 50] (NIH: 3.64), "
                          f"got {images_per_patient!r}")
 
 
@@ -469,7 +469,7 @@ def phantom_grid(path, resolution: int = 128, rows: int = 2, cols: int = 4, seed
                  finding_prob: float = 0.3) -> Image.Image:
     """Write a rows x cols PNG grid of phantoms (images 0.. of `seed`), marked synthetic, and return it."""
     if rows < 1 or cols < 1:
-        raise ValueError(f"rows and cols must be >= 1, got rows={rows!r}, cols={cols!r}")
+        raise UsageError(f"rows and cols must be >= 1, got rows={rows!r}, cols={cols!r}")
     _check_resolution(resolution)
     _check_dataset_args(rows * cols, seed, finding_prob, 0)
     images = [Image.fromarray(draw_phantom(seed, i, resolution, finding_prob)[0], "L") for i in range(rows * cols)]

@@ -19,14 +19,14 @@ import datasets
 from huggingface_hub import DatasetCard, DatasetCardData
 from transformers import HfArgumentParser
 
-from ..cli import parse, run
+from ..cli import UsageError, parse, run
 from ..config import DataConfig
 from ..utils import files_fingerprint, list_images, stable_hash
 from . import dicom, nih
+from .decode import decode_images
 from .folders import PHI_DIGESTS, SKIPPED_CSV
 from .phantom import phantom_dataset
 from .registry import detect_source, folder_source, source_report_dir
-from .decode import decode_images
 from .splits import SPLITS, check_patient_disjoint, filter_dataset, patient_splits
 
 CITATION = """@inproceedings{wang2017chestxray8,
@@ -172,9 +172,9 @@ def _previous(output: Path, key: str, overwrite: bool) -> dict | None:
     if previous is not None and previous.get("key") == key:
         return previous
     if previous is None and any(output.iterdir()):
-        raise FileExistsError(f"--output_dir {output} is not a prepared dataset; refusing to replace it")
+        raise UsageError(f"--output_dir {output} is not a prepared dataset; refusing to replace it")
     if previous is not None and not overwrite:
-        raise FileExistsError(
+        raise UsageError(
             f"--output_dir {output} holds a dataset prepared from other inputs or settings; "
             "pass --overwrite_output_dir to replace it"
         )
@@ -184,12 +184,12 @@ def _previous(output: Path, key: str, overwrite: bool) -> dict | None:
 def make_prepared_dataset(args: PrepareArguments, settings: DataConfig) -> tuple[dict, bool]:
     """Decode, split and save (or reuse) `args.output_dir`; returns its report and whether it reused one."""
     if bool(args.nih_dir) + bool(settings.train_data_dir) + args.phantom != 1:
-        raise ValueError("give --nih_dir (NIH ChestX-ray14), --train_data_dir (any other source) or --phantom, one of "
+        raise UsageError("give --nih_dir (NIH ChestX-ray14), --train_data_dir (any other source) or --phantom, one of "
                          "them")
     if args.phantom:
         return prepare_phantom(args, settings)
     if settings.train_data_dir and len(settings.train_data_dir) > 1:
-        raise ValueError("prepare one --train_data_dir at a time (training joins several: give each to train.py)")
+        raise UsageError("prepare one --train_data_dir at a time (training joins several: give each to train.py)")
     if settings.train_data_dir and detect_source(settings) != "nih":
         return prepare_folder(args, settings)
     args.nih_dir = args.nih_dir or settings.train_data_dir[0]
@@ -209,7 +209,7 @@ def prepare_folder(args: PrepareArguments, settings: DataConfig) -> tuple[dict, 
     NIH's: train / validation / test split by patient, decoded once, with its report, failed and skipped files."""
     root = Path(settings.train_data_dir[0])
     if not root.is_dir():
-        raise FileNotFoundError(f"--train_data_dir {root}: no such folder")
+        raise UsageError(f"--train_data_dir {root}: no such folder")
     output = Path(args.output_dir)
     options = {k: v for k, v in asdict(settings).items()
                if k not in ("preprocessing_num_workers", "cache_dir", "pseudonym_key")}
@@ -222,7 +222,7 @@ def prepare_folder(args: PrepareArguments, settings: DataConfig) -> tuple[dict, 
         return previous, True
     raw, source = folder_source(settings)
     if "patient_id" not in raw.column_names:
-        raise ValueError(f"--train_data_dir {root}: no patient IDs (add a metadata.csv with file_name and patient_id)"
+        raise UsageError(f"--train_data_dir {root}: no patient IDs (add a metadata.csv with file_name and patient_id)"
                          ", so no patient-wise split can be made; train on the folder directly instead")
     raw = filter_dataset(raw.add_column("split", patient_splits(raw, settings)), settings)
     work_dir = output.with_name(output.name + ".partial")
@@ -258,7 +258,7 @@ def prepare_phantom(args: PrepareArguments, settings: DataConfig) -> tuple[dict,
     """The built-in phantom (seed 0, the demo's) in the layout of a prepared folder: train / validation / test by
     patient, with its report and card."""
     if not 1 <= settings.phantom_images_per_patient <= 50:
-        raise ValueError(f"--phantom_images_per_patient {settings.phantom_images_per_patient}: give a mean in [1, 50]")
+        raise UsageError(f"--phantom_images_per_patient {settings.phantom_images_per_patient}: give a mean in [1, 50]")
     output = Path(args.output_dir)
     options = {k: getattr(settings, k) for k in ("num_phantom_images", "phantom_images_per_patient",
                                                   "phantom_finding_prob", "resolution", "validation_fraction",
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _prepare(args: PrepareArguments, settings: DataConfig) -> None:
     if args.push_to_hub and not args.hub_dataset_id:
-        raise ValueError("--push_to_hub needs --hub_dataset_id (e.g. my-org/nih-chestxray14-256)")
+        raise UsageError("--push_to_hub needs --hub_dataset_id (e.g. my-org/nih-chestxray14-256)")
     report, reused = make_prepared_dataset(args, settings)
     print(("Reused" if reused else "Prepared") + f" {args.output_dir} ({report['split_method']}):")
     print(counts_table(report["splits"]))

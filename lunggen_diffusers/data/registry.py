@@ -9,9 +9,16 @@ from pathlib import Path
 
 import datasets
 
+from ..cli import UsageError
 from ..utils import IMAGE_EXTENSIONS, list_images
 from . import chexpert, class_folders, dicom, dicom_collections, mimic, nih, padchest
-from .folders import METADATA_CSV, dicom_dataset, image_folder, is_dicom_folder, report_skipped
+from .folders import (
+    METADATA_CSV,
+    dicom_dataset,
+    image_folder,
+    is_dicom_folder,
+    report_skipped,
+)
 
 
 def cache_root(d) -> Path:
@@ -74,7 +81,7 @@ def root_of(d, root: str | None) -> str:
     if root is not None:
         return root
     if len(d.train_data_dir) != 1:
-        raise ValueError(f"give one --train_data_dir here (got {len(d.train_data_dir)})")
+        raise UsageError(f"give one --train_data_dir here (got {len(d.train_data_dir)})")
     return d.train_data_dir[0]
 
 
@@ -83,20 +90,20 @@ def detect_source(d, root: str | None = None) -> str:
     (checked), else the first of SOURCES that matches."""
     root = root_of(d, root)
     if not Path(root).is_dir():
-        raise FileNotFoundError(f"--train_data_dir {root}: no such folder")
+        raise UsageError(f"--train_data_dir {root}: no such folder")
     if d.source != "auto":
         found, wanted, _ = SOURCES[d.source]
         if d.source in GENERIC or not found(root):
             _refuse_the_folder_above(root)
         if not found(root):
-            raise ValueError(f"--source {d.source}: {root} holds no {wanted}")
+            raise UsageError(f"--source {d.source}: {root} holds no {wanted}")
         return d.source
     name = next((name for name, (found, _, _) in SOURCES.items() if found(root)), None)
     if name is None or name in GENERIC:
         _refuse_the_folder_above(root)
     if name is None:
         looked_for = "; ".join(f"{name}: {wanted}" for name, (_, wanted, _) in SOURCES.items())
-        raise ValueError(f"--train_data_dir {root}: no source recognised (looked for {looked_for})")
+        raise UsageError(f"--train_data_dir {root}: no source recognised (looked for {looked_for})")
     return name
 
 
@@ -104,7 +111,7 @@ def _refuse_the_folder_above(root: str) -> None:
     """Read as a plain folder, a collection's parent would train on its images without their patients or labels."""
     below = collection_below(root)
     if below is not None:
-        raise ValueError(f"--train_data_dir {root} holds {SOURCES[below[1]][2]} one folder down: pass "
+        raise UsageError(f"--train_data_dir {root} holds {SOURCES[below[1]][2]} one folder down: pass "
                          f"--train_data_dir {below[0]}")
 
 
@@ -129,7 +136,7 @@ def folder_source(d, root: str | None = None) -> tuple[datasets.Dataset, str]:
     elif name == "image_folder":
         ds = image_folder(root)
     else:
-        raise ValueError(f"--source {name}: an NIH folder is prepared with --nih_dir (or trained on directly)")
+        raise UsageError(f"--source {name}: an NIH folder is prepared with --nih_dir (or trained on directly)")
     return ds, SOURCES[name][2]
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import datasets
 
+from ..cli import UsageError
+
 # The official split lists' file names (NIH ChestX-ray14's; any source may ship lists named so).
 TEST_LIST, TRAIN_VAL_LIST = "test_list.txt", "train_val_list.txt"
 SPLITS = ("train", "validation", "test")
@@ -29,7 +31,7 @@ def _unit_hash(text: str) -> float:
 
 def _check_fraction(name: str, value: float) -> None:
     if not 0 <= value < 1:
-        raise ValueError(f"--{name} {value} must be in [0, 1)")
+        raise UsageError(f"--{name} {value} must be in [0, 1)")
 
 
 def assign_splits(
@@ -57,7 +59,7 @@ def assign_splits(
         if test_names is not None and train_val_names is not None:
             both = sorted(test_names & train_val_names)
             if both:
-                raise ValueError(f"{len(both)} image(s) are in both {TEST_LIST} and {TRAIN_VAL_LIST}: {both[:3]}")
+                raise UsageError(f"{len(both)} image(s) are in both {TEST_LIST} and {TRAIN_VAL_LIST}: {both[:3]}")
         if test_names is not None:
             # Without train_val_list, everything outside test_list is train_val; with both, a row in neither is out.
             is_test = [
@@ -92,7 +94,7 @@ def check_patient_disjoint(splits: Mapping[str, datasets.Dataset | Iterable]) ->
         for b in names[i + 1 :]:
             shared = sorted(patients[a] & patients[b])
             if shared:
-                raise ValueError(
+                raise UsageError(
                     f"{len(shared)} patient(s) are in both {a!r} and {b!r} (e.g. {', '.join(map(str, shared[:5]))}); "
                     "splits must be patient-wise"
                 )
@@ -120,11 +122,11 @@ def select_rows(
     and spread over the follow-ups. A filter that leaves nothing raises, naming the filter.
     """
     if view_position not in VIEWS:
-        raise ValueError(f"--view_position {view_position!r} is not one of: {', '.join(VIEWS)}")
+        raise UsageError(f"--view_position {view_position!r} is not one of: {', '.join(VIEWS)}")
     if max_images_per_patient is not None and max_images_per_patient < 1:
-        raise ValueError(f"--max_images_per_patient {max_images_per_patient} must be a positive integer")
+        raise UsageError(f"--max_images_per_patient {max_images_per_patient} must be a positive integer")
     if min_age is not None and max_age is not None and min_age > max_age:
-        raise ValueError(f"--min_age {min_age} is above --max_age {max_age}")
+        raise UsageError(f"--min_age {min_age} is above --max_age {max_age}")
     wanted, unwanted = set(include_findings or ()), set(exclude_findings or ())
     steps = []
     if view_position != "all":
@@ -143,12 +145,12 @@ def select_rows(
         steps.append((f"--max_images_per_patient {max_images_per_patient}", "patient_id", None))
     for flag, column, _ in steps:
         if column not in columns:
-            raise ValueError(f"{flag} needs a {column!r} column; the data has: {', '.join(columns)}")
+            raise UsageError(f"{flag} needs a {column!r} column; the data has: {', '.join(columns)}")
     if wanted or unwanted:
         known = {label for labels in columns["finding_labels"] for label in labels}
         unknown = sorted((wanted | unwanted) - known)
         if unknown:
-            raise ValueError(f"unknown finding(s) {unknown}; the data has: {', '.join(sorted(known))}")
+            raise UsageError(f"unknown finding(s) {unknown}; the data has: {', '.join(sorted(known))}")
 
     rows = range(len(next(iter(columns.values()))))
     for flag, column, keep in steps:
@@ -167,7 +169,7 @@ def select_rows(
             before = len(rows)
             rows = [i for i in rows if keep(values[i])]
             if not rows:
-                raise ValueError(f"{flag} leaves no images (of {before})")
+                raise UsageError(f"{flag} leaves no images (of {before})")
     return list(rows)
 
 
@@ -210,5 +212,5 @@ def split_by_patient(ds: datasets.Dataset, settings: Any) -> datasets.Dataset:
     splits = patient_splits(ds, settings)
     if settings.split not in splits:
         have = ", ".join(sorted(set(splits)))
-        raise ValueError(f"--split {settings.split!r}: not a split of this folder (has: {have})")
+        raise UsageError(f"--split {settings.split!r}: not a split of this folder (has: {have})")
     return ds.select([i for i, s in enumerate(splits) if s == settings.split])

@@ -17,12 +17,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..cli import UsageError
 from ..config import Config
 from ..data.build import build_dataset
 from ..data.decode import stored_pixels
 from ..data.phantom import draw_phantom
 from ..data.transforms import to_model_input
-from ..lunggen_pipeline import decode_latents, describe_standardisation, encode_moments, latent_shape, sample_latents
+from ..lunggen_pipeline import (
+    decode_latents,
+    describe_standardisation,
+    encode_moments,
+    latent_shape,
+    sample_latents,
+)
 from ..utils import image_grid, markdown_table, write_json
 from .features import Extractor, get_extractor
 from .metrics import frechet_distance, ms_ssim
@@ -101,7 +108,7 @@ def judge(vae, config: Config, num_images: int = 256, extractor: Extractor | Non
     data the extractor defaults to RAD-DINO."""
     images, where = held_out_images(config, num_images)
     if len(images) < 4:
-        raise ValueError(f"{len(images)} held-out images are too few to judge an autoencoder (need >= 4)")
+        raise UsageError(f"{len(images)} held-out images are too few to judge an autoencoder (need >= 4)")
     recon = reconstruct(vae, images)
     phantom = is_phantom(config)
     if phantom and classifier is None:

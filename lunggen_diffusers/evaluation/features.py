@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from ..cli import UsageError
 from ..runtime import process_share, process_state
 from ..utils import atomic_path, stable_hash
 from ..verifier import encoder_embedder
@@ -72,7 +73,9 @@ def _raddino(model_name_or_path: str, device: str, batch_size: int) -> Extractor
 def _inception(weights_path: str | None, device: str, batch_size: int) -> Extractor:
     try:
         import torch_fidelity
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import (
+            FeatureExtractorInceptionV3,
+        )
     except ImportError:
         raise ImportError(f"--features inception needs the optional torch-fidelity package: {INCEPTION_INSTALL}") \
             from None
@@ -110,7 +113,7 @@ def get_extractor(name: str, model_name_or_path: str | None = None, device: str 
 
         classifier = load_classifier(device=device)
         return Extractor("phantom", classifier.identity, classifier.description, classifier.features)
-    raise ValueError(f"unknown feature extractor {name!r}; accepted: {', '.join(EXTRACTORS)}")
+    raise UsageError(f"unknown feature extractor {name!r}; accepted: {', '.join(EXTRACTORS)}")
 
 
 def extract(source: ImageSource, extractors: dict[str, Extractor], image_size: int, batch_size: int = 64,

@@ -17,6 +17,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from ..cli import UsageError
 from ..data.decode import open_image
 from ..data.transforms import preprocess_image
 from ..generation.output_folder import MANIFEST, read_manifest
@@ -88,7 +89,7 @@ def _folder_source(spec: str, root: Path) -> ImageSource:
         listed = {row["file"] for row in read_manifest(str(root))}
         files = [p for p in files if p.relative_to(root).as_posix() in listed]
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     fingerprint = stable_hash({"folder": str(root.resolve()), "files": listing})
     return ImageSource(spec, fingerprint, None, _folder_files=files)
@@ -100,15 +101,15 @@ def _dataset_source(spec: str, root: Path, split: str | None) -> ImageSource:
         if split is None and len(loaded) == 1:
             split = next(iter(loaded))
         if split not in loaded:
-            raise ValueError(f"{spec!r}: choose a split with PATH:SPLIT, one of {', '.join(loaded)}")
+            raise UsageError(f"{spec!r}: choose a split with PATH:SPLIT, one of {', '.join(loaded)}")
         dataset = loaded[split]
     elif split is not None:
-        raise ValueError(f"{spec!r}: {root} holds a single Dataset, not a DatasetDict; drop ':{split}'")
+        raise UsageError(f"{spec!r}: {root} holds a single Dataset, not a DatasetDict; drop ':{split}'")
     else:
         dataset = loaded
     column = next((c for c in IMAGE_COLUMNS if c in dataset.column_names), None)
     if column is None:
-        raise ValueError(f"{spec!r} has no image column; expected one of {IMAGE_COLUMNS}, got {dataset.column_names}")
+        raise UsageError(f"{spec!r} has no image column; expected one of {IMAGE_COLUMNS}, got {dataset.column_names}")
     if column == "pixel_values":
         dataset = dataset.with_format("numpy", columns=[column])
     patients = None
@@ -126,11 +127,11 @@ def load_source(spec: str) -> ImageSource:
     """Open `spec`: an image folder (any of IMAGE_EXTENSIONS, recursive) or a saved dataset folder with an optional `:split`."""
     path, split = split_spec(spec)
     if not path.is_dir():
-        raise FileNotFoundError(f"{spec!r} is not a folder; expected an image folder or a saved dataset [PATH:SPLIT]")
+        raise UsageError(f"{spec!r} is not a folder; expected an image folder or a saved dataset [PATH:SPLIT]")
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         return _dataset_source(spec, path, split)
     if split is not None:
-        raise ValueError(f"{spec!r}: ':{split}' only applies to a saved dataset, and {path} is an image folder")
+        raise UsageError(f"{spec!r}: ':{split}' only applies to a saved dataset, and {path} is an image folder")
     return _folder_source(spec, path)
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 
+from ..cli import UsageError
 from ..runtime import process_share, process_state
 
 
@@ -170,9 +171,9 @@ def audit(gen_pixels, gen_features, null_pixels, null_features, train_pixels, tr
     the held-out (null) similarities' `percentile`. Under `accelerate launch` each process searches its share of
     the training set (sharded_search); every process returns the same Audit."""
     if not 0 < percentile < 100:
-        raise ValueError(f"percentile must lie strictly between 0 and 100, got {percentile}")
+        raise UsageError(f"percentile must lie strictly between 0 and 100, got {percentile}")
     if len(null_pixels) < 2:
-        raise ValueError(f"the null needs at least 2 held-out real images, got {len(null_pixels)}")
+        raise UsageError(f"the null needs at least 2 held-out real images, got {len(null_pixels)}")
     ncc = {"max_shift": max_shift, "device": device}
     gen_ncc, gen_ncc_index = sharded_search(ncc_search, gen_pixels, train_pixels, chunk_size, **ncc)
     null_ncc, _ = sharded_search(ncc_search, null_pixels, train_pixels, chunk_size, **ncc)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cli import UsageError
+
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang, Simoncelli & Bovik 2003
 
 
@@ -184,7 +186,7 @@ def ms_ssim_scales(height: int, width: int, win_size: int = 11) -> int:
     while scales < len(MS_SSIM_WEIGHTS) and side >= win_size:
         scales, side = scales + 1, (side + 1) // 2
     if scales == 0:
-        raise ValueError(f"MS-SSIM needs images of at least {win_size}x{win_size} px, got {height}x{width}")
+        raise UsageError(f"MS-SSIM needs images of at least {win_size}x{win_size} px, got {height}x{width}")
     return scales
 
 
@@ -228,7 +230,7 @@ def mean_pairwise_ms_ssim(images: np.ndarray, pairs: np.ndarray, batch_size: int
 def random_pairs(n: int, num_pairs: int, seed: int = 0) -> np.ndarray:
     """Up to num_pairs distinct unordered pairs i < j of range(n); all pairs when there are fewer."""
     if n < 2:
-        raise ValueError(f"diversity needs at least 2 images, got {n}")
+        raise UsageError(f"diversity needs at least 2 images, got {n}")
     total = n * (n - 1) // 2
     rng = np.random.default_rng(seed)
     if total <= num_pairs:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..cli import UsageError
 from ..data.phantom import FINDINGS, MAX_RESOLUTION, MIN_RESOLUTION, phantom_dataset
 from ..utils import atomic_path, stable_hash
 from ..verifier import conv_block, to_input
@@ -62,12 +63,12 @@ class ClassifierSettings:
 
     def __post_init__(self):
         if self.resolution not in range(MIN_RESOLUTION, MAX_RESOLUTION + 1):
-            raise ValueError(f"resolution must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}], got {self.resolution!r}")
+            raise UsageError(f"resolution must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}], got {self.resolution!r}")
         for name in ("steps", "batch_size", "width", "feature_dim", "num_test"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise UsageError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.num_train < self.batch_size:
-            raise ValueError(f"num_train must be >= batch_size ({self.batch_size}), got {self.num_train!r}")
+            raise UsageError(f"num_train must be >= batch_size ({self.batch_size}), got {self.num_train!r}")
 
     def key(self) -> str:
         return stable_hash({"version": VERSION, **dataclasses.asdict(self)})

@@ -18,7 +18,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..verifier import Gallery, PatientVerifier, VerifierNet, is_verifier, load_verifier, nn_vectors, to_input
+from ..cli import UsageError
+from ..verifier import (
+    Gallery,
+    PatientVerifier,
+    VerifierNet,
+    is_verifier,
+    load_verifier,
+    nn_vectors,
+    to_input,
+)
 from .features import DEFAULT_FEATURE_MODEL, Extractor, extract, get_extractor
 from .images import ImageSource
 from .stats import auroc, wilson
@@ -48,7 +57,7 @@ def _by_patient(patient_ids: list[str]) -> tuple[np.ndarray, list[str]]:
 
 def _check_patients(source: ImageSource, flag: str) -> None:
     if not source.patient_ids:
-        raise ValueError(f"--reid needs patient IDs: {flag} {source.spec} has no patient_id column (give a prepared "
+        raise UsageError(f"--reid needs patient IDs: {flag} {source.spec} has no patient_id column (give a prepared "
                          "dataset, PATH[:SPLIT])")
 
 
@@ -67,7 +76,7 @@ def _pair_batches(patient: np.ndarray, recipe: VerifierRecipe, rng: np.random.Ge
     members = np.split(order, np.cumsum(np.bincount(patient))[:-1])
     several = [m for m in members if len(m) > 1]
     if len(several) < 2:
-        raise ValueError(f"the training set has {len(several)} patient(s) with two or more images; the verifier "
+        raise UsageError(f"the training set has {len(several)} patient(s) with two or more images; the verifier "
                          "learns from same-patient pairs and needs at least 2 (phantom: --phantom_images_per_patient)")
     per_batch = min(recipe.patients_per_batch, len(several))
     for _ in range(recipe.steps):
@@ -117,7 +126,7 @@ def held_out_pairs(verifier: PatientVerifier, embeddings: np.ndarray, patient_id
         rows = rng.choice(rows, min(max_pairs, len(rows)), replace=False)
         pairs[name] = verifier.probability(np.einsum("nd,nd->n", embeddings[i[rows]], embeddings[j[rows]]))
     if min(len(p) for p in pairs.values()) == 0:
-        raise ValueError("the held-out set needs patients with two or more images and at least two patients to "
+        raise UsageError("the held-out set needs patients with two or more images and at least two patients to "
                          "measure verification")
     threshold = float(np.quantile(pairs["different"], 1 - FALSE_MATCH_RATE))
     labels = np.r_[np.ones(len(pairs["same"])), np.zeros(len(pairs["different"]))]
@@ -162,7 +171,7 @@ def verifier_for(folder: str, train: ImageSource, held_out: ImageSource, recipe:
     if is_verifier(folder):
         verifier = load_verifier(folder, device)
         if verifier.config["train_fingerprint"] != train.fingerprint:
-            raise ValueError(f"--reid {folder} was trained on another training set than --train {train.spec} "
+            raise UsageError(f"--reid {folder} was trained on another training set than --train {train.spec} "
                              "(fingerprints differ); give an empty folder to train one on it")
         return verifier
     verifier = train_verifier(train, held_out, recipe, image_size, cache_dir, device)

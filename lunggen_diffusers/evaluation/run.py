@@ -10,19 +10,33 @@ from typing import Literal
 import numpy as np
 
 from .. import __version__
+from ..cli import UsageError
+from ..runtime import process_device, process_state
 from ..utils import split_spec
 from ..vocabulary import finding_lists, subgroup_columns
-from ..runtime import process_device, process_state
 from .features import DEFAULT_FEATURE_MODEL, extract, get_extractor
 from .images import ImageSource, load_source
 from .memorization import audit, matched_patients
+from .metrics import (
+    frechet_distance,
+    kernel_inception_distance,
+    mean_pairwise_ms_ssim,
+    ms_ssim_scales,
+    prdc,
+    random_pairs,
+)
 from .reid import VerifierRecipe, reid_risk, verifier_for
 from .reid import extractor as reid_extractor
-from .metrics import (frechet_distance, kernel_inception_distance, mean_pairwise_ms_ssim, ms_ssim_scales, prdc,
-                      random_pairs)
 from .report import nearest_pairs_image, write_report
-from .subgroups import (ANY_FINDING, dataset_metadata, demographic_agreement, finding_matrix, manifest_metadata,
-                        parse_subgroups, subgroup_report)
+from .subgroups import (
+    ANY_FINDING,
+    dataset_metadata,
+    demographic_agreement,
+    finding_matrix,
+    manifest_metadata,
+    parse_subgroups,
+    subgroup_report,
+)
 
 
 @dataclass
@@ -75,17 +89,17 @@ def _check(args: EvaluationArguments) -> None:
                 "kid_subset_size", "subgroup_bootstrap", "reid_steps")
     for name in positive:
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not 0 < args.null_percentile < 100:
-        raise ValueError(f"--null_percentile must lie strictly between 0 and 100, got {args.null_percentile}")
+        raise UsageError(f"--null_percentile must lie strictly between 0 and 100, got {args.null_percentile}")
     if args.top_k < 0 or args.max_shift < 0:
-        raise ValueError(f"--top_k and --max_shift must be >= 0, got {args.top_k} and {args.max_shift}")
+        raise UsageError(f"--top_k and --max_shift must be >= 0, got {args.top_k} and {args.max_shift}")
     if args.audit_size <= 2 * args.max_shift:
-        raise ValueError(f"--audit_size {args.audit_size} must exceed 2 * --max_shift ({2 * args.max_shift})")
+        raise UsageError(f"--audit_size {args.audit_size} must exceed 2 * --max_shift ({2 * args.max_shift})")
     ms_ssim_scales(args.image_size, args.image_size)
     parse_subgroups(args.subgroups)
     if args.reid and not args.train:
-        raise ValueError(f"--reid {args.reid} needs --train: the risk is measured against the training patients")
+        raise UsageError(f"--reid {args.reid} needs --train: the risk is measured against the training patients")
 
 
 def split_halves(n: int, patient_ids: list[str] | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +113,7 @@ def split_halves(n: int, patient_ids: list[str] | None, seed: int = 0) -> tuple[
     for i, patient in enumerate(patient_ids):
         by_patient.setdefault(patient, []).append(i)
     if len(by_patient) < 2:
-        raise ValueError("the real images come from a single patient; a real-vs-real floor needs at least two")
+        raise UsageError("the real images come from a single patient; a real-vs-real floor needs at least two")
     halves: tuple[list[int], list[int]] = ([], [])
     for patient in rng.permutation(sorted(by_patient)):
         min(halves, key=len).extend(by_patient[patient])
@@ -119,12 +133,12 @@ def diversity(source: ImageSource, args: EvaluationArguments) -> float:
 
 def _check_disjoint(real: ImageSource, train: ImageSource) -> None:
     if real.fingerprint == train.fingerprint:
-        raise ValueError(f"--real {real.spec} and --train {train.spec} are the same images; the audit's null needs "
+        raise UsageError(f"--real {real.spec} and --train {train.spec} are the same images; the audit's null needs "
                          "held-out images")
     if real.patient_ids and train.patient_ids:
         shared = set(real.patient_ids) & set(train.patient_ids)
         if shared:
-            raise ValueError(f"--real and --train share {len(shared)} patient(s); the audit's null needs held-out "
+            raise UsageError(f"--real and --train share {len(shared)} patient(s); the audit's null needs held-out "
                              "patients (use a patient-wise split)")
 
 
@@ -132,7 +146,7 @@ def _metadata(source: ImageSource, side: str) -> dict[str, list]:
     if source._dataset is not None:
         return dataset_metadata(source)
     if side == "real":
-        raise ValueError(f"--subgroups needs --real as a saved dataset with patient_sex / patient_age / view_position "
+        raise UsageError(f"--subgroups needs --real as a saved dataset with patient_sex / patient_age / view_position "
                          f"columns; {source.spec} is an image folder")
     return manifest_metadata(source, str(split_spec(source.spec)[0]))
 
@@ -149,7 +163,7 @@ def subgroup_figures(args: EvaluationArguments, real: ImageSource, fake: ImageSo
               for side, source in (("real", real), ("fake", fake))}
     missing = [g for g in groups if g not in found["real"]]
     if missing:
-        raise ValueError(f"--subgroups {','.join(missing)}: --real {real.spec} has no such column (patient_sex, "
+        raise UsageError(f"--subgroups {','.join(missing)}: --real {real.spec} has no such column (patient_sex, "
                          "patient_age or age_bin, view_position)")
     extra = {}
     if args.features == "phantom":
@@ -203,7 +217,7 @@ def run_evaluation(args: EvaluationArguments) -> dict | None:
              for name, source in (("real", real), ("fake", fake), ("train", train)) if source is not None}
     real_f, fake_f = embed["real"]["features"], embed["fake"]["features"]
     if min(len(real_f), len(fake_f)) < 2 * (args.k + 1):
-        raise ValueError(f"need at least {2 * (args.k + 1)} real and generated images for k={args.k}, got "
+        raise UsageError(f"need at least {2 * (args.k + 1)} real and generated images for k={args.k}, got "
                          f"{len(real_f)} real and {len(fake_f)} generated")
     result = None
     if train is not None:

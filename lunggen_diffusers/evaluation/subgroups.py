@@ -21,8 +21,16 @@ from statistics import NormalDist
 
 import numpy as np
 
+from ..cli import UsageError
 from ..generation.output_folder import read_manifest
-from ..vocabulary import FINDINGS_COLUMN, MANIFEST_LABELS, SUBGROUP_COLUMNS, SUBGROUPS, finding_lists, parse_label_cell
+from ..vocabulary import (
+    FINDINGS_COLUMN,
+    MANIFEST_LABELS,
+    SUBGROUP_COLUMNS,
+    SUBGROUPS,
+    finding_lists,
+    parse_label_cell,
+)
 from .images import ImageSource
 from .metrics import frechet_distance, kernel_inception_distance, prdc
 
@@ -37,7 +45,7 @@ def parse_subgroups(text: str | None) -> list[str]:
     groups = [g.strip() for g in text.split(",") if g.strip()]
     unknown = [g for g in groups if g not in SUBGROUPS]
     if unknown or not groups:
-        raise ValueError(f"--subgroups {text!r}: choose a comma-separated list of {', '.join(SUBGROUPS)}")
+        raise UsageError(f"--subgroups {text!r}: choose a comma-separated list of {', '.join(SUBGROUPS)}")
     return groups
 
 

@@ -13,11 +13,24 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from ..cli import parse_args, run
-from ..runtime import end_processes, keep_freed_memory, process_device, process_state, set_cpu_threads
+from ..cli import UsageError, parse_args, run
+from ..runtime import (
+    end_processes,
+    keep_freed_memory,
+    process_device,
+    process_state,
+    set_cpu_threads,
+)
 from .output_folder import check_output, save_images
 from .privacy_filter import PrivacyFilter
-from .sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, DTYPES, SCHEDULERS, load_pipeline, model_label
+from .sampling import (
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    DTYPES,
+    SCHEDULERS,
+    load_pipeline,
+    model_label,
+)
 
 
 @dataclass
@@ -86,10 +99,10 @@ def sample_from_args(args: SamplingArguments) -> list[dict]:
     check_output(args.output_dir, args.num_images, args.num_inference_steps, args.batch_size, args.start_index,
                  args.scheduler, args.bit_depth)
     if not 0 <= args.save_process <= args.batch_size or args.save_process_every < 1:
-        raise ValueError(f"--save_process {args.save_process} --save_process_every {args.save_process_every}: "
+        raise UsageError(f"--save_process {args.save_process} --save_process_every {args.save_process_every}: "
                          f"record 0 to --batch_size ({args.batch_size}) images, a frame every 1 or more steps")
     if args.cpu_threads is not None and args.cpu_threads < 1:
-        raise ValueError(f"--cpu_threads must be a positive integer, got {args.cpu_threads}")
+        raise UsageError(f"--cpu_threads must be a positive integer, got {args.cpu_threads}")
     state = process_state()
     with state.main_process_first():  # a Hub model is downloaded once, then read from the cache by the others
         pipe, revision = load_pipeline(args.model, args.revision, args.device or process_device(state), args.dtype)

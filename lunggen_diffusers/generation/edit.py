@@ -24,13 +24,29 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ..cli import parse_args, run
+from ..cli import UsageError, parse_args, run
 from ..data.decode import open_image
 from ..data.transforms import preprocess_image
 from ..runtime import end_processes, process_device, process_state
-from ..utils import DERIVED_FROM_REAL, IMAGE_EXTENSIONS, atomic_path, image_grid, is_dicom, list_images
-from .editing import (DEFAULT_GUIDANCE_RISE, DEFAULT_METHOD, DEFAULT_STRENGTH, GUIDANCE_STEP, METHODS,
-                      adds_one_focal_site, auto_mask, edit)
+from ..utils import (
+    DERIVED_FROM_REAL,
+    IMAGE_EXTENSIONS,
+    atomic_path,
+    image_grid,
+    is_dicom,
+    list_images,
+)
+from .editing import (
+    DEFAULT_GUIDANCE_RISE,
+    DEFAULT_METHOD,
+    DEFAULT_STRENGTH,
+    EDIT_STEPS,
+    GUIDANCE_STEP,
+    METHODS,
+    adds_one_focal_site,
+    auto_mask,
+    edit,
+)
 from .sampling import image_side, load_pipeline, model_label, resolve_guidance
 
 logger = logging.getLogger(__name__)
@@ -62,7 +78,7 @@ class EditArguments:
     guidance_rise: float = field(default=DEFAULT_GUIDANCE_RISE, metadata={
         "help": "An edit the model itself still reads as the source is taken again with guidance raised by "
                 f"{GUIDANCE_STEP} at a time, up to this much more (0: never); the manifest records the guidance used."})
-    num_inference_steps: int = field(default=50, metadata={"help": "Steps of the whole noise schedule."})
+    num_inference_steps: int = field(default=EDIT_STEPS, metadata={"help": "Steps of the whole noise schedule."})
     eta: float = field(default=0.0, metadata={
         "help": "ddim-inversion, sdedit, repaint: fresh noise put back at each step on the way down (DDIM's eta): "
                 "0 deterministic, 1 as much as DDPM (see docs/editing.md)."})
@@ -89,9 +105,9 @@ def read_inputs(spec: str, side: int) -> list[tuple[np.ndarray, str]]:
     elif path.is_file() and (path.suffix.lower() in IMAGE_EXTENSIONS or is_dicom(path)):
         files = [path]
     else:
-        raise FileNotFoundError(f"--input {spec}: no such image file or folder")
+        raise UsageError(f"--input {spec}: no such image file or folder")
     if not files:
-        raise ValueError(f"--input {spec}: no images in it ({', '.join(IMAGE_EXTENSIONS)} or DICOM)")
+        raise UsageError(f"--input {spec}: no images in it ({', '.join(IMAGE_EXTENSIONS)} or DICOM)")
     out = []
     for file in files:
         image = open_image(file)
@@ -104,7 +120,7 @@ def read_inputs(spec: str, side: int) -> list[tuple[np.ndarray, str]]:
 def read_mask(spec: str, side: int, what: str) -> torch.Tensor:
     with Image.open(spec) as image:
         if image.size != (side, side):
-            raise ValueError(f"--{what} {spec} is {image.size[0]}x{image.size[1]}; give a mask of the images' size "
+            raise UsageError(f"--{what} {spec} is {image.size[0]}x{image.size[1]}; give a mask of the images' size "
                              f"({side}x{side})")
         mask = np.asarray(image.convert("L"), np.float32) / 255
     return torch.from_numpy((mask >= 0.5).astype(np.float32))[None, None]
@@ -113,15 +129,15 @@ def read_mask(spec: str, side: int, what: str) -> torch.Tensor:
 def labels_of(pipe, args: EditArguments) -> tuple[list[str], list[str]]:
     """(source labels, target labels), canonical, with the patient's demographics on both sides."""
     if getattr(pipe, "labels", None) is None:
-        raise ValueError(f"--model {args.model} was trained without labels: it cannot add or remove findings "
+        raise UsageError(f"--model {args.model} was trained without labels: it cannot add or remove findings "
                          "(train with --condition_on findings)")
     if not args.add and not args.remove:
-        raise ValueError("give --add or --remove (a finding to add or remove)")
+        raise UsageError("give --add or --remove (a finding to add or remove)")
     canonical = pipe.labels.canonical  # a one-line error naming an unknown finding and the model's vocabulary
     base, add, remove = canonical(args.findings), canonical(args.add), canonical(args.remove)
     both = set(add) & set(remove)
     if both:
-        raise ValueError(f"{sorted(both)} both added and removed")
+        raise UsageError(f"{sorted(both)} both added and removed")
     patient = pipe.labels.patient(args.sex, args.age, args.view) if (args.sex, args.age, args.view) != \
         (None, None, None) else []
     source = sorted((set(base) | set(remove)) - set(add))
@@ -136,17 +152,17 @@ def _stretch(difference: np.ndarray) -> np.ndarray:
 
 def edit_from_args(args: EditArguments) -> list[dict]:
     if args.method not in METHODS:
-        raise ValueError(f"--method {args.method!r}: one of {', '.join(METHODS)}")
+        raise UsageError(f"--method {args.method!r}: one of {', '.join(METHODS)}")
     if args.num_inference_steps < 1:
-        raise ValueError(f"--num_inference_steps {args.num_inference_steps}: give 1 or more")
+        raise UsageError(f"--num_inference_steps {args.num_inference_steps}: give 1 or more")
     state = process_state()
     pipe, revision = load_pipeline(args.model, device=args.device or process_device(state))
     source, target = labels_of(pipe, args)
     side = image_side(pipe)
     if args.mask_sites not in SITES:
-        raise ValueError(f"--mask_sites {args.mask_sites!r}: one of {', '.join(SITES)}")
+        raise UsageError(f"--mask_sites {args.mask_sites!r}: one of {', '.join(SITES)}")
     if args.mask_sites != "auto" and args.mask != "auto":
-        raise ValueError(f"--mask_sites {args.mask_sites} chooses among the auto mask's regions: give --mask auto")
+        raise UsageError(f"--mask_sites {args.mask_sites} chooses among the auto mask's regions: give --mask auto")
     one_site = SITES[args.mask_sites]
     if one_site is None:
         one_site = adds_one_focal_site(source, target)

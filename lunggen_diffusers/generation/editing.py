@@ -31,16 +31,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMInverseScheduler
 from diffusers.image_processor import VaeImageProcessor
 
-from ..lunggen_pipeline import decode_latents, encode_moments, postprocess, sample_latents
+from ..cli import UsageError
+from ..lunggen_pipeline import (
+    decode_latents,
+    encode_moments,
+    postprocess,
+    predicted_original,
+    sample_latents,
+)
 from ..vocabulary import FOCAL_FINDINGS, canonical_finding
+from .sampling import StochasticDDIMScheduler
 
 METHODS = ("ddpm-inversion", "ddim-inversion", "sdedit", "repaint")
 DEFAULT_METHOD = "ddpm-inversion"
+EDIT_STEPS = 50  # of the whole noise schedule; an edit takes the last `strength` of them
 DEFAULT_STRENGTH = {"ddpm-inversion": 0.8, "ddim-inversion": 0.8, "sdedit": 0.6, "repaint": 1.0}
 # An edit the model still reads as its source is taken again at guidance raised by GUIDANCE_STEP at a time, up to
 # DEFAULT_GUIDANCE_RISE above the guidance asked for (`edit(..., guidance_rise=)`).
@@ -54,127 +63,85 @@ IMAGES = VaeImageProcessor(do_resize=False, do_normalize=False, do_convert_grays
 MASKS = VaeImageProcessor(do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
 
 
-def _alphas(pipe) -> torch.Tensor:
-    return pipe.scheduler.alphas_cumprod.to(torch.float32)
-
-
-def _split(output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, kind: str) -> tuple[torch.Tensor, ...]:
-    """(predicted noise, predicted clean sample) of a model output at cumulative alpha `alpha`."""
-    if kind == "epsilon":
-        eps = output
-        x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
-    elif kind == "v_prediction":
-        x0 = alpha.sqrt() * x - (1 - alpha).sqrt() * output
-        eps = (1 - alpha).sqrt() * x + alpha.sqrt() * output
-    else:  # "sample"
-        x0 = output
-        eps = (x - alpha.sqrt() * x0) / (1 - alpha).sqrt()
-    return eps, x0
-
-
 class Editor:
-    """One batch's edit: the model, its labels (source and target) and the timesteps, as DDIM steps."""
+    """One batch's edit: the model, its labels (source and target), and the model's own noise schedule as a DDIM
+    scheduler (its stored `timestep_spacing` included), cut to the last `strength` of its steps as diffusers'
+    image-to-image pipelines cut theirs."""
 
     def __init__(self, pipe, source, target, guidance_scale, num_inference_steps, strength):
         self.pipe, self.unet = pipe, pipe.unet
-        self.kind = pipe.scheduler.config.prediction_type
-        self.latent = getattr(pipe, "vae", None) is not None
         device = self.unet.device
         self.source, _ = pipe.encode(source, len(source), device)
         self.target, self.null = pipe.encode(target, len(target), device)
         self.scale = guidance_scale
-        total = pipe.scheduler.config.num_train_timesteps
+        # Stochastic DDIM: finite at a zero-SNR first step, where eta > 0 (and DDPM inversion's noise) would give NaN.
+        self.scheduler = StochasticDDIMScheduler.from_config(pipe.scheduler.config)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
         steps = max(1, round(num_inference_steps * strength))
-        # The last `steps` of a num_inference_steps DDIM schedule: strength 1 starts from pure noise.
-        self.timesteps = (np.arange(steps) * (total // num_inference_steps) + 1).tolist()
-        self.alphas = _alphas(pipe).to(device)
+        self.timesteps = self.scheduler.timesteps[num_inference_steps - steps:]  # strength 1 starts at pure noise
 
-    def alpha(self, i: int) -> torch.Tensor:
-        """Cumulative alpha at timestep index i (-1: the clean image)."""
-        return self.alphas[self.timesteps[i]] if i >= 0 else torch.tensor(1.0, device=self.alphas.device)
-
-    def predict(self, x: torch.Tensor, i: int, labels, guided: bool, start=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(noise, clean image) predicted at timestep index i; guided: `start + scale * (labels - start)`, where
-        `start` is the null label unless given (the source's labels for DDPM inversion)."""
-        t = torch.full((len(x),), self.timesteps[i], device=x.device, dtype=torch.long)
+    def predict(self, x: torch.Tensor, t, labels, guided: bool, start=None) -> torch.Tensor:
+        """The model's output at timestep t; guided: `start + scale * (labels - start)`, where `start` is the null
+        label unless given (the source's labels for DDPM inversion)."""
         if labels is None:  # an unconditional model
-            output = self.unet(x, t).sample
-        elif not guided or self.scale == 1:
-            output = self.unet(x, t, encoder_hidden_states=None, class_labels=labels).sample
-        else:
-            start = self.null if start is None else start
-            both = self.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=None,
-                             class_labels=torch.cat([labels, start])).sample
-            conditional, unconditional = both.chunk(2)
-            output = unconditional + self.scale * (conditional - unconditional)
-        eps, x0 = _split(output, x, self.alpha(i), self.kind)
-        if not self.latent:  # pixel models: the clean image lies in [-1, 1] (the samplers threshold it too)
-            x0 = x0.clamp(-1, 1)
-        return eps, x0
+            return self.unet(x, t).sample
+        if not guided or self.scale == 1:
+            return self.unet(x, t, encoder_hidden_states=None, class_labels=labels).sample
+        start = self.null if start is None else start
+        both = self.unet(torch.cat([x, x]), t, encoder_hidden_states=None,
+                         class_labels=torch.cat([labels, start])).sample
+        conditional, unconditional = both.chunk(2)
+        return unconditional + self.scale * (conditional - unconditional)
 
-    def move(self, x0: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
-        """The DDIM point at timestep index i (-1: the clean image) of a clean sample and its noise."""
-        a = self.alpha(i)
-        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        return self.scheduler.add_noise(x0, noise, t.reshape(1))
 
-    def sigma(self, i: int, eta: float) -> torch.Tensor:
-        """The noise of the step from timestep index i down to i - 1 (eta 1: DDPM's)."""
-        a, before = self.alpha(i), self.alpha(i - 1)
-        return eta * ((1 - before) / (1 - a) * (1 - a / before)).sqrt()
-
-    def step(self, clean: torch.Tensor, eps: torch.Tensor, i: int, eta: float, generator,
-             noise: torch.Tensor | None = None) -> torch.Tensor:
-        """From timestep index i down to i - 1; `eta` > 0 puts fresh noise back (1: as much as DDPM), so the
-        sampler commits to one way of drawing a finding instead of the average of all of them. `noise` is DDPM
-        inversion's for this step, at eta 1 (at the last step: what is added to the clean image)."""
-        if noise is not None:
-            if i == 0:
-                return clean + noise
-            eta = 1.0
-        elif eta == 0 or i == 0:
-            return self.move(clean, eps, i - 1)
-        before, sigma = self.alpha(i - 1), self.sigma(i, eta)
-        if noise is None:
-            noise = torch.randn(clean.shape, generator=generator, device="cpu").to(clean)
-        return before.sqrt() * clean + (1 - before - sigma**2).sqrt() * eps + sigma * noise
+    def step(self, output: torch.Tensor, t, x: torch.Tensor, eta: float, generator,
+             correction: torch.Tensor | None = None) -> torch.Tensor:
+        """The scheduler's step from t to the next timestep down; `eta` > 0 puts fresh noise back (1: as much as
+        DDPM), so the sampler commits to one way of drawing a finding instead of the average of all of them.
+        `correction` is DDPM inversion's for this step: it takes the place of the step's fresh noise at eta 1."""
+        if correction is not None:
+            return self.scheduler.step(output, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample + correction
+        return self.scheduler.step(output, t, x, eta=eta, generator=generator).prev_sample
 
     def both_ways(self, x0: torch.Tensor, num_draws: int, generator):
-        """For each of `num_draws` noises drawn from `generator`: (the noise, the model's prediction of it on `x0`
-        noised to the last timestep under the target labels, and under the source labels)."""
-        last = len(self.timesteps) - 1
+        """For each of `num_draws` noises drawn from `generator`: (the model's clean image on `x0` noised to the first
+        timestep under the target labels, under the source labels). Their differences are the noise predictions'
+        times one constant of that timestep."""
+        t = self.timesteps[0]
         for _ in range(num_draws):
-            noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
-            x = self.move(x0, noise, last)
-            to_target, _ = self.predict(x, last, self.target, guided=False)
-            to_source, _ = self.predict(x, last, self.source, guided=False)
-            yield noise, to_target, to_source
+            x = self.noised(x0, torch.randn(x0.shape, generator=generator, device="cpu").to(x0), t)
+            yield tuple(predicted_original(self.scheduler, self.predict(x, t, labels, guided=False), x, t)
+                        for labels in (self.target, self.source))
 
     def noise_maps(self, x0: torch.Tensor, generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Edit-friendly DDPM inversion: the image noised independently to each timestep index ([x at 0, x at 1,
-        ...]), and the noise that takes the model's own step under the source labels from each of these points to
-        the one below (at index 0, what the clean prediction lacks of the image), so that stepping down with them
-        under the source labels gives the image back."""
-        points = [self.move(x0, torch.randn(x0.shape, generator=generator, device="cpu").to(x0), i)
-                  for i in range(len(self.timesteps))]
-        maps = []
-        for i, x in enumerate(points):
-            eps, clean = self.predict(x, i, self.source, guided=False)
-            if i == 0:
-                maps.append(x0 - clean)
-                continue
-            before = self.alpha(i - 1)
-            rest = before.sqrt() * clean + (1 - before - self.sigma(i, 1.0) ** 2).sqrt() * eps
-            maps.append((points[i - 1] - rest) / self.sigma(i, 1.0))
-        return points, maps
+        """Edit-friendly DDPM inversion: the image noised independently to each timestep (in the order of
+        `timesteps`), and for each step what the model's own step under the source labels (at eta 1, without fresh
+        noise) lacks of the point below (at the last, of the image), so that stepping down with them under the
+        source labels gives the image back."""
+        lowest_first = [self.noised(x0, torch.randn(x0.shape, generator=generator, device="cpu").to(x0), t)
+                        for t in self.timesteps.flip(0)]
+        points = lowest_first[::-1]
+        corrections = []
+        for k, (t, x) in enumerate(zip(self.timesteps, points, strict=True)):
+            below = points[k + 1] if k + 1 < len(points) else x0
+            corrections.append(below - self.step(self.predict(x, t, self.source, guided=False), t, x, 1.0, None,
+                                                 torch.zeros_like(x)))
+        return points, corrections
 
     def invert(self, x0: torch.Tensor) -> list[torch.Tensor]:
-        """The source's DDIM trajectory up each timestep, under its own labels: [x0, x at index 0, x at 1, ...]. Each
-        step reuses the noise predicted at the point below (at the first, the model's at timestep 0 on the image)."""
+        """The source's DDIM trajectory up the timesteps under its own labels (diffusers' DDIMInverseScheduler), in the
+        order of `timesteps`. The model is read at the point each step starts from (the image: at the lowest
+        timestep)."""
+        inverse = DDIMInverseScheduler.from_config(self.scheduler.config)
+        inverse.set_timesteps(self.scheduler.num_inference_steps, device=x0.device)
+        upward = self.timesteps.flip(0)
         path = [x0]
-        for i in range(len(self.timesteps)):
-            eps, clean = self.predict(path[-1], max(i - 1, 0), self.source, guided=False)
-            path.append(self.move(x0 if i == 0 else clean, eps, i))
-        return path
+        for k, t in enumerate(upward):
+            output = self.predict(path[-1], upward[max(k - 1, 0)], self.source, guided=False)
+            path.append(inverse.step(output, t, path[-1]).prev_sample)
+        return path[:0:-1]
 
 
 def to_model(pipe, images: torch.Tensor) -> torch.Tensor:
@@ -227,7 +194,7 @@ def auto_mask(pipe, image, source: Sequence, target: Sequence, num_draws: int = 
               strength: float = 0.5, threshold: float = 0.35, generator: torch.Generator | None = None,
               guidance_scale: float = 1.0, one_site: bool | None = None) -> torch.Tensor:
     """DiffEdit's mask (N, 1, H, W) in {0, 1} of `image` (in any form `edit` takes): noise the image to `strength`
-    `num_draws` times, and mark where the model's noise predictions under the target and the source labels differ by
+    `num_draws` times, and mark where the model's predictions under the target and the source labels differ by
     more than `threshold` of the largest difference (after smoothing), with a margin. `one_site` keeps only the
     connected region with the most difference, without the margin; None: for the images whose edit adds focal
     findings only (`adds_one_focal_site`).
@@ -236,9 +203,9 @@ def auto_mask(pipe, image, source: Sequence, target: Sequence, num_draws: int = 
     counterfactual differs on the phantom, and what it leaves out cannot change (benchmarks/HISTORY.md)."""
     images = IMAGES.preprocess(image).float().cpu()
     x0 = to_model(pipe, images)
-    editor = Editor(pipe, source, target, guidance_scale, 50, strength)
+    editor = Editor(pipe, source, target, guidance_scale, EDIT_STEPS, strength)
     total = torch.zeros_like(x0[:, :1])
-    for _, to_target, to_source in editor.both_ways(x0, num_draws, generator):
+    for to_target, to_source in editor.both_ways(x0, num_draws, generator):
         total += (to_target - to_source).abs().mean(1, keepdim=True)
     smooth = F.avg_pool2d(total, 3, stride=1, padding=1, count_include_pad=False)
     peak = smooth.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
@@ -270,13 +237,14 @@ def reads_target(pipe, image, source: Sequence, target: Sequence, region: torch.
     read as neither (False)."""
     images = IMAGES.preprocess(image).float().cpu()
     x0 = to_model(pipe, images)
-    editor = Editor(pipe, source, target, 1.0, 50, CHECK_STRENGTH)
+    editor = Editor(pipe, source, target, 1.0, EDIT_STEPS, CHECK_STRENGTH)
     if editor.source is None:
-        raise ValueError("the model was trained without labels: it cannot read a finding")
+        raise UsageError("the model was trained without labels: it cannot read a finding")
     weight = torch.ones_like(x0[:, :1]) if region is None else _to_space(region.float().cpu(), x0)
     score = torch.zeros(len(x0), device=x0.device)
-    for noise, to_target, to_source in editor.both_ways(x0, num_draws, generator):
-        score += (((noise - to_source) ** 2 - (noise - to_target) ** 2) * weight).sum((1, 2, 3))
+    # The clean image's error is the noise's times a constant of the timestep: the same sign, the same verdict.
+    for to_target, to_source in editor.both_ways(x0, num_draws, generator):
+        score += (((x0 - to_source) ** 2 - (x0 - to_target) ** 2) * weight).sum((1, 2, 3))
     return (score > 0).cpu()
 
 
@@ -286,34 +254,30 @@ def _edit_once(pipe, images, source, target, method, strength, guidance_scale, n
     editor = Editor(pipe, source, target, guidance_scale, num_inference_steps, strength)
     x0 = to_model(pipe, images)
     keep_m = None if keep is None else _to_space(keep, x0)
-    last = len(editor.timesteps) - 1
+    timesteps = editor.timesteps
 
-    maps = None
+    corrections = None
     if method == "ddpm-inversion":
-        points, maps = editor.noise_maps(x0, generator)
-        known = points.__getitem__  # the source's own point at timestep index i
-        x = known(last)
+        points, corrections = editor.noise_maps(x0, generator)
     elif method == "ddim-inversion":
-        path = editor.invert(x0)
-        x = path[-1]
-        known = lambda i: path[i + 1]  # noqa: E731  (the source's own point at timestep index i)
+        points = editor.invert(x0)
     else:  # the source noised by the generator, to each step (at strength 1, almost pure noise)
         noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
-        known = lambda i: editor.move(x0, noise, i)  # noqa: E731
-        x = known(last)
-    for i in range(last, -1, -1):
+        points = [editor.noised(x0, noise, t) for t in timesteps]
+    x = points[0]
+    alphas = editor.scheduler.alphas_cumprod.to(x0.device)
+    for k, t in enumerate(timesteps):
         for jump in range(resample if method == "repaint" else 1):
-            if keep_m is not None:
-                x = keep_m * known(i) + (1 - keep_m) * x
-            if maps is None:
-                eps, clean = editor.predict(x, i, editor.target, guided=True)
-                x = editor.step(clean, eps, i, eta, generator)
+            if keep_m is not None:  # the source's own point at t outside the edit
+                x = keep_m * points[k] + (1 - keep_m) * x
+            if corrections is None:
+                x = editor.step(editor.predict(x, t, editor.target, guided=True), t, x, eta, generator)
             else:
-                eps, clean = editor.predict(x, i, editor.target, guided=True, start=editor.source)
-                x = editor.step(clean, eps, i, eta, generator, noise=maps[i])
-            if method == "repaint" and jump < resample - 1 and i > 0:
+                output = editor.predict(x, t, editor.target, guided=True, start=editor.source)
+                x = editor.step(output, t, x, eta, generator, corrections[k])
+            if method == "repaint" and jump < resample - 1 and k + 1 < len(timesteps):
                 # Back up one step with fresh noise, so the inside and the known outside can agree (RePaint).
-                ratio = editor.alpha(i) / editor.alpha(i - 1)
+                ratio = alphas[t] / alphas[timesteps[k + 1]]
                 fresh = torch.randn(x.shape, generator=generator, device="cpu").to(x)
                 x = ratio.sqrt() * x + (1 - ratio).sqrt() * fresh
     edited = from_model(pipe, x)
@@ -324,7 +288,7 @@ def _edit_once(pipe, images, source, target, method, strength, guidance_scale, n
 
 @torch.no_grad()
 def edit(pipe, image, source: Sequence, target: Sequence, method: str = DEFAULT_METHOD,
-         strength: float | None = None, guidance_scale: float = 2.0, num_inference_steps: int = 50,
+         strength: float | None = None, guidance_scale: float = 2.0, num_inference_steps: int = EDIT_STEPS,
          mask_image=None, keep_mask_image=None, generator: torch.Generator | None = None, resample: int = 2,
          eta: float = 0.0, output_type: str = "pil", guidance_rise: float = DEFAULT_GUIDANCE_RISE,
          return_guidance: bool = False):
@@ -341,23 +305,23 @@ def edit(pipe, image, source: Sequence, target: Sequence, method: str = DEFAULT_
     noise, at guidance raised by `GUIDANCE_STEP` at a time, up to `guidance_scale + guidance_rise` (0: never).
     `return_guidance`: (images, the guidance scale each image was edited at)."""
     if output_type not in ("pil", "np", "pt"):
-        raise ValueError(f"output_type {output_type!r}: one of pil, np, pt")
+        raise UsageError(f"output_type {output_type!r}: one of pil, np, pt")
     images = IMAGES.preprocess(image).float().cpu()
     mask, keep_mask = (None if m is None else MASKS.preprocess(m).float().cpu() for m in (mask_image, keep_mask_image))
     if method not in METHODS:
-        raise ValueError(f"unknown editing method {method!r}; accepted: {', '.join(METHODS)}")
+        raise UsageError(f"unknown editing method {method!r}; accepted: {', '.join(METHODS)}")
     strength = DEFAULT_STRENGTH[method] if strength is None else strength
     if not 0 < strength <= 1:
-        raise ValueError(f"strength {strength}: give a fraction of the noise schedule in (0, 1]")
+        raise UsageError(f"strength {strength}: give a fraction of the noise schedule in (0, 1]")
     if eta < 0:
-        raise ValueError(f"eta {eta}: give 0 (deterministic DDIM) or more (1: as much fresh noise as DDPM)")
+        raise UsageError(f"eta {eta}: give 0 (deterministic DDIM) or more (1: as much fresh noise as DDPM)")
     if eta and method == "ddpm-inversion":
-        raise ValueError(f"eta {eta}: ddpm-inversion's noise is the source's own at every step; eta is for "
+        raise UsageError(f"eta {eta}: ddpm-inversion's noise is the source's own at every step; eta is for "
                          f"{', '.join(m for m in METHODS if m != 'ddpm-inversion')}")
     if guidance_rise < 0:
-        raise ValueError(f"guidance_rise {guidance_rise}: give 0 (never) or more")
+        raise UsageError(f"guidance_rise {guidance_rise}: give 0 (never) or more")
     if method == "repaint" and mask is None:
-        raise ValueError("repaint regenerates inside a mask: give mask_image (or --mask auto)")
+        raise UsageError("repaint regenerates inside a mask: give mask_image (or --mask auto)")
     keep = None
     if keep_mask is not None or mask is not None:
         keep = keep_mask if keep_mask is not None else 1 - mask

@@ -30,8 +30,15 @@ import torch
 from accelerate.utils import gather_object
 from PIL import Image
 
+from ..cli import UsageError
 from ..runtime import process_share, process_state
-from ..utils import SYNTHETIC_NOTICE, atomic_path, image_grid, synthetic_png_info, write_json
+from ..utils import (
+    SYNTHETIC_NOTICE,
+    atomic_path,
+    image_grid,
+    synthetic_png_info,
+    write_json,
+)
 from ..vocabulary import MANIFEST_LABELS, NO_FINDING, UNCONDITIONED, label_cell
 from .privacy_filter import REJECTED, REJECTED_FIELDS, SUMMARY, PrivacyFilter
 from .process import DENOISING, DenoisingRecorder
@@ -68,7 +75,7 @@ PRIVACY_FIELDS = ("privacy_filter", "redraws")
 def to_png(image: np.ndarray, bit_depth: int) -> Image.Image:
     """(H, W, 1) float in [0, 1] (`postprocess(..., "np")`) -> 8-bit L, or true 16-bit grayscale (I;16)."""
     if bit_depth not in BIT_DEPTHS:
-        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+        raise UsageError(f"bit_depth must be 8 or 16, got {bit_depth}")
     if image.shape[-1] != 1:
         raise ValueError(f"PNG writing expects 1-channel (grayscale) images, got {image.shape[-1]} channels")
     if bit_depth == 8:
@@ -86,12 +93,12 @@ def check_output(output_dir, num_images, num_inference_steps, batch_size, start_
     """Everything about a save_images call that can be wrong, checked before any model is loaded or run."""
     check_counts(num_images=num_images, num_inference_steps=num_inference_steps, batch_size=batch_size)
     if start_index < 0:
-        raise ValueError(f"start_index must be >= 0, got {start_index}")
+        raise UsageError(f"start_index must be >= 0, got {start_index}")
     check_scheduler(scheduler)
     if bit_depth not in BIT_DEPTHS:
-        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+        raise UsageError(f"bit_depth must be 8 or 16, got {bit_depth}")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"output_dir {output_dir!r} is a file; give a folder")
+        raise UsageError(f"output_dir {output_dir!r} is a file; give a folder")
 
 
 def _complete_rows(path: str) -> list[dict]:
@@ -109,7 +116,7 @@ def read_manifest(output_dir: str) -> list[dict]:
     """The rows of a finished folder's manifest.csv, in index order (what other commands read back)."""
     path = os.path.join(output_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{output_dir}: no {MANIFEST} (expected a folder written by pipeline.py)")
+        raise UsageError(f"{output_dir}: no {MANIFEST} (expected a folder written by pipeline.py)")
     return _complete_rows(path)
 
 
@@ -123,7 +130,7 @@ def _rows_so_far(output_dir: str, run: dict) -> dict[int, dict]:
         clash = [k for k in run if row.get(k, "") != str(run[k])]  # a column added since reads as its default
         if clash:
             k = clash[0]
-            raise ValueError(f"output_dir already holds images made with {k}={row.get(k)!r} (this run: "
+            raise UsageError(f"output_dir already holds images made with {k}={row.get(k)!r} (this run: "
                              f"{run[k]!r}); use a new folder or the same settings to resume")
     return {int(row["index"]): row for row in rows}
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..cli import UsageError
 from ..verifier import PatientVerifier, load_verifier
 
 REJECTED = "rejected.csv"
@@ -32,14 +33,14 @@ class PrivacyFilter:
              max_redraws: int = 10, device: str = "cpu") -> "PrivacyFilter":
         verifier = load_verifier(folder, device)
         if verifier.gallery is None:
-            raise ValueError(f"--privacy_filter {folder}: the verifier has no gallery of training images to compare "
+            raise UsageError(f"--privacy_filter {folder}: the verifier has no gallery of training images to compare "
                              "with (train it with `evaluate --reid`)")
         if threshold is not None and not 0 < threshold < 1:
-            raise ValueError(f"--privacy_threshold {threshold}: give a same-patient probability in (0, 1)")
+            raise UsageError(f"--privacy_threshold {threshold}: give a same-patient probability in (0, 1)")
         if nn_threshold is not None and not -1 < nn_threshold < 1:
-            raise ValueError(f"--privacy_nn_threshold {nn_threshold}: give a pixel NCC in (-1, 1)")
+            raise UsageError(f"--privacy_nn_threshold {nn_threshold}: give a pixel NCC in (-1, 1)")
         if max_redraws < 0:
-            raise ValueError(f"--privacy_max_redraws {max_redraws}: give 0 or more")
+            raise UsageError(f"--privacy_max_redraws {max_redraws}: give 0 or more")
         chosen = verifier.config["search_threshold"] if threshold is None else threshold
         return cls(verifier, float(chosen), nn_threshold, max_redraws)
 

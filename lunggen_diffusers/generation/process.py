@@ -28,6 +28,7 @@ import numpy as np
 from diffusers.callbacks import PipelineCallback
 from PIL import Image, ImageDraw
 
+from ..cli import UsageError
 from ..lunggen_pipeline import decode_latents, postprocess
 from ..utils import SYNTHETIC_NOTICE, atomic_path
 
@@ -49,7 +50,7 @@ class DenoisingRecorder(PipelineCallback):
     def __init__(self, num_images: int = 4, every: int = 1):
         super().__init__()
         if num_images < 1 or every < 1:
-            raise ValueError(f"num_images and every must be positive integers, got {num_images} and {every}")
+            raise UsageError(f"num_images and every must be positive integers, got {num_images} and {every}")
         self.num_images, self.every = num_images, every
         self.frames: list[Image.Image] = []
         self.steps: list[int] = []  # the step index of each frame
@@ -74,7 +75,7 @@ class DenoisingRecorder(PipelineCallback):
     def save(self, stem) -> list[Path]:
         """`stem`.gif and, with PyAV, `stem`.mp4 (`save_animation`)."""
         if not self.frames:
-            raise ValueError("no frames were recorded: pass the recorder as callback_on_step_end first")
+            raise UsageError("no frames were recorded: pass the recorder as callback_on_step_end first")
         return save_animation(self.frames, stem)
 
 

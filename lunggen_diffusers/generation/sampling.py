@@ -10,7 +10,6 @@ import json
 import os
 import random
 from inspect import signature
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -25,14 +24,12 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HFValidationError
 from tqdm.auto import tqdm
 
+from ..cli import UsageError
 from ..lunggen_pipeline import (
     MODULE_NAME,
     LungGenPipeline,
     check_guidance_interval,
-    decode_latents,
     downsampling,
-    guided_denoise,
-    postprocess,
 )
 from ..utils import pick_device
 
@@ -84,7 +81,7 @@ LABELS_FROM = ("train",)
 
 def check_scheduler(name: str) -> None:
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+        raise UsageError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
 def scheduler_settings(name: str, config) -> tuple[type, dict]:
@@ -109,7 +106,7 @@ def scheduler_code(name: str, config) -> tuple[str, str]:
     """(class name, the Python that builds sampler `name` on `pipe`) in plain diffusers, for model cards."""
     cls, overrides = scheduler_settings(name, config)
     if SCHEDULERS[name][2]:
-        raise ValueError(f"sampler {name!r} needs step arguments ({SCHEDULERS[name][2]}) that diffusers' pipelines "
+        raise UsageError(f"sampler {name!r} needs step arguments ({SCHEDULERS[name][2]}) that diffusers' pipelines "
                          "do not pass; it cannot be written as a scheduler swap")
     value = lambda v: f'"{v}"' if isinstance(v, str) else repr(v)  # noqa: E731
     arguments = "".join(f", {k}={value(v)}" for k, v in overrides.items())
@@ -118,9 +115,9 @@ def scheduler_code(name: str, config) -> tuple[str, str]:
 
 def _torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("dtype 'bf16' is not supported by this GPU; use fp16 or fp32")
+        raise UsageError("dtype 'bf16' is not supported by this GPU; use fp16 or fp32")
     return DTYPES[dtype]
 
 
@@ -129,16 +126,16 @@ def _model_index(model: str, revision: str | None) -> tuple[str, str]:
     if os.path.isdir(model):
         path = os.path.join(model, "model_index.json")
         if not os.path.isfile(path):
-            raise ValueError(f"model folder {model!r} has no model_index.json; it is not a DDPMPipeline")
+            raise UsageError(f"model folder {model!r} has no model_index.json; it is not a DDPMPipeline")
         return path, ""
     if os.path.exists(model):
-        raise ValueError(f"model {model!r} is a file; give a DDPMPipeline folder or a Hub model id")
+        raise UsageError(f"model {model!r} is a file; give a DDPMPipeline folder or a Hub model id")
     try:
         path = hf_hub_download(model, "model_index.json", revision=revision)
     except HFValidationError:
-        raise ValueError(f"model {model!r} is neither a local folder nor a valid Hub model id") from None
+        raise UsageError(f"model {model!r} is neither a local folder nor a valid Hub model id") from None
     except OSError as err:  # LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, ...
-        raise FileNotFoundError(
+        raise UsageError(
             f"no local folder {model!r}, and no Hub model by that id (revision {revision or 'main'}) online or in "
             f"the local cache ({type(err).__name__})"
         ) from None
@@ -154,14 +151,14 @@ def load_pipeline(model: str, revision: str | None = None, device: str | None = 
     classes = {"DDPMPipeline": DDPMPipeline, (MODULE_NAME, "LungGenPipeline"): LungGenPipeline}
     cls = classes.get(tuple(class_name) if isinstance(class_name, list) else class_name)
     if cls is None:
-        raise ValueError(f"model {model!r} is a {class_name or 'unknown pipeline'}, not a DDPMPipeline or a "
+        raise UsageError(f"model {model!r} is a {class_name or 'unknown pipeline'}, not a DDPMPipeline or a "
                          "LungGenPipeline")
     target = pick_device(device)
     torch_dtype = _torch_dtype(dtype, target)
     try:
         pipe = cls.from_pretrained(model, revision=resolved or revision, use_safetensors=True, dtype=torch_dtype)
     except OSError as err:  # e.g. a missing component, or weights only as pickle (.bin), which we refuse
-        raise FileNotFoundError(f"cannot load {cls.__name__} {model!r}: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"cannot load {cls.__name__} {model!r}: {str(err).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(target), resolved
 
@@ -190,7 +187,7 @@ def noise_seed(seed: int, index: int, attempt: int = 0) -> int:
 def check_counts(**counts: int) -> None:
     for name, value in counts.items():
         if value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
+            raise UsageError(f"{name} must be a positive integer, got {value}")
 
 
 def is_conditional(pipe) -> bool:
@@ -204,14 +201,14 @@ def request_labels(pipe, indices, seed=0, findings=None, labels_from=None, patie
     the draws to training combinations of that patient."""
     patient = {k: v for k, v in (patient or {}).items() if v is not None}
     if patient and findings is None and labels_from is None:
-        raise ValueError(f"{', '.join(f'--{k} {v}' for k, v in patient.items())} needs --findings or --labels_from")
+        raise UsageError(f"{', '.join(f'--{k} {v}' for k, v in patient.items())} needs --findings or --labels_from")
     if (findings is not None or labels_from is not None) and not is_conditional(pipe):
-        raise ValueError("findings were asked of an unconditional model; train one with --condition_on findings to "
+        raise UsageError("findings were asked of an unconditional model; train one with --condition_on findings to "
                          "request them")
     if findings is not None and labels_from is not None:
-        raise ValueError("give --findings or --labels_from, not both")
+        raise UsageError("give --findings or --labels_from, not both")
     if labels_from is not None and labels_from not in LABELS_FROM:
-        raise ValueError(f"--labels_from {labels_from!r}: choose {', '.join(LABELS_FROM)}")
+        raise UsageError(f"--labels_from {labels_from!r}: choose {', '.join(LABELS_FROM)}")
     given = pipe.labels.patient(**patient) if patient else []
     if labels_from is not None:
         return {i: pipe.labels.draw(random.Random(noise_seed(seed, i)), given) for i in indices}
@@ -224,68 +221,56 @@ def request_labels(pipe, indices, seed=0, findings=None, labels_from=None, patie
 def resolve_guidance(pipe, guidance_scale: float | None) -> float:
     if not is_conditional(pipe):
         if guidance_scale is not None:
-            raise ValueError("--guidance_scale needs a conditional model; this one was trained without labels")
+            raise UsageError("--guidance_scale needs a conditional model; this one was trained without labels")
         return 1.0
     if guidance_scale is None:
         guidance_scale = pipe.config.label_config["guidance_scale"]
     if guidance_scale < 1:
-        raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
+        raise UsageError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
     return float(guidance_scale)
 
 
 def resolve_interval(pipe, guidance_interval) -> tuple[int, int] | None:
     if guidance_interval is not None and not is_conditional(pipe):
-        raise ValueError("--guidance_interval needs a conditional model; this one was trained without labels")
+        raise UsageError("--guidance_interval needs a conditional model; this one was trained without labels")
     return check_guidance_interval(guidance_interval, pipe.scheduler.config.num_train_timesteps)
+
+
+def with_scheduler(pipe, scheduler) -> LungGenPipeline:
+    """A LungGenPipeline over `pipe`'s models (a DDPMPipeline's too: it draws the same images from the same
+    generators and takes callbacks) with `scheduler` in place of the training one."""
+    return LungGenPipeline(unet=pipe.unet, scheduler=scheduler, vae=getattr(pipe, "vae", None),
+                           label_config=pipe.config.get("label_config"))
 
 
 def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS, batch_size=16,
                  progress=True, labels=None, guidance_scale=1.0, guidance_rescale=0.0, guidance_interval=None,
                  recorder=None, attempts=None):
-    """Yield (indices, images) per batch; images are float32 numpy (B, H, W, C) in [0, 1].
+    """Yield (indices, images) per batch; images are float32 numpy (B, H, W, C) in [0, 1]. Each batch is one call
+    of the pipeline with a list of generators, one per image.
 
     `labels` maps each index of a conditional model to its labels (None or missing: the null condition);
-    `guidance_rescale` and `guidance_interval` are `guided_denoise`'s. `recorder` (a `process.DenoisingRecorder`)
-    sees every step of the first batch. `attempts` maps an index to its redraw (`noise_seed`'s attempt; default 0).
+    `guidance_rescale` and `guidance_interval` are the pipeline's. `recorder` (a `process.DenoisingRecorder`) sees
+    every step of the first batch. `attempts` maps an index to its redraw (`noise_seed`'s attempt; default 0).
     """
     check_counts(num_inference_steps=num_inference_steps, batch_size=batch_size)
     check_scheduler(scheduler)
-    unet = pipe.unet
-    device, dtype = unet.device, unet.dtype
-    cfg = unet.config
-    size = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
     indices = list(indices)
     with tqdm(total=len(indices), unit="img", disable=not progress) as bar:
         for start in range(0, len(indices), batch_size):
             batch = indices[start : start + batch_size]
+            # CPU generators whatever the device, so every setup starts from the same noise.
             generators = [torch.Generator("cpu").manual_seed(noise_seed(seed, i, (attempts or {}).get(i, 0)))
                           for i in batch]
-            # fp32 noise on CPU whatever the device and dtype, so every setup starts from the same noise.
-            noise = torch.cat([torch.randn((1, cfg.in_channels, *size), generator=g) for g in generators])
-            sched = make_scheduler(scheduler, pipe.scheduler.config)
-            sched.set_timesteps(num_inference_steps, device=device)
-            # Stochastic steps (ddpm, ddim-eta1, dpmsolver++-sde) draw each image's noise from that image's generator.
-            step_kwargs = {"generator": generators} if "generator" in signature(sched.step).parameters else {}
-            step_kwargs.update(SCHEDULERS[scheduler][2])
-            x = noise.to(device=device, dtype=dtype) * sched.init_noise_sigma
-            class_labels = null_labels = None
-            if is_conditional(pipe):
-                class_labels, null_labels = pipe.encode([(labels or {}).get(i) for i in batch], len(batch), device)
-            on_step = None
-            if recorder is not None and start == 0:
-                # The recorder reads the steps' scheduler and the decoder, as it does inside a pipeline call.
-                view = SimpleNamespace(scheduler=sched, vae=getattr(pipe, "vae", None))
-
-                def on_step(i, t, x, x0):
-                    recorder(view, i, t, {"latents": x, "pred_original_sample": x0})
-                    return x
-            with torch.inference_mode():
-                x = guided_denoise(unet, sched, x, class_labels, null_labels, guidance_scale, step_kwargs,
-                                   on_step=on_step, guidance_rescale=guidance_rescale,
-                                   guidance_interval=guidance_interval)
-                if getattr(pipe, "vae", None) is not None:  # the latent route: decode to pixels
-                    x = decode_latents(pipe.vae, x)
-            images = postprocess(x, "np")
+            # A fresh scheduler per batch: a multistep solver keeps the last batch's outputs as state.
+            runner = with_scheduler(pipe, make_scheduler(scheduler, pipe.scheduler.config))
+            runner.set_progress_bar_config(disable=True)
+            findings = [(labels or {}).get(i) for i in batch] if is_conditional(pipe) else None
+            callback = recorder if recorder is not None and start == 0 else None
+            images = runner(findings=findings, batch_size=len(batch), guidance_scale=guidance_scale,
+                            num_inference_steps=num_inference_steps, generator=generators, output_type="np",
+                            callback_on_step_end=callback, guidance_interval=guidance_interval,
+                            guidance_rescale=guidance_rescale, **SCHEDULERS[scheduler][2]).images
             bar.update(len(batch))
             yield batch, images
 
@@ -300,9 +285,9 @@ def generate(pipe, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inferenc
     """
     check_counts(num_images=num_images)
     if start_index < 0:
-        raise ValueError(f"start_index must be >= 0, got {start_index}")
+        raise UsageError(f"start_index must be >= 0, got {start_index}")
     if output_type not in ("pil", "np"):
-        raise ValueError(f"unknown output_type {output_type!r}; choose 'pil' or 'np'")
+        raise UsageError(f"unknown output_type {output_type!r}; choose 'pil' or 'np'")
     indices = range(start_index, start_index + num_images)
     labels = request_labels(pipe, indices, seed, findings, labels_from, patient)
     scale, interval = resolve_guidance(pipe, guidance_scale), resolve_interval(pipe, guidance_interval)

@@ -23,9 +23,9 @@ One module per concern:
     cli.py          the three commands above (`main`; the console script lunggen-hub)
 """
 
+from .dataset import push_dataset
 from .export import export_pipeline, write_manifest, write_model_card
 from .privacy import files_to_upload, scrub_config
-from .dataset import push_dataset
 from .push import push_to_hub
 
 __all__ = ["export_pipeline", "write_manifest", "write_model_card", "push_to_hub", "push_dataset", "files_to_upload",

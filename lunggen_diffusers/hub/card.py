@@ -15,6 +15,7 @@ from typing import Any
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..cli import UsageError
 from ..data.conditioning import prevalence
 from ..generation.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_code
 from ..lunggen_pipeline import (
@@ -58,7 +59,7 @@ NIH = re.compile(r"\bNIH\b|ChestX-?ray-?1?4", re.IGNORECASE)
 
 def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path.parent}: no {path.name} ({what})")
+        raise UsageError(f"{path.parent}: no {path.name} ({what})")
     return json.loads(path.read_text())
 
 
@@ -72,7 +73,7 @@ def _eval_summary(folder: Path, eval_metrics: dict | None) -> dict | None:
         else:
             return None
     if not isinstance(eval_metrics.get("model_card"), dict):
-        raise ValueError("evaluation metrics have no `model_card` section (write them with "
+        raise UsageError("evaluation metrics have no `model_card` section (write them with "
                          "`python -m lunggen_diffusers.evaluate`)")
     return eval_metrics["model_card"]
 
@@ -83,13 +84,13 @@ def _sections(folder: Path, dirs: dict[str, str | None], paths: list[str]) -> di
     for name, producer in SECTIONS.items():
         path = Path(dirs[name]) / SECTION_FILE if dirs.get(name) else folder / KEPT_SECTIONS / f"{name}.md"
         if dirs.get(name) and not path.is_file():
-            raise FileNotFoundError(f"--{name}_dir {dirs[name]}: no {SECTION_FILE} in it (written by {producer})")
+            raise UsageError(f"--{name}_dir {dirs[name]}: no {SECTION_FILE} in it (written by {producer})")
         if not path.is_file():
             continue
         text = path.read_text(encoding="utf-8").strip()
         where = f"{path.parent.name}/{path.name}"
         if not text.startswith("## "):
-            raise ValueError(f"{where} must start with a '## ' heading, got {text.partition(chr(10))[0][:60]!r}")
+            raise UsageError(f"{where} must start with a '## ' heading, got {text.partition(chr(10))[0][:60]!r}")
         check_published(text, paths, where)
         found[name] = text
     return found
@@ -132,7 +133,7 @@ def _label_config(folder: Path) -> dict | None:
         return None
     labels = read_json(folder / "model_index.json", "not a pipeline export").get("label_config")
     if not labels and not (folder / "vae").is_dir():
-        raise ValueError(f"{folder}: has {PIPELINE_CODE} but model_index.json has no label_config; re-export the "
+        raise UsageError(f"{folder}: has {PIPELINE_CODE} but model_index.json has no label_config; re-export the "
                          "conditional model with training, or remove the file for an unconditional one")
     return labels
 
@@ -226,7 +227,7 @@ def build_card(folder: Path, eval_metrics: dict | None = None, repo_id: str | No
     """The card for `folder`, the evaluation summary and the included sections it shows, in memory."""
     if eval_dir is not None:
         if eval_metrics is not None:
-            raise ValueError("give eval_metrics or eval_dir, not both")
+            raise UsageError("give eval_metrics or eval_dir, not both")
         eval_metrics = read_json(Path(eval_dir) / "metrics.json", "written by python -m lunggen_diffusers.evaluate")
     dirs = {"fidelity": fidelity_dir, "utility": utility_dir, "reader_study": reader_study_dir}
     paths = local_paths(raw_config(folder), folder, *(Path(d) for d in (eval_dir, *dirs.values()) if d))

@@ -10,9 +10,9 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from ..cli import fail, parse, run
+from .dataset import push_dataset
 from .export import write_model_card
 from .privacy import CARD
-from .dataset import push_dataset
 from .push import push_to_hub
 
 

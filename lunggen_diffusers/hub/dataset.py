@@ -20,6 +20,7 @@ from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData, Hf
 from huggingface_hub.errors import HTTPError
 from PIL import Image
 
+from ..cli import UsageError
 from ..evaluation.images import load_source
 from ..evaluation.report import reid_card
 from ..evaluation.subgroups import manifest_metadata
@@ -40,18 +41,18 @@ DEFAULT_EVAL = "eval"
 def _evaluation(folder: Path, eval_dir: Path, num_images: int) -> dict:
     path = eval_dir / "metrics.json"
     if not path.is_file():
-        raise ValueError(f"{folder} has no audit: {path} is missing; run `python -m lunggen_diffusers.evaluate --fake "
+        raise UsageError(f"{folder} has no audit: {path} is missing; run `python -m lunggen_diffusers.evaluate --fake "
                          f"{folder} --train ... --reid VERIFIER --output_dir {eval_dir}` first")
     report = json.loads(path.read_text())
     fake = report.get("recipe", {}).get("fake", "")
     if Path(fake.partition(":")[0]).resolve() != folder.resolve() or report["counts"]["fake"] != num_images:
-        raise ValueError(f"{eval_dir} evaluates another image set ({report['counts']['fake']} images), not the "
+        raise UsageError(f"{eval_dir} evaluates another image set ({report['counts']['fake']} images), not the "
                          f"{num_images} of {folder}; evaluate this folder")
     missing = [name for name, key in (("the memorization audit (--train)", "memorization"),
                                       ("the re-identification check (--reid)", "reidentification"))
                if not (report.get(key) or report["metrics"].get(key))]
     if missing:
-        raise ValueError(f"{folder} has no audit: {eval_dir} lacks {' and '.join(missing)}")
+        raise UsageError(f"{folder} has no audit: {eval_dir} lacks {' and '.join(missing)}")
     return report
 
 
@@ -74,7 +75,7 @@ def _image_bytes(path: Path) -> tuple[bytes, dict[str, str]]:
     derived = DERIVED_FROM_REAL in chunks
     if derived or not chunks.get("synthetic"):
         why = f"carries {DERIVED_FROM_REAL!r}: it was made from a real image" if derived else "is not marked synthetic"
-        raise ValueError(f"{path.name} {why}; a synthetic dataset holds generated images only")
+        raise UsageError(f"{path.name} {why}; a synthetic dataset holds generated images only")
     return path.read_bytes(), chunks
 
 
@@ -141,13 +142,13 @@ def dataset_files(synth_dir, repo_id: str, eval_dir=None, allow_flagged: bool = 
     """Everything the push uploads, by path in the repo: the Parquet shards and README.md."""
     folder = Path(synth_dir)
     if not (folder / MANIFEST).is_file():
-        raise FileNotFoundError(f"{folder}: no {MANIFEST}; give a folder written by pipeline.py")
+        raise UsageError(f"{folder}: no {MANIFEST}; give a folder written by pipeline.py")
     eval_dir = Path(eval_dir) if eval_dir else folder / DEFAULT_EVAL
     columns, texts = _rows(folder)
     report = _evaluation(folder, eval_dir, len(columns["index"]))
     flags = _flags(report)
     if flags and not allow_flagged:
-        raise ValueError(f"refused: {'; '.join(flags)}; publish anyway only with --allow_flagged (the card then says "
+        raise UsageError(f"refused: {'; '.join(flags)}; publish anyway only with --allow_flagged (the card then says "
                          "so), or filter the images (pipeline.py --privacy_filter) and evaluate again")
     forbidden = _forbidden(folder, eval_dir, report)
     for text in texts:

@@ -30,7 +30,14 @@ from ..generation.process import save_animation
 from ..summaries import DataSummary, RunSummary
 from ..utils import SAMPLE_GRID, atomic_write_text, synthetic_png_info
 from .card import build_card, card_files, keep_sections
-from .privacy import AUTOENCODER_REPORT, MANIFEST, SAMPLES, check_published, local_paths, scrub_config
+from .privacy import (
+    AUTOENCODER_REPORT,
+    MANIFEST,
+    SAMPLES,
+    check_published,
+    local_paths,
+    scrub_config,
+)
 from .push import push_to_hub
 
 LIBRARIES = ("torch", "diffusers", "accelerate", "transformers", "datasets", "huggingface_hub", "safetensors",

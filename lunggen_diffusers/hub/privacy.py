@@ -22,6 +22,7 @@ from typing import Any
 
 from huggingface_hub.utils import filter_repo_objects
 
+from ..cli import UsageError
 from ..data.folders import PHI_DIGESTS
 from ..data.registry import source_report_dir
 from ..generation.process import DENOISING, TRAINING_PROGRESS
@@ -124,18 +125,18 @@ def check_published(text: str, paths: list[str], what: str) -> None:
     an identifying DICOM header value of the source (never repeated in the message)."""
     for path in paths:
         if path in text:
-            raise ValueError(f"{what} would publish the local path {path!r}; remove it (published files hold no "
+            raise UsageError(f"{what} would publish the local path {path!r}; remove it (published files hold no "
                              "local paths or patient identifiers)")
     for kind, pattern in PATIENT_ID_PATTERNS.items():
         found = pattern.search(text)
         if found:
-            raise ValueError(f"{what} would publish {kind} ({found.group(0).strip()!r}); remove it (published files "
+            raise UsageError(f"{what} would publish {kind} ({found.group(0).strip()!r}); remove it (published files "
                              "hold no local paths or patient identifiers)")
     for digests in getattr(paths, "phi", []):
         found = find_secret(text, digests)
         if found is not None:
             at = text.upper().index(found)
-            raise ValueError(f"{what} would publish an identifying DICOM header value of the training data (at "
+            raise UsageError(f"{what} would publish an identifying DICOM header value of the training data (at "
                              f"character {at}, {len(found)} characters); remove it")
 
 

@@ -6,15 +6,29 @@ import json
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
-from huggingface_hub.errors import HfHubHTTPError, HTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HTTPError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
+)
 
+from ..cli import UsageError
 from ..utils import atomic_write_text
 from .card import build_card, card_files, keep_sections, raw_config
-from .privacy import CARD, EVAL_SUMMARY, MANIFEST, TRAINING_CONFIG, check_published, files_to_upload, local_paths, \
-    scrub_config
+from .privacy import (
+    CARD,
+    EVAL_SUMMARY,
+    MANIFEST,
+    TRAINING_CONFIG,
+    check_published,
+    files_to_upload,
+    local_paths,
+    scrub_config,
+)
 
 
-def hub_error(err: Exception, repo_id: str, folder: Path) -> ConnectionError:
+def hub_error(err: Exception, repo_id: str, folder: Path) -> UsageError:
     kept = f"nothing was uploaded and {folder.name}/ is unchanged"
     status = getattr(getattr(err, "response", None), "status_code", None)
     if isinstance(err, OfflineModeIsEnabled):
@@ -27,7 +41,7 @@ def hub_error(err: Exception, repo_id: str, folder: Path) -> ConnectionError:
         why = f"the Hub answered HTTP {status}"
     else:
         why = f"the Hub is unreachable ({type(err).__name__})"
-    return ConnectionError(f"cannot push to {repo_id}: {why}; {kept}")
+    return UsageError(f"cannot push to {repo_id}: {why}; {kept}")
 
 
 def push_to_hub(output_dir, repo_id: str, private: bool = True, token: str | None = None,
@@ -40,7 +54,7 @@ def push_to_hub(output_dir, repo_id: str, private: bool = True, token: str | Non
     a failed push leaves the output folder as it was."""
     folder = Path(output_dir)
     if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"{folder}: no model_index.json; give a folder exported by training")
+        raise UsageError(f"{folder}: no model_index.json; give a folder exported by training")
     card, summary, sections = build_card(folder, None, repo_id, eval_dir, fidelity_dir, utility_dir,
                                          reader_study_dir)
     generated = card_files(folder, card, summary)

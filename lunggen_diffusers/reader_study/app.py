@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from ..cli import UsageError
 from . import store
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def check_answer(body: dict, vocabulary: list[str]) -> dict:
           and body.get("quality") in range(1, 6) and isinstance(findings, list) and set(findings) <= set(vocabulary)
           and isinstance(body.get("comment", ""), str) and isinstance(body.get("position"), int))
     if not ok:
-        raise ValueError("an answer needs call real|synthetic, confidence 1-5, quality 1-5 and findings from the list")
+        raise UsageError("an answer needs call real|synthetic, confidence 1-5, quality 1-5 and findings from the list")
     seconds = body.get("seconds")
     return {"call": body["call"], "confidence": body["confidence"], "quality": body["quality"],
             "findings": sorted(findings), "comment": body.get("comment", "")[:2000],

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
+from ..cli import UsageError
+
 DATABASE = "study.sqlite"
 IMAGES = "images"  # the re-encoded images, <id>.png
 SCHEMA = """
@@ -44,7 +46,7 @@ def connect(folder) -> sqlite3.Connection:
     """A connection to the study in `folder` (one per request: sqlite3 connections stay in their thread)."""
     path = Path(folder) / DATABASE
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} holds no reader study ({DATABASE}); make one with `create`")
+        raise UsageError(f"{folder} holds no reader study ({DATABASE}); make one with `create`")
     db = sqlite3.connect(path, timeout=30, isolation_level=None)  # autocommit; writes take explicit transactions
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA journal_mode=WAL")

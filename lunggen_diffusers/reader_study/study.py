@@ -22,13 +22,20 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..cli import UsageError
 from ..config import from_dict
 from ..data.phantom import phantom_dataset
 from ..evaluation.images import ImageSource, load_source, to_eval_image
 from ..evaluation.subgroups import dataset_metadata, manifest_metadata
 from ..generation.output_folder import MANIFEST, read_manifest
 from ..utils import derived_from_real, split_spec
-from ..vocabulary import FINDINGS, FINDINGS_COLUMN, MANIFEST_LABELS, age_bin, finding_lists
+from ..vocabulary import (
+    FINDINGS,
+    FINDINGS_COLUMN,
+    MANIFEST_LABELS,
+    age_bin,
+    finding_lists,
+)
 from . import store
 
 PHANTOM = "phantom"  # held-out phantoms of the demo (never its training images)
@@ -53,7 +60,7 @@ def parse_reader(text: str) -> tuple[str, float | None]:
     """`NAME` or `NAME:YEARS` (years of experience) -> (name, years)."""
     name, _, years = text.partition(":")
     if not name.strip() or (years and not _is_number(years)):
-        raise ValueError(f"--readers {text!r}: give NAME or NAME:YEARS (years of experience, e.g. alice:12)")
+        raise UsageError(f"--readers {text!r}: give NAME or NAME:YEARS (years of experience, e.g. alice:12)")
     return name.strip(), float(years) if years else None
 
 
@@ -106,11 +113,11 @@ def synthetic_pool(folder: str) -> Pool:
     """A `pipeline.py` output folder: its images and, from manifest.csv, what each was asked for."""
     source = load_source(folder)
     if source._dataset is not None:
-        raise ValueError(f"--synthetic {folder}: a saved dataset; give a folder of generated images (pipeline.py "
+        raise UsageError(f"--synthetic {folder}: a saved dataset; give a folder of generated images (pipeline.py "
                          "--output_dir)")
     edited = next((p for p in source._folder_files if derived_from_real(p)), None)
     if edited is not None:
-        raise ValueError(f"--synthetic {folder}: {edited.name} was edited from a real patient's radiograph "
+        raise UsageError(f"--synthetic {folder}: {edited.name} was edited from a real patient's radiograph "
                          "(lunggen-edit); it is patient data, not a synthetic image")
     labelled = any(row.get(MANIFEST_LABELS) for row in read_manifest(folder)) if (Path(folder) / MANIFEST).is_file() \
         else False
@@ -139,7 +146,7 @@ def match_real(real: Pool, wanted: list[dict], count: int, taken: set[int], rng:
     rest = [i for key in by_key for i in by_key[key]]
     chosen += rng.sample(rest, min(count - len(chosen), len(rest)))
     if len(chosen) < count:
-        raise ValueError(f"--real {real.name}: {len(real) - len(taken)} unused images, the study needs {count} more")
+        raise UsageError(f"--real {real.name}: {len(real) - len(taken)} unused images, the study needs {count} more")
     return chosen[:count]
 
 
@@ -159,19 +166,19 @@ def create_study(output_dir, real: str, synthetic: list[str], num_images: int, r
     """Write the study folder; returns {"readers": {name: token}, "organiser": token, ...} for the links."""
     folder = Path(output_dir)
     if (folder / store.DATABASE).exists():
-        raise FileExistsError(f"--output_dir {output_dir} already holds a study; choose a new folder")
+        raise UsageError(f"--output_dir {output_dir} already holds a study; choose a new folder")
     if not synthetic:
-        raise ValueError("--synthetic: give at least one folder of generated images")
+        raise UsageError("--synthetic: give at least one folder of generated images")
     arms = len(synthetic)
     if num_images < 2 * arms or num_images % (2 * arms):
-        raise ValueError(f"--num_images {num_images}: give a multiple of {2 * arms} (half real, half synthetic, "
+        raise UsageError(f"--num_images {num_images}: give a multiple of {2 * arms} (half real, half synthetic, "
                          f"split evenly over {arms} arm{'s' * (arms > 1)})")
     if not 0 <= repeat_fraction <= 1 or practice < 0 or practice % 2:
-        raise ValueError(f"--repeat_fraction {repeat_fraction} --practice {practice}: a share in [0, 1] and an even "
+        raise UsageError(f"--repeat_fraction {repeat_fraction} --practice {practice}: a share in [0, 1] and an even "
                          "number of practice images (half real)")
     people = [parse_reader(r) for r in readers]
     if not people or len({name for name, _ in people}) < len(people):
-        raise ValueError(f"--readers {' '.join(readers)}: give each reader once")
+        raise UsageError(f"--readers {' '.join(readers)}: give each reader once")
     per_arm = num_images // (2 * arms)
     rng = random.Random(seed)
     pools = [synthetic_pool(f) for f in synthetic]
@@ -180,7 +187,7 @@ def create_study(output_dir, real: str, synthetic: list[str], num_images: int, r
     for arm, pool in zip(names, pools, strict=True):
         need = per_arm + (practice // 2 if arm == names[0] else 0)
         if len(pool) < need:
-            raise ValueError(f"--synthetic {pool.name}: {len(pool)} images, the study needs {need}")
+            raise UsageError(f"--synthetic {pool.name}: {len(pool)} images, the study needs {need}")
         chosen = rng.sample(range(len(pool)), need)
         picks += [(pool, i, "synthetic", arm, 0) for i in chosen[:per_arm]]
         picks += [(pool, i, "synthetic", None, 1) for i in chosen[per_arm:]]

@@ -16,6 +16,7 @@ import os
 import numpy as np
 from diffusers import AutoencoderKL
 
+from ..cli import UsageError
 from ..config import Config
 
 
@@ -47,7 +48,7 @@ def load_autoencoder(path_or_id: str, **kwargs) -> AutoencoderKL:
     local = os.path.isdir(path_or_id)
     if local and not os.path.isfile(os.path.join(path_or_id, "config.json")):
         if not os.path.isfile(os.path.join(path_or_id, "vae", "config.json")):
-            raise FileNotFoundError(f"--vae {path_or_id}: no autoencoder there (expected config.json, or a vae/ "
+            raise UsageError(f"--vae {path_or_id}: no autoencoder there (expected config.json, or a vae/ "
                                     "subfolder; train one with --stage autoencoder)")
         return AutoencoderKL.from_pretrained(path_or_id, subfolder="vae", **kwargs)
     try:
@@ -69,7 +70,7 @@ def latent_statistics(means: np.ndarray, normalization: str = "global") -> dict:
     axes = (0, 2, 3) if per_channel else None
     std, center = means.std(axis=axes), means.mean(axis=axes)
     if not np.isfinite(std).all() or (std == 0).any():
-        raise ValueError("the autoencoder's latents of the training images are constant: it has collapsed")
+        raise UsageError("the autoencoder's latents of the training images are constant: it has collapsed")
     if per_channel:
         return {"scaling_factor": 1.0, "shift_factor": None, "latents_mean": center.tolist(),
                 "latents_std": std.tolist()}

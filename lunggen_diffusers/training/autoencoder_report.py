@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..cli import parse_args, run
+from ..cli import UsageError, parse_args, run
 from ..config import load_config
 from ..data.build import build_dataset
 from ..evaluation.autoencoder import judge, write_report
@@ -45,10 +45,10 @@ class AutoencoderReportArguments:
 
 def report_from_args(args: AutoencoderReportArguments) -> dict:
     if args.num_images < 4:
-        raise ValueError(f"--num_images {args.num_images}: judge on at least 4 held-out images")
+        raise UsageError(f"--num_images {args.num_images}: judge on at least 4 held-out images")
     config_path = args.config or os.path.join(args.vae, "training_config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"--config {config_path}: no such file (give the run's config: it says which data "
+        raise UsageError(f"--config {config_path}: no such file (give the run's config: it says which data "
                                 "and resolution to judge on)")
     config = load_config(config_path)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, vae=args.vae, latent=True))

@@ -30,7 +30,15 @@ from ..lunggen_pipeline import decode_latents, encode_moments, sample_latents
 from ..utils import image_grid
 from .autoencoder import build_autoencoder, latent_statistics, load_autoencoder
 from .checkpoints import check_weights
-from .loop import Schedule, build_accelerator, build_dataloader, build_optimizer, fit, resume_point, start
+from .loop import (
+    Schedule,
+    build_accelerator,
+    build_dataloader,
+    build_optimizer,
+    fit,
+    resume_point,
+    start,
+)
 
 logger = get_logger(__name__)
 STAGE_DIR = "autoencoder"

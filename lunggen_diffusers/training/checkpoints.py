@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from safetensors import safe_open
 
+from ..cli import UsageError
 from ..config import Config, load_config, save_config
 from .model import SHAPE_FIELDS
 
@@ -31,7 +32,7 @@ def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
         return found[-1] if found else None
     path = Path(spec)
     if not (path.is_dir() and CHECKPOINT_RE.match(path.name)):
-        raise FileNotFoundError(
+        raise UsageError(
             f"--resume_from_checkpoint {spec}: not a checkpoint folder (expected `latest` or .../checkpoint-<step>)"
         )
     return path
@@ -44,7 +45,7 @@ def check_compatible(checkpoint: Path, config: Config) -> None:
     saved, now = load_config(saved_path).to_dict(), config.to_dict()
     changed = [f"{k}: {saved[k]} -> {now[k]}" for k in SHAPE_FIELDS if saved[k] != now[k]]
     if changed:
-        raise ValueError(
+        raise UsageError(
             f"cannot resume from {checkpoint.name}: the model shape changed ({'; '.join(changed)}); "
             "resume with the original settings or start a new --output_dir"
         )
@@ -63,7 +64,7 @@ def check_weights(checkpoint: Path, model: torch.nn.Module) -> None:
     differ = sorted(n for n in expected.keys() | saved.keys() if expected.get(n) != saved.get(n))
     if differ:
         first = differ[0]
-        raise ValueError(
+        raise UsageError(
             f"cannot resume from {checkpoint.name}: {len(differ)} of its weights do not fit this model (first: "
             f"{first} is {saved.get(first, 'missing')} there, {expected.get(first, 'absent')} here); it was saved "
             "by another model or version: start a new --output_dir"

@@ -25,10 +25,25 @@ from ..data.conditioning import label_config
 from ..data.registry import cache_root
 from ..data.transforms import augment, to_model_input
 from ..evaluation.autoencoder import REPORT
-from ..generation.process import DENOISING, TRAINING_PROGRESS, DenoisingRecorder, progress_frames
-from ..generation.sampling import DEFAULT_SCHEDULER, generate, iter_batches, make_scheduler, resolve_guidance
+from ..generation.process import (
+    DENOISING,
+    TRAINING_PROGRESS,
+    DenoisingRecorder,
+    progress_frames,
+)
+from ..generation.sampling import (
+    DEFAULT_SCHEDULER,
+    generate,
+    iter_batches,
+    resolve_guidance,
+)
 from ..hub.export import export_pipeline
-from ..lunggen_pipeline import LabelSpace, describe_standardisation, latent_shape, sample_latents
+from ..lunggen_pipeline import (
+    LabelSpace,
+    describe_standardisation,
+    latent_shape,
+    sample_latents,
+)
 from ..summaries import RunSummary
 from ..utils import image_grid
 from .autoencoder import autoencoder_dir, latent_statistics, load_autoencoder
@@ -141,12 +156,9 @@ def render_samples(unet, noise_scheduler, num_images: int, steps: int, seed: int
     """
     was_training = unet.training
     unet.eval()
-    pipe = build_pipeline(unet, make_scheduler(DEFAULT_SCHEDULER, noise_scheduler.config), labels, vae)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = build_pipeline(unet, noise_scheduler, labels, vae)
     if labels is None:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        images = pipe(batch_size=num_images, generator=generator, num_inference_steps=steps).images
-        cols = None
+        images, cols = generate(pipe, num_images, seed, DEFAULT_SCHEDULER, steps, progress=False), None
     else:
         rows = [[]] + [[finding] for finding in labels["findings"]]
         cols = max(2, num_images // len(rows))

@@ -28,7 +28,13 @@ from ..data.conditioning import condition_vectors
 from ..data.decode import stored_pixels
 from ..runtime import check_world_size, keep_freed_memory, set_cpu_threads
 from ..utils import SAMPLE_GRID, synthetic_png_info
-from .checkpoints import check_compatible, checkpoint_step, find_checkpoint, list_checkpoints, save_checkpoint
+from .checkpoints import (
+    check_compatible,
+    checkpoint_step,
+    find_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+)
 
 logger = get_logger(__name__)
 

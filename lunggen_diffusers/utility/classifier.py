@@ -21,7 +21,11 @@ _EVAL_BATCH = 256
 
 
 def build_resnet(num_labels: int, hidden_sizes: list[int], model_name_or_path: str | None = None):
-    from transformers import AutoModelForImageClassification, ResNetConfig, ResNetForImageClassification
+    from transformers import (
+        AutoModelForImageClassification,
+        ResNetConfig,
+        ResNetForImageClassification,
+    )
 
     if model_name_or_path:
         # A new head for our findings; the checkpoint's own head (ImageNet classes, say) is dropped.

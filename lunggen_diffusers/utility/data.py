@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..cli import UsageError
 from ..config import from_dict
 from ..data.build import build_dataset
 from ..data.nih import check_patient_disjoint
@@ -64,7 +65,7 @@ def read_images(dataset: datasets.Dataset, size: int, desc: str) -> np.ndarray:
     (whichever it has), through the evaluation preprocessing (any mode -> L, centre crop, antialiased resize)."""
     column = next((c for c in IMAGE_COLUMNS if c in dataset.column_names), None)
     if column is None:
-        raise ValueError(f"the real data has no image column; expected one of {IMAGE_COLUMNS}, "
+        raise UsageError(f"the real data has no image column; expected one of {IMAGE_COLUMNS}, "
                          f"got {dataset.column_names}")
     cells = dataset.select_columns([column])
     cells = cells.with_format("numpy") if column == "pixel_values" else cells.with_format(None)
@@ -78,7 +79,7 @@ def read_images(dataset: datasets.Dataset, size: int, desc: str) -> np.ndarray:
 def _column(dataset: datasets.Dataset, names: tuple[str, ...], what: str, split: str) -> list:
     name = next((c for c in names if c in dataset.column_names), None)
     if name is None:
-        raise ValueError(f"the real {split!r} split has no {what} column; expected one of {', '.join(names)} "
+        raise UsageError(f"the real {split!r} split has no {what} column; expected one of {', '.join(names)} "
                          f"(it has: {', '.join(dataset.column_names)})")
     return dataset.select_columns([name]).with_format(None)[name]
 
@@ -112,12 +113,12 @@ def _phantom_splits() -> dict[str, datasets.Dataset]:
 
 def _saved_splits(path: str) -> dict[str, datasets.Dataset]:
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"--real {path}: no such folder (expected 'phantom' or a prepared dataset folder)")
+        raise UsageError(f"--real {path}: no such folder (expected 'phantom' or a prepared dataset folder)")
     loaded = datasets.load_from_disk(path)
     missing = [s for s in SPLITS if not isinstance(loaded, datasets.DatasetDict) or s not in loaded]
     if missing:
         has = ", ".join(loaded) if isinstance(loaded, datasets.DatasetDict) else "a single Dataset"
-        raise ValueError(f"--real {path}: needs the splits {', '.join(SPLITS)} (missing {', '.join(missing)}; "
+        raise UsageError(f"--real {path}: needs the splits {', '.join(SPLITS)} (missing {', '.join(missing)}; "
                          f"has: {has}); prepare it with python -m lunggen_diffusers.prepare")
     return {s: loaded[s] for s in SPLITS}
 
@@ -128,12 +129,12 @@ def real_splits(spec: str, size: int) -> tuple[dict[str, ImageSet], list[str], s
     findings = {s: finding_lists(_column(raw[s], LABEL_COLUMNS, "finding labels", s)) for s in SPLITS}
     vocabulary = sorted({name for names in findings["train"] for name in names}, key=normalize)
     if not vocabulary:
-        raise ValueError(f"--real {spec}: the train split carries no finding labels (only '{NO_FINDING}')")
+        raise UsageError(f"--real {spec}: the train split carries no finding labels (only '{NO_FINDING}')")
     out = {}
     for s in SPLITS:
         unknown = sorted({n for names in findings[s] for n in names if normalize(n) not in map(normalize, vocabulary)})
         if unknown:
-            raise ValueError(f"--real {spec}: the {s!r} split has finding(s) {', '.join(unknown)} that the train "
+            raise UsageError(f"--real {spec}: the {s!r} split has finding(s) {', '.join(unknown)} that the train "
                              f"split never has (train has: {', '.join(vocabulary)})")
         patients = [str(p) for p in _column(raw[s], PATIENT_COLUMNS, "patient", s)]
         out[s] = ImageSet(read_images(raw[s], size, f"real {s}"), multi_hot(findings[s], vocabulary), patients,
@@ -149,9 +150,9 @@ def synthetic_set(folder: str, vocabulary: list[str], size: int) -> ImageSet:
     try:
         rows = read_manifest(folder)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"--synthetic {err}") from None
+        raise UsageError(f"--synthetic {err}") from None
     if not rows or MANIFEST_LABELS not in rows[0]:
-        raise ValueError(f"--synthetic {folder}: manifest.csv has no {MANIFEST_LABELS} column; generate the set with "
+        raise UsageError(f"--synthetic {folder}: manifest.csv has no {MANIFEST_LABELS} column; generate the set with "
                          f"a conditional model and --labels_from train (or --findings)")
     known = {normalize(name) for name in vocabulary}
     findings = []
@@ -160,18 +161,18 @@ def synthetic_set(folder: str, vocabulary: list[str], size: int) -> ImageSet:
         if names is not None:  # a model conditioned on the patient too asks for "patient_sex=F" beside findings
             names = [name for name in names if "=" not in name]
         if names is None:
-            raise ValueError(f"--synthetic {folder}: {row['file']} was sampled unconditioned and has no labels; "
+            raise UsageError(f"--synthetic {folder}: {row['file']} was sampled unconditioned and has no labels; "
                              f"generate with --labels_from train (or --findings)")
         unknown = [name for name in names if normalize(name) not in known]
         if unknown:
-            raise ValueError(f"--synthetic {folder}: label {unknown[0]!r} ({row['file']}) is not a finding of the "
+            raise UsageError(f"--synthetic {folder}: label {unknown[0]!r} ({row['file']}) is not a finding of the "
                              f"real data (accepted: {', '.join(vocabulary)}, {NO_FINDING})")
         findings.append(names)
     images = np.empty((len(rows), size, size), np.uint8)
     for i, row in enumerate(tqdm(rows, desc="synthetic images", unit="img", leave=False)):
         path = Path(folder) / row["file"]
         if not path.is_file():
-            raise FileNotFoundError(f"--synthetic {folder}: {row['file']} is in manifest.csv but not in the folder")
+            raise UsageError(f"--synthetic {folder}: {row['file']} is in manifest.csv but not in the folder")
         with Image.open(path) as image:
             images[i] = to_eval_image(image, size)
     return ImageSet(images, multi_hot(findings, vocabulary), [f"synthetic-{row['index']}" for row in rows])

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..utils import atomic_path, atomic_write_text, markdown_table, write_json
 from ..evaluation.stats import auroc, bootstrap_aurocs, interval
+from ..utils import atomic_path, atomic_write_text, markdown_table, write_json
 from .subgroups import subgroup_markdown
 
 REGIMES = {

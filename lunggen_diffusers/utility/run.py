@@ -18,9 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cli import UsageError
 from ..evaluation.subgroups import parse_subgroups
 from ..utils import atomic_path, stable_hash, write_json
-from .classifier import CLASSIFIERS, ImageClassifier, LinearProbe, build_resnet, predict, train
+from .classifier import (
+    CLASSIFIERS,
+    ImageClassifier,
+    LinearProbe,
+    build_resnet,
+    predict,
+    train,
+)
 from .data import ImageSet, patient_rows, real_splits, synthetic_set
 from .report import REGIMES, summarize, write_report
 from .subgroups import subgroup_summary
@@ -69,17 +77,17 @@ class UtilityArguments:
 
 def check_arguments(args: UtilityArguments) -> None:
     if args.classifier not in CLASSIFIERS:
-        raise ValueError(f"--classifier {args.classifier!r} is not one of: {', '.join(CLASSIFIERS)}")
+        raise UsageError(f"--classifier {args.classifier!r} is not one of: {', '.join(CLASSIFIERS)}")
     unknown = [r for r in args.regimes if r not in REGIMES]
     if unknown or not args.regimes:
-        raise ValueError(f"--regimes {' '.join(unknown) or '(none)'}: choose from {', '.join(REGIMES)}")
+        raise UsageError(f"--regimes {' '.join(unknown) or '(none)'}: choose from {', '.join(REGIMES)}")
     for name in ("max_steps", "batch_size", "eval_steps", "seeds", "bootstrap", "min_positives"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} {getattr(args, name)} must be a positive integer")
+            raise UsageError(f"--{name} {getattr(args, name)} must be a positive integer")
     if args.resolution < 16:
-        raise ValueError(f"--resolution {args.resolution} must be at least 16")
+        raise UsageError(f"--resolution {args.resolution} must be at least 16")
     if not 0 < args.low_data_fraction <= 1:
-        raise ValueError(f"--low_data_fraction {args.low_data_fraction} must be in (0, 1]")
+        raise UsageError(f"--low_data_fraction {args.low_data_fraction} must be in (0, 1]")
     parse_subgroups(args.subgroups)
 
 
@@ -97,7 +105,7 @@ def check_test_positives(test: ImageSet, findings: list[str], minimum: int) -> d
     for f, n in positives.items():
         for what, count in (("positive", n), ("negative", len(test) - n)):
             if count < minimum:
-                raise ValueError(f"the real test split has {count} {what} image(s) for {f!r}: an AUROC needs at "
+                raise UsageError(f"the real test split has {count} {what} image(s) for {f!r}: an AUROC needs at "
                                  f"least --min_positives {minimum} of each")
     return positives
 
@@ -152,7 +160,7 @@ def _load_run(path: Path, settings: dict) -> dict | None:
     run = json.loads(path.read_text())
     if run["settings"] != settings:
         changed = sorted(k for k in settings if run["settings"].get(k) != settings[k])
-        raise ValueError(f"--output_dir {path.parents[2]} holds runs made with other settings ({', '.join(changed)}); "
+        raise UsageError(f"--output_dir {path.parents[2]} holds runs made with other settings ({', '.join(changed)}); "
                          f"use a new --output_dir or the same settings to resume")
     return run
 
@@ -161,7 +169,7 @@ def _subgroups(args: UtilityArguments, test: ImageSet) -> dict[str, list[str]]:
     wanted = parse_subgroups(args.subgroups)
     missing = [g for g in wanted if g not in test.groups]
     if missing:
-        raise ValueError(f"--subgroups {','.join(missing)}: the real test split has no such column (patient_sex, "
+        raise UsageError(f"--subgroups {','.join(missing)}: the real test split has no such column (patient_sex, "
                          "patient_age or age_bin, view_position)")
     return {g: test.groups[g] for g in wanted}
 

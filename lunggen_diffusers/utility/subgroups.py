@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..evaluation.stats import auroc, patient_weights, weighted_auroc
 from ..evaluation.subgroups import normal_interval
 from ..utils import markdown_table
-from ..evaluation.stats import auroc, patient_weights, weighted_auroc
 
 
 def youden_thresholds(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
