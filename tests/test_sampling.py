@@ -75,6 +75,18 @@ def test_every_sampler_is_deterministic_and_batch_invariant(pipe, scheduler):
     assert not np.allclose(together, other_seed, atol=1e-2)
 
 
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", DEFAULT_SCHEDULER])
+def test_generation_is_the_stock_pipelines_call_with_one_generator_per_image(pipe, scheduler):
+    """The one denoising path: image i of seed s is diffusers' own DDPMPipeline called with the list of the images'
+    generators (noise_seed(s, i)), on the sampler's scheduler; a second loop that drifted from it turns this red."""
+    ours = generate(pipe, 3, seed=4, scheduler=scheduler, num_inference_steps=STEPS, output_type="np", progress=False)
+    stock = DDPMPipeline(unet=pipe.unet, scheduler=make_scheduler(scheduler, pipe.scheduler.config))
+    stock.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(noise_seed(4, i)) for i in range(3)]
+    theirs = stock(batch_size=3, generator=generators, num_inference_steps=STEPS, output_type="np").images
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
 @pytest.mark.parametrize("variant, base", [("ddim-eta1", "ddim"), ("ddim-trailing", "ddim"),
                                            ("dpmsolver++-2m", "dpmsolver++"), ("dpmsolver++-2m-karras", "dpmsolver++-2m"),
                                            ("dpmsolver++-sde", "dpmsolver++-2m"),
