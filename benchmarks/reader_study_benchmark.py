@@ -4,7 +4,7 @@
 
 1. `create`: `--num_images` images (half real, half synthetic) at `--size` px, from 256 px phantoms stored at
    `--size` (made before the clock starts), written as a study with one reader.
-2. `serve` in its own process on 127.0.0.1, and `--readers` concurrent clients in this process, each reading as a
+2. `serve` in its own process on 127.0.0.1: the seconds from its launch to its first answered page; then `--readers` concurrent clients in this process, each reading as a
    reader does (its page, its image, its answer) for `--seconds` at most and `--max_views` image views each:
    image views per second and their latency (median, p95), the page and the answer's too. The clients share the
    machine's cores with the server, so the figures are a floor for a server on its own machine.
@@ -93,6 +93,19 @@ def load(port: int, tokens: list[str], seconds: float, max_views: int) -> dict:
                for k, v in timings.items()}}
 
 
+def first_answer(port: int, token: str, start: float) -> float:
+    """Seconds from `start` (the server process's launch) to its first answered page, polled every 10 ms."""
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/r/{token}", timeout=5) as response:
+                response.read()
+            return time.perf_counter() - start
+        except OSError:
+            if time.perf_counter() - start > 60:
+                raise
+            time.sleep(0.01)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_images", type=int, default=2000)
@@ -113,22 +126,20 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        start = time.perf_counter()
         server = subprocess.Popen([sys.executable, "-m", "lunggen_diffusers.reader_study", "serve", str(root / "study"),
                                    "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL)
         try:
-            for _ in range(300):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    time.sleep(0.2)
+            first_answer_s = first_answer(port, made["readers"][names[0]], start)
+            print(f"serve answered its first request {first_answer_s:.2f} s after its start", flush=True)
             served = load(port, [made["readers"][n] for n in names], args.seconds, args.max_views)
         finally:
             server.kill()
-    result = {"args": vars(args), "create_s": create_s, **served}
+    result = {"args": vars(args), "create_s": create_s, "serve_first_answer_s": first_answer_s, **served}
     table = markdown_table(
         ["what", "figure"],
         [[f"create, {args.num_images} images at {args.size} px", f"{create_s:.1f} s"],
+         ["serve: its first page answered, from the process's start (goal: 2 s)", f"{first_answer_s:.2f} s"],
          [f"{args.readers} readers at once: image views per second", f"{served['image_views_per_s']:.1f}"]]
         + [[f"{kind} latency, median / p95", "{median:.0f} / {p95:.0f} ms".format(**served[f"{kind}_ms"])]
            for kind in ("image", "page", "answer")])

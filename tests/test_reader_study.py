@@ -26,6 +26,7 @@ from test_conditioning import tiny_pipeline
 from lunggen_diffusers.data.phantom import phantom_dataset
 from lunggen_diffusers.generation.output_folder import save_images
 from lunggen_diffusers.reader_study import analysis, store
+from lunggen_diffusers.reader_study.app import check_answer
 from lunggen_diffusers.reader_study.cli import main as reader_study_main
 from lunggen_diffusers.reader_study.study import create_study
 
@@ -180,6 +181,48 @@ def test_no_valid_token_no_entry(served):
     assert server.get(f"/r/{token}/image/{mine}")[0] == 200
     status, _, organiser = server.get(f"/organiser/{made['organiser']}")
     assert status == 200 and b"alice" in organiser and b"0 / 12" in organiser and b"nodule" not in organiser
+
+
+def test_a_bad_answer_is_refused_and_nothing_is_stored(served, tmp_path):
+    server, made = served
+    token = made["readers"]["alice"]
+    for bad in [{**answer(0), "confidence": "3"}, {**answer(0), "confidence": True}, {**answer(0), "quality": 6},
+                {**answer(0), "call": "maybe"}, {**answer(0), "findings": ["fracture"]}, {**answer(0), "findings": "nodule"},
+                {k: v for k, v in answer(0).items() if k != "position"}, [answer(0)], "real"]:
+        assert server.post(f"/r/{token}/answer", bad)[0] == 400, bad
+    assert server.post(f"/r/{token}/answer", {**answer(99)})[0] == 400  # no such item
+    assert sqlite3.connect(tmp_path / "study" / store.DATABASE).execute("SELECT COUNT(*) FROM answers").fetchone()[0] == 0
+
+
+def test_the_request_model_sorts_findings_and_cuts_the_comment():
+    checked = check_answer(json.dumps({**answer(2), "findings": ["nodule", "cardiomegaly"], "comment": "x" * 3000,
+                                       "seconds": 2}).encode(), ["cardiomegaly", "nodule"])
+    assert (checked.findings, len(checked.comment), checked.seconds) == (["cardiomegaly", "nodule"], 2000, 2.0)
+
+
+def test_every_token_is_compared_in_constant_time(sources, tmp_path, monkeypatch):
+    made = make_study(sources, tmp_path / "study")
+    compared = []
+
+    def compare_digest(a, b):
+        compared.append(b)
+        return a == b
+
+    monkeypatch.setattr(store.secrets, "compare_digest", compare_digest)
+    with store.opened(tmp_path / "study") as db:
+        assert store.reader_by_token(db, made["readers"]["bob"])["name"] == "bob"
+        assert store.reader_by_token(db, "wrong") is None
+        assert store.is_organiser(db, made["organiser"]) and not store.is_organiser(db, "wrong")
+    assert compared.count(b"wrong") == 3  # each reader's token and the organiser's, none skipped by SQL
+
+
+def test_serve_imports_neither_torch_nor_diffusers():
+    """`serve` answers its first request within 2 s (benchmarks/reader_study_benchmark.py) because its command
+    never imports the model stack."""
+    code = ("import sys, lunggen_diffusers.reader_study.cli, lunggen_diffusers.reader_study.app; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
 
 
 def test_real_and_synthetic_items_look_alike_but_for_pixels(served, tmp_path):

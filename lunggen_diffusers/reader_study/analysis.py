@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -40,18 +39,7 @@ SUBGROUP_FIELDS = ("patient_sex", "view_position", "age_bin")
 
 def load_reads(db) -> tuple[list[dict], dict]:
     """Every non-practice reading joined with the answer key and the reader, and the study's settings."""
-    rows = db.execute("""
-        SELECT r.name AS reader, r.years, i.position, i.image_id, i.repeat, g.origin, g.arm, g.findings AS asked,
-               g.patient_sex, g.view_position, g.age_bin, a.call, a.confidence, a.quality, a.findings AS seen
-        FROM answers a JOIN items i ON i.reader_id = a.reader_id AND i.position = a.position
-        JOIN readers r ON r.id = a.reader_id JOIN images g ON g.id = i.image_id
-        WHERE i.practice = 0 ORDER BY r.id, i.position""").fetchall()
-    reads = []
-    for row in rows:
-        read = dict(row)
-        read["asked"], read["seen"] = json.loads(read["asked"]), json.loads(read["seen"])
-        reads.append(read)
-    return reads, store.meta(db)
+    return store.readings(db), store.meta(db)
 
 
 def score(read: dict) -> int:
@@ -165,8 +153,7 @@ def analyze(folder, experience_cuts: list[float] = (5.0, 10.0), num_resamples: i
     """The whole analysis as one JSON-able dict."""
     with store.opened(folder) as db:
         all_reads, settings = load_reads(db)
-        practice = db.execute("SELECT COUNT(*) FROM answers a JOIN items i ON i.reader_id = a.reader_id AND "
-                              "i.position = a.position WHERE i.practice = 1").fetchone()[0]
+        practice = store.practice_answers(db)
     reads = [r for r in all_reads if not r["repeat"]]
     cuts = sorted(experience_cuts)
 

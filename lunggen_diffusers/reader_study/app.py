@@ -10,14 +10,15 @@ only once it is on disk.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..cli import UsageError
 from . import store
@@ -35,18 +36,30 @@ def forbidden() -> Response:
     return Response(FORBIDDEN, status_code=403, media_type="text/plain", headers=HEADERS)
 
 
-def check_answer(body: dict, vocabulary: list[str]) -> dict:
-    """The posted answer, checked: call, confidence and quality 1-5, findings from the vocabulary, a comment."""
-    findings = body.get("findings") or []
-    ok = (body.get("call") in ("real", "synthetic") and body.get("confidence") in range(1, 6)
-          and body.get("quality") in range(1, 6) and isinstance(findings, list) and set(findings) <= set(vocabulary)
-          and isinstance(body.get("comment", ""), str) and isinstance(body.get("position"), int))
-    if not ok:
+class Answer(BaseModel):
+    """A posted answer. Strict: "3" is not a confidence, nor true a 1."""
+
+    model_config = ConfigDict(strict=True)
+
+    position: int
+    call: Literal["real", "synthetic"]
+    confidence: int = Field(ge=1, le=5)
+    quality: int = Field(ge=1, le=5)
+    findings: list[str] = []
+    comment: str = ""
+    seconds: float | None = None
+
+
+def check_answer(body: bytes, vocabulary: list[str]) -> Answer:
+    """The posted answer, checked, with findings from the vocabulary (sorted) and the comment cut to 2,000
+    characters; a refusal names what an answer needs."""
+    try:
+        answer = Answer.model_validate_json(body)
+    except ValidationError:
+        answer = None
+    if answer is None or not set(answer.findings) <= set(vocabulary):
         raise UsageError("an answer needs call real|synthetic, confidence 1-5, quality 1-5 and findings from the list")
-    seconds = body.get("seconds")
-    return {"call": body["call"], "confidence": body["confidence"], "quality": body["quality"],
-            "findings": sorted(findings), "comment": body.get("comment", "")[:2000],
-            "seconds": float(seconds) if isinstance(seconds, (int, float)) else None}
+    return answer.model_copy(update={"findings": sorted(answer.findings), "comment": answer.comment[:2000]})
 
 
 def build_app(folder) -> FastAPI:
@@ -66,9 +79,7 @@ def build_app(folder) -> FastAPI:
                 return forbidden()
             settings = store.meta(db)
             item = store.next_item(db, found["id"])
-            total = db.execute("SELECT COUNT(*) FROM items WHERE reader_id = ?", (found["id"],)).fetchone()[0]
-            practice = db.execute("SELECT COUNT(*) FROM items WHERE reader_id = ? AND practice = 1",
-                                  (found["id"],)).fetchone()[0]
+            total, practice = store.item_counts(db, found["id"])
         context = {"name": found["name"], "token": token, "total": total, "practice_total": practice,
                    "item": dict(item) if item else None, "vocabulary": settings["vocabulary"],
                    "ask_findings": settings["ask_findings"]}
@@ -80,8 +91,7 @@ def build_app(folder) -> FastAPI:
             return forbidden()
         with store.opened(folder) as db:
             found = reader(db, token)
-            shown = found is not None and db.execute("SELECT 1 FROM items WHERE reader_id = ? AND image_id = ?",
-                                                     (found["id"], image_id)).fetchone()
+            shown = found is not None and store.shows(db, found["id"], image_id)
         if not shown:
             return forbidden()
         # The ID is 32 hex digits checked against the reader's own items: the file name is built from it alone.
@@ -90,35 +100,28 @@ def build_app(folder) -> FastAPI:
 
     @app.post("/r/{token}/answer")
     async def answer(request: Request, token: str):
-        try:
-            body = json.loads(await request.body())
-        except ValueError:
-            body = None
+        body = await request.body()
         with store.opened(folder) as db:
             found = reader(db, token)
             if found is None:
                 return forbidden()
-            if not isinstance(body, dict):
-                return JSONResponse({"error": "expected a JSON answer"}, status_code=400, headers=HEADERS)
             try:
                 checked = check_answer(body, store.meta(db)["vocabulary"])
-            except ValueError as err:
+            except UsageError as err:
                 return JSONResponse({"error": str(err)}, status_code=400, headers=HEADERS)
-            item = db.execute("SELECT * FROM items WHERE reader_id = ? AND position = ?",
-                              (found["id"], body["position"])).fetchone()
+            item = store.item_at(db, found["id"], checked.position)
             if item is None:
                 return JSONResponse({"error": "no such item"}, status_code=400, headers=HEADERS)
-            stored = store.record_answer(db, found["id"], item["position"], checked)
+            stored = store.record_answer(db, found["id"], item["position"], checked.model_dump())
             reply = {"stored": stored}
             if item["practice"]:  # practice only: the answer, to learn from (never for a study image)
-                reply["truth"] = db.execute("SELECT origin FROM images WHERE id = ?",
-                                            (item["image_id"],)).fetchone()[0]
+                reply["truth"] = store.origin(db, item["image_id"])
         return JSONResponse(reply, headers=HEADERS)
 
     @app.get("/organiser/{token}", response_class=HTMLResponse)
     def organiser(request: Request, token: str):
         with store.opened(folder) as db:
-            if token != store.meta(db)["organiser_token"]:
+            if not store.is_organiser(db, token):
                 return forbidden()
             rows = store.progress(db)
         return templates.TemplateResponse(request, "organiser.html", {"rows": rows}, headers=HEADERS)

@@ -13,12 +13,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
 from ..cli import fail, parse, run
 from . import store
-from .analysis import analyze, write_report
-from .study import create_study
+
+# `serve` answers within 2 s of its start (benchmarks/reader_study_benchmark.py): the command imports what `create`
+# and `analyze` need (numpy, the image sources, hence torch and diffusers) only when they run.
 
 PROG = "lunggen-reader-study"
 
@@ -69,6 +68,8 @@ def parse_command_line(argv: list[str] | None = None) -> tuple[str, object, str 
         print(USAGE, file=sys.stderr)
         fail(f"choose a command: {', '.join(COMMANDS)}" + (f" (got {argv[0]!r})" if argv else ""))
     command = argv[0]
+    from transformers import HfArgumentParser
+
     parser = HfArgumentParser(COMMANDS[command], prog=f"{PROG} {command}")
     if command != "create":
         parser.add_argument("study", help="The study folder `create` wrote.")
@@ -93,7 +94,7 @@ def serve(study: str, host: str, port: int) -> None:
         print(f"warning: serving on {host}: anyone who can reach this machine can try the links; use https or an SSH "
               "tunnel on an untrusted network", file=sys.stderr)
     with store.opened(study) as db:
-        tokens = {r["name"]: r["token"] for r in db.execute("SELECT name, token FROM readers ORDER BY id")}
+        tokens = store.reader_tokens(db)
         organiser = store.meta(db)["organiser_token"]
     print(links(host, port, tokens, organiser), flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
@@ -109,6 +110,8 @@ def _is_loopback(host: str) -> bool:
 def main(argv: list[str] | None = None) -> None:
     command, args, study = parse_command_line(argv)
     if command == "create":
+        from .study import create_study
+
         made = run(lambda: create_study(args.output_dir, args.real, args.synthetic, args.num_images, args.readers,
                                         args.repeat_fraction, args.practice, args.size, args.seed, args.ask_findings))
         print(f"wrote the study to {args.output_dir}: {made['num_images']} images per reader at {made['size']} px; "
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "serve":
         run(lambda: serve(study, args.host, args.port))
     else:
+        from .analysis import analyze, write_report
+
         output = args.output_dir or str(Path(study) / "analysis")
         result = run(lambda: analyze(study, args.experience_groups, args.num_resamples))
         write_report(result, output)

@@ -10,6 +10,7 @@ reader and position, written once).
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -74,7 +75,44 @@ def meta(db: sqlite3.Connection) -> dict:
 
 
 def reader_by_token(db: sqlite3.Connection, token: str) -> sqlite3.Row | None:
-    return db.execute("SELECT * FROM readers WHERE token = ?", (token,)).fetchone()
+    """The reader whose token this is, compared in constant time with every reader's (a study has a handful), so the
+    time of a refusal tells nothing of how much of a token was right."""
+    found = None
+    for row in db.execute("SELECT * FROM readers"):
+        if secrets.compare_digest(row["token"].encode(), token.encode()):
+            found = row
+    return found
+
+
+def is_organiser(db: sqlite3.Connection, token: str) -> bool:
+    return secrets.compare_digest(meta(db)["organiser_token"].encode(), token.encode())
+
+
+def reader_tokens(db: sqlite3.Connection) -> dict[str, str]:
+    """Each reader's name and token, in the order they were named (the organiser's links)."""
+    return {row["name"]: row["token"] for row in db.execute("SELECT name, token FROM readers ORDER BY id")}
+
+
+def item_counts(db: sqlite3.Connection, reader_id: int) -> tuple[int, int]:
+    """(items in all, practice items) of a reader's order."""
+    row = db.execute("SELECT COUNT(*), COALESCE(SUM(practice), 0) FROM items WHERE reader_id = ?",
+                     (reader_id,)).fetchone()
+    return row[0], row[1]
+
+
+def shows(db: sqlite3.Connection, reader_id: int, image_id: str) -> bool:
+    """Whether the image is in the reader's own order (an image is served to no one else)."""
+    return db.execute("SELECT 1 FROM items WHERE reader_id = ? AND image_id = ?",
+                      (reader_id, image_id)).fetchone() is not None
+
+
+def item_at(db: sqlite3.Connection, reader_id: int, position: int) -> sqlite3.Row | None:
+    return db.execute("SELECT * FROM items WHERE reader_id = ? AND position = ?", (reader_id, position)).fetchone()
+
+
+def origin(db: sqlite3.Connection, image_id: str) -> str:
+    """The answer key of one image: real or synthetic."""
+    return db.execute("SELECT origin FROM images WHERE id = ?", (image_id,)).fetchone()[0]
 
 
 def next_item(db: sqlite3.Connection, reader_id: int) -> sqlite3.Row | None:
@@ -102,3 +140,43 @@ def record_answer(db: sqlite3.Connection, reader_id: int, position: int, answer:
         (reader_id, position, answer["call"], answer["confidence"], answer["quality"], json.dumps(answer["findings"]),
          answer["comment"], answer.get("seconds")))
     return cursor.rowcount == 1
+
+
+def add_image(db: sqlite3.Connection, image_id: str, origin: str, arm: str | None, findings: list[str] | None,
+              labels: dict, source_index: int, practice: int) -> None:
+    db.execute("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               (image_id, origin, arm, json.dumps(findings), labels["patient_sex"], labels["view_position"],
+                labels["age_bin"], source_index, practice))
+
+
+def add_reader(db: sqlite3.Connection, name: str, years: float | None, token: str, seed: int,
+               order: list[tuple[str, int, int]]) -> None:
+    """A reader and their order: (image ID, repeat, practice) per position."""
+    cursor = db.execute("INSERT INTO readers (name, years, token, seed) VALUES (?, ?, ?, ?)", (name, years, token, seed))
+    db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?)",
+                   [(cursor.lastrowid, k, image, rep, prac) for k, (image, rep, prac) in enumerate(order)])
+
+
+def write_meta(db: sqlite3.Connection, settings: dict) -> None:
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in settings.items()])
+
+
+def readings(db: sqlite3.Connection) -> list[dict]:
+    """Every non-practice reading joined with the answer key and the reader, `asked` and `seen` as lists."""
+    rows = db.execute("""
+        SELECT r.name AS reader, r.years, i.position, i.image_id, i.repeat, g.origin, g.arm, g.findings AS asked,
+               g.patient_sex, g.view_position, g.age_bin, a.call, a.confidence, a.quality, a.findings AS seen
+        FROM answers a JOIN items i ON i.reader_id = a.reader_id AND i.position = a.position
+        JOIN readers r ON r.id = a.reader_id JOIN images g ON g.id = i.image_id
+        WHERE i.practice = 0 ORDER BY r.id, i.position""").fetchall()
+    reads = []
+    for row in rows:
+        read = dict(row)
+        read["asked"], read["seen"] = json.loads(read["asked"]), json.loads(read["seen"])
+        reads.append(read)
+    return reads
+
+
+def practice_answers(db: sqlite3.Connection) -> int:
+    return db.execute("SELECT COUNT(*) FROM answers a JOIN items i ON i.reader_id = a.reader_id AND "
+                      "i.position = a.position WHERE i.practice = 1").fetchone()[0]

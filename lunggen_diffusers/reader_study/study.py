@@ -212,9 +212,7 @@ def create_study(output_dir, real: str, synthetic: list[str], num_images: int, r
                                                      compress_level=1)
         labels = pool.labels[index]
         shown = labels["findings"] if pool.labelled else None
-        db.execute("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                   (image_id, origin, arm, json.dumps(shown), labels["patient_sex"], labels["view_position"],
-                    labels["age_bin"], index, is_practice))
+        store.add_image(db, image_id, origin, arm, shown, labels, index, is_practice)
         ids[image_id] = is_practice
     study_ids = sorted(i for i, p in ids.items() if not p)
     practice_ids = sorted(i for i, p in ids.items() if p)
@@ -223,18 +221,15 @@ def create_study(output_dir, real: str, synthetic: list[str], num_images: int, r
         reader_seed = random.Random(f"{seed}:{number}").getrandbits(32)
         reader_rng = random.Random(reader_seed)
         tokens[name] = secrets.token_urlsafe(24)
-        cursor = db.execute("INSERT INTO readers (name, years, token, seed) VALUES (?, ?, ?, ?)",
-                            (name, years, tokens[name], reader_seed))
         order = _order(study_ids, round(repeat_fraction * len(study_ids)),
                        reader_rng.sample(practice_ids, len(practice_ids)), reader_rng)
-        db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?)",
-                       [(cursor.lastrowid, k, image, rep, prac) for k, (image, rep, prac) in enumerate(order)])
+        store.add_reader(db, name, years, tokens[name], reader_seed, order)
     vocabulary = sorted({f for pool in (*pools, real_pool_) for labels in pool.labels for f in labels["findings"]})
     organiser = secrets.token_urlsafe(24)
     settings = {"seed": seed, "size": side, "arms": names, "num_images": num_images, "per_arm": per_arm,
                 "repeat_fraction": repeat_fraction, "practice": practice, "ask_findings": ask_findings,
                 "vocabulary": vocabulary or list(FINDINGS), "organiser_token": organiser}
-    db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in settings.items()])
+    store.write_meta(db, settings)
     db.close()
     return {"readers": tokens, "organiser": organiser, **settings}
 
