@@ -48,6 +48,17 @@ def parse_args(types, argv: Sequence[str] | None = None, prog: str | None = None
     return parse(parser, argv)
 
 
+def listed(values: Sequence[str] | None, flag: str) -> list[str] | None:
+    """A list option's values, given apart (`--findings Cardiomegaly Effusion`, as every command takes lists); the
+    comma-separated form of before ("Cardiomegaly,Effusion") still works, with a one-line note."""
+    if values is None or not any("," in value for value in values):
+        return None if values is None else list(values)
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    print(f"note: --{flag} {' '.join(values)}: commas are deprecated; give the names apart: --{flag} "
+          + " ".join(f'"{n}"' if " " in n else n for n in names), file=sys.stderr)
+    return names
+
+
 def run(main: Callable[[], T]) -> T:
     """Run a command's work; a refusal ends it with one line and exit status 2, anything else with its traceback."""
     try:

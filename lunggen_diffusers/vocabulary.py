@@ -82,6 +82,17 @@ def canonical_finding(name: str, source: str | None = None) -> str:
     return _CANONICAL.get(normalize(name), name)
 
 
+def as_model_names(requested: Iterable[str], known: Iterable[str]) -> list[str]:
+    """Finding names as a model that knows `known` spells them: a name it knows (any case) as it is, else the model's
+    name for the same finding under any name of the vocabulary, canonical or a collection's alias ("Effusion" or
+    "Pleural Effusion" for a model trained on the phantom's "pleural_effusion"); anything else as it is, for the
+    model to refuse by name."""
+    known = list(known)
+    own = {normalize(name) for name in known}
+    by_finding = {canonical_finding(name): name for name in known}
+    return [name if normalize(name) in own else by_finding.get(canonical_finding(name), name) for name in requested]
+
+
 def finding_lists(cells: Iterable) -> list[list[str]]:
     """`finding_labels` cells (a list, or NIH's "A|B" text) -> lists of finding names, "No Finding" dropped."""
     lists = [cell.split("|") if isinstance(cell, str) else list(cell) for cell in cells]

@@ -18,6 +18,7 @@ from lunggen_diffusers.data.conditioning import (
 )
 from lunggen_diffusers.data.phantom import FINDINGS, phantom_dataset
 from lunggen_diffusers.lunggen_pipeline import LabelSpace, guided_denoise
+from lunggen_diffusers.vocabulary import as_model_names
 
 NIH_LIKE = {"findings": ["Cardiomegaly", "Effusion", "Pleural_Thickening"], "groups": {"view_position": ["AP", "PA"]},
             "combination_counts": {"view_position=PA": 60, "Cardiomegaly|view_position=AP": 30,
@@ -340,6 +341,30 @@ def test_cli_findings_asked_of_an_unconditional_model(tmp_path, capsys):
             pipeline.main(["--model", str(tmp_path / "plain"), "--output_dir", str(tmp_path / "out"),
                            "--num_images", "1", "--num_inference_steps", "1", *extra])
         assert message in capsys.readouterr().err
+
+
+def test_a_finding_by_any_name_of_the_vocabulary_draws_the_same_images():
+    """The model's own name, NIH's canonical name and another collection's alias ask for one finding."""
+    pipe = tiny_pipeline()
+    kwargs = {"num_inference_steps": 2, "output_type": "np", "progress": False}
+    own = generate(pipe, 2, findings=["pleural_effusion"], **kwargs)
+    for name in ("Effusion", "Pleural Effusion", "pleural-effusion"):
+        np.testing.assert_array_equal(generate(pipe, 2, findings=[name], **kwargs), own)
+    assert as_model_names(["Effusion", "Hernia", "No Finding"], ["cardiomegaly", "pleural_effusion"]) == \
+        ["pleural_effusion", "Hernia", "No Finding"]
+
+
+def test_cli_findings_are_given_apart_and_the_comma_form_still_works_with_a_note(conditional_dir, tmp_path, capsys):
+    labels = {}
+    for name, findings in (("apart", ["cardiomegaly", "nodule"]), ("commas", ["cardiomegaly,nodule"])):
+        pipeline.main(["--model", conditional_dir, "--output_dir", str(tmp_path / name), "--num_images", "1",
+                       "--num_inference_steps", "1", "--findings", *findings])
+        with open(tmp_path / name / "manifest.csv", newline="") as f:
+            labels[name] = [r["labels"] for r in csv.DictReader(f)]
+    assert labels["apart"] == labels["commas"] == ["cardiomegaly|nodule"]
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == ["note: --findings cardiomegaly,nodule: commas are deprecated; give the names apart: --findings "
+                     "cardiomegaly nodule"]
 
 
 def test_cli_no_finding_is_a_request(conditional_dir, tmp_path):

@@ -367,6 +367,24 @@ def test_lunggen_edit_records_how_many_sites_an_auto_mask_kept(models, tmp_path,
     assert row["mask"] == cell
 
 
+def test_lunggen_edit_takes_a_finding_by_any_name_and_the_old_comma_form_with_a_note(models, tmp_path, capsys):
+    """NIH's "Effusion" and CheXpert's "Pleural Effusion" reach a model trained on the phantom's "pleural_effusion";
+    "A,B" still works, with one note line."""
+    Image.fromarray(_phantom(0, 16)).save(tmp_path / "cxr.png")
+    common = ["--model", str(models / "conditional"), "--input", str(tmp_path / "cxr.png"), "--method", "sdedit",
+              "--num_inference_steps", "2", "--guidance_rise", "0"]
+    targets = {}
+    for k, extra in enumerate((["--add", "Effusion", "Nodule"], ["--add", "Pleural Effusion,nodule"])):
+        edit_main([*common, *extra, "--output_dir", str(tmp_path / f"out{k}")])
+        with open(tmp_path / f"out{k}" / "manifest.csv", newline="") as f:
+            (row,) = csv.DictReader(f)
+        targets[k] = row["target"]
+    assert targets == {0: "nodule|pleural_effusion", 1: "nodule|pleural_effusion"}
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == ['note: --add Pleural Effusion,nodule: commas are deprecated; give the names apart: --add '
+                     '"Pleural Effusion" nodule']
+
+
 def test_an_edit_of_a_dicom_file_reads_its_grey_pipeline(models, tmp_path):
     path = chest(tmp_path / "study.dcm")
     edit_main(["--model", str(models / "conditional"), "--input", str(path), "--remove", "Cardiomegaly",

@@ -21,7 +21,7 @@ from lunggen_diffusers.generation.process import (
     DenoisingRecorder,
     captioned,
     progress_frames,
-    save_animation,
+    save_animations,
     save_mp4,
 )
 from lunggen_diffusers.generation.sampling import (
@@ -106,8 +106,8 @@ def tiny_model(tmp_path_factory):
 def test_pipeline_py_writes_the_denoising_video_and_nothing_without_the_flag(tiny_model, tmp_path):
     common = ["--model", tiny_model, "--num_images", "3", "--batch_size", "2", "--num_inference_steps", "4",
               "--cpu_threads", "1", "--scheduler", "ddim"]  # DDIM's last step is its x0 exactly, on any CPU
-    generation_cli.main([*common, "--output_dir", str(tmp_path / "with"), "--save_process", "2",
-                         "--save_process_every", "3"])
+    # The flag alone records 2 images.
+    generation_cli.main([*common, "--output_dir", str(tmp_path / "with"), "--save_process", "--save_process_every", "3"])
     generation_cli.main([*common, "--output_dir", str(tmp_path / "without")])
     gif = Image.open(tmp_path / "with" / "denoising.gif")
     assert gif.n_frames == 2 and gif.size == (2 * 16, 2 * 16 + BAND)  # steps 1 and 4 (the last)
@@ -156,7 +156,7 @@ def test_a_ddpm_pipelines_model_records_in_a_lunggen_pipeline_and_draws_the_same
 def test_the_video_files_read_back_with_every_frame_in_order(tmp_path):
     av = pytest.importorskip("av")  # the video extra; .ci/run installs it
     frames = [captioned(Image.new("L", (31, 20), 20 * i), f"SYNTHETIC {i}") for i in range(6)]
-    written = save_animation(frames, tmp_path / "clip")
+    written = save_animations({"clip": frames}, tmp_path)
     assert written == [tmp_path / "clip.gif", tmp_path / "clip.mp4"]
     gif = Image.open(written[0])
     assert gif.n_frames == 6 and gif.size == (31, 20 + BAND)
@@ -170,13 +170,17 @@ def test_the_video_files_read_back_with_every_frame_in_order(tmp_path):
     assert np.allclose(levels, [20 * i for i in range(6)], atol=3)  # in order (H.264 is lossy, by a level or two)
 
 
-def test_without_pyav_the_gif_is_written_and_one_line_names_the_extra(tmp_path, monkeypatch, caplog):
+def test_without_pyav_the_gifs_are_written_and_one_info_line_names_the_extra(tmp_path, monkeypatch, caplog):
+    """The MP4s are an extra nobody asked for: their absence is one INFO line for all of them, no warning."""
     monkeypatch.setitem(sys.modules, "av", None)  # import av fails, as without the extra
     frames = [captioned(Image.new("L", (16, 16), 9 * i), "SYNTHETIC") for i in range(3)]
-    assert save_animation(frames, tmp_path / "clip") == [tmp_path / "clip.gif"]
+    caplog.set_level("INFO", logger="lunggen_diffusers.generation.process")
+    written = save_animations({"clip": frames, "other": frames}, tmp_path)
+    assert written == [tmp_path / "clip.gif", tmp_path / "other.gif"]
     assert not (tmp_path / "clip.mp4").exists()
-    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert line == 'clip.mp4 not written (clip.gif was): MP4 needs PyAV, the video extra: pip install -e ".[video]"'
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert caplog.records[0].getMessage() == ('clip.mp4, other.mp4 not written (the GIFs were): MP4 needs PyAV, the '
+                                              'video extra: pip install -e ".[video]"')
     with pytest.raises(ImportError, match="video extra"):
         save_mp4(frames, tmp_path / "clip.mp4")
 

@@ -3,7 +3,7 @@
     python pipeline.py --model lunggen-output --num_images 1000 --output_dir synth/ --batch_size 64 --seed 0
     accelerate launch --multi_gpu --num_processes 8 pipeline.py --model my-org/lunggen-256 --num_images 100000 \
         --output_dir synth/ --scheduler ddpm --num_inference_steps 1000 --dtype bf16
-    lunggen-generate --model my-org/lunggen-256 --findings "Cardiomegaly,Effusion" --output_dir synth-cm/
+    lunggen-generate --model my-org/lunggen-256 --findings Cardiomegaly Effusion --output_dir synth-cm/
     lunggen-generate --model my-org/lunggen-256 --findings "No Finding" --sex F --age 70 --view PA --output_dir f70/
 """
 
@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from ..cli import UsageError, parse_args, run
+from ..cli import UsageError, listed, parse_args, run
 from ..runtime import (
     end_processes,
     keep_freed_memory,
@@ -31,6 +31,8 @@ from .sampling import (
     load_pipeline,
     model_label,
 )
+
+PROCESS_IMAGES = 2  # images `--save_process` records when given no number
 
 
 @dataclass
@@ -55,9 +57,9 @@ class SamplingArguments:
     cpu_threads: int | None = field(default=None, metadata={
         "help": "Threads per process on CPU (recorded in manifest.csv). Default: this machine's cores shared by its "
                 "processes. Images are byte-identical between runs only at equal threads per process."})
-    findings: str | None = field(default=None, metadata={
-        "help": 'Conditional models: comma-separated labels for every image ("Cardiomegaly,Effusion"; "No Finding" '
-                "for none); without it or --labels_from the model samples unconditionally."})
+    findings: list[str] | None = field(default=None, metadata={
+        "help": 'Conditional models: the labels of every image, by any name of the vocabulary (Cardiomegaly '
+                'Effusion; "No Finding" for none); without it or --labels_from the model samples unconditionally.'})
     labels_from: str | None = field(default=None, metadata={
         "help": "Conditional models: 'train' draws each image's labels from the training split's label "
                 "combinations (stored with the model as counts), for a labeled synthetic data set."})
@@ -78,7 +80,8 @@ class SamplingArguments:
     view: str | None = field(default=None, metadata={"help": "Models conditioned on view_position: PA or AP."})
     save_process: int = field(default=0, metadata={
         "help": "Write denoising.gif (and denoising.mp4 with the video extra): the noisy sample beside the predicted "
-                "clean image at each step, for this many of the first images (at most --batch_size). 0: none."})
+                "clean image at each step, for this many of the first images (at most --batch_size; the flag alone: "
+                f"{PROCESS_IMAGES}). 0: none.", "nargs": "?", "const": PROCESS_IMAGES})
     save_process_every: int = field(default=1, metadata={"help": "With --save_process: a frame every this many "
                                                                   "steps (and the last)."})
     privacy_filter: str | None = field(default=None, metadata={
@@ -116,8 +119,7 @@ def sample_from_args(args: SamplingArguments) -> list[dict]:
         args.privacy_filter, args.privacy_threshold, args.privacy_nn_threshold, args.privacy_max_redraws,
         str(pipe.device)) if args.privacy_filter else None
     kwargs["patient"] = {"sex": args.sex, "age": args.age, "view": args.view}
-    if args.findings is not None:
-        kwargs["findings"] = [name.strip() for name in args.findings.split(",") if name.strip()]
+    kwargs["findings"] = listed(args.findings, "findings")
     return save_images(pipe, model=model_label(args.model), revision=revision, **kwargs)
 
 

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ..cli import UsageError, parse_args, run
+from ..cli import UsageError, listed, parse_args, run
 from ..data.decode import open_image
 from ..data.transforms import preprocess_image
 from ..runtime import end_processes, process_device, process_state
@@ -36,6 +36,7 @@ from ..utils import (
     is_dicom,
     list_images,
 )
+from ..vocabulary import as_model_names
 from .editing import (
     DEFAULT_GUIDANCE_RISE,
     DEFAULT_METHOD,
@@ -133,8 +134,10 @@ def labels_of(pipe, args: EditArguments) -> tuple[list[str], list[str]]:
                          "(train with --condition_on findings)")
     if not args.add and not args.remove:
         raise UsageError("give --add or --remove (a finding to add or remove)")
-    canonical = pipe.labels.canonical  # a one-line error naming an unknown finding and the model's vocabulary
-    base, add, remove = canonical(args.findings), canonical(args.add), canonical(args.remove)
+    def canonical(flag):  # a finding by any name of the vocabulary; an unknown one is refused by name
+        return pipe.labels.canonical(as_model_names(listed(getattr(args, flag), flag), pipe.labels.names))
+
+    base, add, remove = canonical("findings"), canonical("add"), canonical("remove")
     both = set(add) & set(remove)
     if both:
         raise UsageError(f"{sorted(both)} both added and removed")

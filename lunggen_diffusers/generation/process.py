@@ -73,10 +73,10 @@ class DenoisingRecorder(PipelineCallback):
         return callback_kwargs
 
     def save(self, stem) -> list[Path]:
-        """`stem`.gif and, with PyAV, `stem`.mp4 (`save_animation`)."""
+        """`stem`.gif and, with PyAV, `stem`.mp4 (`save_animations`)."""
         if not self.frames:
-            raise UsageError("no frames were recorded: pass the recorder as callback_on_step_end first")
-        return save_animation(self.frames, stem)
+            raise ValueError("no frames were recorded: pass the recorder as callback_on_step_end first")
+        return save_animations({Path(stem).name: self.frames}, Path(stem).parent)
 
 
 def captioned(image: Image.Image, text: str) -> Image.Image:
@@ -87,17 +87,21 @@ def captioned(image: Image.Image, text: str) -> Image.Image:
     return frame
 
 
-def save_animation(frames: list[Image.Image], stem) -> list[Path]:
-    """`stem`.gif always, and `stem`.mp4 when PyAV is installed (else one warning line naming the extra). Returns the
-    files written."""
-    stem = Path(stem)
-    written = [stem.with_suffix(".gif")]
-    save_gif(frames, written[0])
-    try:
-        save_mp4(frames, stem.with_suffix(".mp4"))
-        written.append(stem.with_suffix(".mp4"))
-    except ImportError:
-        logger.warning(f"{stem.name}.mp4 not written ({stem.name}.gif was): {VIDEO_EXTRA}")
+def save_animations(animations: dict[str, list[Image.Image]], folder) -> list[Path]:
+    """Each animation (file stem: frames) as `folder/stem`.gif, and `.mp4` when PyAV is installed; the MP4s are an
+    optional extra, so their absence is one INFO line for all of them, never a warning. Returns the files written."""
+    written, missing = [], []
+    for stem, frames in animations.items():
+        path = Path(folder) / stem
+        save_gif(frames, path.with_suffix(".gif"))
+        written.append(path.with_suffix(".gif"))
+        try:
+            save_mp4(frames, path.with_suffix(".mp4"))
+            written.append(path.with_suffix(".mp4"))
+        except ImportError:
+            missing.append(f"{stem}.mp4")
+    if missing:
+        logger.info(f"{', '.join(missing)} not written (the GIFs were): {VIDEO_EXTRA}")
     return written
 
 

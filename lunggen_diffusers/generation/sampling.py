@@ -32,6 +32,7 @@ from ..lunggen_pipeline import (
     downsampling,
 )
 from ..utils import pick_device
+from ..vocabulary import as_model_names
 
 
 class StochasticDDIMScheduler(DDIMScheduler):
@@ -213,7 +214,8 @@ def request_labels(pipe, indices, seed=0, findings=None, labels_from=None, patie
     if labels_from is not None:
         return {i: pipe.labels.draw(random.Random(noise_seed(seed, i)), given) for i in indices}
     if findings is not None:
-        wanted = pipe.labels.canonical(list(findings) + given)  # checked once, before any image is made
+        # checked once, before any image is made; a finding by any name of the vocabulary
+        wanted = pipe.labels.canonical(as_model_names(findings, pipe.labels.names) + given)
         return dict.fromkeys(indices, wanted)
     return dict.fromkeys(indices)
 

@@ -26,7 +26,7 @@ import subprocess
 from pathlib import Path
 
 from ..config import Config
-from ..generation.process import save_animation
+from ..generation.process import save_animations
 from ..summaries import DataSummary, RunSummary
 from ..utils import SAMPLE_GRID, atomic_write_text, synthetic_png_info
 from .card import build_card, card_files, keep_sections
@@ -113,8 +113,7 @@ def export_pipeline(output_dir, pipe, samples, config: Config, data: DataSummary
     folder = Path(output_dir)
     pipe.save_pretrained(folder, safe_serialization=True)
     samples.save(folder / SAMPLES, pnginfo=synthetic_png_info(SAMPLE_GRID))
-    for stem, frames in (animations or {}).items():
-        save_animation(frames, folder / stem)
+    save_animations(animations or {}, folder)
     write_manifest(folder, config, data, run)
     if autoencoder_report is not None:
         text = json.dumps(autoencoder_report, indent=2, sort_keys=True) + "\n"
