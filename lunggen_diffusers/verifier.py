@@ -27,16 +27,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .cli import UsageError
+from .networks import conv_block, encoder_embedder, to_input
 from .utils import stable_hash
 
 BACKBONES = ("cnn", "raddino")
 CONFIG, WEIGHTS, GALLERY = "config.json", "model.safetensors", "gallery.npz"
 NN_SIZE = 32  # side of the pixel vectors the nearest-neighbour check correlates
-
-
-def conv_block(channels_in: int, channels_out: int, stride: int = 1) -> list[nn.Module]:
-    """Conv 3x3, BatchNorm, ReLU: the unit of the project's small measuring CNNs."""
-    return [nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1), nn.BatchNorm2d(channels_out), nn.ReLU()]
 
 
 class VerifierNet(nn.Module):
@@ -63,46 +59,11 @@ class VerifierNet(nn.Module):
         return self.scale * cosine + self.bias
 
 
-def to_input(images, resolution: int) -> torch.Tensor:
-    """uint8 (N, H, W) -> float32 (N, 1, resolution, resolution) in [-1, 1], antialiased."""
-    x = torch.as_tensor(np.ascontiguousarray(images))
-    if x.ndim != 3:
-        raise ValueError(f"expected images shaped (N, H, W), got {tuple(x.shape)}")
-    x = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float())[:, None]
-    if x.shape[-2:] != (resolution, resolution):
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
-    return x * 2 - 1
-
-
 def nn_vectors(images) -> np.ndarray:
     """float16 (N, NN_SIZE**2): area-downsampled pixels, centred and unit-normed, so a dot product is the NCC."""
     x = F.adaptive_avg_pool2d(torch.as_tensor(np.asarray(images)).float()[:, None], NN_SIZE).flatten(1)
     x = x - x.mean(1, keepdim=True)
     return F.normalize(x, dim=1).numpy().astype(np.float16)
-
-
-def encoder_embedder(model_name_or_path: str, device: str = "cpu", batch_size: int = 32):
-    """A transformers image encoder (RAD-DINO by default elsewhere) as images uint8 (N, H, W) -> CLS features
-    float32 (N, D); also returns the model's config and processor for describing it."""
-    from transformers import AutoImageProcessor, AutoModel
-
-    processor = AutoImageProcessor.from_pretrained(model_name_or_path)
-    model = AutoModel.from_pretrained(model_name_or_path).to(device).eval()
-
-    @torch.inference_mode()
-    def embed(images: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(images), batch_size):
-            # The processor expects RGB: a radiograph is the same gray in all three channels.
-            rgb = [np.repeat(image[..., None], 3, axis=-1) for image in images[start:start + batch_size]]
-            pixel_values = processor(images=rgb, return_tensors="pt")["pixel_values"].to(device)
-            outputs = model(pixel_values=pixel_values)
-            # Dinov2's pooler_output is the layer-normed CLS token, the embedding RAD-DINO's card uses.
-            cls = outputs.pooler_output if outputs.pooler_output is not None else outputs.last_hidden_state[:, 0]
-            out.append(cls.float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), np.float32)
-
-    return embed, model, processor
 
 
 @dataclass

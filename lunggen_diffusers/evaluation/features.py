@@ -18,9 +18,9 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..cli import UsageError
+from ..networks import encoder_embedder
 from ..runtime import process_share, process_state
 from ..utils import atomic_path, stable_hash
-from ..verifier import encoder_embedder
 from .images import ImageSource, cache_root
 
 EXTRACTORS = ("pixels", "raddino", "inception", "phantom")

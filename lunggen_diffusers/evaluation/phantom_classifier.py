@@ -21,12 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..cli import UsageError
 from ..data.phantom import FINDINGS, MAX_RESOLUTION, MIN_RESOLUTION, phantom_dataset
+from ..networks import conv_block, fit, to_input
 from ..utils import atomic_path, stable_hash
-from ..verifier import conv_block, to_input
 from .images import cache_root
 
 HEART_RIGHT, FEMALE, VIEW_AP, AGE = "heart_on_right", "female", "view_ap", "age"
@@ -180,21 +179,13 @@ def train_classifier(settings: ClassifierSettings, progress: bool = True) -> tup
         net = _Net(settings.width, settings.feature_dim)
     images, labels = _phantom_set(settings, settings.num_train, 0)
     x, y = to_input(images, settings.resolution), torch.from_numpy(labels)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.learning_rate, total_steps=settings.steps)
     rng, size = np.random.default_rng(settings.seed), settings.batch_size
     per_epoch = len(x) // size  # whole batches only, each epoch a fresh permutation
     order = np.concatenate([rng.permutation(len(x))[:per_epoch * size]
                             for _ in range(-(-settings.steps // per_epoch))])
-    net.train()
-    for step in tqdm(range(settings.steps), desc="phantom classifier", unit="step", disable=not progress):
-        batch = torch.from_numpy(order[step * size:(step + 1) * size])
-        loss = F.binary_cross_entropy_with_logits(net(x[batch]), y[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    net.eval()
+    batches = (torch.from_numpy(order[step * size:(step + 1) * size]) for step in range(settings.steps))
+    fit(net, batches, lambda rows: F.binary_cross_entropy_with_logits(net(x[rows]), y[rows]), settings.learning_rate,
+        settings.steps, weight_decay=1e-4, one_cycle=True, desc="phantom classifier", disable=not progress)
     test_images, test_labels = _phantom_set(settings, settings.num_test, settings.num_train)
     report = held_out_report(PhantomClassifier(net, settings, {}), test_images, test_labels)
     return net, report

@@ -16,9 +16,9 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..cli import UsageError
+from ..networks import fit, to_input
 from ..verifier import (
     Gallery,
     PatientVerifier,
@@ -26,7 +26,6 @@ from ..verifier import (
     is_verifier,
     load_verifier,
     nn_vectors,
-    to_input,
 )
 from .features import DEFAULT_FEATURE_MODEL, Extractor, extract, get_extractor
 from .images import ImageSource
@@ -88,23 +87,19 @@ def _fit(x: torch.Tensor, patient: np.ndarray, recipe: VerifierRecipe, progress:
     with torch.random.fork_rng(devices=[]):  # fixed initialisation without moving the caller's global RNG
         torch.manual_seed(recipe.seed)
         net = VerifierNet(recipe.width, recipe.dim, x.shape[1] if x.ndim == 2 else 0)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=recipe.learning_rate, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.learning_rate, total_steps=recipe.steps)
-    net.train()
-    batches = _pair_batches(patient, recipe, np.random.default_rng(recipe.seed))
-    for rows in tqdm(batches, total=recipe.steps, desc="patient verifier", unit="step", disable=not progress):
+
+    def loss(rows: np.ndarray) -> torch.Tensor:
         embeddings = net(x[torch.from_numpy(rows)])
         same = torch.from_numpy(patient[rows][:, None] == patient[rows][None, :]).float()
         off_diagonal = 1 - torch.eye(len(rows))
         # Both kinds of pair weigh half: there are 2P - 2 different-patient pairs to each same-patient one.
         weights = off_diagonal * (same / (same * off_diagonal).sum() + (1 - same) / ((1 - same) * off_diagonal).sum())
-        loss = (F.binary_cross_entropy_with_logits(net.pair_logits(embeddings @ embeddings.T), same,
+        return (F.binary_cross_entropy_with_logits(net.pair_logits(embeddings @ embeddings.T), same,
                                                    reduction="none") * weights).sum() / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    return net.eval()
+
+    batches = _pair_batches(patient, recipe, np.random.default_rng(recipe.seed))
+    return fit(net, batches, loss, recipe.learning_rate, recipe.steps, weight_decay=1e-4, one_cycle=True,
+               desc="patient verifier", disable=not progress)
 
 
 def held_out_pairs(verifier: PatientVerifier, embeddings: np.ndarray, patient_ids: list[str],

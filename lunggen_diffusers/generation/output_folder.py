@@ -70,6 +70,8 @@ PNG_FIELDS = ("model", "revision", "seed", "index", "noise_seed", "scheduler", "
 JOURNAL_PREFIX = "manifest.part-"  # one per process and run; merged into manifest.csv when the run completes
 REJECTED_PREFIX = "rejected.part-"
 PRIVACY_FIELDS = ("privacy_filter", "redraws")
+# Settings only some runs have: resuming a folder made with one of them without it is refused.
+OPTIONAL_SETTINGS = ("guidance_scale", "guidance_interval", "request", "privacy_filter")
 
 
 def to_png(image: np.ndarray, bit_depth: int) -> Image.Image:
@@ -127,11 +129,12 @@ def _rows_so_far(output_dir: str, run: dict) -> dict[int, dict]:
     paths = ([manifest] if os.path.exists(manifest) else []) + _journals(output_dir)
     rows = [row for path in paths for row in _complete_rows(path)]
     for row in rows:
-        clash = [k for k in run if row.get(k, "") != str(run[k])]  # a column added since reads as its default
+        # A column added since reads as its default; a setting this run lacks (a privacy filter, guidance) clashes.
+        clash = [k for k in (*run, *OPTIONAL_SETTINGS) if row.get(k, "") != str(run.get(k, ""))]
         if clash:
             k = clash[0]
             raise UsageError(f"output_dir already holds images made with {k}={row.get(k)!r} (this run: "
-                             f"{run[k]!r}); use a new folder or the same settings to resume")
+                             f"{run.get(k, 'none')!r}); use a new folder or the same settings to resume")
     return {int(row["index"]): row for row in rows}
 
 

@@ -12,9 +12,9 @@ import copy
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..evaluation.stats import auroc
+from ..networks import fit
 
 CLASSIFIERS = ("resnet", "linear")
 _EVAL_BATCH = 256
@@ -89,25 +89,29 @@ def train(model: torch.nn.Module, inputs: np.ndarray, labels: np.ndarray, val_in
     """AdamW for `max_steps` steps of `batch_size` examples drawn in seeded epochs (whatever the training set's
     size, so every regime gets the same budget); the weights with the best validation macro AUROC (checked every
     `eval_steps` and at the end) come back, with the validation curve."""
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    model.to(device)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     generator = torch.Generator().manual_seed(seed)
-    order = torch.empty(0, dtype=torch.int64)
     x_all, y_all = torch.as_tensor(inputs), torch.as_tensor(labels)
     best, curve = (-1.0, 0, None), []
-    for step in tqdm(range(1, max_steps + 1), desc=desc, unit="step", leave=False):
-        if len(order) < batch_size:
-            order = torch.cat([order, torch.randperm(len(inputs), generator=generator)])
-        rows, order = order[:batch_size], order[batch_size:]
-        loss = loss_fn(model(x_all[rows].to(device)), y_all[rows].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+
+    def batches():
+        order = torch.empty(0, dtype=torch.int64)
+        while True:
+            if len(order) < batch_size:
+                order = torch.cat([order, torch.randperm(len(inputs), generator=generator)])
+            rows, order = order[:batch_size], order[batch_size:]
+            yield rows
+
+    def validate(step: int, loss: torch.Tensor) -> None:
+        nonlocal best
         if step % eval_steps == 0 or step == max_steps:
             value = macro_auroc(val_labels, predict(model, val_inputs, device))
             curve.append({"step": step, "validation_macro_auroc": value, "train_loss": float(loss.detach())})
             if value > best[0]:
                 best = (value, step, copy.deepcopy(model.state_dict()))
+
+    fit(model, batches(), lambda rows: loss_fn(model(x_all[rows].to(device)), y_all[rows].to(device)), learning_rate,
+        max_steps, on_step=validate, desc=desc, leave=False)
     model.load_state_dict(best[2])
     return model, {"best_step": best[1], "best_validation_macro_auroc": best[0], "curve": curve}
