@@ -70,23 +70,22 @@ FEATURES = datasets.Features(
 )
 
 
-def find_metadata(nih_dir: str | Path) -> Path:
+def _metadata_path(nih_dir: str | Path) -> Path | None:
     root = Path(nih_dir)
-    for name in METADATA_FILES:
-        for candidate in (root / name, root / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
-    raise UsageError(
-        f"{nih_dir}: no NIH metadata file ({' or '.join(METADATA_FILES)}, optionally .gz) in this folder"
-    )
+    found = [c for name in METADATA_FILES for c in (root / name, root / f"{name}.gz") if c.is_file()]
+    return found[0] if found else None
+
+
+def find_metadata(nih_dir: str | Path) -> Path:
+    path = _metadata_path(nih_dir)
+    if path is None:
+        raise UsageError(f"{nih_dir}: no NIH metadata file ({' or '.join(METADATA_FILES)}, optionally .gz) in this "
+                         "folder")
+    return path
 
 
 def is_nih_folder(path: str | Path) -> bool:
-    try:
-        find_metadata(path)
-    except FileNotFoundError:
-        return False
-    return True
+    return _metadata_path(path) is not None
 
 
 def _age(text: str) -> int | None:

@@ -49,7 +49,7 @@ def load_autoencoder(path_or_id: str, **kwargs) -> AutoencoderKL:
     if local and not os.path.isfile(os.path.join(path_or_id, "config.json")):
         if not os.path.isfile(os.path.join(path_or_id, "vae", "config.json")):
             raise UsageError(f"--vae {path_or_id}: no autoencoder there (expected config.json, or a vae/ "
-                                    "subfolder; train one with --stage autoencoder)")
+                         "subfolder; train one with --stage autoencoder)")
         return AutoencoderKL.from_pretrained(path_or_id, subfolder="vae", **kwargs)
     try:
         return AutoencoderKL.from_pretrained(path_or_id, **kwargs)

@@ -149,7 +149,7 @@ def synthetic_set(folder: str, vocabulary: list[str], size: int) -> ImageSet:
     labels, unconditioned images and labels the real data does not have."""
     try:
         rows = read_manifest(folder)
-    except FileNotFoundError as err:
+    except UsageError as err:
         raise UsageError(f"--synthetic {err}") from None
     if not rows or MANIFEST_LABELS not in rows[0]:
         raise UsageError(f"--synthetic {folder}: manifest.csv has no {MANIFEST_LABELS} column; generate the set with "
