@@ -5,6 +5,7 @@ import tempfile
 
 import pytest
 import torch
+from fixtures import TINY, write_mimic
 
 from lunggen_diffusers.config import from_dict
 
@@ -16,29 +17,6 @@ os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="lunggen-tests-config-")
 os.makedirs(os.path.join(os.environ["XDG_CONFIG_HOME"], "lunggen_diffusers"))
 with open(os.path.join(os.environ["XDG_CONFIG_HOME"], "lunggen_diffusers", "pseudonym.key"), "wb") as _key:
     _key.write(bytes(range(100, 132)))
-
-TINY = {
-    "resolution": 32,
-    "block_out_channels": [16, 32],
-    "norm_num_groups": 8,
-    "attention_resolutions": [16],
-    "layers_per_block": 1,
-    "num_phantom_images": 24,
-    "train_batch_size": 4,
-    "max_train_steps": 4,
-    "learning_rate": 1e-3,
-    "lr_warmup_steps": 1,
-    "lr_scheduler": "cosine",
-    "checkpointing_steps": 2,
-    "checkpoints_total_limit": None,
-    "save_images_steps": None,
-    "eval_batch_size": 2,
-    "preview_inference_steps": 2,
-    "logger": "none",
-    "logging_steps": 1,
-    "ema_max_decay": 0.9,
-}
-
 
 @pytest.fixture
 def tiny_config(tmp_path):
@@ -59,3 +37,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def mimic(tmp_path):
+    """A MIMIC-CXR-JPG folder in PhysioNet's layout (`fixtures.write_mimic`)."""
+    return write_mimic(tmp_path / "mimic-cxr-jpg")

@@ -140,3 +140,17 @@ def test_no_module_reaches_itself():
 
     cycles = [c for c in map(cycle_from, sorted(GRAPH)) if c]
     assert not cycles, " -> ".join(cycles[0])
+
+
+def test_no_test_file_imports_another_or_conftest():
+    """What several test files share lives in tests/fixtures; a test file imported by another runs its module-level
+    code twice and ties the two together."""
+    tests = Path(__file__).resolve().parent
+    names = {p.stem for p in tests.glob("test_*.py")} | {"conftest"}
+    found = []
+    for path in tests.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            imported = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            found += [f"{path.name}: {name}" for name in imported if name.split(".")[0] in names]
+    assert not found, found

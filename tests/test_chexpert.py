@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY
+from fixtures import TINY
 from PIL import Image
 
 from lunggen_diffusers.config import from_dict

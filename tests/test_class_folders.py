@@ -5,7 +5,7 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import TINY
+from fixtures import TINY
 from PIL import Image
 
 import pipeline

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from conftest import TINY
+from fixtures import TINY
 
 from lunggen_diffusers.cli import UsageError
 from lunggen_diffusers.generation.sampling import check_scheduler

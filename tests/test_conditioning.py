@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from fixtures import tiny_pipeline
 
 from lunggen_diffusers import LungGenPipeline
 from lunggen_diffusers.config import parse_args
@@ -104,19 +105,6 @@ def test_draws_follow_the_stored_joint_distribution():
     for combination, count in NIH_LIKE["combination_counts"].items():
         p = count / 100
         assert abs(seen[combination] / n - p) < 4 * (p * (1 - p) / n) ** 0.5  # 4 standard errors
-
-
-def tiny_pipeline(label_size=5, label_config=None):
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        mid_block_type="UNetMidBlock2D", norm_num_groups=4, attention_head_dim=4,
-        class_embed_type="projection", projection_class_embeddings_input_dim=label_size)
-    config = label_config or {
-        "condition_on": ["findings"], "findings": sorted(FINDINGS), "groups": {},
-        "combination_counts": {"": 6, "cardiomegaly": 3, "nodule|pleural_effusion": 1}, "guidance_scale": 2.0}
-    return LungGenPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=50), label_config=config)
 
 
 class CountingUNet(torch.nn.Module):

@@ -7,8 +7,8 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import TINY
 from dicom_files import chest, dataset, gradient, structured_report, voi_lut, write
+from fixtures import TINY
 from pydicom.datadict import DicomDictionary
 from pydicom.uid import JPEG2000Lossless, RLELossless
 

@@ -8,8 +8,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import TINY
 from dicom_files import dataset, gradient, write
+from fixtures import TINY
 
 from lunggen_diffusers.config import from_dict
 from lunggen_diffusers.data import folders

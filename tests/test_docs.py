@@ -132,7 +132,7 @@ def test_every_link_to_a_file_of_the_repo_resolves():
 def stand_ins(tmp_path_factory):
     """Tiny models made by the project's own training: one unconditional, one conditioned on findings and the
     three demographics (what the docs' conditional blocks ask of `lunggen-output`)."""
-    from conftest import TINY
+    from fixtures import TINY
 
     from lunggen_diffusers.config import from_dict
     from lunggen_diffusers.training.diffusion import train

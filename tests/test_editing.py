@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from dicom_files import chest
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel
+from fixtures import tiny_pipeline
 from PIL import Image
-from test_conditioning import tiny_pipeline
 
 from lunggen_diffusers.data.phantom import draw_phantom
 from lunggen_diffusers.generation import editing

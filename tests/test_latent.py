@@ -31,6 +31,7 @@ from lunggen_diffusers.training.autoencoder_stage import (
     random_crops,
     reconstruction_loss,
 )
+from lunggen_diffusers.training.cli import main as train_main
 from lunggen_diffusers.training.diffusion import train
 from lunggen_diffusers.training.latents import cached_latents
 
@@ -218,10 +219,19 @@ def test_the_report_command_judges_a_trained_autoencoder(latent_config, tmp_path
     (["--latent", "--vae_crop_size", "100"], "--vae_crop_size 100: give a side between 8 and --resolution 64"),
     (["--latent", "--latent_normalization", "layer"], "--latent_normalization"),
 ])
-def test_latent_options_that_cannot_work_are_refused_in_one_line(flags, message):
-    proc = subprocess.run([sys.executable, "train.py", "--max_train_steps", "1", *flags], cwd=REPO,
+def test_latent_options_that_cannot_work_are_refused_in_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--max_train_steps", "1", *flags])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err
+
+
+def test_the_script_itself_refuses_in_one_line_on_stderr():
+    """Through `train.py` in a fresh interpreter: nothing imported on the way (a library's warning) adds a line."""
+    proc = subprocess.run([sys.executable, "train.py", "--max_train_steps", "1", "--latent", "--augment"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--augment works on pixels" in proc.stderr
 
 
 def test_a_missing_autoencoder_is_one_line(latent_config, tmp_path):

@@ -1,56 +1,17 @@
 """MIMIC-CXR-JPG in PhysioNet's documented layout, built here: the official split kept as it is, study labels on
 every image of the study, frontal views, uncertainty policies, missing label files; then a conditional model."""
 
-import csv
-import gzip
 import json
 
-import numpy as np
 import pytest
-from conftest import TINY
-from PIL import Image
+from fixtures import TINY
 
 from lunggen_diffusers.cli import UsageError
 from lunggen_diffusers.config import from_dict
 from lunggen_diffusers.data import build
-from lunggen_diffusers.data.chexpert import OBSERVATIONS
 from lunggen_diffusers.data.mimic import mimic_dataset
 from lunggen_diffusers.data.splits import patient_splits
 from lunggen_diffusers.vocabulary import NO_FINDING
-
-# subject, study, image, view, split; study labels below
-IMAGES = [("10000032", "50414267", "d0b71acc", "PA", "train"), ("10000032", "50414267", "a1b2c3d4", "LATERAL", "train"),
-          ("10000032", "53189527", "e8a9e0f5", "AP", "train"), ("10000764", "57375967", "096052b7", "AP", "validate"),
-          ("10000898", "50771383", "f8d2a4e1", "PA", "test"), ("10000898", "50771383", "c4a5b6d7", "PA", "test"),
-          ("10001122", "51015398", "77aa88bb", "PA", "train"), ("10001176", "53186264", "11cc22dd", "AP", "train")]
-LABELS = {"50414267": {"No Finding": "1.0"}, "53189527": {"Cardiomegaly": "1.0", "Edema": "-1.0"},
-          "57375967": {"Pleural Effusion": "1.0"}, "50771383": {"Pneumonia": "-1.0"},
-          "51015398": {"Cardiomegaly": "0.0", "Atelectasis": "1.0"}, "53186264": {"Pleural Effusion": "1.0"}}
-
-
-def _csv_gz(path, header, rows):
-    with gzip.open(path, "wt", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
-@pytest.fixture
-def mimic(tmp_path):
-    root = tmp_path / "mimic-cxr-jpg"
-    for k, (subject, study, image, _, _) in enumerate(IMAGES):
-        path = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{image}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((40, 40), 20 * k, np.uint8)).save(path)
-    _csv_gz(root / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "ViewPosition"],
-            [(i, s, st, v) for s, st, i, v, _ in IMAGES])
-    _csv_gz(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"],
-            [(i, st, s, sp) for s, st, i, _, sp in IMAGES])
-    header = ["subject_id", "study_id", "No Finding", *OBSERVATIONS]
-    studies = sorted({(s, st) for s, st, *_ in IMAGES})
-    _csv_gz(root / "mimic-cxr-2.0.0-chexpert.csv.gz", header,
-            [[s, st] + [LABELS[st].get(name, "") for name in header[2:]] for s, st in studies])
-    return root
 
 
 def test_official_split_frontal_views_and_study_labels(mimic):

@@ -87,7 +87,7 @@ def test_a_padchest_folder_reads_its_16_bit_pngs_by_their_real_range(tmp_path):
 @needs_real
 def test_a_padchest_folder_prepares_and_trains_a_conditional_model(tmp_path):
     import datasets
-    from conftest import TINY
+    from fixtures import TINY
 
     from lunggen_diffusers import LungGenPipeline
     from lunggen_diffusers.data import prepare

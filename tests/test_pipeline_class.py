@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.callbacks import PipelineCallback
-from test_conditioning import tiny_pipeline
+from fixtures import tiny_pipeline
 
 from lunggen_diffusers import LungGenPipeline, lunggen_pipeline
 from lunggen_diffusers.lunggen_pipeline import OUTPUT_TYPES, postprocess

@@ -11,8 +11,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from fixtures import tiny_pipeline
 from PIL import Image
-from test_conditioning import tiny_pipeline
 
 from lunggen_diffusers import LungGenPipeline
 from lunggen_diffusers.generation import cli as generation_cli

@@ -20,8 +20,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from fixtures import tiny_pipeline
 from PIL import Image
-from test_conditioning import tiny_pipeline
 
 from lunggen_diffusers.data.phantom import phantom_dataset
 from lunggen_diffusers.generation.output_folder import save_images

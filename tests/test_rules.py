@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 from diffusers import UNet2DModel
+from fixtures import TINY
 from huggingface_hub import HfApi
 
 from lunggen_diffusers.config import from_dict

@@ -6,9 +6,8 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import TINY
+from fixtures import TINY
 from PIL import Image
-from test_mimic import mimic  # noqa: F401  (the MIMIC-CXR-JPG layout fixture)
 
 from lunggen_diffusers.config import from_dict, parse_args
 from lunggen_diffusers.data import build
@@ -29,7 +28,7 @@ def test_the_flag_repeats_and_a_config_file_may_give_one_folder_as_a_string(tmp_
     assert from_dict({"train_data_dir": "a"}).data.train_data_dir == ["a"]
 
 
-def test_two_sources_join_with_namespaced_patients_and_a_source_column(mimic, classes, tmp_path, caplog):  # noqa: F811
+def test_two_sources_join_with_namespaced_patients_and_a_source_column(mimic, classes, tmp_path, caplog):
     config = from_dict({**TINY, "train_data_dir": [str(mimic), str(classes)], "cache_dir": str(tmp_path / "c"),
                         "test_fraction": 0.1, "validation_fraction": 0.1})
     with caplog.at_level(logging.INFO):
@@ -43,7 +42,7 @@ def test_two_sources_join_with_namespaced_patients_and_a_source_column(mimic, cl
     assert set(ds.column_names) == {"image", "patient_id", "finding_labels", "source"}
 
 
-def test_a_model_conditioned_on_the_source_draws_from_either_on_request(mimic, classes, tmp_path):  # noqa: F811
+def test_a_model_conditioned_on_the_source_draws_from_either_on_request(mimic, classes, tmp_path):
     from lunggen_diffusers import LungGenPipeline
     from lunggen_diffusers.training.diffusion import train
 

@@ -137,7 +137,7 @@ def test_diffusion_loss_epsilon_v_and_min_snr_by_hand():
 
 
 def load_config_tiny():
-    from conftest import TINY
+    from fixtures import TINY
 
     from lunggen_diffusers.config import from_dict
 
