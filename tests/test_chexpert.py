@@ -119,10 +119,10 @@ def test_a_chexpert_folder_trains_a_conditional_model_and_generates_on_request(t
 
 
 def test_source_is_recognised_or_forced_and_what_was_looked_for_is_named(tmp_path):
-    from lunggen_diffusers.config import CHOICES
+    from lunggen_diffusers.config import choices
     from lunggen_diffusers.data.registry import SOURCES, detect_source
 
-    assert CHOICES["source"] == ("auto", *SOURCES)  # the flag offers every reader there is
+    assert choices()["source"] == ("auto", *SOURCES)  # the flag offers every reader there is
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     settings = from_dict({"train_data_dir": str(tmp_path / "empty")}).data

@@ -8,6 +8,7 @@ import yaml
 
 from lunggen_diffusers.cli import UsageError
 from lunggen_diffusers.config import (
+    from_dict,
     load_config,
     parse_args,
     preset_names,
@@ -101,8 +102,6 @@ def test_paper_preset_builds_the_paper_unet():
     "argv,message",
     [
         (["--preset", "big"], "--preset 'big' is not one of: demo, demo-latent, lunggen-1024-latent, lunggen-256, lunggen-512-latent"),
-        (["--mixed_precision", "fp8"], "--mixed_precision 'fp8' is not one of: no, fp16, bf16"),
-        (["--view_position", "LL"], "--view_position 'LL' is not one of: PA, AP, all"),
         (["--resolution", "60"], "--resolution 60 cannot be divided down"),
         (["--norm_num_groups", "7"], "--norm_num_groups 7 does not divide"),
         (["--train_batch_size", "0"], "--train_batch_size 0 must be a positive integer"),
@@ -117,6 +116,17 @@ def test_paper_preset_builds_the_paper_unet():
 def test_bad_values_are_named(argv, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_args(argv)
+
+
+@pytest.mark.parametrize("name, value, allowed", [("mixed_precision", "fp8", "no, fp16, bf16"),
+                                                  ("view_position", "LL", "PA, AP, all"),
+                                                  ("source", "nihh", "auto, nih, mimic")])
+def test_choices_come_from_the_literal_types_on_the_command_line_and_in_a_config_file(name, value, allowed, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args([f"--{name}", value])
+    assert exit_.value.code == 2 and f"invalid choice: '{value}'" in capsys.readouterr().err
+    with pytest.raises(UsageError, match=f"--{name} '{value}' is not one of: {allowed}"):
+        from_dict({name: value})
 
 
 def test_an_unknown_flag_is_argparses_error(capsys):

@@ -217,13 +217,19 @@ def test_the_report_command_judges_a_trained_autoencoder(latent_config, tmp_path
     (["--stage", "autoencoder"], "--stage autoencoder belongs to the latent route"),
     (["--latent", "--resolution", "36"], "--resolution 36 cannot be divided down by the autoencoder"),
     (["--latent", "--vae_crop_size", "100"], "--vae_crop_size 100: give a side between 8 and --resolution 64"),
-    (["--latent", "--latent_normalization", "layer"], "--latent_normalization"),
 ])
 def test_latent_options_that_cannot_work_are_refused_in_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_main(["--max_train_steps", "1", *flags])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err
+
+
+def test_a_value_outside_the_options_choices_is_argparses_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--latent", "--latent_normalization", "layer"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "invalid choice: 'layer' (choose from 'global', 'channel')" in err
 
 
 def test_the_script_itself_refuses_in_one_line_on_stderr():

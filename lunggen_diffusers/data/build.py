@@ -25,6 +25,7 @@ from ..vocabulary import SUBGROUP_COLUMNS, subgroup_columns
 from . import nih
 from .decode import decode_images, prepared_resolution
 from .phantom import phantom_dataset
+from .prepared import write_report
 from .registry import (
     SOURCES,
     cache_root,
@@ -49,7 +50,7 @@ def _nih_split(config: Config, root: str) -> datasets.Dataset:
     d = config.data
     work_dir = _cache_dir(config) / f"nih-{folder_key(root)}"
     dsdict, report, failures = nih.decode_splits(nih.plan_nih(root, d), d, work_dir)
-    nih.write_report(work_dir, report, failures)
+    write_report(work_dir, report, failures)
     if d.split not in dsdict:
         raise UsageError(f"--split {d.split!r}: the NIH folder has no such split (has: {', '.join(dsdict)})")
     logger.info("NIH ChestX-ray14 prepared in %s: %s", work_dir, json.dumps(report["splits"]))

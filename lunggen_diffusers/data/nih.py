@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import itertools
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -24,8 +22,9 @@ from typing import Any, NamedTuple
 import datasets
 
 from ..cli import UsageError
-from ..utils import atomic_write_text, files_fingerprint
+from ..utils import files_fingerprint
 from .decode import FORMAT_VERSION, decode_images
+from .prepared import describe
 from .splits import (
     SPLITS,
     TEST_LIST,
@@ -279,18 +278,6 @@ def plan_nih(nih_dir: str | Path, settings: Any) -> Plan:
     return Plan(dataset, report, missing)
 
 
-def describe(dsdict: Mapping[str, datasets.Dataset]) -> dict[str, dict[str, Any]]:
-    """Images, patients and images per view for each split (counts only: nothing identifying)."""
-    return {
-        name: {
-            "images": len(ds),
-            "patients": len(set(ds["patient_id"])),
-            "views": dict(sorted(Counter(ds["view_position"]).items())) if "view_position" in ds.column_names else {},
-        }
-        for name, ds in dsdict.items()
-    }
-
-
 def decode_splits(plan: Plan, settings: Any, work_dir: str | Path) -> tuple[datasets.DatasetDict, dict, list]:
     """Decode the planned images once (cached and resumable in `work_dir`) and split them patient-wise.
 
@@ -323,50 +310,3 @@ def decode_splits(plan: Plan, settings: Any, work_dir: str | Path) -> tuple[data
     }
     failures = [(name, "file not found") for name in plan.missing] + failed
     return dsdict, report, failures
-
-
-def write_report(folder: str | Path, report: dict, failures: Sequence[tuple[str, str]]) -> None:
-    """`prepare_report.json` and `failed_images.csv` (image name, reason) into `folder`.
-
-    Each file is replaced in one step, so processes sharing a cache folder never see half a file.
-    """
-    folder = Path(folder)
-    rows = io.StringIO()
-    writer = csv.writer(rows)
-    writer.writerow(["image", "reason"])
-    writer.writerows(failures)
-    files = {"prepare_report.json": json.dumps(report, indent=2) + "\n", "failed_images.csv": rows.getvalue()}
-    for name, text in files.items():
-        atomic_write_text(folder / name, text)
-
-
-def read_report(folder: str | Path) -> dict | None:
-    """The report of a complete prepared folder, or None (a folder without one is not a finished preparation)."""
-    path = Path(folder) / "prepare_report.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def save_prepared(
-    dsdict: datasets.DatasetDict,
-    folder: str | Path,
-    work_dir: str | Path,
-    report: dict,
-    failures: Sequence[tuple[str, str]],
-    extra_files: Mapping[str, str] | None = None,
-) -> None:
-    """Save with the report (and e.g. a README.md) into `work_dir`, then move it to `folder` in one rename.
-
-    So a folder at `folder` is always complete; the work folder, with its chunk caches, is removed afterwards.
-    """
-    folder, work_dir = Path(folder), Path(work_dir)
-    staging = work_dir / "saving"
-    if staging.exists():
-        shutil.rmtree(staging)
-    dsdict.save_to_disk(str(staging))
-    write_report(staging, report, failures)
-    for name, text in (extra_files or {}).items():
-        (staging / name).write_text(text)
-    if folder.exists():
-        folder.rename(work_dir / "replaced")
-    staging.rename(folder)
-    shutil.rmtree(work_dir)

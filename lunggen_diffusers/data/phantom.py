@@ -341,7 +341,7 @@ def _check_scales(scales: dict[str, float]) -> None:
     for key, factor in scales.items():
         group, _, value = key.partition("=")
         if group not in SUBGROUPS or value not in SUBGROUPS[group] or not 0 <= factor:
-            raise UsageError(f"finding_prob_scale {key}:{factor}: a subgroup is one of "
+            raise UsageError(f"finding scale {key}:{factor} (--phantom_finding_scale): a subgroup is one of "
                              f"{', '.join(f'{g}=' + '|'.join(v) for g, v in SUBGROUPS.items())}, its factor >= 0")
 
 
@@ -353,8 +353,8 @@ def subgroups_of(demographics: Demographics) -> list[str]:
 
 def _check_images_per_patient(images_per_patient: float) -> None:
     if not 1 <= images_per_patient <= 50:
-        raise UsageError(f"images_per_patient must be a mean number of images per patient in [1, 50] (NIH: 3.64), "
-                         f"got {images_per_patient!r}")
+        raise UsageError(f"images per patient {images_per_patient!r} (--phantom_images_per_patient): give a mean in "
+                         "[1, 50] (NIH ChestX-ray14: 3.64)")
 
 
 @lru_cache(maxsize=8)

@@ -26,6 +26,7 @@ from . import dicom, nih
 from .decode import decode_images
 from .folders import PHI_DIGESTS, SKIPPED_CSV
 from .phantom import phantom_dataset
+from .prepared import describe, read_report, save_prepared
 from .registry import detect_source, folder_source, source_report_dir
 from .splits import SPLITS, check_patient_disjoint, filter_dataset, patient_splits
 
@@ -168,7 +169,7 @@ def _previous(output: Path, key: str, overwrite: bool) -> dict | None:
     may be (re)made; refused when it holds something else."""
     if not output.exists():
         return None
-    previous = nih.read_report(output)
+    previous = read_report(output)
     if previous is not None and previous.get("key") == key:
         return previous
     if previous is None and any(output.iterdir()):
@@ -200,7 +201,7 @@ def make_prepared_dataset(args: PrepareArguments, settings: DataConfig) -> tuple
         return previous, True
     work_dir = output.with_name(output.name + ".partial")
     dsdict, report, failures = nih.decode_splits(plan, settings, work_dir)
-    nih.save_prepared(dsdict, output, work_dir, report, failures, {"README.md": dataset_card(report)})
+    save_prepared(dsdict, output, work_dir, report, failures, {"README.md": dataset_card(report)})
     return report, False
 
 
@@ -240,7 +241,7 @@ def prepare_folder(args: PrepareArguments, settings: DataConfig) -> tuple[dict, 
               "the collection's own test set, validation by a hash of the patient IDs"
               if "official_test" in raw.column_names else "by a hash of the patient IDs")
     report = {"key": key, "source": source, "split_method": method,
-              "splits": nih.describe(dsdict), "failed_images": len(failures),
+              "splits": describe(dsdict), "failed_images": len(failures),
               "skipped_files": max(0, len(skipped.read_text().splitlines()) - 1) if skipped.is_file() else 0,
               "settings": {"resolution": settings.resolution, "center_crop": settings.center_crop,
                            "validation_fraction": settings.validation_fraction, "split_seed": settings.split_seed}}
@@ -250,15 +251,13 @@ def prepare_folder(args: PrepareArguments, settings: DataConfig) -> tuple[dict, 
     for path in (skipped, digests):
         if path.is_file():
             extra[path.name] = path.read_text()
-    nih.save_prepared(dsdict, output, work_dir, report, failures, extra)
+    save_prepared(dsdict, output, work_dir, report, failures, extra)
     return report, False
 
 
 def prepare_phantom(args: PrepareArguments, settings: DataConfig) -> tuple[dict, bool]:
     """The built-in phantom (seed 0, the demo's) in the layout of a prepared folder: train / validation / test by
     patient, with its report and card."""
-    if not 1 <= settings.phantom_images_per_patient <= 50:
-        raise UsageError(f"--phantom_images_per_patient {settings.phantom_images_per_patient}: give a mean in [1, 50]")
     output = Path(args.output_dir)
     options = {k: getattr(settings, k) for k in ("num_phantom_images", "phantom_images_per_patient",
                                                   "phantom_finding_prob", "resolution", "validation_fraction",
@@ -274,12 +273,12 @@ def prepare_phantom(args: PrepareArguments, settings: DataConfig) -> tuple[dict,
                                    for s in SPLITS if s in names})
     check_patient_disjoint(dsdict)
     report = {"key": key, "source": "the built-in procedural chest phantom", "split_method": "by a hash of the "
-              "patient IDs", "splits": nih.describe(dsdict), "failed_images": 0, "skipped_files": 0,
+              "patient IDs", "splits": describe(dsdict), "failed_images": 0, "skipped_files": 0,
               "settings": {"resolution": settings.resolution, "center_crop": settings.center_crop,
                            "validation_fraction": settings.validation_fraction, "split_seed": settings.split_seed},
               "phantom": options}
     work_dir = output.with_name(output.name + ".partial")
-    nih.save_prepared(dsdict, output, work_dir, report, [], {"README.md": folder_card(report)})
+    save_prepared(dsdict, output, work_dir, report, [], {"README.md": folder_card(report)})
     return report, False
 
 

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from ..cli import UsageError
 from ..config import from_dict
 from ..data.build import build_dataset
-from ..data.nih import check_patient_disjoint
 from ..data.phantom import phantom_dataset
+from ..data.splits import check_patient_disjoint
 from ..evaluation.images import IMAGE_COLUMNS, to_eval_image
 from ..generation.output_folder import read_manifest
 from ..utils import stable_hash
