@@ -26,8 +26,9 @@ from transformers import HfArgumentParser
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from lunggen_diffusers.config import from_dict  # noqa: E402
-from lunggen_diffusers.training.model import build_unet  # noqa: E402
 from lunggen_diffusers.runtime import keep_freed_memory, set_cpu_threads  # noqa: E402
+from lunggen_diffusers.training.model import build_unet  # noqa: E402
+
 from common import finish  # noqa: E402  (beside this file)
 
 

@@ -25,6 +25,7 @@ from lunggen_diffusers.data.phantom import FINDINGS, draw_phantom  # noqa: E402
 from lunggen_diffusers.evaluation.metrics import frechet_distance  # noqa: E402
 from lunggen_diffusers.evaluation.phantom_classifier import load_classifier  # noqa: E402
 from lunggen_diffusers.generation.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, generate, load_pipeline  # noqa: E402
+
 from common import census, finish  # noqa: E402  (beside this file)
 
 HELD_OUT_SEED = 12345  # as sampler_benchmark.py: the demo trains on seed 0

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from lunggen_diffusers.evaluation.phantom_classifier import ClassifierSettings, train_classifier  # noqa: E402
+
 from common import finish  # noqa: E402  (beside this file)
 
 GOALS = {"sex_accuracy": 0.85, "view_accuracy": 0.90, "age_correlation": 0.5}

@@ -35,12 +35,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from lunggen_diffusers.data.phantom import FINDINGS, draw_phantom  # noqa: E402
 from lunggen_diffusers.evaluation.metrics import ssim_map  # noqa: E402
-from lunggen_diffusers.evaluation.phantom_classifier import (BINARY_OUTPUTS, FEMALE, HEART_RIGHT,  # noqa: E402
-                                                            VIEW_AP, load_classifier)
+from lunggen_diffusers.evaluation.phantom_classifier import (  # noqa: E402
+    BINARY_OUTPUTS,
+    FEMALE,
+    HEART_RIGHT,
+    VIEW_AP,
+    load_classifier,
+)
 from lunggen_diffusers.evaluation.stats import wilson  # noqa: E402
-from lunggen_diffusers.generation.editing import (DEFAULT_GUIDANCE_RISE, DEFAULT_METHOD,  # noqa: E402
-                                                  DEFAULT_STRENGTH, METHODS, auto_mask, edit)
+from lunggen_diffusers.generation.editing import (  # noqa: E402
+    DEFAULT_GUIDANCE_RISE,
+    DEFAULT_METHOD,
+    DEFAULT_STRENGTH,
+    METHODS,
+    auto_mask,
+    edit,
+)
 from lunggen_diffusers.generation.sampling import image_side, load_pipeline, resolve_guidance  # noqa: E402
+
 from common import finish  # noqa: E402  (beside this file)
 
 HELD_OUT_SEED = 12345  # as sampler_benchmark.py: the demo trains on seed 0

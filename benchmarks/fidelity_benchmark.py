@@ -1,6 +1,7 @@
 """Conditional fidelity on the phantom: does a finding-conditioned model draw what it is asked for, and at what cost?
 
-    python benchmarks/fidelity_benchmark.py --model lunggen-output --num_images 64 --output_dir benchmarks/results/fidelity
+    python benchmarks/fidelity_benchmark.py --model lunggen-output --num_images 64 \
+        --output_dir benchmarks/results/fidelity
 
 For each guidance scale (default 1, 2, 4) it generates `num_images` images per condition (each single finding, and
 "No Finding" = []), with the same seeds in every row, and reads them with the phantom classifier
@@ -49,8 +50,6 @@ from lunggen_diffusers.evaluation.phantom_classifier import (  # noqa: E402
     ClassifierSettings,
     load_classifier,
 )
-from lunggen_diffusers.lunggen_pipeline import check_guidance_interval  # noqa: E402
-from lunggen_diffusers.runtime import keep_freed_memory  # noqa: E402
 from lunggen_diffusers.generation.sampling import (  # noqa: E402
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
@@ -60,6 +59,8 @@ from lunggen_diffusers.generation.sampling import (  # noqa: E402
     load_pipeline,
     model_label,
 )
+from lunggen_diffusers.lunggen_pipeline import check_guidance_interval  # noqa: E402
+from lunggen_diffusers.runtime import keep_freed_memory  # noqa: E402
 from lunggen_diffusers.utils import (  # noqa: E402
     SYNTHETIC_NOTICE,
     atomic_path,
@@ -68,7 +69,9 @@ from lunggen_diffusers.utils import (  # noqa: E402
     synthetic_png_info,
 )
 from lunggen_diffusers.vocabulary import NO_FINDING, normalize  # noqa: E402
+
 from common import finish  # noqa: E402  (beside this file)
+
 REQUESTS = {NO_FINDING: [], **{f: [f] for f in FINDINGS}}
 GOAL_PRESENT = {"cardiomegaly": 0.90, "pleural_effusion": 0.90, "nodule": 0.70, "consolidation": 0.70}
 GOAL_FPR_FACTOR, GOAL_COST = 2.0, 2.1
@@ -120,7 +123,8 @@ def _shortfall(row: dict, bounds: dict) -> float:
 
 def _check(args: FidelityArguments, pipe) -> None:
     if not is_conditional(pipe):
-        raise ValueError(f"--model {model_label(args.model)!r} is unconditional; train one with --condition_on findings")
+        raise ValueError(f"--model {model_label(args.model)!r} is unconditional; train one with --condition_on "
+                         "findings")
     unknown = sorted({normalize(f) for f in pipe.labels.findings} - {normalize(f) for f in FINDINGS})
     if unknown:
         raise ValueError(f"--model knows findings {unknown} the phantom does not draw; accepted: {', '.join(FINDINGS)}")

@@ -28,15 +28,16 @@ from transformers import HfArgumentParser
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from finding_probe import load_conditional  # noqa: E402  (beside this file)
+
 from lunggen_diffusers.cli import run  # noqa: E402
 from lunggen_diffusers.config import from_dict  # noqa: E402
 from lunggen_diffusers.data.build import load_source  # noqa: E402
 from lunggen_diffusers.data.phantom import FINDINGS, draw_phantom  # noqa: E402
 from lunggen_diffusers.generation.sampling import model_label  # noqa: E402
 from lunggen_diffusers.training.diffusion import diffusion_loss  # noqa: E402
-from common import finish  # noqa: E402  (beside this file)
 
-from finding_probe import load_conditional  # noqa: E402  (beside this file)
+from common import finish  # noqa: E402  (beside this file)
 
 CONTRAST_THRESHOLD = 0.05  # as finding_probe.py: the pixels the finding raises by more than this, in [-1, 1]
 

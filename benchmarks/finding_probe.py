@@ -38,9 +38,10 @@ from diffusers import DDPMScheduler  # noqa: E402
 from lunggen_diffusers.cli import run  # noqa: E402
 from lunggen_diffusers.data.phantom import FINDINGS, render_phantom  # noqa: E402
 from lunggen_diffusers.evaluation.phantom_classifier import load_classifier  # noqa: E402
-from lunggen_diffusers.lunggen_pipeline import guided_denoise  # noqa: E402
 from lunggen_diffusers.generation.sampling import is_conditional, load_pipeline, model_label  # noqa: E402
+from lunggen_diffusers.lunggen_pipeline import guided_denoise  # noqa: E402
 from lunggen_diffusers.utils import markdown_table  # noqa: E402
+
 from common import finish  # noqa: E402  (beside this file)
 
 # Neither training (seed 0), the sampler benchmark (12345), the classifier nor the fidelity benchmark (24680).

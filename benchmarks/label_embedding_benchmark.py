@@ -20,6 +20,7 @@ from transformers import HfArgumentParser
 
 from lunggen_diffusers.config import from_dict  # noqa: E402
 from lunggen_diffusers.training.model import build_unet  # noqa: E402
+
 from common import finish  # noqa: E402  (beside this file)
 
 LABELS = 5  # the phantom's 4 findings and the null entry
@@ -62,7 +63,7 @@ def main():
     optimizers = {k: torch.optim.AdamW(list(m.parameters()) + extra, lr=1e-4) for k, (m, extra, _) in models.items()}
     times = {k: [] for k in models}
     for step in range(args.steps + 1):
-        for name, (model, _, forward) in models.items():
+        for name, (_, _, forward) in models.items():
             x = torch.randn(args.batch_size, 1, res, res)
             t = torch.randint(0, 1000, (args.batch_size,))
             y = (torch.rand(args.batch_size, LABELS) < 0.3).float()

@@ -30,11 +30,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from lunggen_diffusers.training.autoencoder import build_autoencoder  # noqa: E402
-from lunggen_diffusers.lunggen_pipeline import latent_shape  # noqa: E402
 from lunggen_diffusers.config import from_dict  # noqa: E402
-from lunggen_diffusers.lunggen_pipeline import decode_latents  # noqa: E402
+from lunggen_diffusers.lunggen_pipeline import (
+    decode_latents,  # noqa: E402
+    latent_shape,  # noqa: E402
+)
+from lunggen_diffusers.training.autoencoder import build_autoencoder  # noqa: E402
 from lunggen_diffusers.training.model import build_unet  # noqa: E402
+
 from common import finish  # noqa: E402  (beside this file)
 
 ROUTES = {"pixel-256": ("lunggen-256", 256), "pixel-512": ("lunggen-256", 512),

@@ -2,11 +2,11 @@
 
     python benchmarks/loader_benchmark.py --num_images 320 --resolution 256 --num_workers 0 2 8
 
-Generates NIH-like PNGs (as prepare_benchmark.py does; `--source_size`, 1024 as NIH's by default), prepares them at `--resolution` with `plan_nih` +
-`decode_splits`, then iterates the training loader itself (`loop.build_dataloader`: shuffled, whole batches
-decoded from the Arrow bytes in the workers) for at least `--at_least` images per worker count, after one
-untimed epoch that starts the workers. For reference, the same pixels stored as uint8 (the format before PNGs) read
-with one Arrow take per batch. Prints a table and writes JSON.
+Generates NIH-like PNGs (as prepare_benchmark.py does; `--source_size`, 1024 as NIH's by default), prepares them at
+`--resolution` with `plan_nih` + `decode_splits`, then iterates the training loader itself (`loop.build_dataloader`:
+shuffled, whole batches decoded from the Arrow bytes in the workers) for at least `--at_least` images per worker count,
+after one untimed epoch that starts the workers. For reference, the same pixels stored as uint8 (the format before PNGs)
+read with one Arrow take per batch. Prints a table and writes JSON.
 """
 
 import os
@@ -31,6 +31,7 @@ from lunggen_diffusers.config import DataConfig, from_dict  # noqa: E402
 from lunggen_diffusers.data import nih  # noqa: E402
 from lunggen_diffusers.data.decode import stored_pixels  # noqa: E402
 from lunggen_diffusers.training.loop import build_dataloader  # noqa: E402
+
 from common import finish  # noqa: E402  (beside this file)
 
 

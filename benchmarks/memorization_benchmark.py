@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from lunggen_diffusers.evaluation.memorization import audit, cosine_search, ncc_search, sharded_search  # noqa: E402
 from lunggen_diffusers.runtime import process_device, process_state  # noqa: E402
+
 from common import finish  # noqa: E402  (beside this file)
 
 

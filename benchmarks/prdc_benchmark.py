@@ -22,6 +22,7 @@ from transformers import HfArgumentParser
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from lunggen_diffusers.evaluation.metrics import prdc  # noqa: E402
+
 from common import finish  # noqa: E402  (beside this file)
 
 

@@ -28,6 +28,7 @@ from lunggen_diffusers.cli import run  # noqa: E402
 from lunggen_diffusers.config import DataConfig  # noqa: E402
 from lunggen_diffusers.data import nih  # noqa: E402
 from lunggen_diffusers.data.phantom import render_phantom  # noqa: E402
+
 from common import finish  # noqa: E402  (beside this file)
 
 

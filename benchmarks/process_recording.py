@@ -32,6 +32,7 @@ from lunggen_diffusers.runtime import keep_freed_memory  # noqa: E402
 from lunggen_diffusers.training.autoencoder import build_autoencoder  # noqa: E402
 from lunggen_diffusers.training.model import build_scheduler, build_unet  # noqa: E402
 from lunggen_diffusers.utils import markdown_table  # noqa: E402
+
 from common import finish  # noqa: E402  (beside this file)
 
 

@@ -4,10 +4,11 @@
 
 1. `create`: `--num_images` images (half real, half synthetic) at `--size` px, from 256 px phantoms stored at
    `--size` (made before the clock starts), written as a study with one reader.
-2. `serve` in its own process on 127.0.0.1: the seconds from its launch to its first answered page; then `--readers` concurrent clients in this process, each reading as a
-   reader does (its page, its image, its answer) for `--seconds` at most and `--max_views` image views each:
-   image views per second and their latency (median, p95), the page and the answer's too. The clients share the
-   machine's cores with the server, so the figures are a floor for a server on its own machine.
+2. `serve` in its own process on 127.0.0.1: the seconds from its launch to its first answered page (goal: 2 s); then
+   `--readers` concurrent clients in this process, each reading as a reader does (its page, its image, its answer) for
+   `--seconds` at most and `--max_views` image views each: image views per second and their latency (median, p95), the
+   page and the answer's too. The clients share the machine's cores with the server, so the figures are a floor for a
+   server on its own machine.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from lunggen_diffusers.data.phantom import phantom_dataset  # noqa: E402
 from lunggen_diffusers.reader_study.study import create_study  # noqa: E402
 from lunggen_diffusers.utils import markdown_table  # noqa: E402
+
 from common import finish  # noqa: E402  (beside this file)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,6 +31,7 @@ from lunggen_diffusers.data.phantom import draw_study, patients_of, phantom_data
 from lunggen_diffusers.evaluation.features import extract  # noqa: E402
 from lunggen_diffusers.evaluation.images import load_source  # noqa: E402
 from lunggen_diffusers.evaluation.reid import VerifierRecipe, extractor, reid_risk, train_verifier  # noqa: E402
+
 from common import finish  # noqa: E402  (beside this file)
 
 SEED, PER_PATIENT, FINDING_PROB = 4242, 3.64, 0.1

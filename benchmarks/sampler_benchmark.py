@@ -19,12 +19,12 @@ intervals, beside the held-out phantoms' and DDPM-1000's. Further disjoint held-
 (`--census_floor_sets`) give the census its floor: how far apart two sets of real images read at this size.
 
 Goals (per row; model evaluations count, a second-order step's two are two): "default", at most 50 evaluations and
-within 1.15x of DDPM-1000's FD on the classifier's features; "fast", at most 25 and within 1.5x; for both, every finding's share within 0.03 of DDPM-1000's and of the held-out share, and the heart on the
-image's right (the patient's left, as on a PA film) in at least 0.995. Prints both tables and which rows qualify,
-writes JSON and a PNG with the first images of every sampler (one row each, same seeds so rows are comparable).
-A share says how often the classifier reads a finding, not what it read: `sampler_benchmark_findings.png` shows, for
-each finding, the 8 images of every row it is surest show it, so a finding drawn tells itself apart from texture
-read as one.
+within 1.15x of DDPM-1000's FD on the classifier's features; "fast", at most 25 and within 1.5x; for both, every
+finding's share within 0.03 of DDPM-1000's and of the held-out share, and the heart on the image's right (the patient's
+left, as on a PA film) in at least 0.995. Prints both tables and which rows qualify, writes JSON and a PNG with the
+first images of every sampler (one row each, same seeds so rows are comparable). A share says how often the classifier
+reads a finding, not what it read: `sampler_benchmark_findings.png` shows, for each finding, the 8 images of every row
+it is surest show it, so a finding drawn tells itself apart from texture read as one.
 """
 
 import hashlib
@@ -52,7 +52,6 @@ from lunggen_diffusers.evaluation.phantom_classifier import (  # noqa: E402
     ClassifierSettings,
     load_classifier,
 )
-from lunggen_diffusers.runtime import keep_freed_memory  # noqa: E402
 from lunggen_diffusers.generation.sampling import (  # noqa: E402
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
@@ -63,6 +62,7 @@ from lunggen_diffusers.generation.sampling import (  # noqa: E402
     make_scheduler,
     model_label,
 )
+from lunggen_diffusers.runtime import keep_freed_memory  # noqa: E402
 from lunggen_diffusers.utils import atomic_path  # noqa: E402
 
 from common import census, census_of, finish  # noqa: E402  (beside this file)
@@ -212,7 +212,7 @@ def benchmark(args: BenchmarkArguments) -> dict:
         strips.append(images[:8])
         surest.append(surest_reads(images, probabilities))
     generate(pipe, 1, num_inference_steps=2, progress=False)  # warm-up: first-call allocations are not sampling
-    for row, ms in zip(rows[1:], _ms_per_image(args, pipe, samplers).values()):
+    for row, ms in zip(rows[1:], _ms_per_image(args, pipe, samplers).values(), strict=True):
         row["ms_per_image"] = ms
     ref = next((r for r in rows if (r["sampler"], r["steps"]) == REFERENCE), None)
     for row in rows[1:]:

@@ -32,8 +32,9 @@ from transformers import HfArgumentParser
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from lunggen_diffusers.config import from_dict  # noqa: E402
-from lunggen_diffusers.training.model import build_unet  # noqa: E402
 from lunggen_diffusers.training.diffusion import train  # noqa: E402
+from lunggen_diffusers.training.model import build_unet  # noqa: E402
+
 from common import cpu_name, finish  # noqa: E402  (beside this file)
 
 
@@ -178,7 +179,8 @@ def main() -> None:
           f"{flops / 1e9:.1f} GFLOP/step, measured peak {peak / 1e9:.0f} GFLOP/s")
     for row in rows:
         print(f"  {row[0]:<26}{row[1]:>10}{row[2]:>8}")
-    print(f"  overhead ratio (project / bare): {result['overhead_ratio']:.3f}; peak RSS {result['peak_rss_mib']:.0f} MiB")
+    print(f"  overhead ratio (project / bare): {result['overhead_ratio']:.3f}; "
+          f"peak RSS {result['peak_rss_mib']:.0f} MiB")
     finish(result, args.output)
 
 

@@ -204,7 +204,8 @@ class TrainingConfig:
     checkpoints_total_limit: int | None = field(default=2)
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "`latest` or a checkpoint folder."})
     save_images_steps: int | None = field(default=None, metadata={"help": "Write a preview grid every N steps."})
-    preview_inference_steps: int = field(default=25, metadata={"help": "Steps of the default fast sampler for previews."})
+    preview_inference_steps: int = field(default=25, metadata={
+        "help": "Steps of the default fast sampler for previews."})
     logger: Literal["tensorboard", "wandb", "all", "none"] = field(default="tensorboard")
     logging_dir: str = field(default="logs", metadata={"help": "Relative to --output_dir."})
     logging_steps: int = field(default=10, metadata={"help": "Log loss and lr every N steps."})
@@ -411,7 +412,8 @@ def phantom_finding_scales(items: list[str] | None) -> dict[str, float]:
         try:
             scales[name] = float(factor)
         except ValueError:
-            raise UsageError(f"--phantom_finding_scale {item!r}: give SUBGROUP:FACTOR, e.g. patient_sex=F:0.5") from None
+            raise UsageError(f"--phantom_finding_scale {item!r}: give SUBGROUP:FACTOR, e.g. patient_sex=F:0.5") \
+                from None
     return scales
 
 

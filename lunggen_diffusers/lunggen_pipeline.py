@@ -102,7 +102,7 @@ class LabelSpace:
             if key not in self._index:
                 raise self._unknown(name)
             wanted.add(self._index[key])
-        for group, values in self.groups.items():
+        for group in self.groups:
             chosen = [i for i in wanted if self.names[i].startswith(f"{group}=")]
             if len(chosen) > 1:
                 raise UsageError(f"{', '.join(self.names[i] for i in chosen)}: one {group} per image")
@@ -509,5 +509,6 @@ class LungGenPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=image) if return_dict else (image,)
 
 
-__all__ = ["LungGenPipeline", "LabelSpace", "check_guidance_interval", "guided_denoise", "postprocess", "decode_latents",
+__all__ = ["LungGenPipeline", "LabelSpace", "UsageError", "check_guidance_interval", "guided_denoise", "postprocess",
+           "decode_latents",
            "normalize", "DEFAULT_GUIDANCE_SCALE", "NO_FINDING"]

@@ -28,7 +28,7 @@ CONDITION_COLUMNS = dict(zip(CONDITIONS, (FINDINGS_COLUMN, "view_position", "pat
 # one-hot block with its own null entry like sex and view, the bins are the groups subgroup reports read, and
 # NIH's few implausible ages cannot drag an embedding.
 AGE_BINS = (0, 18, 40, 60, 80)
-AGE_BIN_NAMES = tuple(f"{lo}-{hi - 1}" for lo, hi in zip(AGE_BINS, AGE_BINS[1:])) + (f"{AGE_BINS[-1]}+",)
+AGE_BIN_NAMES = tuple(f"{lo}-{hi - 1}" for lo, hi in zip(AGE_BINS, AGE_BINS[1:], strict=False)) + (f"{AGE_BINS[-1]}+",)
 # Subgroups a report can split by: the name `--subgroups` takes -> its values (a dataset may hold others, which
 # are reported as found).
 SUBGROUPS = {"patient_sex": ("M", "F"), "age_bin": AGE_BIN_NAMES, "view_position": ("PA", "AP")}

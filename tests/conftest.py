@@ -5,9 +5,10 @@ import tempfile
 
 import pytest
 import torch
-from fixtures import TINY, write_mimic
 
 from lunggen_diffusers.config import from_dict
+
+from fixtures import TINY, write_mimic
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures import TINY
 from PIL import Image
 
 from lunggen_diffusers.config import from_dict
@@ -17,6 +16,8 @@ from lunggen_diffusers.data.chexpert import OBSERVATIONS, chexpert_dataset, find
 from lunggen_diffusers.data.splits import patient_splits
 from lunggen_diffusers.vocabulary import FINDINGS_COLUMN as FINDINGS
 from lunggen_diffusers.vocabulary import NO_FINDING
+
+from fixtures import TINY
 
 CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "chexpert" / "train.csv.gz"
 needs_real = pytest.mark.skipif(not CSV.is_file(), reason=f"real CheXpert metadata not found at {CSV}")
@@ -74,9 +75,9 @@ def test_a_chexpert_folder_keeps_frontal_images_and_valid_csv_as_the_test_split(
     assert ds["view_position"] == [r["AP/PA"] for r in frontal]
     assert ds["patient_id"][0] == "patient00001" and set(ds["patient_sex"]) <= {"M", "F"}
     splits = patient_splits(ds, from_dict({"validation_fraction": 0.2}).data)
-    test_patients = {p for p, s in zip(ds["patient_id"], splits) if s == "test"}
-    assert test_patients == {p for p, t in zip(ds["patient_id"], ds["official_test"]) if t}
-    assert not test_patients & {p for p, s in zip(ds["patient_id"], splits) if s != "test"}
+    test_patients = {p for p, s in zip(ds["patient_id"], splits, strict=True) if s == "test"}
+    assert test_patients == {p for p, t in zip(ds["patient_id"], ds["official_test"], strict=True) if t}
+    assert not test_patients & {p for p, s in zip(ds["patient_id"], splits, strict=True) if s != "test"}
 
 
 def test_missing_files_are_listed_and_too_many_is_one_line(tmp_path, caplog):

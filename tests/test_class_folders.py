@@ -5,14 +5,15 @@ import logging
 
 import numpy as np
 import pytest
-from fixtures import TINY
 from PIL import Image
 
-import pipeline
 from lunggen_diffusers.config import from_dict
 from lunggen_diffusers.data import registry
 from lunggen_diffusers.data.class_folders import is_class_folder_tree
 from lunggen_diffusers.vocabulary import NO_FINDING
+
+import pipeline
+from fixtures import TINY
 
 CLASSES = ("COVID-19", "Viral Pneumonia", "Normal")
 
@@ -36,7 +37,7 @@ def test_each_class_is_a_finding_and_normal_is_no_finding(kaggle, tmp_path, capl
     with caplog.at_level(logging.WARNING):
         ds, source = _source(kaggle, tmp_path)
     assert source == "a local folder of image classes" and len(ds) == 18
-    by_class = {cell["path"].split("/")[-2]: labels for cell, labels in zip(ds["image"], ds["finding_labels"])}
+    by_class = {cell["path"].split("/")[-2]: labels for cell, labels in zip(ds["image"], ds["finding_labels"], strict=True)}
     assert by_class == {"COVID-19": ["COVID-19"], "Viral Pneumonia": ["Viral Pneumonia"], "Normal": [NO_FINDING]}
     assert len(set(ds["patient_id"])) == 18  # image-wise: and the warning names the leak
     assert "each image is its own patient" in caplog.text and "flatters every test figure" in caplog.text

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from fixtures import TINY
 
 from lunggen_diffusers.cli import UsageError
 from lunggen_diffusers.generation.sampling import check_scheduler
+
+from fixtures import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]

@@ -1,14 +1,17 @@
 """Labels, the conditional pipeline and classifier-free guidance, on tiny random models."""
 
+import csv
 import json
 import random
+import shutil
 from collections import Counter
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-from fixtures import tiny_pipeline
+from PIL import Image
 
 from lunggen_diffusers import LungGenPipeline
 from lunggen_diffusers.config import parse_args
@@ -18,8 +21,15 @@ from lunggen_diffusers.data.conditioning import (
     prevalence,
 )
 from lunggen_diffusers.data.phantom import FINDINGS, phantom_dataset
+from lunggen_diffusers.generation.output_folder import save_images
+from lunggen_diffusers.generation.sampling import generate, load_pipeline
 from lunggen_diffusers.lunggen_pipeline import LabelSpace, guided_denoise
+from lunggen_diffusers.training import loop
+from lunggen_diffusers.training.diffusion import train
 from lunggen_diffusers.vocabulary import as_model_names
+
+import pipeline
+from fixtures import tiny_pipeline
 
 NIH_LIKE = {"findings": ["Cardiomegaly", "Effusion", "Pleural_Thickening"], "groups": {"view_position": ["AP", "PA"]},
             "combination_counts": {"view_position=PA": 60, "Cardiomegaly|view_position=AP": 30,
@@ -207,15 +217,6 @@ def test_bad_requests_are_one_clear_line():
 
 
 # ------------------------------------------------------------------ sampling a conditional model (sampling.py, CLI)
-import csv  # noqa: E402
-import shutil  # noqa: E402
-
-import huggingface_hub.constants  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import pipeline  # noqa: E402
-from lunggen_diffusers.generation.output_folder import save_images
-from lunggen_diffusers.generation.sampling import generate, load_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -364,8 +365,6 @@ def test_cli_no_finding_is_a_request(conditional_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ conditional training on the spine
-from lunggen_diffusers.training import loop
-from lunggen_diffusers.training.diffusion import train
 
 
 def test_conditional_training_exports_a_lunggen_pipeline_and_resumes_exactly(tiny_config, tmp_path, monkeypatch):

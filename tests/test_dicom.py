@@ -7,8 +7,6 @@ import logging
 
 import numpy as np
 import pytest
-from dicom_files import chest, dataset, gradient, structured_report, voi_lut, write
-from fixtures import TINY
 from pydicom.datadict import DicomDictionary
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
@@ -18,6 +16,9 @@ from lunggen_diffusers.data import dicom, folders
 from lunggen_diffusers.data.decode import decode_images, open_image
 from lunggen_diffusers.training.diffusion import train
 from lunggen_diffusers.utils import list_images
+
+from dicom_files import chest, dataset, gradient, structured_report, voi_lut, write
+from fixtures import TINY
 
 KEY = bytes(range(32))  # a fixed pseudonym key for tests that read headers
 
@@ -237,7 +238,7 @@ def test_evaluation_reads_a_dicom_folder_through_the_same_grey_pipeline(tmp_path
     source = load_source(str(tmp_path / "real"))
     images = source.read(range(len(source)), 32)
     assert images.shape == (2, 32, 32)
-    for image, name in zip(images, ["IM0002", "a.dcm"]):
+    for image, name in zip(images, ["IM0002", "a.dcm"], strict=True):
         assert np.array_equal(image, to_eval_image(dicom.read_image(tmp_path / "real" / name), 32))
 
 

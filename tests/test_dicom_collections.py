@@ -8,8 +8,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-from dicom_files import dataset, gradient, write
-from fixtures import TINY
 
 from lunggen_diffusers.config import from_dict
 from lunggen_diffusers.data import folders
@@ -20,6 +18,9 @@ from lunggen_diffusers.data.dicom_collections import (
     vindr_labels,
 )
 from lunggen_diffusers.vocabulary import NO_FINDING
+
+from dicom_files import dataset, gradient, write
+from fixtures import TINY
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VINDR, RSNA = SHARED / "vindr" / "train.csv.gz", SHARED / "rsna_pneumonia" / "stage_2_train_labels.csv.gz"
@@ -89,7 +90,7 @@ def test_a_vindr_folder_trains_a_finding_conditioned_model(tmp_path):
     for i, image_id in enumerate(chosen):  # VinDr's files are anonymised: no Patient ID in their headers
         write(dataset(gradient(seed=i), WindowCenter=2000, WindowWidth=4000), root / "train" / f"{image_id}.dicom")
     ds = folders.dicom_dataset(root, tmp_path / "report", labels)
-    assert dict(zip((Path(c["path"]).stem for c in ds["image"]), ds["finding_labels"])) == {i: labels[i] for i in chosen}
+    assert dict(zip((Path(c["path"]).stem for c in ds["image"]), ds["finding_labels"], strict=True)) == {i: labels[i] for i in chosen}
     config = from_dict({**TINY, "train_data_dir": str(root), "cache_dir": str(tmp_path / "cache"),
                         "output_dir": str(tmp_path / "out"), "condition_on": ["findings"], "max_train_steps": 2,
                         "train_batch_size": 2, "test_fraction": 0.1, "validation_fraction": 0.1})

@@ -10,7 +10,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from fixtures import tiny_pipeline
 from PIL import Image
 
 from lunggen_diffusers.data.phantom import phantom_dataset
@@ -19,6 +18,8 @@ from lunggen_diffusers.evaluation.run import EvaluationArguments, run_evaluation
 from lunggen_diffusers.generation import output_folder
 from lunggen_diffusers.generation.output_folder import save_images
 from lunggen_diffusers.generation.sampling import load_pipeline
+
+from fixtures import tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES, BATCH = 7, 2  # 4 batches: rank 0 makes images 0-3, rank 1 images 4-6

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from dicom_files import chest
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel
-from fixtures import tiny_pipeline
 from PIL import Image
 
 from lunggen_diffusers.data.phantom import draw_phantom
@@ -33,6 +31,9 @@ from lunggen_diffusers.generation.editing import (
 from lunggen_diffusers.hub import push_dataset
 from lunggen_diffusers.lunggen_pipeline import LungGenPipeline, predicted_original
 from lunggen_diffusers.reader_study.study import synthetic_pool
+
+from dicom_files import chest
+from fixtures import tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SOURCE, TARGET = [[], ["cardiomegaly"]], [["cardiomegaly"], []]

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import phantom_array, save_tiny_encoder
 from PIL import Image
 
 from lunggen_diffusers.cli import UsageError
@@ -30,6 +29,8 @@ from lunggen_diffusers.evaluation.metrics import (
     prdc,
 )
 from lunggen_diffusers.evaluation.run import split_halves
+
+from helpers import phantom_array, save_tiny_encoder
 
 
 @pytest.fixture(scope="module")

@@ -111,7 +111,7 @@ def test_the_pipeline_round_trip_same_images_both_ways_and_from_the_cli(latent_c
     # Batch-invariant as the pixel route is (test_sampling.py): CPU conv kernels differ in the last bits by batch
     # size, so the 16-bit images agree to within 1e-4 of full scale (7 of 65,535 levels), not exactly.
     assert runs[0][0].dtype == np.uint16
-    assert max(np.abs(x.astype(int) - y.astype(int)).max() for x, y in zip(*runs)) <= 7
+    assert max(np.abs(x.astype(int) - y.astype(int)).max() for x, y in zip(*runs, strict=True)) <= 7
 
 
 def test_a_conditional_latent_model_takes_findings(latent_config, tmp_path):
@@ -259,7 +259,7 @@ def test_autoencoder_crops_are_windows_of_the_image_never_mirrored():
     images = torch.randn(6, 1, 32, 32)
     crops = random_crops(images, 16)
     assert crops.shape == (6, 1, 16, 16) and random_crops(images, None) is images
-    for image, crop in zip(images[:, 0], crops[:, 0]):
+    for image, crop in zip(images[:, 0], crops[:, 0], strict=True):
         windows = image.unfold(0, 16, 1).unfold(1, 16, 1)  # every 16 x 16 window, (17, 17, 16, 16)
         assert (windows == crop).flatten(2).all(2).any()
         assert not (windows == crop.flip(-1)).flatten(2).all(2).any()

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from helpers import phantom_array, save_tiny_encoder
 
 from lunggen_diffusers.evaluation.features import get_extractor, pixel_features
 from lunggen_diffusers.evaluation.memorization import (
@@ -12,6 +11,8 @@ from lunggen_diffusers.evaluation.memorization import (
     ncc_search,
     top_matches,
 )
+
+from helpers import phantom_array, save_tiny_encoder
 
 SIZE = 64
 
@@ -112,7 +113,7 @@ def test_audit_catches_every_kind_of_planted_copy(audit_inputs):
     # No verdict here sits where rounding decides it (EPS below; measured on the AMD EPYC): every copy clears the
     # NCC threshold by > 190 EPS["ncc"], its NCC neighbour beats the next training image by > 0.03, and the
     # independent images' flagged fraction stays 0.5%-0.8% with every similarity moved by -2 or +2 EPS.
-    missed = [name for name, hit in zip(audit_inputs["names"], result.flagged[n:]) if not hit]
+    missed = [name for name, hit in zip(audit_inputs["names"], result.flagged[n:], strict=True) if not hit]
     assert not missed, f"planted copies not flagged: {missed}"
     np.testing.assert_array_equal(result.matched_index()[n:], audit_inputs["sources"])
     assert result.flagged[:n].mean() <= 0.03  # independent images: about 2 x 0.1% expected

@@ -4,7 +4,6 @@ every image of the study, frontal views, uncertainty policies, missing label fil
 import json
 
 import pytest
-from fixtures import TINY
 
 from lunggen_diffusers.cli import UsageError
 from lunggen_diffusers.config import from_dict
@@ -13,17 +12,19 @@ from lunggen_diffusers.data.mimic import mimic_dataset
 from lunggen_diffusers.data.splits import patient_splits
 from lunggen_diffusers.vocabulary import NO_FINDING
 
+from fixtures import TINY
+
 
 def test_official_split_frontal_views_and_study_labels(mimic):
     ds, left_out = mimic_dataset(mimic, "ones")
     assert len(ds) == 7 and [reason for _, reason in left_out] == ["view LATERAL"]
     by_image = {cell["path"].rsplit("/", 1)[1][:-4]: (labels, split) for cell, labels, split in
-                zip(ds["image"], ds["finding_labels"], patient_splits(ds, None))}
+                zip(ds["image"], ds["finding_labels"], patient_splits(ds, None), strict=True)}
     assert by_image == {
         "d0b71acc": ([NO_FINDING], "train"), "e8a9e0f5": (["Cardiomegaly", "Edema"], "train"),
         "096052b7": (["Effusion"], "validation"), "f8d2a4e1": (["Pneumonia"], "test"),
         "c4a5b6d7": (["Pneumonia"], "test"), "77aa88bb": (["Atelectasis"], "train"), "11cc22dd": (["Effusion"], "train")}
-    zeros = dict(zip((c["path"] for c in ds["image"]), mimic_dataset(mimic, "zeros")[0]["finding_labels"]))
+    zeros = dict(zip((c["path"] for c in ds["image"]), mimic_dataset(mimic, "zeros")[0]["finding_labels"], strict=True))
     assert sorted(map(tuple, zeros.values())).count((NO_FINDING,)) == 3  # the uncertain Pneumonia study, twice
     assert len(mimic_dataset(mimic, "ignore")[0]) == 4
 

@@ -114,7 +114,7 @@ def test_real_metadata_official_splits_are_patient_disjoint(real):
     assigned, method = splits.assign_splits(table, test_names, train_val_names, validation_fraction=0.1, seed=0)
     counts = Counter(assigned)
     assert counts["test"] == 25_596 and counts["train"] + counts["validation"] == 86_524
-    patients = {s: {p for p, t in zip(table["patient_id"], assigned) if t == s} for s in splits.SPLITS}
+    patients = {s: {p for p, t in zip(table["patient_id"], assigned, strict=True) if t == s} for s in splits.SPLITS}
     assert splits.check_patient_disjoint(patients) == {s: len(p) for s, p in patients.items()}
     assert len(patients["validation"]) == round(0.1 * (len(patients["train"]) + len(patients["validation"])))
     assert "official lists" in method
@@ -164,7 +164,7 @@ def test_every_layout_is_found(tmp_path, layout, fixture_table):
 def test_split_without_lists_hashes_patients(fixture_table):
     assigned, method = splits.assign_splits(fixture_table, validation_fraction=0.2, test_fraction=0.3, seed=0)
     assert "hash" in method and None not in assigned
-    by_split = {s: {p for p, t in zip(fixture_table["patient_id"], assigned) if t == s} for s in splits.SPLITS}
+    by_split = {s: {p for p, t in zip(fixture_table["patient_id"], assigned, strict=True) if t == s} for s in splits.SPLITS}
     splits.check_patient_disjoint(by_split)
     assert all(by_split.values())
     assert assigned == splits.assign_splits(fixture_table, validation_fraction=0.2, test_fraction=0.3, seed=0)[0]
@@ -321,7 +321,7 @@ def test_raw_folder_is_prepared_once_then_cached(nih_dir, tiny_config, tmp_path,
     assert ds[0]["image"].mode == "L" and ds[0]["image"].size == (32, 32)
     planned = nih.plan_nih(nih_dir, config.data).dataset
     broken = set(fixture_table["image_index"][4:6])
-    expected = [n for n, s in zip(planned["image_index"], planned["split"]) if s == "train" and n not in broken]
+    expected = [n for n, s in zip(planned["image_index"], planned["split"], strict=True) if s == "train" and n not in broken]
     assert len(ds) == len(expected) and set(planned["view_position"]) == {"PA"}
     monkeypatch.setattr(decode, "preprocess_image", lambda *a: pytest.fail("decoded again instead of reusing"))
     again, _ = build.build_dataset(config)
@@ -373,7 +373,7 @@ def test_an_image_folder_with_metadata_csv_is_split_by_patient(tiny_config, tmp_
     assert parts["train"].features["finding_labels"] == datasets.List(datasets.Value("string"))
     pa, _ = build.build_dataset(tiny_config(view_position="PA", include_findings=["Edema"], **config))
     train = parts["train"]
-    expected = [v == "PA" and "Edema" in f for v, f in zip(train["view_position"], train["finding_labels"])]
+    expected = [v == "PA" and "Edema" in f for v, f in zip(train["view_position"], train["finding_labels"], strict=True)]
     assert len(pa) == sum(expected) > 0 and pa[0]["image"].size == (32, 32)
     (root / lines[1].split(",")[0]).unlink()
     with pytest.raises(UsageError, match="1 of 60 images listed in metadata.csv are not under"):
@@ -480,7 +480,7 @@ def test_the_published_archive_ranges_on_the_real_metadata(real, tmp_path, caplo
     assert ranges["images_001"] == ("00000001_000.png", "00001335_006.png")
     assert ranges["images_012"][1] == "00030805_000.png"
     ordered = sorted(table["image_index"])
-    for (_, last), (first, _) in zip(list(ranges.values()), list(ranges.values())[1:]):
+    for (_, last), (first, _) in zip(list(ranges.values()), list(ranges.values())[1:], strict=True):
         assert ordered.index(first) == ordered.index(last) + 1  # consecutive, no gap, no overlap
 
     # images_001 alone, without its last file: that one is a failure, not part of an absent archive; a span of

@@ -47,8 +47,8 @@ def test_labels_and_views_count_as_the_csv_says():
                          ("pneumonia", "Pneumonia"), ("consolidation", "Consolidation"), ("COPD signs", "COPD signs")):
         assert got[ours] == sum(p is not None and theirs in p for p in parsed), theirs
     assert got[NO_FINDING] == sum(p is not None and not (p - {"normal", ""}) for p in parsed)
-    views = Counter(VIEWS.get(r["Projection"]) for r, p in zip(rows, parsed) if p is not None)
-    assert views["PA"] == 91728 - sum(r["Projection"] == "PA" and p is None for r, p in zip(rows, parsed))
+    views = Counter(VIEWS.get(r["Projection"]) for r, p in zip(rows, parsed, strict=True) if p is not None)
+    assert views["PA"] == 91728 - sum(r["Projection"] == "PA" and p is None for r, p in zip(rows, parsed, strict=True))
 
 
 def _padchest_folder(root, rows):
@@ -87,11 +87,12 @@ def test_a_padchest_folder_reads_its_16_bit_pngs_by_their_real_range(tmp_path):
 @needs_real
 def test_a_padchest_folder_prepares_and_trains_a_conditional_model(tmp_path):
     import datasets
-    from fixtures import TINY
 
     from lunggen_diffusers import LungGenPipeline
     from lunggen_diffusers.data import prepare
     from lunggen_diffusers.training.diffusion import train
+
+    from fixtures import TINY
 
     rows = [r for r in _rows()[:200] if r["Projection"] in VIEWS and _parsed(r["Labels"]) is not None][:40]
     root = _padchest_folder(tmp_path / "padchest", rows)

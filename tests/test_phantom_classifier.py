@@ -32,7 +32,7 @@ def test_training_is_deterministic(classifier):
         net, report = pc.train_classifier(TINY, progress=False)
     # Same seeds, same data order, fp32 on one machine: the weights agree to rounding; 1e-5 allows for a BLAS
     # kernel that splits a reduction differently between runs, far below what a different seed moves (~1e-1).
-    for (name, a), b in zip(net.state_dict().items(), classifier.net.state_dict().values()):
+    for (name, a), b in zip(net.state_dict().items(), classifier.net.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
     assert report == classifier.report
     images = _images(4, [])

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers.callbacks import PipelineCallback
-from fixtures import tiny_pipeline
 
 from lunggen_diffusers import LungGenPipeline, lunggen_pipeline
 from lunggen_diffusers.lunggen_pipeline import OUTPUT_TYPES, postprocess
+
+from fixtures import tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

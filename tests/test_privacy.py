@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from hub_stand_in import HubStandIn
 from huggingface_hub import HfApi
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -33,6 +32,8 @@ from lunggen_diffusers.generation.sampling import noise_seed
 from lunggen_diffusers.hub import push_dataset
 from lunggen_diffusers.hub.cli import main as hub_main
 from lunggen_diffusers.verifier import load_verifier
+
+from hub_stand_in import HubStandIn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SEED, SIZE, PER_PATIENT = 3, 48, 3.64

@@ -11,7 +11,6 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from fixtures import tiny_pipeline
 from PIL import Image
 
 from lunggen_diffusers import LungGenPipeline
@@ -30,6 +29,8 @@ from lunggen_diffusers.generation.sampling import (
     load_pipeline,
 )
 from lunggen_diffusers.lunggen_pipeline import postprocess
+
+from fixtures import tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from fixtures import tiny_pipeline
 from PIL import Image
 
 from lunggen_diffusers.data.phantom import phantom_dataset
@@ -29,6 +28,8 @@ from lunggen_diffusers.reader_study import analysis, store
 from lunggen_diffusers.reader_study.app import check_answer
 from lunggen_diffusers.reader_study.cli import main as reader_study_main
 from lunggen_diffusers.reader_study.study import create_study
+
+from fixtures import tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PHANTOM_LABELS = {"condition_on": ["findings"], "findings": ["cardiomegaly", "consolidation", "nodule",

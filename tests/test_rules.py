@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DModel
-from fixtures import TINY
 from huggingface_hub import HfApi
 
 from lunggen_diffusers.config import from_dict
@@ -16,6 +15,8 @@ from lunggen_diffusers.data.build import build_dataset, load_source
 from lunggen_diffusers.evaluation.memorization import Audit
 from lunggen_diffusers.hub import cli as hub_cli
 from lunggen_diffusers.training import diffusion as training
+
+from fixtures import TINY
 
 REPO_ID = "org/lunggen-rules"
 # Two optimizer steps of two accumulated batches, with augmentation, a checkpoint after each step and a push.
@@ -75,7 +76,7 @@ def test_augmented_training_input_is_never_mirrored(augmented_run):
     stored = stored / 127.5 - 1
     alphas = training.build_scheduler(config).alphas_cumprod
     assert len(seen) == len(noises) == 4  # 2 steps x 2 accumulated batches
-    for (sample, timesteps), noise in zip(seen, noises):
+    for (sample, timesteps), noise in zip(seen, noises, strict=True):
         a = alphas[timesteps].view(-1, 1, 1, 1)
         # Undo the noising. sample is fp32 with |values| < 6, so off by < 1e-6; dividing by sqrt(alpha_bar) >= 6e-3
         # (t = 999) leaves < 2e-4 per pixel, which moves a correlation of 1,024 pixels of spread ~0.4 by < 1e-3.

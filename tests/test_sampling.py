@@ -12,7 +12,6 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
-import pipeline
 from lunggen_diffusers.cli import UsageError
 from lunggen_diffusers.config import parse_args
 from lunggen_diffusers.generation import cli as generate_cli
@@ -27,6 +26,8 @@ from lunggen_diffusers.generation.sampling import (
     scheduler_code,
 )
 from lunggen_diffusers.training.model import build_scheduler
+
+import pipeline
 
 STEPS = 4
 

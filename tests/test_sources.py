@@ -6,11 +6,12 @@ import logging
 
 import numpy as np
 import pytest
-from fixtures import TINY
 from PIL import Image
 
 from lunggen_diffusers.config import from_dict, parse_args
 from lunggen_diffusers.data import build
+
+from fixtures import TINY
 
 
 @pytest.fixture
@@ -35,8 +36,8 @@ def test_two_sources_join_with_namespaced_patients_and_a_source_column(mimic, cl
         ds, summary = build.build_dataset(config)
     one = {name: len(build.build_dataset(from_dict({**config.to_dict(), "train_data_dir": [str(root)]}))[0])
            for name, root in (("mimic", mimic), ("class_folders", classes))}
-    assert dict(zip(*np.unique(ds["source"], return_counts=True))) == one  # each source's own train split, whole
-    assert all(p.startswith(f"{s}:") for p, s in zip(ds["patient_id"], ds["source"]))
+    assert dict(zip(*np.unique(ds["source"], return_counts=True), strict=True)) == one  # each source's own train split, whole
+    assert all(p.startswith(f"{s}:") for p, s in zip(ds["patient_id"], ds["source"], strict=True))
     assert summary.source == f"2 sources (mimic {one['mimic']}, class_folders {one['class_folders']} images)"
     assert "left out of the joined data: official_split, view_position" in caplog.text
     assert set(ds.column_names) == {"image", "patient_id", "finding_labels", "source"}

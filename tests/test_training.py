@@ -104,7 +104,7 @@ def test_the_unet_sees_the_stored_images_unmirrored(tiny_config, monkeypatch):
     train(tiny_config(max_train_steps=2, checkpointing_steps=2))
     alphas = training.build_scheduler(tiny_config()).alphas_cumprod
     assert len(seen) == 2 and len(stored) >= 2  # Accelerate reads one batch ahead
-    for pixels, (sample, timesteps) in zip(stored, seen):
+    for pixels, (sample, timesteps) in zip(stored, seen, strict=True):
         expected = pixels.float().unsqueeze(1) / 127.5 - 1
         clean = sample / alphas[timesteps].sqrt().view(-1, 1, 1, 1)
         # Elementwise fp32 arithmetic only (a scale, a multiply, a divide): a few ulps of values within [-1, 1].
@@ -137,9 +137,9 @@ def test_diffusion_loss_epsilon_v_and_min_snr_by_hand():
 
 
 def load_config_tiny():
-    from fixtures import TINY
-
     from lunggen_diffusers.config import from_dict
+
+    from fixtures import TINY
 
     return from_dict(TINY)
 

@@ -113,7 +113,7 @@ def test_weighted_auroc_equals_the_materialised_resample():
     scores = np.array([0.2, 0.2, 0.5, 0.9, 0.1, 0.9])
     weights = np.array([[1, 2, 0, 1, 3, 1], [0, 1, 1, 0, 1, 2], [1, 1, 1, 1, 1, 1]])
     got = weighted_auroc(labels, scores, weights)
-    for row, value in zip(weights, got):
+    for row, value in zip(weights, got, strict=True):
         copies = np.repeat(np.arange(len(labels)), row)
         assert value == pytest.approx(auroc(labels[copies], scores[copies]))
     # By hand, row 2 (1 = every image once): positives 0.2, 0.9, 0.1 vs negatives 0.2, 0.5, 0.9

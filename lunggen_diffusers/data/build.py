@@ -135,7 +135,8 @@ def _join_sources(config: Config) -> tuple[datasets.Dataset, str]:
         name = kind if kind not in names else f"{kind}-{sum(n.split('-')[0] == kind for n in names) + 1}"
         ds, _ = _prepare_one(config, root)
         if "patient_id" in ds.column_names:
-            ds = ds.map(lambda batch: {"patient_id": [f"{name}:{p}" for p in batch["patient_id"]]}, batched=True)
+            ds = ds.map(lambda batch, name=name: {"patient_id": [f"{name}:{p}" for p in batch["patient_id"]]},
+                        batched=True)
         parts.append(ds.add_column("source", [name] * len(ds)))
         names.append(name)
     common = [c for c in parts[0].column_names if all(c in p.column_names for p in parts)]
@@ -148,7 +149,7 @@ def _join_sources(config: Config) -> tuple[datasets.Dataset, str]:
         if len(kinds) > 1 and all(k.startswith(("int", "float")) for k in kinds):
             parts = [p.cast_column(column, datasets.Value("float32")) for p in parts]
     joined = datasets.concatenate_datasets([p.cast(parts[0].features) for p in parts])
-    counts = ", ".join(f"{n} {len(p):,}" for n, p in zip(names, parts))
+    counts = ", ".join(f"{n} {len(p):,}" for n, p in zip(names, parts, strict=True))
     logger.info("%d images from %d sources: %s", len(joined), len(parts), counts)
     joined.info.description = parts[0].info.description  # the prepared-images mark every part carries
     return joined, f"{len(parts)} sources ({counts} images)"

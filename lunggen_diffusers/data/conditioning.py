@@ -30,7 +30,7 @@ def label_config(dataset: datasets.Dataset, condition_on: list[str],
                  guidance_scale: float = DEFAULT_GUIDANCE_SCALE) -> dict:
     """The vocabulary (every label seen in `dataset`) and the count of each label combination."""
     columns = [CONDITION_COLUMNS[c] for c in condition_on]
-    missing = [c for c, column in zip(condition_on, columns) if column not in dataset.column_names]
+    missing = [c for c, column in zip(condition_on, columns, strict=True) if column not in dataset.column_names]
     if missing:
         raise UsageError(f"--condition_on {' '.join(missing)}: the training data has no "
                          f"{', '.join(CONDITION_COLUMNS[c] for c in missing)} column "

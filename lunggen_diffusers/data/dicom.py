@@ -10,7 +10,8 @@ The grey pipeline, in the standard's order (PS3.3 C.11.1, C.11.2, C.7.6.3.1.2):
     -> 8-bit grayscale (mode L) for the decode pass every source goes through.
 
 Headers carry names, birth dates, institutions, accession numbers: only KEPT_COLUMNS leave this module, with the
-patient pseudonymised (`patient_key`: HMAC under a key kept locally, `pseudonym_key`), and a skipped file is listed by its path and a reason, never a header value.
+patient pseudonymised (`patient_key`: HMAC under a key kept locally, `pseudonym_key`), and a skipped file is listed
+by its path and a reason, never a header value.
 Compressed transfer syntaxes decode through pydicom's plugins: pylibjpeg-libjpeg (JPEG baseline, extended,
 lossless, JPEG-LS), pylibjpeg-openjpeg (JPEG 2000) and pylibjpeg-rle (RLE; pydicom's own RLE decoder otherwise).
 """

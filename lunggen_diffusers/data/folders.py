@@ -122,7 +122,7 @@ def _listed_folder(root: Path) -> datasets.Dataset:
     if not rows or "file_name" not in rows[0]:
         raise UsageError(f"{root / METADATA_CSV}: needs a file_name column (image paths relative to the folder)")
     files = [str(root / row["file_name"]) for row in rows]
-    missing = [row["file_name"] for row, file in zip(rows, files) if not os.path.isfile(file)]
+    missing = [row["file_name"] for row, file in zip(rows, files, strict=True) if not os.path.isfile(file)]
     if missing:
         raise UsageError(
             f"{len(missing)} of {len(rows)} images listed in {METADATA_CSV} are not under {root}; "

@@ -162,7 +162,8 @@ def archive_ranges(names: Sequence[str]) -> dict[str, tuple[str, str]] | None:
         return None
     ordered = sorted(names)
     ends = itertools.accumulate(ARCHIVE_SIZES)
-    return {a: (ordered[end - size], ordered[end - 1]) for a, size, end in zip(ARCHIVES, ARCHIVE_SIZES, ends)}
+    return {a: (ordered[end - size], ordered[end - 1])
+            for a, size, end in zip(ARCHIVES, ARCHIVE_SIZES, ends, strict=True)}
 
 
 def sort_missing(

@@ -233,7 +233,7 @@ def _density(x, y, p, findings, edge):
                + 0.3 * vessels + 0.2 * hila + 0.1 * abdomen)
 
     # Breast shadows over the lower lung fields, densest at the inferior fold.
-    for side, size in zip((-1, 1), p["breast_size"]):
+    for side, size in zip((-1, 1), p["breast_size"], strict=True):
         if size:
             cx, cy = side * 0.47, p["dome_right"] - 0.05
             shadow = _ellipse(x, y, cx, cy, 0.3 * size, 0.22 * size, edge * 6) * _smoothstep((y - cy + 0.2) / 0.3)
@@ -414,7 +414,7 @@ def draw_study(seed: int, patient: int, study: int, resolution: int, finding_pro
 
 def _draw(rng, patient_rng, demographics, resolution, finding_prob, without, finding_prob_scale, finding_rng=None):
     scale = np.prod([(finding_prob_scale or {}).get(key, 1.0) for key in subgroups_of(demographics)])
-    findings = [f for f, draw in zip(FINDINGS, rng.random(len(FINDINGS))) if draw < finding_prob * scale]
+    findings = [f for f, draw in zip(FINDINGS, rng.random(len(FINDINGS)), strict=True) if draw < finding_prob * scale]
     shown = [f for f in findings if f not in without]
     return render_phantom(resolution, rng, shown, demographics, patient_rng, finding_rng), findings, demographics
 

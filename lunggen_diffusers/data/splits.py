@@ -71,12 +71,12 @@ def assign_splits(
         given = ((TEST_LIST, test_names), (TRAIN_VAL_LIST, train_val_names))
         lists = [name for name, listed in given if listed is not None]
         method = f"official lists ({', '.join(lists)})"
-    train_val_patients = sorted({p for p, t in zip(patients, is_test) if t is False})
+    train_val_patients = sorted({p for p, t in zip(patients, is_test, strict=True) if t is False})
     ranked = sorted(train_val_patients, key=lambda p: _unit_hash(f"{seed}:{p}"))
     validation = set(ranked[: round(validation_fraction * len(ranked))])
     splits = [
         None if t is None else "test" if t else "validation" if p in validation else "train"
-        for p, t in zip(patients, is_test)
+        for p, t in zip(patients, is_test, strict=True)
     ]
     return splits, method
 

@@ -95,7 +95,7 @@ def nodule_retention(vae, resolution: int, num_images: int = 32) -> float:
     drawn = a.astype(np.float64) - b
     kept = ra.astype(np.float64) - rb
     shares = []
-    for d, k in zip(drawn, kept):
+    for d, k in zip(drawn, kept, strict=True):
         mask = np.abs(d) >= 0.5 * np.abs(d).max()
         shares.append(float((k[mask] * np.sign(d[mask])).sum() / np.abs(d[mask]).sum()))
     return float(np.median(shares))

@@ -124,7 +124,8 @@ def _dataset_source(spec: str, root: Path, split: str | None) -> ImageSource:
 
 
 def load_source(spec: str) -> ImageSource:
-    """Open `spec`: an image folder (any of IMAGE_EXTENSIONS, recursive) or a saved dataset folder with an optional `:split`."""
+    """Open `spec`: an image folder (any of IMAGE_EXTENSIONS, recursive) or a saved dataset folder with an optional
+    `:split`."""
     path, split = split_spec(spec)
     if not path.is_dir():
         raise UsageError(f"{spec!r} is not a folder; expected an image folder or a saved dataset [PATH:SPLIT]")

@@ -148,7 +148,8 @@ class PhantomClassifier:
         self.device, self.batch_size = torch.device(device), batch_size
         self.identity = f"phantom-classifier-v{VERSION}:{settings.key()}"
         self.description = (f"phantom: {settings.feature_dim}-d penultimate layer of a CNN trained to read the "
-                            f"phantom's findings, laterality, sex, view and age ({settings.resolution} px, seed {settings.seed}, "
+                            f"phantom's findings, laterality, sex, view and age ({settings.resolution} px, "
+                            f"seed {settings.seed}, "
                             f"{settings.num_train} images, {settings.steps} steps)")
 
     @torch.inference_mode()

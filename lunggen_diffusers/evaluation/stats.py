@@ -1,6 +1,6 @@
-"""The statistics the evaluation, utility and reader-study reports share, in numpy and the standard library: AUROC by the rank
-formula and its patient bootstrap, Wilson intervals, the exact binomial test, Mann-Whitney U, Cohen's and Fleiss'
-kappa.
+"""The statistics the evaluation, utility and reader-study reports share, in numpy and the standard library: AUROC by
+the rank formula and its patient bootstrap, Wilson intervals, the exact binomial test, Mann-Whitney U, Cohen's and
+Fleiss' kappa.
 
 The bootstrap never copies images: resampling patients with replacement gives each image a weight (how often its
 patient was drawn), and the weighted Mann-Whitney statistic over tie groups equals the rank formula on the

@@ -133,7 +133,7 @@ def subgroup_report(real_features: np.ndarray, fake_features: np.ndarray, real_g
         r_rep, f_rep = _draw(everyone_real, patients, n_all, rng), rng.choice(everyone_fake, len(everyone_fake))
         if with_findings:
             everyone_gap = fake_findings[f_rep].mean(0) - real_findings[r_rep].mean(0)
-        for c, (group, value, real_rows, fake_rows) in enumerate(cells):
+        for c, (_, _, real_rows, fake_rows) in enumerate(cells):
             r_sub, f_sub = r_rep[np.isin(r_rep, real_rows)], f_rep[np.isin(f_rep, fake_rows)]
             if min(len(r_sub), len(f_sub)) < 2 * (k + 1):
                 continue

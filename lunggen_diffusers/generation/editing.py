@@ -102,7 +102,8 @@ class Editor:
         DDPM), so the sampler commits to one way of drawing a finding instead of the average of all of them.
         `correction` is DDPM inversion's for this step: it takes the place of the step's fresh noise at eta 1."""
         if correction is not None:
-            return self.scheduler.step(output, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample + correction
+            step = self.scheduler.step(output, t, x, eta=1.0, variance_noise=torch.zeros_like(x))
+            return step.prev_sample + correction
         return self.scheduler.step(output, t, x, eta=eta, generator=generator).prev_sample
 
     def both_ways(self, x0: torch.Tensor, num_draws: int, generator):
@@ -211,7 +212,7 @@ def auto_mask(pipe, image, source: Sequence, target: Sequence, num_draws: int = 
     peak = smooth.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
     mask = (smooth / peak > threshold).float()
     sites = torch.tensor([bool(one_site) or (one_site is None and adds_one_focal_site(before, after))
-                          for before, after in zip(source, target)])
+                          for before, after in zip(source, target, strict=True)])
     for k in torch.nonzero(sites).flatten().tolist():
         mask[k, 0] = _strongest_region(mask[k, 0], smooth[k, 0])
     side = images.shape[-1]
@@ -339,7 +340,7 @@ def edit(pipe, image, source: Sequence, target: Sequence, method: str = DEFAULT_
         region = None if keep is None else 1 - keep[todo]
         read = reads_target(pipe, edited[todo], [source[k] for k in todo], [target[k] for k in todo], region,
                             generator=generator)
-        todo = [k for k, done in zip(todo, read.tolist()) if not done]
+        todo = [k for k, done in zip(todo, read.tolist(), strict=True) if not done]
         if not todo:
             break
         scale += GUIDANCE_STEP

@@ -254,7 +254,7 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
                                               guidance_interval=interval, attempts=attempts,
                                               recorder=recorder if pending is mine else None):
                 verdicts = privacy_filter.judge(images) if privacy_filter else [{"reason": ""}] * len(batch)
-                for index, image, verdict in zip(batch, images, verdicts):
+                for index, image, verdict in zip(batch, images, verdicts, strict=True):
                     seed_used = noise_seed(seed, index, attempts[index])
                     if verdict["reason"]:
                         rejected_writer.writerow({"index": index, "attempt": attempts[index], "noise_seed": seed_used,

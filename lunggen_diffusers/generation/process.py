@@ -66,7 +66,7 @@ class DenoisingRecorder(PipelineCallback):
             if vae is not None:  # the latent route: both shown as the autoencoder decodes them
                 x = decode_latents(vae, x.to(vae.dtype))
             panels.append(postprocess(x, "np"))
-        rows = [np.concatenate([noisy, clean], axis=1) for noisy, clean in zip(*panels)]
+        rows = [np.concatenate([noisy, clean], axis=1) for noisy, clean in zip(*panels, strict=True)]
         pixels = np.round(np.concatenate(rows, axis=0)[..., 0] * 255).astype(np.uint8)
         self.frames.append(captioned(Image.fromarray(pixels), f"SYNTHETIC step {step_index + 1} t={int(timestep)}"))
         self.steps.append(step_index)

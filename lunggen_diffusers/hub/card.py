@@ -144,7 +144,7 @@ def _conditioning(labels: dict) -> dict:
     total = sum(space.counts.values())
     shares = prevalence(labels) if total else {}
     findings_of = [set(combination.split("|")) & set(space.findings) for combination in space.counts]
-    no_finding = sum(count for count, found in zip(space.counts.values(), findings_of) if not found)
+    no_finding = sum(count for count, found in zip(space.counts.values(), findings_of, strict=True) if not found)
     return {
         "findings": space.findings, "groups": space.groups, "total": total, "shares": shares,
         "no_finding_share": no_finding / total if total else None,
@@ -208,7 +208,8 @@ def _context(folder: Path, manifest: dict, summary: dict | None, model_id: str, 
         "res": latent["side"] * latent["factor"] if latent else unet["sample_size"],
         "channels": 1, "steps": steps, "scheduler": scheduler,
         # pipeline.py's default sampler (chosen on benchmarks/sampler_benchmark.py), as plain diffusers code.
-        "sampler": dict(zip(("cls", "code"), scheduler_code(DEFAULT_SCHEDULER, scheduler)), name=DEFAULT_SCHEDULER,
+        "sampler": dict(zip(("cls", "code"), scheduler_code(DEFAULT_SCHEDULER, scheduler), strict=True),
+                        name=DEFAULT_SCHEDULER,
                         steps=min(DEFAULT_STEPS, max(1, steps // 2))),
         "samples": (folder / SAMPLES).is_file(), "denoising": (folder / DENOISING_GIF).is_file(),
         "training_progress": (folder / TRAINING_PROGRESS_GIF).is_file(), "nih": nih, "phantom": phantom,

@@ -44,7 +44,8 @@ ALLOW_PATTERNS = [
     "samples/*.png", DENOISING_GIF, TRAINING_PROGRESS_GIF,
 ]
 # Belt and braces under the allow-list: what must never leave the machine even if a pattern above widens.
-IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "eval/*", "autoencoder/*", "cache/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle",
+IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "eval/*", "autoencoder/*", "cache/*", "*.bin", "*.pt", "*.pth", "*.ckpt",
+                   "*.pkl", "*.pickle",
                    "*memorized_patients*", "*reidentified_patients*", "*nearest_pairs*", "*gallery.npz",
                    f"*{PHI_DIGESTS}"]
 LOCAL = "<local>"

@@ -152,7 +152,8 @@ def add_image(db: sqlite3.Connection, image_id: str, origin: str, arm: str | Non
 def add_reader(db: sqlite3.Connection, name: str, years: float | None, token: str, seed: int,
                order: list[tuple[str, int, int]]) -> None:
     """A reader and their order: (image ID, repeat, practice) per position."""
-    cursor = db.execute("INSERT INTO readers (name, years, token, seed) VALUES (?, ?, ?, ?)", (name, years, token, seed))
+    cursor = db.execute("INSERT INTO readers (name, years, token, seed) VALUES (?, ?, ?, ?)",
+                        (name, years, token, seed))
     db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?)",
                    [(cursor.lastrowid, k, image, rep, prac) for k, (image, rep, prac) in enumerate(order)])
 

@@ -80,7 +80,8 @@ def random_crops(images: torch.Tensor, size: int | None) -> torch.Tensor:
     if size is None or size == images.shape[-1]:
         return images
     corners = torch.randint(0, images.shape[-1] - size + 1, (len(images), 2))
-    return torch.stack([image[:, y:y + size, x:x + size] for image, (y, x) in zip(images, corners.tolist())])
+    return torch.stack([image[:, y:y + size, x:x + size]
+                        for image, (y, x) in zip(images, corners.tolist(), strict=True)])
 
 
 def reconstruction_loss(model: Reconstruction, images: torch.Tensor, kl_weight: float,

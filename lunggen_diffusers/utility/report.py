@@ -125,7 +125,7 @@ def card_section(result: dict) -> str:
 def report_markdown(result: dict) -> str:
     positives = result["data"]["test_positives"]
     runs = [[name, seed, step, f"{value:.3f}"] for name, r in result["runs"].items()
-            for seed, step, value in zip(r["seeds"], r["best_steps"], r["best_validation"])]
+            for seed, step, value in zip(r["seeds"], r["best_steps"], r["best_validation"], strict=True)]
     return "\n".join([
         "# Downstream utility: train on synthetic, test on real",
         "",

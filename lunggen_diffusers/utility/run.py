@@ -45,8 +45,8 @@ class UtilityArguments:
                                                                  "card_section.md and the runs."})
     classifier: str = field(default="resnet", metadata={"help": "resnet (transformers ResNet) or linear (a probe "
                                                                 "on --features)."})
-    features: str = field(default="pixels", metadata={"help": "Linear probe: a feature extractor of "
-                                                              "lunggen_diffusers.evaluation.features (pixels, raddino)."})
+    features: str = field(default="pixels", metadata={
+        "help": "Linear probe: a feature extractor of lunggen_diffusers.evaluation.features (pixels, raddino)."})
     feature_model: str | None = field(default=None, metadata={"help": "Linear probe: the extractor's model (Hub id "
                                                                       "or folder)."})
     model_name_or_path: str | None = field(default=None, metadata={

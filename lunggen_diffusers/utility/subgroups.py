@@ -56,7 +56,7 @@ def subgroup_summary(labels: np.ndarray, patients: list[str], groups: dict[str, 
     figures = {}
     for name, runs in scores.items():
         under = np.stack([_underdiagnosed(labels, s, youden_thresholds(validation_labels, v))
-                          for s, v in zip(runs, validation_scores[name])])  # (seeds, N)
+                          for s, v in zip(runs, validation_scores[name], strict=True)])  # (seeds, N)
         boot_auc = {key: [] for key in ["all", *range(len(cells))]}
         boot_under = {key: [] for key in ["all", *range(len(cells))]}
         for chunk in patient_weights(patients, num_resamples, seed):  # the same resamples for every regime
@@ -70,7 +70,7 @@ def subgroup_summary(labels: np.ndarray, patients: list[str], groups: dict[str, 
         boot_auc = {k: np.concatenate(v) for k, v in boot_auc.items()}
         boot_under = {k: np.concatenate(v) for k, v in boot_under.items()}
 
-        def macro(rows):
+        def macro(rows, runs=runs):
             return float(np.nanmean([auroc(labels[rows, k], s[rows, k]) for s in runs
                                      for k in range(labels.shape[1])]))
 
