@@ -207,3 +207,22 @@ def test_the_readmes_generation_commands_run_on_a_tiny_stand_in(stand_ins, tmp_p
         assert len(list((tmp_path / args.output_dir).glob("*.png"))) == args.num_images + 1, argv  # + grid.png
         ran += 1
     assert ran == 2  # the plain and the conditional example
+
+
+@pytest.mark.parametrize("name", ["demo", "lunggen-256"])
+def test_the_presets_table_says_what_the_presets_set(name):
+    """The figures of docs/configuration.md's table, read from its row and held against the preset and the UNet it
+    builds: a preset changed without the page (the demo's steps were once left at 800) turns this red."""
+    from lunggen_diffusers.training.model import build_unet
+
+    row = next(line for line in (REPO / "docs" / "configuration.md").read_text().splitlines()
+               if line.startswith(f"| `{name}`"))
+    config = parse_config(["--preset", name])
+    d, m, t = config.data, config.model, config.training
+    assert f"{d.resolution} px" in row
+    assert f"UNet ({', '.join(map(str, m.block_out_channels))})" in row
+    params = sum(p.numel() for p in build_unet(config).parameters()) / 1e6
+    assert f"{params:.1f} M params" in row, params
+    if name == "demo":
+        assert f"{d.num_phantom_images:,} images" in row
+        assert f"{t.max_train_steps:,} steps, batch {t.train_batch_size}" in row

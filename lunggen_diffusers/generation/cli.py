@@ -41,10 +41,9 @@ class SamplingArguments:
     output_dir: str = field(metadata={"help": "Folder for the PNGs, grid.png and manifest.csv (resumable)."})
     num_images: int = field(default=16, metadata={"help": "How many images to generate."})
     scheduler: str = field(default=DEFAULT_SCHEDULER, metadata={
-        "help": f"One of {', '.join(SCHEDULERS)}. The default, {DEFAULT_SCHEDULER} at {DEFAULT_STEPS} steps, was "
-                "chosen on benchmarks/HISTORY.md's sampler tables: 0.75-0.92x DDPM-1000's distance on features that "
-                "see anatomy, every heart on the correct side, at 38-39x its speed; ddpm at 1000 steps is the "
-                "reference."})
+        "help": f"One of {', '.join(SCHEDULERS)}. The default, {DEFAULT_SCHEDULER} at {DEFAULT_STEPS} steps, is the "
+                "sampler benchmark's choice against ddpm at 1000 steps, the reference (figures: "
+                "benchmarks/README.md)."})
     num_inference_steps: int = field(default=DEFAULT_STEPS, metadata={"help": "Denoising steps (model evaluations; "
                                                                                "ddpm: 1000 for the reference)."})
     batch_size: int = field(default=16, metadata={"help": "Images per forward pass (does not change the images)."})
@@ -67,10 +66,8 @@ class SamplingArguments:
         "help": "Classifier-free guidance (1 = none); default: the model's recommended scale."})
     guidance_interval: list[int] | None = field(default=None, metadata={
         "help": "Conditional models: the lowest and highest training timestep to guide at, the conditional model "
-                "alone elsewhere (Kynkaanniemi et al. 2024). 82 579 (sigma 0.28 to 5.4 on the linear schedule) took "
-                "the conditional demo's distance at guidance 2 from 77.0 to 69.0 and cost 1.46x, not 1.9x, of "
-                "unguided sampling, with consolidation asked for drawn in 0.94 against 0.97 "
-                "(benchmarks/HISTORY.md). Default: every step."})
+                "alone elsewhere (Kynkaanniemi et al. 2024), e.g. 82 579: what it does on the conditional demo is "
+                "in benchmarks/README.md. Default: every step."})
     sex: str | None = field(default=None, metadata={
         "help": "Models conditioned on patient_sex: M or F for every image (with --findings, or --labels_from "
                 "drawing the findings of that group)."})

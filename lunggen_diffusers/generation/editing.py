@@ -24,7 +24,7 @@ disagree most, so the finding goes to one site.
 An edit the model itself still reads as its source (`reads_target`: its noise is predicted better under the source's
 labels than the target's, inside the mask; a diffusion classifier, Li et al. 2023) is taken again with the same noise
 at a higher guidance (`guidance_rise`): on the demo, an added consolidation the edit missed was one where nothing was
-drawn, and another seed missed it again on 7 patients of 8 (benchmarks/HISTORY.md).
+drawn, and another seed mostly missed it again (benchmarks/HISTORY.md, "Counterfactual editing").
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ DEFAULT_STRENGTH = {"ddpm-inversion": 0.8, "ddim-inversion": 0.8, "sdedit": 0.6,
 # DEFAULT_GUIDANCE_RISE above the guidance asked for (`edit(..., guidance_rise=)`).
 GUIDANCE_STEP = 0.5
 DEFAULT_GUIDANCE_RISE = 1.0
-# The noise level of that read (timestep 381 of 1,000): on the demo, where it told the added consolidations the
+# The noise level of that read, as a share of the schedule: on the demo, where it told the added consolidations the
 # phantom classifier reads from the ones it does not best (benchmarks/HISTORY.md).
 CHECK_STRENGTH = 0.4
 # diffusers' own image and mask handling, kept grey and in [0, 1]; masks binarised at 0.5.
@@ -200,7 +200,7 @@ def auto_mask(pipe, image, source: Sequence, target: Sequence, num_draws: int = 
     connected region with the most difference, without the margin; None: for the images whose edit adds focal
     findings only (`adds_one_focal_site`).
 
-    The threshold is DiffEdit's 0.5 lowered to 0.35: at 0.5 the mask covered about 40% of where the true
+    The threshold is DiffEdit's 0.5 lowered to 0.35: at 0.5 the mask covered too little of where the true
     counterfactual differs on the phantom, and what it leaves out cannot change (benchmarks/HISTORY.md)."""
     images = IMAGES.preprocess(image).float().cpu()
     x0 = to_model(pipe, images)
@@ -221,7 +221,7 @@ def auto_mask(pipe, image, source: Sequence, target: Sequence, num_draws: int = 
     # A margin of 1/32 of the side (2 pixels at 64): the finding's soft edge belongs to the edit, and so do the thin
     # corners the smoothing drops (an effusion's costophrenic angles, which left as dark slivers read as breast folds).
     # Not at one site: the model places the finding there itself, the site is its whole extent, and a margin only
-    # let it grow (1.5 times a true consolidation's area, benchmarks/HISTORY.md).
+    # let it grow past a true consolidation's area (benchmarks/HISTORY.md).
     margin = max(1, side // 32)
     grown = F.max_pool2d(mask, 2 * margin + 1, stride=1, padding=margin)
     grown[sites] = mask[sites]

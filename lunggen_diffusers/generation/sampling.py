@@ -47,10 +47,9 @@ class StochasticDDIMScheduler(DDIMScheduler):
 # name: (class, config overrides, keyword arguments of every step). Order 3 is what diffusers' docs recommend for
 # unconditional sampling (2 for guided sampling); few-step runs keep lower_order_final (the default) so the last
 # steps stay stable. "trailing" spacing starts at the last training timestep, where "leading" (diffusers' DDIM
-# default) starts short of pure noise (Lin et al. 2024). Tried on the demo and left out (benchmarks/HISTORY.md,
-# "Samplers"): Euler ancestral (no x0 clip in diffusers; Fréchet distance on the phantom classifier's features 195
-# at 25 steps, against 154 for dpmsolver++-sde) and Heun (diverges on the clipped pixel models: 602 at 13 steps,
-# noise read as a nodule in 0.99 of images).
+# default) starts short of pure noise (Lin et al. 2024). Tried on the demo and left out, with the figures in
+# benchmarks/HISTORY.md ("Samplers"): Euler ancestral (diffusers clips no x0 there) and Heun (diverges on the
+# clipped pixel models).
 SCHEDULERS = {
     "ddpm": (DDPMScheduler, {}, {}),
     "ddim": (DDIMScheduler, {}, {}),
@@ -66,15 +65,10 @@ SCHEDULERS = {
     "dpmsolver++-3m-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, {}),
     "unipc": (UniPCMultistepScheduler, {"solver_order": 3}, {}),
 }
-# Third-order SDE-DPM-Solver++, 25 steps, chosen on the #28 tables (benchmarks/HISTORY.md, "Samplers"), measured
-# against DDPM-1000 at 512 images on three models. On the demo recipe trained 9,600 steps it meets every goal a
-# sampler can meet there: Fréchet distance on the phantom classifier's features 1.07x DDPM-1000's, every finding
-# within 0.027 of DDPM-1000's share, the heart on the correct side in every image, 38x faster (at 3,200 steps of the
-# recipe before: 0.92x, 0.020). On the README demo it is the closest 25-step row (0.75x) and draws every heart on
-# the correct side, cardiomegaly and effusion at the held-out shares, but no sampler there is within 0.03 of
-# DDPM-1000's census (the default: 0.049, in nodules).
-# Stochastic steps wash out errors an under-trained model's ODE keeps; DDIM-20 (the default before) drew effusion
-# 0.06 over DDPM-1000. It needs nothing but a scheduler swap in plain diffusers (the card shows how).
+# Third-order SDE-DPM-Solver++, 25 steps: the sampler benchmark's choice against DDPM-1000 on features that see
+# anatomy (its figures: benchmarks/README.md, the tables behind them: benchmarks/HISTORY.md, "Samplers").
+# Stochastic steps wash out errors an under-trained model's ODE keeps. It needs nothing but a scheduler swap in
+# plain diffusers (the card shows how).
 DEFAULT_SCHEDULER, DEFAULT_STEPS = "dpmsolver++-3m-sde", 25
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LABELS_FROM = ("train",)
