@@ -162,7 +162,7 @@ def load_verifier(folder: str | Path, device: str = "cpu") -> PatientVerifier:
     folder = Path(folder)
     if not is_verifier(folder):
         raise UsageError(f"{folder}: not a patient verifier (no {CONFIG} and {WEIGHTS}); train one with "
-                                "`python -m lunggen_diffusers.evaluate --reid FOLDER --train ... --real ...`")
+                         "`python -m lunggen_diffusers.evaluate --reid FOLDER --train ... --real ...`")
     config = json.loads((folder / CONFIG).read_text())
     net = VerifierNet(config["width"], config["dim"], config.get("in_features", 0))
     net.load_state_dict(load_file(folder / WEIGHTS))

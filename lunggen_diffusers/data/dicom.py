@@ -95,7 +95,7 @@ def pseudonym_key(path: str | Path | None = None) -> bytes:
         found = Path(path)
         if not found.is_file():
             raise UsageError(f"--pseudonym_key {path}: no such file (make one with python -c \"import secrets; "
-                                    f"open('team.key', 'wb').write(secrets.token_bytes(32))\")")
+                             f"open('team.key', 'wb').write(secrets.token_bytes(32))\")")
         key = found.read_bytes()
         if len(key) < MIN_KEY_BYTES:
             raise UsageError(f"--pseudonym_key {path}: {len(key)} bytes; a key needs at least {MIN_KEY_BYTES} random "

@@ -49,7 +49,7 @@ def report_from_args(args: AutoencoderReportArguments) -> dict:
     config_path = args.config or os.path.join(args.vae, "training_config.json")
     if not os.path.isfile(config_path):
         raise UsageError(f"--config {config_path}: no such file (give the run's config: it says which data "
-                                "and resolution to judge on)")
+                         "and resolution to judge on)")
     config = load_config(config_path)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, vae=args.vae, latent=True))
     vae = load_autoencoder(args.vae).to(pick_device(args.device)).eval()
