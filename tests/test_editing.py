@@ -341,8 +341,6 @@ def test_lunggen_edit_writes_marked_edits_named_by_hash_and_a_manifest_without_n
     ("conditional", [], "give --add or --remove"),
     ("conditional", ["--add", "Cardiomegaly", "--remove", "Cardiomegaly"], "both added and removed"),
     ("conditional", ["--add", "Cardiomegaly", "--mask", "{mask}"], "give a mask of the images' size (16x16)"),
-    ("conditional", ["--add", "Cardiomegaly", "--method", "blend"], "--method 'blend'"),
-    ("conditional", ["--add", "Nodule", "--mask", "auto", "--mask_sites", "two"], "--mask_sites 'two': one of auto"),
     ("conditional", ["--add", "Nodule", "--mask_sites", "one"], "--mask_sites one chooses among the auto mask's"),
     ("conditional", ["--add", "Nodule", "--guidance_rise", "-1"], "guidance_rise -1.0: give 0 (never) or more"),
 ])
@@ -356,6 +354,14 @@ def test_lunggen_edit_refuses_in_one_line(models, tmp_path, capsys, model, extra
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
     assert not (tmp_path / "out" / "manifest.csv").exists()
+
+
+@pytest.mark.parametrize("extra, value", [(["--method", "blend"], "blend"), (["--mask_sites", "two"], "two")])
+def test_lunggen_edit_offers_its_choices_to_argparse(models, tmp_path, capsys, extra, value):
+    with pytest.raises(SystemExit) as exit_info:
+        edit_main(["--model", str(models / "conditional"), "--input", str(tmp_path), "--output_dir", str(tmp_path),
+                   "--add", "Nodule", *extra])
+    assert exit_info.value.code == 2 and f"invalid choice: '{value}'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, cell", [([], "auto (one site)"), (["--mask_sites", "all"], "auto (all sites)")])

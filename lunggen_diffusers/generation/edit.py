@@ -18,6 +18,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from .editing import (
     DEFAULT_STRENGTH,
     EDIT_STEPS,
     GUIDANCE_STEP,
-    METHODS,
+    Method,
     adds_one_focal_site,
     auto_mask,
     edit,
@@ -71,7 +72,7 @@ class EditArguments:
     sex: str | None = field(default=None, metadata={"help": "Models conditioned on sex: the patient's (M or F)."})
     age: float | None = field(default=None, metadata={"help": "Models conditioned on age: the patient's, in years."})
     view: str | None = field(default=None, metadata={"help": "Models conditioned on the view: PA or AP."})
-    method: str = field(default=DEFAULT_METHOD, metadata={"help": f"One of {', '.join(METHODS)}."})
+    method: Method = field(default=DEFAULT_METHOD)
     strength: float | None = field(default=None, metadata={
         "help": "How far up the noise schedule the edit starts, in (0, 1]; default per method "
                 f"({', '.join(f'{k} {v}' for k, v in DEFAULT_STRENGTH.items())})."})
@@ -87,7 +88,7 @@ class EditArguments:
         "help": "Where the image may change: a grey PNG of the image's size (white = may change), or `auto` "
                 "(DiffEdit: where the model's predictions under the source and target labels disagree). Outside "
                 "it the source stays exactly."})
-    mask_sites: str = field(default="auto", metadata={
+    mask_sites: Literal["auto", "one", "all"] = field(default="auto", metadata={
         "help": "With --mask auto: `one` keeps only the region where the predictions disagree most, `all` every "
                 "region; `auto` one when the edit only adds focal findings (a consolidation, nodule or mass sits at "
                 "one site), else all."})
@@ -154,16 +155,12 @@ def _stretch(difference: np.ndarray) -> np.ndarray:
 
 
 def edit_from_args(args: EditArguments) -> list[dict]:
-    if args.method not in METHODS:
-        raise UsageError(f"--method {args.method!r}: one of {', '.join(METHODS)}")
     if args.num_inference_steps < 1:
         raise UsageError(f"--num_inference_steps {args.num_inference_steps}: give 1 or more")
     state = process_state()
     pipe, revision = load_pipeline(args.model, device=args.device or process_device(state))
     source, target = labels_of(pipe, args)
     side = image_side(pipe)
-    if args.mask_sites not in SITES:
-        raise UsageError(f"--mask_sites {args.mask_sites!r}: one of {', '.join(SITES)}")
     if args.mask_sites != "auto" and args.mask != "auto":
         raise UsageError(f"--mask_sites {args.mask_sites} chooses among the auto mask's regions: give --mask auto")
     one_site = SITES[args.mask_sites]

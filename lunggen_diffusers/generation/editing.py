@@ -30,6 +30,7 @@ drawn, and another seed mostly missed it again (benchmarks/HISTORY.md, "Counterf
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,8 @@ from ..lunggen_pipeline import (
 from ..vocabulary import FOCAL_FINDINGS, canonical_finding
 from .sampling import StochasticDDIMScheduler
 
-METHODS = ("ddpm-inversion", "ddim-inversion", "sdedit", "repaint")
+Method = Literal["ddpm-inversion", "ddim-inversion", "sdedit", "repaint"]
+METHODS = get_args(Method)
 DEFAULT_METHOD = "ddpm-inversion"
 EDIT_STEPS = 50  # of the whole noise schedule; an edit takes the last `strength` of them
 DEFAULT_STRENGTH = {"ddpm-inversion": 0.8, "ddim-inversion": 0.8, "sdedit": 0.6, "repaint": 1.0}
