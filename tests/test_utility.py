@@ -367,7 +367,9 @@ def test_a_subgroup_with_no_underdiagnosed_image_is_not_flagged_better():
     scores = runs[0][0].copy()
     scores[few] = labels[few] * 10  # 25 patients the classifier calls right
     groups = {"patient_sex": ["few" if i in set(few) else "rest" for i in range(1200)]}
-    summary = subgroup_summary(labels, patients, groups, {"real": [scores]}, 200, 0, *_validation())
+    validation_labels, validation_scores = _validation()
+    summary = subgroup_summary(labels, patients, groups, {"real": [scores]}, 200, 0, validation_labels,
+                               {"real": validation_scores["real"][:1]})  # the one run's own validation scores
     entry = summary["groups"]["patient_sex"]["few"]["real"]
     assert entry["underdiagnosis"] == 0 and np.isnan(entry["underdiagnosis_gap_interval"][0])
     assert "patient_sex=few real: underdiagnosis" not in summary["flagged"]
