@@ -145,7 +145,7 @@ def test_raddino_extractor_loads_by_path_and_returns_the_cls_embedding(encoder_p
 
 def test_inception_without_its_extra_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # importing it now fails, installed or not
-    with pytest.raises(ImportError, match="pip install torch-fidelity"):
+    with pytest.raises(UsageError, match="pip install torch-fidelity"):
         get_extractor("inception")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..cli import UsageError, parse_args, run
+from ..cli import parse_args, run
 from ..runtime import end_processes
 from .run import EvaluationArguments, run_evaluation
 
@@ -25,10 +25,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _report(args: EvaluationArguments) -> dict | None:
-    try:
-        report = run_evaluation(args)
-    except ImportError as exc:  # a missing optional extra (inception) is a user's setup choice, not a crash
-        raise UsageError(str(exc)) from None
+    report = run_evaluation(args)
     if report is None:  # not the main process: it wrote nothing and has nothing to say
         return None
     fake_vs_real, floor = report["metrics"]["fake_vs_real"], report["metrics"]["real_vs_real"]

@@ -77,7 +77,7 @@ def _inception(weights_path: str | None, device: str, batch_size: int) -> Extrac
             FeatureExtractorInceptionV3,
         )
     except ImportError:
-        raise ImportError(f"--features inception needs the optional torch-fidelity package: {INCEPTION_INSTALL}") \
+        raise UsageError(f"--features inception needs the optional torch-fidelity package: {INCEPTION_INSTALL}") \
             from None
     model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_path)
     model = model.to(device).eval()
