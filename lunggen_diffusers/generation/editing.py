@@ -71,7 +71,7 @@ class Editor:
     image-to-image pipelines cut theirs."""
 
     def __init__(self, pipe, source, target, guidance_scale, num_inference_steps, strength):
-        self.pipe, self.unet = pipe, pipe.unet
+        self.unet = pipe.unet
         device = self.unet.device
         self.source, _ = pipe.encode(source, len(source), device)
         self.target, self.null = pipe.encode(target, len(target), device)
