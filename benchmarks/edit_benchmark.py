@@ -16,6 +16,12 @@ labelled test set (adds each finding to normals, removes it from positives) and 
 and specificity on the originals and on the edits, as RadEdit stress-tests a classifier.
 
     python benchmarks/edit_benchmark.py --model cond-demo --picture docs/edit_examples.png --stress
+
+A text model (`--condition_on report`) is edited with prompts instead: adding a finding, from the empty prompt to the
+sentence a report would write of this patient's true finding (its side, zone and size: "Consolidation in the left
+lower zone."); removing it, from that sentence to its negation ("No consolidation.").
+
+    python benchmarks/edit_benchmark.py --model text-demo --findings consolidation
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from lunggen_diffusers.data.phantom import FINDINGS, draw_phantom  # noqa: E402
+from lunggen_diffusers.data.reports import FINDING_SENTENCES, NEGATIONS, TRAIN, fill  # noqa: E402
 from lunggen_diffusers.evaluation.metrics import ssim_map  # noqa: E402
 from lunggen_diffusers.evaluation.phantom_classifier import (  # noqa: E402
     BINARY_OUTPUTS,
@@ -59,6 +66,14 @@ HELD_OUT_SEED = 12345  # as sampler_benchmark.py: the demo trains on seed 0
 GOALS = {"success": 0.90, "outside_mae": 2.0, "outside_ssim": 0.98, "inside_ratio": 0.5, "kept": 0.99}
 GOAL_FINDINGS = ("cardiomegaly", "pleural_effusion", "consolidation")
 SSIM_WINDOW = 7
+
+
+def true_sentences(finding: str, num: int, side: int, start: int) -> tuple[list[str], str]:
+    """(each patient's sentence of its true `finding`, in the first trained wording; the finding's negation)."""
+    facts = [draw_phantom(HELD_OUT_SEED, start + i, side, 1.0, facts=True)[3][finding] for i in range(num)]
+    template = FINDING_SENTENCES[finding][TRAIN][0]
+    return [fill(template, {k: v for k, v in f.items() if isinstance(v, str)}) for f in facts], \
+        NEGATIONS[finding][TRAIN][0]
 
 
 def pairs(finding: str, num: int, side: int, start: int, finding_draw: int | None = None
@@ -105,13 +120,15 @@ def measure(source, edited, truth, inside, read_source, read_edited, read_truth,
 
 
 def run_edits(pipe, images, source, target, method, strength, scale, steps, mask_kind, truth_masks, batch, seed,
-              eta=0.0, guidance_rise=DEFAULT_GUIDANCE_RISE) -> tuple[np.ndarray, np.ndarray]:
+              eta=0.0, guidance_rise=DEFAULT_GUIDANCE_RISE, per_image=False) -> tuple[np.ndarray, np.ndarray]:
     """(the edited images, uint8 (N, side, side); the guidance each was edited at)."""
     out, scales = [], []
     for start in range(0, len(images), batch):
         x = torch.from_numpy(images[start:start + batch].astype(np.float32) / 255)[:, None]
         generator = torch.Generator().manual_seed(seed + start)
-        src, tgt = [source] * len(x), [target] * len(x)
+        # One request for every image, or (a text model's prompts, `per_image`) a list of one per image.
+        src, tgt = (r[start:start + batch] if per_image and isinstance(r, list) else [r] * len(x)
+                    for r in (source, target))
         mask = None
         if mask_kind == "auto":
             mask = auto_mask(pipe, x, src, tgt, generator=generator)
@@ -166,7 +183,10 @@ def main() -> None:
     pipe, _ = load_pipeline(args.model, device="cpu")
     side, scale = image_side(pipe), resolve_guidance(pipe, args.guidance_scale)
     classifier = load_classifier()
-    name = {f: pipe.labels.canonical([f])[0] for f in args.findings}
+    text = getattr(pipe, "text_encoder", None) is not None
+    if text and args.stress:
+        parser.error("--stress edits with labels: give a label-conditioned model")
+    name = {f: f if text else pipe.labels.canonical([f])[0] for f in args.findings}
     results, examples, references = [], [], {}
     start_time = time.perf_counter()
     for finding in args.findings:
@@ -177,6 +197,9 @@ def main() -> None:
             source, truth = (without, with_it) if add else (with_it, without)
             inside = region(source, truth)
             labels = ([], [name[finding]]) if add else ([name[finding]], [])
+            if text:
+                stated, negated = true_sentences(finding, args.num_patients, side, args.first_patient)
+                labels = ("", stated) if add else (stated, negated)
             read_source, read_truth = (read["without"], read["with"]) if add else (read["with"], read["without"])
             # What the instrument reads on the truth itself (its ceiling), and, for an addition, the figures of a
             # perfect editor that does not know where this patient's finding would be: the same patient with the
@@ -192,7 +215,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     edited, used = run_edits(pipe, source, *labels, method, strength, scale,
                                              args.num_inference_steps, args.mask, inside, args.batch_size, 0, args.eta,
-                                             args.guidance_rise)
+                                             args.guidance_rise, per_image=text)
                     row = measure(source, edited, truth, inside, read_source, classifier.predict(edited), read_truth,
                                   finding, add)
                     row.update(finding=finding, direction="add" if add else "remove", method=method,

@@ -18,6 +18,8 @@ from transformers import HfArgumentParser
 from .cli import UsageError, parse
 from .vocabulary import CONDITIONS
 
+REPORT = "report"  # the --condition_on choice of a text model (the others are label conditions)
+
 
 @dataclass
 class DataConfig:
@@ -28,8 +30,8 @@ class DataConfig:
     train_data_dir: list[str] | None = field(
         default=None,
         metadata={"action": "extend",
-                  "help": "A source folder (NIH, CheXpert, MIMIC-CXR-JPG, PadChest, DICOM, VinDr-CXR, RSNA, class "
-                          "folders, any image folder); repeat it (or give several) to train on several at once."},
+                  "help": "A source folder (NIH, CheXpert, MIMIC-CXR-JPG, PadChest, IU X-ray, DICOM, VinDr-CXR, RSNA, "
+                          "class folders, any image folder); repeat it (or give several) to train on several at once."},
     )
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     split: str = field(default="train", metadata={"help": "Split to train on (patient-wise splits)."})
@@ -61,11 +63,11 @@ class DataConfig:
         default=0.5, metadata={"help": "Error out when more than this fraction of image files cannot be read."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where prepared (decoded, resized) data is cached."})
-    source: Literal["auto", "nih", "mimic", "padchest", "chexpert", "vindr", "rsna", "dicom", "class_folders",
-                    "image_folder"] = field(
+    source: Literal["auto", "nih", "mimic", "padchest", "chexpert", "iu_xray", "vindr", "rsna", "dicom",
+                    "class_folders", "image_folder"] = field(
         default="auto",
         metadata={"help": "What --train_data_dir holds: auto (recognised by its files), nih, mimic, padchest, "
-                          "chexpert, vindr, rsna, dicom, class_folders or image_folder."},
+                          "chexpert, iu_xray, vindr, rsna, dicom, class_folders or image_folder."},
     )
     uncertain_labels: Literal["ones", "zeros", "ignore"] = field(
         default="ones",
@@ -111,10 +113,16 @@ class DataConfig:
     )
     condition_on: list[str] | None = field(
         default=None,
-        metadata={"help": "Train a label-conditioned model: findings, optionally view_position, patient_sex, "
+        metadata={"help": "Train a conditional model: findings, optionally view_position, patient_sex, "
                           "patient_age (in bins 0-17, 18-39, 40-59, 60-79, 80+) and source (columns of the data; "
-                          "source with several --train_data_dir). Exports a LungGenPipeline instead of a "
+                          "source with several --train_data_dir); and/or report (the text of --caption_column, "
+                          "through a text encoder and cross-attention). Exports a LungGenPipeline instead of a "
                           "DDPMPipeline."},
+    )
+    caption_column: str = field(
+        default="report",
+        metadata={"help": "With --condition_on report: the column of report text (the phantom's own reports, a "
+                          "collection's report; collections without reports get a prompt built from their labels)."},
     )
 
 
@@ -137,6 +145,16 @@ class ModelConfig:
         metadata={"help": "Rescale the noise schedule so that its last timestep is pure noise (zero terminal SNR, Lin "
                           "et al. 2024) and sample from that timestep ('trailing' spacing); needs v_prediction."},
     )
+    text_encoder: str | None = field(
+        default=None,
+        metadata={"help": "With --condition_on report: a transformers text encoder (Hub id or folder; a CLIP text "
+                          "model, CXR-BERT, BiomedBERT, or a Stable Diffusion folder's text_encoder/ and "
+                          "tokenizer/), frozen unless --train_text_encoder. Default: a byte-pair tokenizer trained "
+                          "on the training reports and a small random CLIP text transformer over it."},
+    )
+    text_encoder_hidden_size: int = field(default=128, metadata={"help": "Width of the encoder made from scratch."})
+    text_encoder_layers: int = field(default=2, metadata={"help": "Transformer layers of that encoder."})
+    tokenizer_vocab_size: int = field(default=1000, metadata={"help": "Tokens of the tokenizer made from scratch."})
     latent: bool = field(
         default=False,
         metadata={"help": "The latent route: the UNet learns an autoencoder's latents (cached once per prepared data "
@@ -216,6 +234,12 @@ class TrainingConfig:
     )
     guidance_scale: float = field(
         default=2.0, metadata={"help": "Conditional models: the guidance scale stored as the pipeline's default."}
+    )
+    train_text_encoder: bool = field(
+        default=False,
+        metadata={"help": "Train the text encoder with the UNet (default: frozen, a user's pretrained one and the "
+                          "one made without --text_encoder alike; the latter collapsed when trained from its first "
+                          "step: docs/text.md)."},
     )
     stage: Literal["all", "autoencoder", "diffusion"] = field(
         default="all",
@@ -340,6 +364,11 @@ def choices() -> dict[str, tuple[str, ...]]:
             if get_origin(hint) is Literal}
 
 
+def label_conditions(config: Config) -> list[str] | None:
+    """The --condition_on choices that are labels (a condition vector), without the report; None if there are none."""
+    return [c for c in config.data.condition_on or [] if c != REPORT] or None
+
+
 def validate(config: Config) -> Config:
     if isinstance(config.data.train_data_dir, str):  # a config file or a caller giving one folder as a string
         config.data.train_data_dir = [config.data.train_data_dir]
@@ -394,9 +423,12 @@ def validate(config: Config) -> Config:
     if config.training.guidance_scale < 1:
         raise UsageError(f"--guidance_scale {config.training.guidance_scale} must be >= 1 (1 = no guidance)")
     on = config.data.condition_on
-    if on is not None and (set(on) - set(CONDITIONS) or "findings" not in on):
+    if on is not None and (set(on) - {*CONDITIONS, REPORT} or not {"findings", REPORT} & set(on)
+                           or (set(on) & set(CONDITIONS[1:]) and "findings" not in on)):
         raise UsageError(f"--condition_on {' '.join(on)}: choose findings, optionally with "
-                         f"{', '.join(CONDITIONS[1:-1])} and {CONDITIONS[-1]}")
+                         f"{', '.join(CONDITIONS[1:-1])} and {CONDITIONS[-1]}; or {REPORT}, alone or with those")
+    if (config.model.text_encoder or config.training.train_text_encoder) and REPORT not in (on or []):
+        raise UsageError("--text_encoder and --train_text_encoder belong to a text model: add --condition_on report")
     phantom_finding_scales(config.data.phantom_finding_scale)  # the form; the phantom judges the values
     if config.hub.push_to_hub and not config.hub.hub_model_id:
         raise UsageError("--push_to_hub needs --hub_model_id (e.g. my-org/lunggen-256)")

@@ -39,6 +39,7 @@ from diffusers import (
     UNet2DModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
@@ -51,6 +52,8 @@ except ImportError:  # this file on its own, as a model folder's remote code
         """A refusal of the caller's input."""
 
 
+logger = logging.get_logger(__name__)
+
 NO_FINDING = "No Finding"  # the one spelling; matched whatever its case (see normalize)
 # The file name in a model folder; not `pipeline`, which is the project's command-line script.
 MODULE_NAME = "lunggen_pipeline"
@@ -60,7 +63,7 @@ OUTPUT_TYPES = ("pil", "np", "pt")  # and "latent" for a latent model: the UNet'
 # refused rather than silently ignored, so a misspelt `token=` never turns into an anonymous download.
 LOAD_KEYWORDS = ("token", "revision", "cache_dir", "local_files_only", "force_download", "proxies", "torch_dtype",
                  "dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "trust_remote_code", "unet", "scheduler",
-                 "vae")
+                 "vae", "text_encoder", "tokenizer")
 
 
 def normalize(name: str) -> str:
@@ -266,32 +269,43 @@ def check_guidance_interval(interval, num_train_timesteps: int) -> tuple[int, in
 
 def guided_denoise(unet, scheduler, x, class_labels=None, null_labels=None, guidance_scale=1.0, step_kwargs=None,
                    progress=None, on_step: Callable | None = None, guidance_rescale: float = 0.0,
-                   guidance_interval: tuple[int, int] | None = None):
-    """The reverse process from noise `x`; with labels, classifier-free guidance in one batched forward per step.
+                   guidance_interval: tuple[int, int] | None = None, prompt_embeds=None, null_embeds=None):
+    """The reverse process from noise `x`; with labels or a prompt, classifier-free guidance in one batched forward
+    per step.
 
-    `guidance_scale` 1 means the conditional model alone (one forward); rows of `class_labels` that are the null
-    condition need no guidance. `guidance_rescale` (0-1) pulls the guided prediction's spread back toward the
-    conditional one's (Lin et al. 2024, as diffusers' Stable Diffusion pipelines do); `guidance_interval` (lowest,
-    highest training timestep) guides only there and runs the conditional model alone elsewhere (Kynkäänniemi et
-    al. 2024). `on_step(i, t, x, x0)`, when given, runs after each step with the new sample and the step's
-    prediction of the clean sample (`predicted_original`), and returns the sample to go on with (the pipeline's
-    `callback_on_step_end`). Returns the final sample.
+    `class_labels` / `null_labels` are condition vectors; `prompt_embeds` / `null_embeds` a text encoder's hidden
+    states of the prompts and of the negative (or empty) prompts, for the UNet's cross-attention. `guidance_scale` 1
+    means the conditional model alone (one forward), as does a batch whose condition is its null one.
+    `guidance_rescale` (0-1) pulls the guided prediction's spread back toward the conditional one's (Lin et al.
+    2024, as diffusers' Stable Diffusion pipelines do); `guidance_interval` (lowest, highest training timestep)
+    guides only there and runs the conditional model alone elsewhere (Kynkäänniemi et al. 2024). `on_step(i, t, x,
+    x0)`, when given, runs after each step with the new sample and the step's prediction of the clean sample
+    (`predicted_original`), and returns the sample to go on with (the pipeline's `callback_on_step_end`). Returns
+    the final sample.
     """
     step_kwargs = step_kwargs or {}
-    guided = class_labels is not None and guidance_scale != 1.0 and not bool((class_labels == null_labels).all())
+    conditional = class_labels is not None or prompt_embeds is not None
+
+    def null_as_well(condition, null):
+        return condition is None or bool((condition == null).all())
+
+    guided = conditional and guidance_scale != 1.0 and not (null_as_well(class_labels, null_labels)
+                                                           and null_as_well(prompt_embeds, null_embeds))
+    condition = {"encoder_hidden_states": prompt_embeds, "class_labels": class_labels}
+    both_conditions = {name: None if value is None else torch.cat([value, null]) for (name, value), null in
+                       zip(condition.items(), (null_embeds, null_labels), strict=True)}
     lowest, highest = guidance_interval or (0, scheduler.config.num_train_timesteps)
     timesteps = scheduler.timesteps
     for i, t in enumerate(progress(timesteps) if progress else timesteps):
         model_input = scheduler.scale_model_input(x, t)
-        if class_labels is None:
+        if not conditional:
             output = unet(model_input, t).sample
         elif not (guided and lowest <= int(t) <= highest):
-            output = unet(model_input, t, encoder_hidden_states=None, class_labels=class_labels).sample
+            output = unet(model_input, t, **condition).sample
         else:
-            both = unet(torch.cat([model_input, model_input]), t, encoder_hidden_states=None,
-                        class_labels=torch.cat([class_labels, null_labels])).sample
-            conditional, unconditional = both.chunk(2)
-            output = unconditional + guidance_scale * (conditional - unconditional)
+            both = unet(torch.cat([model_input, model_input]), t, **both_conditions).sample
+            conditional_output, unconditional = both.chunk(2)
+            output = unconditional + guidance_scale * (conditional_output - unconditional)
             if guidance_rescale > 0:
                 # Imported here: the Stable Diffusion module imports transformers' image processors, which warn on
                 # stderr at import when torchvision is absent (every CLI's one-line errors would get a second line).
@@ -299,7 +313,7 @@ def guided_denoise(unet, scheduler, x, class_labels=None, null_labels=None, guid
                     rescale_noise_cfg,
                 )
 
-                output = rescale_noise_cfg(output, conditional, guidance_rescale)
+                output = rescale_noise_cfg(output, conditional_output, guidance_rescale)
         step = scheduler.step(output, t, x, **step_kwargs)
         if on_step is not None:
             x0 = getattr(step, "pred_original_sample", None)
@@ -321,6 +335,28 @@ def predicted_original(scheduler, output: torch.Tensor, sample: torch.Tensor, t)
     return output
 
 
+def tokenize(tokenizer, prompts: Sequence[str], warn: Callable[[str], None] | None = None):
+    """Token ids (and attention mask) of `prompts`, padded to the tokenizer's length as Stable Diffusion pads them;
+    a prompt longer than that is cut, with one `warn` line for the batch."""
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    if warn is not None:
+        full = tokenizer(list(prompts), padding="longest", return_tensors="pt").input_ids
+        cut = sum(int(row.ne(tokenizer.pad_token_id).sum()) > tokenizer.model_max_length for row in full)
+        if cut:
+            warn(f"{cut} of {len(prompts)} prompt(s) were longer than the text encoder takes "
+                 f"({tokenizer.model_max_length} tokens) and were cut there")
+    return tokens
+
+
+def encode_tokens(text_encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The text encoder's last hidden states: what the UNet's cross-attention reads. The mask is passed only to an
+    encoder whose config asks for it (`use_attention_mask`), exactly as Stable Diffusion's pipeline does."""
+    use_mask = getattr(text_encoder.config, "use_attention_mask", False) and attention_mask is not None
+    return text_encoder(input_ids.to(text_encoder.device),
+                        attention_mask=attention_mask.to(text_encoder.device) if use_mask else None)[0]
+
+
 class LungGenPipeline(DiffusionPipeline):
     """A UNet (a UNet2DConditionModel whose class embedding projects the condition vector, or a plain UNet2DModel),
     a DDPM scheduler, the labels, and for the latent route the autoencoder that decodes the UNet's output.
@@ -330,14 +366,21 @@ class LungGenPipeline(DiffusionPipeline):
     LungGenPipeline(unet=ddpm.unet, scheduler=ddpm.scheduler)          # a DDPMPipeline's model, with callbacks
     """
 
-    model_cpu_offload_seq = "unet->vae"
-    _optional_components = ["vae"]
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer"]
     _callback_tensor_inputs = ["latents", "pred_original_sample"]  # the second: the step's x0 (read-only)
 
     def __init__(self, unet: UNet2DConditionModel | UNet2DModel, scheduler: DDPMScheduler,
-                 vae: AutoencoderKL | None = None, label_config: dict | None = None):
+                 vae: AutoencoderKL | None = None, label_config: dict | None = None, text_encoder=None,
+                 tokenizer=None, prompt_config: dict | None = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        self.register_to_config(prompt_config=prompt_config if text_encoder is not None else None)
+        if (text_encoder is None) != (tokenizer is None):
+            raise UsageError("a text model needs both its text_encoder and its tokenizer")
+        if text_encoder is not None and unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+            raise UsageError(f"the UNet's cross-attention reads {unet.config.cross_attention_dim}-wide states but the "
+                             f"text encoder gives {text_encoder.config.hidden_size}")
         self.register_to_config(label_config=label_config)
         self.labels = LabelSpace(label_config) if label_config else None
         takes = getattr(unet.config, "projection_class_embeddings_input_dim", None)
@@ -360,11 +403,12 @@ class LungGenPipeline(DiffusionPipeline):
         hub = {k: kwargs.pop(k) for k in ("token", "revision", "cache_dir", "local_files_only", "force_download",
                                           "proxies") if k in kwargs}
         dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
-        given = {name: kwargs.pop(name) for name in ("unet", "scheduler", "vae") if name in kwargs}
+        given = {name: kwargs.pop(name) for name in ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
+                 if name in kwargs}
         folder = str(pretrained_model_name_or_path)
         if not os.path.isdir(folder):
-            folder = snapshot_download(folder, allow_patterns=["model_index.json", "scheduler/*", "unet/*", "vae/*"],
-                                       **hub)
+            folder = snapshot_download(folder, allow_patterns=["model_index.json", "scheduler/*", "unet/*", "vae/*",
+                                                               "text_encoder/*", "tokenizer/*"], **hub)
         with open(os.path.join(folder, "model_index.json")) as f:
             index = json.load(f)
         if index.get("_class_name") != [MODULE_NAME, cls.__name__]:
@@ -378,7 +422,14 @@ class LungGenPipeline(DiffusionPipeline):
             given["scheduler"] = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
         if "vae" not in given and (index.get("vae") or [None])[0] is not None:
             given["vae"] = AutoencoderKL.from_pretrained(folder, subfolder="vae", **weights, **kwargs)
-        return cls(**given, label_config=index.get("label_config"))
+        if "text_encoder" not in given and (index.get("text_encoder") or [None])[0] is not None:
+            import transformers  # only a text model needs it
+
+            given["text_encoder"] = getattr(transformers, index["text_encoder"][1]).from_pretrained(
+                folder, subfolder="text_encoder", **weights)
+            given["tokenizer"] = getattr(transformers, index["tokenizer"][1]).from_pretrained(folder,
+                                                                                             subfolder="tokenizer")
+        return cls(**given, label_config=index.get("label_config"), prompt_config=index.get("prompt_config"))
 
     def save_pretrained(self, save_directory, **kwargs):
         """diffusers' save, plus this file beside the weights and `_class_name` naming it, so that
@@ -402,6 +453,12 @@ class LungGenPipeline(DiffusionPipeline):
         device = device or self._execution_device
         return labels.to(device, self.unet.dtype), null.to(device, self.unet.dtype)
 
+    def encode_text(self, prompts: Sequence[str], device=None) -> torch.Tensor:
+        """The text encoder's hidden states of `prompts` (cut to its length with one warning)."""
+        tokens = tokenize(self.tokenizer, prompts, warn=logger.warning)
+        embeds = encode_tokens(self.text_encoder, tokens.input_ids, tokens.attention_mask)
+        return embeds.to(device or self._execution_device, self.unet.dtype)
+
     @property
     def guidance_scale(self):
         return self._guidance_scale
@@ -411,14 +468,19 @@ class LungGenPipeline(DiffusionPipeline):
         return self._num_timesteps
 
     def check_inputs(self, findings, batch_size, guidance_scale, num_inference_steps, output_type,
-                     callback_on_step_end_tensor_inputs):
-        if findings is not None and self.labels is None:
+                     callback_on_step_end_tensor_inputs, text=None):
+        """`findings` is what sets the batch: the finding lists, or the prompts (`text`) where no findings are given."""
+        if findings is not None and findings is not text and self.labels is None:
             raise UsageError("findings were asked of a model trained without labels (no --condition_on)")
-        if findings is not None and (isinstance(findings, str) or any(isinstance(f, str) for f in findings)):
+        if text is not None and not all(isinstance(p, str) for p in text):
+            raise TypeError("prompt must be a string or a list of strings, one per image")
+        if findings is not None and findings is not text and (isinstance(findings, str)
+                                                             or any(isinstance(f, str) for f in findings)):
             raise TypeError("findings must be a list of name lists, one per image (e.g. [['Cardiomegaly'], []])")
         if findings is not None and batch_size is not None and batch_size != len(findings):
-            raise UsageError(f"batch_size {batch_size} contradicts the {len(findings)} images `findings` asks for; "
-                             "give one of them, or both equal")
+            raise UsageError(f"batch_size {batch_size} contradicts the {len(findings)} images "
+                             f"`{'prompt' if findings is text else 'findings'}` asks for; give one of them, or both "
+                             "equal")
         if batch_size is not None and batch_size < 1:
             raise UsageError(f"batch_size must be a positive integer, got {batch_size}")
         if guidance_scale < 1:
@@ -440,7 +502,8 @@ class LungGenPipeline(DiffusionPipeline):
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",), sex: str | None = None,
                  age: float | None = None, view: str | None = None,
                  guidance_interval: tuple[int, int] | None = None, guidance_rescale: float = 0.0,
-                 eta: float = 0.0):
+                 eta: float = 0.0, prompt: str | Sequence[str] | None = None,
+                 negative_prompt: str | Sequence[str] | None = None):
         """Generate images; `findings` holds one list of finding names per image ([] = "No Finding"), None samples
         the null (unconditioned) condition for `batch_size` images. `guidance_scale` None takes the model's own;
         `guidance_interval` (lowest, highest training timestep) guides only there, the conditional model alone
@@ -450,6 +513,9 @@ class LungGenPipeline(DiffusionPipeline):
         takes it (DDIM: 0 deterministic, 1 as much fresh noise as DDPM).
         `sex` ("M"/"F"), `age` (years) and `view` ("PA"/"AP") ask every image for that patient, on a model trained
         with `--condition_on` them (a group not given takes its most frequent training value); they need `findings`.
+        `prompt` (a text model, `--condition_on report`): one text for every image or one per image; the empty
+        prompt is the model's unconditioned sample. `negative_prompt` replaces the empty prompt that guidance steers
+        away from.
 
         Returns an `ImagePipelineOutput` (or a one-tuple when `return_dict` is False) of images in [0, 1] as
         `output_type` says: "pil", "np" (N, H, W, C) or "pt" (N, C, H, W); "latent" (latent models) returns the
@@ -457,7 +523,10 @@ class LungGenPipeline(DiffusionPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if self.labels is None:
+        text = self.text_encoder is not None
+        if (prompt is not None or negative_prompt is not None) and not text:
+            raise UsageError("a prompt was given to a model trained without text (no --condition_on report)")
+        if self.labels is None and not text:
             if guidance_scale not in (None, 1.0):
                 raise UsageError(f"guidance_scale {guidance_scale}: a model trained without labels has nothing to "
                                  "guide by")
@@ -466,9 +535,15 @@ class LungGenPipeline(DiffusionPipeline):
                 raise UsageError(f"guidance_interval {list(guidance_interval)}: a model trained without labels has "
                                  "nothing to guide by")
         elif guidance_scale is None:
-            guidance_scale = self.config.label_config.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
-        self.check_inputs(findings, batch_size, guidance_scale, num_inference_steps, output_type,
-                          callback_on_step_end_tensor_inputs)
+            stored = (self.config.label_config or self.config.prompt_config or {})
+            guidance_scale = stored.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+        if isinstance(prompt, str):
+            prompt = [prompt] * (len(findings) if findings is not None else batch_size or 1)
+        prompts = None if prompt is None else list(prompt)
+        if prompts is not None and findings is not None and len(prompts) != len(findings):
+            raise UsageError(f"{len(prompts)} prompts and {len(findings)} finding lists: give one of each per image")
+        self.check_inputs(findings if findings is not None else prompts, batch_size, guidance_scale,
+                          num_inference_steps, output_type, callback_on_step_end_tensor_inputs, text=prompts)
         guidance_interval = check_guidance_interval(guidance_interval, self.scheduler.config.num_train_timesteps)
         if (sex, age, view) != (None, None, None):
             if findings is None:
@@ -476,10 +551,17 @@ class LungGenPipeline(DiffusionPipeline):
                                  "unconditioned sample has no patient")
             patient = self.labels.patient(sex, age, view)
             findings = [list(f) + patient for f in findings]
-        batch_size = len(findings) if findings is not None else batch_size or 1
+        batch_size = len(findings) if findings is not None else len(prompts) if prompts is not None else batch_size or 1
         self._guidance_scale = guidance_scale
         device = self._execution_device
         class_labels, null_labels = self.encode(findings, batch_size, device)
+        prompt_embeds = null_embeds = None
+        if text:
+            negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
+            if negatives is not None and len(negatives) != batch_size:
+                raise UsageError(f"{len(negatives)} negative prompts for {batch_size} images: give one, or one each")
+            prompt_embeds = self.encode_text(prompts or [""] * batch_size, device)
+            null_embeds = self.encode_text(negatives or [""] * batch_size, device)
         size = self.unet.config.sample_size
         shape = (batch_size, self.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
         # fp32 noise whatever the dtype, so fp16, bf16 and fp32 runs start from the same noise.
@@ -500,7 +582,8 @@ class LungGenPipeline(DiffusionPipeline):
 
         latents = guided_denoise(self.unet, self.scheduler, latents * self.scheduler.init_noise_sigma, class_labels,
                                  null_labels, guidance_scale, step_kwargs, self.progress_bar, on_step,
-                                 guidance_rescale=guidance_rescale, guidance_interval=guidance_interval)
+                                 guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
+                                 prompt_embeds=prompt_embeds, null_embeds=null_embeds)
         if output_type == "latent":
             image = latents
         else:

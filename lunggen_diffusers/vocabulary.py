@@ -54,6 +54,7 @@ FOCAL_FINDINGS = ("Consolidation", "Lung Lesion", "Mass", "Nodule", "Nodule/Mass
 ALIASES = {
     "phantom": {"pleural_effusion": "Effusion"},
     "chexpert": {"Pleural Effusion": "Effusion"},
+    "iu_xray": {"normal": NO_FINDING, "Pleural Effusion": "Effusion", "Pulmonary Atelectasis": "Atelectasis"},
     "class_folders": {"Normal": NO_FINDING},
     "padchest": {"normal": NO_FINDING, "pleural effusion": "Effusion", "infiltrates": "Infiltration",
                  "hiatal hernia": "Hernia", "pleural thickening": "Pleural_Thickening",

@@ -134,7 +134,7 @@ def test_every_link_to_a_file_of_the_repo_resolves():
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     """Tiny models made by the project's own training: one unconditional, one conditioned on findings and the
-    three demographics (what the docs' conditional blocks ask of `lunggen-output`)."""
+    three demographics (what the docs' conditional blocks ask of `lunggen-output`), one on reports (prompts)."""
     from lunggen_diffusers.config import from_dict
     from lunggen_diffusers.training.diffusion import train
 
@@ -143,7 +143,9 @@ def stand_ins(tmp_path_factory):
     root = tmp_path_factory.mktemp("stand-ins")
     models = {}
     everything = {"condition_on": ["findings", "patient_sex", "patient_age", "view_position"]}
-    for name, extra in (("plain", {}), ("conditional", everything)):
+    text = {"condition_on": ["report"], "text_encoder_hidden_size": 32, "text_encoder_layers": 1,
+            "tokenizer_vocab_size": 200}
+    for name, extra in (("plain", {}), ("conditional", everything), ("text", text)):
         config = from_dict({**TINY, "max_train_steps": 1, "checkpointing_steps": 1, "output_dir": str(root / name), **extra})
         models[name] = train(config).output_dir
     return models
@@ -156,7 +158,8 @@ def test_every_python_block_runs_on_a_tiny_stand_in(page, stand_ins, tmp_path, m
     namespace: dict = {}
     monkeypatch.chdir(tmp_path)
     for body in blocks:
-        model = stand_ins["conditional" if "findings=" in body or "edit(" in body else "plain"]
+        model = stand_ins["text" if "prompt=" in body else
+                          "conditional" if "findings=" in body or "edit(" in body else "plain"]
         link = tmp_path / "lunggen-output"
         if link.is_symlink():
             link.unlink()

@@ -78,7 +78,7 @@ def test_any_resolution_gives_uint8_square(resolution):
 def test_dataset_images_are_mode_l_with_the_right_size():
     ds = phantom_dataset(3, resolution=48)
     assert ds.column_names == ["image", "patient_id", "finding_labels", *FINDINGS, "patient_sex", "patient_age",
-                               "view_position"]
+                               "view_position", "report"]
     for image in ds["image"]:
         assert isinstance(image, Image.Image) and image.mode == "L" and image.size == (48, 48)
 

@@ -128,7 +128,9 @@ def test_the_shipped_classifier_still_reads_todays_phantom(tmp_path, monkeypatch
     #   python -c "from lunggen_diffusers.evaluation.phantom_classifier import load_classifier; load_classifier()"
     # and copy phantom-classifier-<key>.pt from ~/.cache/lunggen_diffusers/features into the weights folder.
     assert shipped.exists(), f"no shipped classifier for today's settings ({shipped.name}); see this test"
-    assert [p.name for p in pc.SHIPPED_DIR.iterdir()] == [shipped.name]  # no stale instrument left beside it
+    reader = pc.SHIPPED_DIR / f"phantom-location-reader-{pc.ClassifierSettings(seed=pc.LOCATION_SEED).key()}.pt"
+    # no stale instrument left beside the two of today
+    assert sorted(p.name for p in pc.SHIPPED_DIR.iterdir()) == sorted([shipped.name, reader.name])
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained although the package ships this classifier")
@@ -145,6 +147,23 @@ def test_the_shipped_classifier_still_reads_todays_phantom(tmp_path, monkeypatch
     # Issue #29's readability goals for the patient, on phantoms it never saw (its own held-out report is
     # 0.99 / 1.00 / 0.8x on 600 images; 0.06 below that is still above each goal).
     assert report["sex_accuracy"] >= 0.85 and report["view_accuracy"] >= 0.90 and report["age_correlation"] >= 0.5
+
+
+def test_the_shipped_location_reader_reads_side_extent_and_height_of_fresh_phantoms(tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although the package ships this reader")
+
+    monkeypatch.setattr(pc, "train_location_reader", no_training)
+    reader = pc.load_location_reader(cache_dir=str(tmp_path), progress=False)
+    settings = reader.settings
+    images, targets, weights = pc._location_set(settings, 120, settings.num_train + settings.num_test)
+    read = reader.predict(images)
+    for name in pc.LOCATION_OUTPUTS:
+        i, applies = pc.LOCATION_OUTPUTS.index(name), weights[:, pc.LOCATION_OUTPUTS.index(name)] > 0
+        if name.endswith(("_extent", "_height")):  # held-out error 0.06-0.09 of a 0-1 range on 300 images
+            assert np.abs(read[applies, i] - targets[applies, i]).mean() <= 0.13, name
+        else:  # held-out accuracy 0.97-1.00
+            assert ((read[applies, i] >= 0.5) == (targets[applies, i] >= 0.5)).mean() >= 0.9, name
 
 
 def test_reads_the_patient_from_pixels_alone():

@@ -4,6 +4,10 @@
 view1_frontal.jpg"), the patient is the path's `patientNNNNN` part, observations are coded 1.0 / 0.0 / -1.0
 (uncertain) / blank (not mentioned: negative), and `valid.csv` (radiologist-labelled, other patients) is the test
 split. Frontal images only: the project's models are frontal, and `--view_position PA|AP` narrows them further.
+
+CheXpert Plus's report table (`df_chexpert_plus_*.csv` in the folder: `path_to_image`, `section_findings`,
+`section_impression`) becomes a `report` column (findings, then impression), joined on the image's path from its
+`train/` or `valid/` part. A report is patient data under the CheXpert Plus data-use agreement: never published.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import datasets
 from ..cli import UsageError
 from ..utils import find_table, read_table, table_columns
 from ..vocabulary import FINDINGS_COLUMN, NO_FINDING, canonical_finding
+from .reports import REPORT_COLUMN
 
 FILES = {"train.csv": False, "valid.csv": True}  # file -> its rows are the official test split
 OBSERVATIONS = ("Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation",
@@ -26,6 +31,26 @@ OBSERVATIONS = ("Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "L
 UNCERTAIN = ("ones", "zeros", "ignore")
 SEX = {"Male": "M", "Female": "F"}
 _PATIENT = re.compile(r"(patient\d+)")
+_IMAGE_KEY = re.compile(r"((?:train|valid)/patient\d+/study\d+/[^/]+?)(?:\.jpg|\.png)?$")
+REPORT_TABLE = "df_chexpert_plus_*.csv"
+
+
+def _image_key(path: str) -> str | None:
+    found = _IMAGE_KEY.search(path.replace("\\", "/"))
+    return found.group(1) if found else None
+
+
+def plus_reports(root: Path) -> dict[str, str]:
+    """CheXpert Plus's findings and impression per image (by `_image_key`); empty without its table."""
+    table = next(iter(sorted(root.glob(REPORT_TABLE))), None)
+    if table is None:
+        return {}
+    texts = {}
+    for row in read_table(table):
+        text = " ".join(" ".join((row.get(f"section_{part}") or "").split()) for part in ("findings", "impression"))
+        if (key := _image_key(row.get("path_to_image", ""))) and text.strip():
+            texts[key] = text.strip()
+    return texts
 
 
 def is_chexpert_folder(root: str | Path) -> bool:
@@ -58,8 +83,8 @@ def chexpert_dataset(root: str | Path, uncertain: str = "ones") -> tuple[dataset
         raise UsageError(f"--uncertain_labels {uncertain!r} is not one of: {', '.join(UNCERTAIN)}")
     root = Path(root)
     columns = {k: [] for k in ("image", "patient_id", "patient_sex", "patient_age", "view_position", FINDINGS_COLUMN,
-                               "official_test")}
-    left_out = []
+                               "official_test", REPORT_COLUMN)}
+    left_out, reports = [], plus_reports(root)
     for name, is_test in FILES.items():
         path = find_table(root, name)
         if path is None:
@@ -85,9 +110,13 @@ def chexpert_dataset(root: str | Path, uncertain: str = "ones") -> tuple[dataset
             columns["view_position"].append(row["AP/PA"].strip())
             columns[FINDINGS_COLUMN].append(labels)
             columns["official_test"].append(is_test)
+            columns[REPORT_COLUMN].append(reports.get(_image_key(row["Path"]) or "", ""))
+    report = {REPORT_COLUMN: datasets.Value("string")} if reports else {}
+    if not reports:
+        columns.pop(REPORT_COLUMN)
     features = datasets.Features({
         "image": datasets.Image(decode=False), "patient_id": datasets.Value("string"),
         "patient_sex": datasets.Value("string"), "patient_age": datasets.Value("float32"),
         "view_position": datasets.Value("string"), FINDINGS_COLUMN: datasets.List(datasets.Value("string")),
-        "official_test": datasets.Value("bool")})
+        "official_test": datasets.Value("bool"), **report})
     return datasets.Dataset.from_dict(columns, features=features), left_out

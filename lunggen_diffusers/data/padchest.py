@@ -23,6 +23,7 @@ from ..vocabulary import (
     is_no_finding,
     normalize,
 )
+from .reports import REPORT_COLUMN
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +64,12 @@ def padchest_dataset(root: str | Path) -> tuple[datasets.Dataset, list[tuple[str
     """Every image with a known projection and parsable labels, with patient_id, patient_sex, patient_age,
     view_position and finding_labels; and (ImageDir/ImageID, reason) for each row left out."""
     root = Path(root)
-    columns = {k: [] for k in ("image", "patient_id", "patient_sex", "patient_age", "view_position", FINDINGS_COLUMN)}
+    columns = {k: [] for k in ("image", "patient_id", "patient_sex", "patient_age", "view_position", FINDINGS_COLUMN,
+                               REPORT_COLUMN)}
     left_out, unmapped = [], Counter()
-    for row in read_table(labels_file(root)):
+    rows = read_table(labels_file(root))
+    has_reports = bool(rows) and "Report" in rows[0]
+    for row in rows:
         name = f"{row['ImageDir']}/{row['ImageID']}"
         view = PROJECTIONS.get(row["Projection"])
         labels = findings(row["Labels"])
@@ -82,6 +86,7 @@ def padchest_dataset(root: str | Path) -> tuple[datasets.Dataset, list[tuple[str
             columns["patient_age"].append(_age(row))
             columns["view_position"].append(view)
             columns[FINDINGS_COLUMN].append(labels)
+            columns[REPORT_COLUMN].append(" ".join((row.get("Report") or "").split()))
             unmapped.update(n for n in labels if normalize(n) not in _KNOWN and n != NO_FINDING)
     if unmapped:
         logger.warning("%d PadChest finding names have no canonical name and are kept as they are (most frequent: "
@@ -89,5 +94,8 @@ def padchest_dataset(root: str | Path) -> tuple[datasets.Dataset, list[tuple[str
     features = datasets.Features({
         "image": datasets.Image(decode=False), "patient_id": datasets.Value("string"),
         "patient_sex": datasets.Value("string"), "patient_age": datasets.Value("float32"),
-        "view_position": datasets.Value("string"), FINDINGS_COLUMN: datasets.List(datasets.Value("string"))})
+        "view_position": datasets.Value("string"), FINDINGS_COLUMN: datasets.List(datasets.Value("string")),
+        **({REPORT_COLUMN: datasets.Value("string")} if has_reports else {})})
+    if not has_reports:
+        columns.pop(REPORT_COLUMN)
     return datasets.Dataset.from_dict(columns, features=features), left_out

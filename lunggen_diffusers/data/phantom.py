@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ..cli import UsageError, parse_args, run
 from ..utils import image_grid, synthetic_png_info
 from ..vocabulary import NO_FINDING, SUBGROUPS, age_bin
+from .reports import REPORT_COLUMN, phantom_report
 
 FINDINGS = ("cardiomegaly", "pleural_effusion", "nodule", "consolidation")
 SEXES, VIEWS = ("M", "F"), ("PA", "AP")
@@ -289,15 +290,11 @@ def _density(x, y, p, findings, edge):
     return density
 
 
-def render_phantom(resolution: int, rng: np.random.Generator, findings: Sequence[str] = (),
-                   demographics: Demographics = Demographics(),
-                   patient_rng: np.random.Generator | None = None,
-                   finding_rng: np.random.Generator | None = None) -> np.ndarray:
-    """One phantom radiograph as uint8 (resolution, resolution); all randomness comes from `rng`, or, with
-    `patient_rng`, the patient's own anatomy (`PATIENT_KEYS`) from that and the study's draws from `rng`; with
-    `finding_rng`, the findings' sites and sizes (`FINDING_KEYS`) from that: the same image, the findings elsewhere."""
-    _check_resolution(resolution)
-    _check_findings(findings)
+def phantom_parameters(rng: np.random.Generator, demographics: Demographics = Demographics(),
+                       patient_rng: np.random.Generator | None = None,
+                       finding_rng: np.random.Generator | None = None) -> dict:
+    """Every draw of one phantom (`render_phantom` says where each comes from), before any pixel is rendered: the
+    facts a report states (`finding_facts`) are read from the same numbers the image is drawn from."""
     p = _sample_parameters(rng)
     if patient_rng is not None:
         study = dict(p)
@@ -310,7 +307,22 @@ def render_phantom(resolution: int, rng: np.random.Generator, findings: Sequence
     if finding_rng is not None:
         other = _sample_parameters(finding_rng)
         p.update({key: other[key] for keys in FINDING_KEYS.values() for key in keys})
-    p = _with_demographics(p, demographics)
+    return _with_demographics(p, demographics)
+
+
+def render_phantom(resolution: int, rng: np.random.Generator, findings: Sequence[str] = (),
+                   demographics: Demographics = Demographics(),
+                   patient_rng: np.random.Generator | None = None,
+                   finding_rng: np.random.Generator | None = None) -> np.ndarray:
+    """One phantom radiograph as uint8 (resolution, resolution); all randomness comes from `rng`, or, with
+    `patient_rng`, the patient's own anatomy (`PATIENT_KEYS`) from that and the study's draws from `rng`; with
+    `finding_rng`, the findings' sites and sizes (`FINDING_KEYS`) from that: the same image, the findings elsewhere."""
+    _check_resolution(resolution)
+    _check_findings(findings)
+    return _render(resolution, phantom_parameters(rng, demographics, patient_rng, finding_rng), findings)
+
+
+def _render(resolution: int, p: dict, findings: Sequence[str]) -> np.ndarray:
     coords = (np.arange(resolution) + 0.5) * (2.0 / resolution) - 1.0
     gx, gy = coords[None, :], coords[:, None]
     c, s = np.cos(p["angle"]), np.sin(p["angle"])
@@ -381,25 +393,26 @@ def patients_of(seed: int, images_per_patient: float, start_index: int, stop_ind
 
 
 def draw_phantom(seed: int, index: int, resolution: int, finding_prob: float, without: Sequence[str] = (),
-                 finding_prob_scale: dict[str, float] | None = None, finding_draw: int | None = None
-                 ) -> tuple[np.ndarray, list[str], Demographics]:
+                 finding_prob_scale: dict[str, float] | None = None, finding_draw: int | None = None,
+                 facts: bool = False) -> tuple:
     """Image `index` of the set `seed`, from those two numbers alone so any subset can be regenerated, its
     findings and its patient. `without` renders the same image with those of its findings left out (the findings
     returned are still the ones it was drawn with): the difference is the finding's own pixels.
     `finding_prob_scale` ({"patient_sex=F": 0.5}) multiplies the finding probability within a subgroup: a planted
     bias for checking that subgroup reports find one. `finding_draw` k draws the findings' sites and sizes afresh
-    (the k-th time): the same patient with its findings where another patient's would be."""
+    (the k-th time): the same patient with its findings where another patient's would be. `facts` adds a fourth
+    element, `finding_facts` of the findings drawn."""
     # The patient comes from its own stream, so the anatomy, findings and noise draws are those of the same index
     # whoever the patient is.
     demographics = Demographics.draw(np.random.default_rng([seed, index, 1]))
     finding_rng = None if finding_draw is None else np.random.default_rng([seed, index, 6, finding_draw])
     return _draw(np.random.default_rng([seed, index]), None, demographics, resolution, finding_prob, without,
-                 finding_prob_scale, finding_rng)
+                 finding_prob_scale, finding_rng, facts)
 
 
 def draw_study(seed: int, patient: int, study: int, resolution: int, finding_prob: float,
-               without: Sequence[str] = (), finding_prob_scale: dict[str, float] | None = None
-               ) -> tuple[np.ndarray, list[str], Demographics]:
+               without: Sequence[str] = (), finding_prob_scale: dict[str, float] | None = None,
+               facts: bool = False) -> tuple:
     """Study `study` of patient `patient` of the set `seed` (with several images per patient), as `draw_phantom`:
     the patient's anatomy, sex and birth year are the same on every study; the view, positioning, exposure and
     findings are drawn per study, about six months apart. Any study number is defined, beyond the ones the data
@@ -409,21 +422,61 @@ def draw_study(seed: int, patient: int, study: int, resolution: int, finding_pro
     view = VIEWS[int(np.random.default_rng([seed, patient, study, 5]).random() < AP_SHARE)]
     demographics = Demographics(first.sex, round(min(first.age + 0.5 * study, 100.0), 1), view)
     return _draw(rng, np.random.default_rng([seed, patient, 3]), demographics, resolution, finding_prob, without,
-                 finding_prob_scale)
+                 finding_prob_scale, facts=facts)
 
 
-def _draw(rng, patient_rng, demographics, resolution, finding_prob, without, finding_prob_scale, finding_rng=None):
+def _draw(rng, patient_rng, demographics, resolution, finding_prob, without, finding_prob_scale, finding_rng=None,
+          facts=False):
     scale = np.prod([(finding_prob_scale or {}).get(key, 1.0) for key in subgroups_of(demographics)])
     findings = [f for f, draw in zip(FINDINGS, rng.random(len(FINDINGS)), strict=True) if draw < finding_prob * scale]
     shown = [f for f in findings if f not in without]
-    return render_phantom(resolution, rng, shown, demographics, patient_rng, finding_rng), findings, demographics
+    _check_resolution(resolution)
+    _check_findings(shown)
+    p = phantom_parameters(rng, demographics, patient_rng, finding_rng)
+    drawn = _render(resolution, p, shown), findings, demographics
+    return (*drawn, finding_facts(p, findings)) if facts else drawn
+
+
+# Where a report's words divide the phantom's continuous draws: a nodule or consolidation's height in its lung
+# (-1 apex .. 1 base, drawn in [-0.6, 0.6]) into zones, an effusion's meniscus level (drawn in [0, 0.25], lower is
+# more fluid) and a nodule's radius and the heart's enlargement at the middle of their ranges.
+ZONES = ((-0.2, "upper"), (0.2, "middle"), (np.inf, "lower"))
+LARGE_EFFUSION_BELOW, LARGE_NODULE_FROM, MARKED_CARDIOMEGALY_FROM = 0.125, 0.0375, 1.425
+SIDES = ("right", "left", "bilateral")  # the patient's: the effusion_side draw 0 fills the image's left (x < 0)
+
+
+def _zone(height: float) -> str:
+    return next(name for limit, name in ZONES if height < limit)
+
+
+def finding_facts(p: dict, findings: Sequence[str]) -> dict[str, dict]:
+    """What a radiologist would say of each finding present, from the draws it is rendered from: side (the
+    patient's), zone and size, with the numbers behind them (an effusion's meniscus `level`, a lesion's `height` in
+    its lung). The truth that reports state and the adherence benchmark checks."""
+    facts = {}
+    if "cardiomegaly" in findings:
+        facts["cardiomegaly"] = {"severity": "marked" if p["cardiomegaly_scale"] >= MARKED_CARDIOMEGALY_FROM
+                                 else "mild"}
+    if "pleural_effusion" in findings:
+        facts["pleural_effusion"] = {"side": SIDES[int(p["effusion_side"])],
+                                     "size": "large" if p["effusion_level"] < LARGE_EFFUSION_BELOW else "small",
+                                     "level": float(p["effusion_level"])}
+    if "nodule" in findings:
+        facts["nodule"] = {"side": SIDES[int(p["nodule_side"])], "zone": _zone(p["nodule_pos"][1]),
+                           "size": "large" if p["nodule_r"] >= LARGE_NODULE_FROM else "small",
+                           "height": float(p["nodule_pos"][1])}
+    if "consolidation" in findings:
+        facts["consolidation"] = {"side": SIDES[int(p["consolidation_side"])],
+                                  "zone": _zone(p["consolidation_pos"]), "height": float(p["consolidation_pos"])}
+    return facts
 
 
 def phantom_dataset(num_images: int, resolution: int = 64, seed: int = 0, finding_prob: float = 0.0,
                     start_index: int = 0, finding_prob_scale: dict[str, float] | None = None,
                     images_per_patient: float = 1.0) -> datasets.Dataset:
     """`num_images` phantoms as a Dataset: image (PNG, mode L), patient_id, finding_labels, one bool per finding,
-    and the patient's patient_sex ("M"/"F"), patient_age (years) and view_position ("PA"/"AP").
+    the patient's patient_sex ("M"/"F"), patient_age (years) and view_position ("PA"/"AP"), and its `report`
+    (`reports.phantom_report`, the trained wordings).
 
     `finding_prob` is the independent probability of each finding (times `finding_prob_scale` in a subgroup, see
     `draw_phantom`). With one image per patient (the default) image i is image `start_index + i` of the set `seed`
@@ -436,17 +489,19 @@ def phantom_dataset(num_images: int, resolution: int = 64, seed: int = 0, findin
     _check_scales(finding_prob_scale or {})
     _check_images_per_patient(images_per_patient)
     rows = {"image": [], "patient_id": [], "finding_labels": [], **{f: [] for f in FINDINGS},
-            "patient_sex": [], "patient_age": [], "view_position": []}
+            "patient_sex": [], "patient_age": [], "view_position": [], REPORT_COLUMN: []}
     images = patients_of(seed, images_per_patient, start_index, start_index + num_images)
     for patient, study in tqdm(images, desc="phantom", disable=len(images) < 1000):
         if images_per_patient == 1:
-            pixels, findings, demographics = draw_phantom(seed, patient, resolution, finding_prob,
-                                                          finding_prob_scale=finding_prob_scale)
+            pixels, findings, demographics, facts = draw_phantom(seed, patient, resolution, finding_prob,
+                                                                 finding_prob_scale=finding_prob_scale, facts=True)
             rows["patient_id"].append(f"phantom-{seed}-{patient}")
         else:
-            pixels, findings, demographics = draw_study(seed, patient, study, resolution, finding_prob,
-                                                        finding_prob_scale=finding_prob_scale)
+            pixels, findings, demographics, facts = draw_study(seed, patient, study, resolution, finding_prob,
+                                                               finding_prob_scale=finding_prob_scale, facts=True)
             rows["patient_id"].append(f"phantom-{seed}-p{patient}")
+        rows[REPORT_COLUMN].append(phantom_report(facts, demographics.sex, demographics.age, demographics.view,
+                                                  np.random.default_rng([seed, patient, study, 7])))
         buffer = io.BytesIO()
         Image.fromarray(pixels, "L").save(buffer, format="PNG", compress_level=1)
         rows["image"].append({"bytes": buffer.getvalue(), "path": None})
@@ -460,7 +515,7 @@ def phantom_dataset(num_images: int, resolution: int = 64, seed: int = 0, findin
         "image": datasets.Image(), "patient_id": datasets.Value("string"),
         "finding_labels": datasets.List(datasets.Value("string")), **{f: datasets.Value("bool") for f in FINDINGS},
         "patient_sex": datasets.Value("string"), "patient_age": datasets.Value("float32"),
-        "view_position": datasets.Value("string"),
+        "view_position": datasets.Value("string"), REPORT_COLUMN: datasets.Value("string"),
     })
     return datasets.Dataset.from_dict(rows, features=features)
 

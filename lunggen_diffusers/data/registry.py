@@ -11,7 +11,7 @@ import datasets
 
 from ..cli import UsageError
 from ..utils import IMAGE_EXTENSIONS, list_images
-from . import chexpert, class_folders, dicom, dicom_collections, mimic, nih, padchest
+from . import chexpert, class_folders, dicom, dicom_collections, iu_xray, mimic, nih, padchest
 from .folders import (
     METADATA_CSV,
     dicom_dataset,
@@ -48,6 +48,8 @@ SOURCES = {
     "padchest": (padchest.is_padchest_folder, f"{padchest.PATTERN}", "the PadChest dataset"),
     "chexpert": (chexpert.is_chexpert_folder, "train.csv with Path, Frontal/Lateral and AP/PA columns",
                  "the CheXpert dataset"),
+    "iu_xray": (iu_xray.is_iu_xray_folder, f"{iu_xray.REPORTS} and {iu_xray.PROJECTIONS}",
+                "the IU X-ray (OpenI) collection"),
     "vindr": (lambda p: dicom_collections.is_vindr_folder(p) and is_dicom_folder(p),
               "DICOM files with train.csv (image_id, class_name, rad_id) or image_labels_train.csv",
               "the VinDr-CXR dataset"),
@@ -123,7 +125,8 @@ def folder_source(d, root: str | None = None) -> tuple[datasets.Dataset, str]:
     name, report_dir = detect_source(d, root), source_report_dir(d, root)
     readers = {"mimic": lambda: mimic.mimic_dataset(root, d.uncertain_labels),
                "padchest": lambda: padchest.padchest_dataset(root),
-               "chexpert": lambda: chexpert.chexpert_dataset(root, d.uncertain_labels)}
+               "chexpert": lambda: chexpert.chexpert_dataset(root, d.uncertain_labels),
+               "iu_xray": lambda: iu_xray.iu_xray_dataset(root)}
     if name in readers:
         ds, left_out = readers[name]()
         report_skipped(root, report_dir, len(ds), left_out, d.max_failed_fraction)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cli import UsageError
-from ..data.phantom import FINDINGS, MAX_RESOLUTION, MIN_RESOLUTION, phantom_dataset
+from ..data.phantom import FINDINGS, MAX_RESOLUTION, MIN_RESOLUTION, draw_phantom, phantom_dataset
 from ..networks import conv_block, fit, to_input
 from ..utils import atomic_path, stable_hash
 from .images import cache_root
@@ -80,14 +80,14 @@ class _Net(nn.Module):
     resolution so that dot is not subsampled away first. Without BatchNorm the nodule output never left chance
     (accuracy 0.49-0.55 at 1,000-4,000 phantoms and 300-1,500 steps); with it, it trains like the others."""
 
-    def __init__(self, width: int, feature_dim: int):
+    def __init__(self, width: int, feature_dim: int, outputs: int = len(OUTPUTS)):
         super().__init__()
         w = width
         self.stem = nn.Sequential(*conv_block(1, w), *conv_block(w, w), nn.MaxPool2d(2), *conv_block(w, 2 * w),
                                   nn.MaxPool2d(2))
         self.where = nn.Sequential(*conv_block(2 * w, 4 * w, stride=2), *conv_block(4 * w, 4 * w, stride=2))
         self.embed = nn.Sequential(nn.Linear(4 * w * 16 + 2 * w, feature_dim), nn.ReLU())
-        self.head = nn.Linear(feature_dim, len(OUTPUTS))
+        self.head = nn.Linear(feature_dim, outputs)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         local = self.stem(x)
@@ -207,16 +207,22 @@ def load_classifier(settings: ClassifierSettings | None = None, cache_dir: str |
     """The classifier for `settings`: from the cache, else shipped with the package, else trained now and cached
     (about 3 minutes on 2 Zen 4 EPYC cores: 2 min 24 s of steps, about 30 s of rendering)."""
     settings = settings or ClassifierSettings()
-    path = classifier_path(settings, cache_dir)
-    found = next((p for p in (path, shipped_path(settings)) if p.exists()), None)
+    return _load_or_train(classifier_path(settings, cache_dir), settings, len(OUTPUTS), train_classifier, device,
+                          progress)
+
+
+def _load_or_train(path: Path, settings: ClassifierSettings, outputs: int, train, device: str,
+                   progress: bool) -> PhantomClassifier:
+    """The network at `path` (the cache) or shipped under its name, else `train(settings, progress)`'s, cached."""
+    found = next((p for p in (path, SHIPPED_DIR / path.name) if p.exists()), None)
     if found:
         saved = torch.load(found, map_location="cpu", weights_only=True)
-        net = _Net(settings.width, settings.feature_dim)
+        net = _Net(settings.width, settings.feature_dim, outputs)
         net.load_state_dict(saved["state_dict"])
         return PhantomClassifier(net, settings, saved["report"], device)
-    net, report = train_classifier(settings, progress)
+    net, report = train(settings, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temporary:  # a run killed mid-write never leaves a classifier that loads half-trained
+    with atomic_path(path) as temporary:  # a run killed mid-write never leaves a network that loads half-trained
         torch.save({"state_dict": net.state_dict(), "report": report}, temporary)
     return PhantomClassifier(net, settings, report, device)
 
@@ -224,3 +230,80 @@ def load_classifier(settings: ClassifierSettings | None = None, cache_dir: str |
 def predict(images, classifier: PhantomClassifier | None = None) -> np.ndarray:
     """`PhantomClassifier.predict` for uint8 (N, H, W) images; the default classifier unless one is given."""
     return (classifier or load_classifier()).predict(images)
+
+
+# The location reader: where and how large a finding is, read as the phantom's truth states it (`finding_facts`);
+# the patient's side throughout. EFFUSION_RIGHT / EFFUSION_LEFT: fluid on that side (both for a bilateral one, neither
+# without an effusion); the others are read on images that hold the finding: the lesion on the patient's left, the
+# effusion's extent (1 - level / 0.25: 0 the smallest, 1 the largest) and each lesion's height in its lung (0 apex,
+# 1 base; the zones' limits are 0.33 and 0.67).
+EFFUSION_RIGHT, EFFUSION_LEFT = "effusion_right", "effusion_left"
+LOCATION_OUTPUTS = (EFFUSION_RIGHT, EFFUSION_LEFT, "effusion_extent", "consolidation_left", "consolidation_height",
+                    "nodule_left", "nodule_height")
+_GIVEN = {"effusion_extent": "pleural_effusion", "consolidation_left": "consolidation",
+          "consolidation_height": "consolidation", "nodule_left": "nodule", "nodule_height": "nodule"}
+LOCATION_SEED = CLASSIFIER_SEED + 1  # its own phantoms, which no generator trains on either
+
+
+def location_targets(findings: list[str], facts: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, weights) of one phantom for LOCATION_OUTPUTS: weight 0 where the finding a target needs is absent."""
+    effusion, consolidation, nodule = (facts.get(f) for f in ("pleural_effusion", "consolidation", "nodule"))
+    side = effusion["side"] if effusion else None
+    values = {EFFUSION_RIGHT: side in ("right", "bilateral"), EFFUSION_LEFT: side in ("left", "bilateral"),
+              "effusion_extent": 1 - effusion["level"] / 0.25 if effusion else 0.0,
+              "consolidation_left": bool(consolidation) and consolidation["side"] == "left",
+              "consolidation_height": (consolidation["height"] + 0.6) / 1.2 if consolidation else 0.0,
+              "nodule_left": bool(nodule) and nodule["side"] == "left",
+              "nodule_height": (nodule["height"] + 0.6) / 1.2 if nodule else 0.0}
+    weights = [float(_GIVEN.get(name) is None or _GIVEN[name] in findings) for name in LOCATION_OUTPUTS]
+    return np.asarray([float(values[name]) for name in LOCATION_OUTPUTS], np.float32), np.asarray(weights, np.float32)
+
+
+def _location_set(settings: ClassifierSettings, num_images: int, start_index: int):
+    images, targets, weights = [], [], []
+    for index in range(start_index, start_index + num_images):
+        pixels, findings, _, facts = draw_phantom(settings.seed, index, settings.resolution, settings.finding_prob,
+                                                  facts=True)
+        target, weight = location_targets(findings, facts)
+        images.append(pixels), targets.append(target), weights.append(weight)
+    return np.stack(images), np.stack(targets), np.stack(weights)
+
+
+def train_location_reader(settings: ClassifierSettings, progress: bool = True) -> tuple[_Net, dict]:
+    """As `train_classifier`, on LOCATION_OUTPUTS with each target weighted by whether it applies (no mirroring:
+    the side is what it reads). The held-out report: accuracy of each binary output at 0.5 and the mean absolute
+    error of each extent and height, on the images where they apply."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        net = _Net(settings.width, settings.feature_dim, len(LOCATION_OUTPUTS))
+    images, targets, weights = _location_set(settings, settings.num_train, 0)
+    x, y, w = to_input(images, settings.resolution), torch.from_numpy(targets), torch.from_numpy(weights)
+    rng, size = np.random.default_rng(settings.seed), settings.batch_size
+    batches = (torch.from_numpy(rng.choice(len(x), size, replace=False)) for _ in range(settings.steps))
+
+    def loss(rows):
+        error = F.binary_cross_entropy_with_logits(net(x[rows]), y[rows], reduction="none")
+        return (error * w[rows]).sum() / w[rows].sum()
+
+    fit(net, batches, loss, settings.learning_rate, settings.steps, weight_decay=1e-4, one_cycle=True,
+        desc="phantom location reader", disable=not progress)
+    test_images, test_targets, test_weights = _location_set(settings, settings.num_test, settings.num_train)
+    reader = PhantomClassifier(net, settings, {})
+    read = reader.predict(test_images)
+    report = {}
+    for i, name in enumerate(LOCATION_OUTPUTS):
+        applies = test_weights[:, i] > 0
+        if name.endswith(("_extent", "_height")):
+            report[name] = {"mean_absolute_error": float(np.abs(read[applies, i] - test_targets[applies, i]).mean())}
+        else:
+            report[name] = {"accuracy": float(((read[applies, i] >= 0.5) == (test_targets[applies, i] >= 0.5)).mean())}
+    return net, report
+
+
+def load_location_reader(settings: ClassifierSettings | None = None, cache_dir: str | None = None,
+                         device: str = "cpu", progress: bool = True) -> PhantomClassifier:
+    """The location reader for `settings` (default: the classifier's, on LOCATION_SEED): cached, shipped, or
+    trained now (about 3 minutes on 2 cores) and cached. Its `predict` returns LOCATION_OUTPUTS."""
+    settings = settings or ClassifierSettings(seed=LOCATION_SEED)
+    path = cache_root(cache_dir) / f"phantom-location-reader-{settings.key()}.pt"
+    return _load_or_train(path, settings, len(LOCATION_OUTPUTS), train_location_reader, device, progress)

@@ -9,11 +9,13 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from ..cli import UsageError, listed, parse_args, run
+from ..data.reports import PHANTOM_TEXT, REAL_TEXT, REPORT_COLUMN
 from ..runtime import (
     end_processes,
     keep_freed_memory,
@@ -21,6 +23,7 @@ from ..runtime import (
     process_state,
     set_cpu_threads,
 )
+from ..utils import split_spec
 from .output_folder import check_output, save_images
 from .privacy_filter import PrivacyFilter
 from .sampling import (
@@ -75,6 +78,18 @@ class SamplingArguments:
         "help": "Models conditioned on patient_age: the age in years (its bin as trained: 0-17, 18-39, 40-59, "
                 "60-79, 80+)."})
     view: str | None = field(default=None, metadata={"help": "Models conditioned on view_position: PA or AP."})
+    prompt: str | None = field(default=None, metadata={
+        "help": "Text models (--condition_on report): the prompt of every image, written as a report (e.g. \"Small "
+                "left pleural effusion. PA view.\"; left is the patient's left)."})
+    prompts: str | None = field(default=None, metadata={
+        "help": "Text models: a file of prompts, one a line, or a CSV file with a 'prompt' (or 'report') column; "
+                "the images take the first --num_images of them in order."})
+    prompts_from: str | None = field(default=None, metadata={
+        "help": "Text models: the reports of a prepared dataset (a save_to_disk folder, FOLDER[:SPLIT], default split "
+                "test), image i the i-th report. Reports of a real collection are patient data: the images are "
+                "recorded as made from them, and `hub push-dataset` refuses to publish them."})
+    negative_prompt: str | None = field(default=None, metadata={
+        "help": "Text models: what guidance steers away from, in place of the empty prompt."})
     save_process: int = field(default=0, metadata={
         "help": "Write denoising.gif (and denoising.mp4 with the video extra): the noisy sample beside the predicted "
                 "clean image at each step, for this many of the first images (at most --batch_size; the flag alone: "
@@ -91,6 +106,56 @@ class SamplingArguments:
         "help": "Also reject an image whose pixel NCC (32x32) with a training image exceeds this (e.g. 0.95)."})
     privacy_max_redraws: int = field(default=10, metadata={
         "help": "Redraws of one image before it is left out (and listed in privacy_filter.json)."})
+
+
+def read_prompts(prompt: str | None, path: str | None, num_images: int) -> str | list[str] | None:
+    """--prompt, or --prompts FILE's lines (a .csv file: its 'prompt' or 'report' column), the first `num_images`."""
+    if prompt is not None and path is not None:
+        raise UsageError("give --prompt or --prompts, not both")
+    if path is None:
+        return prompt
+    if not os.path.isfile(path):
+        raise UsageError(f"--prompts {path}: no such file (expected one prompt a line, or a CSV with a 'prompt' "
+                         "column)")
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.endswith(".csv"):
+            rows = list(csv.DictReader(f))
+            column = next((c for c in ("prompt", "report") if rows and c in rows[0]), None)
+            if column is None:
+                raise UsageError(f"--prompts {path}: no 'prompt' or 'report' column (it has: "
+                                 f"{', '.join(rows[0]) if rows else 'no rows'})")
+            texts = [row[column] for row in rows]
+        else:
+            texts = [line.strip() for line in f if line.strip()]
+    if len(texts) < num_images:
+        raise UsageError(f"--prompts {path}: {len(texts)} prompts for --num_images {num_images}; give one per image")
+    return texts[:num_images]
+
+
+def dataset_prompts(spec: str, num_images: int) -> tuple[list[str], str]:
+    """The first `num_images` reports of a prepared dataset's split, and what they are (`reports.PHANTOM_TEXT` for
+    the phantom's, else `reports.REAL_TEXT`: patient data)."""
+    import datasets  # only this option reads a dataset
+
+    path, split = split_spec(spec)
+    if not (path / "dataset_dict.json").is_file() and not (path / "dataset_info.json").is_file():
+        raise UsageError(f"--prompts_from {spec}: not a save_to_disk dataset folder (e.g. one lunggen-prepare wrote)")
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        split = split or "test"
+        if split not in loaded:
+            raise UsageError(f"--prompts_from {spec}: no split {split!r} (it has: {', '.join(loaded)})")
+        loaded = loaded[split]
+    if REPORT_COLUMN not in loaded.column_names:
+        raise UsageError(f"--prompts_from {spec}: no {REPORT_COLUMN!r} column (it has: "
+                         f"{', '.join(loaded.column_names)})")
+    if len(loaded) < num_images:
+        raise UsageError(f"--prompts_from {spec}: {len(loaded)} reports for --num_images {num_images}")
+    rows = loaded.select(range(num_images)).select_columns([REPORT_COLUMN, "patient_id"]
+                                                           if "patient_id" in loaded.column_names else [REPORT_COLUMN])
+    phantom = all(str(p).startswith("phantom-") for p in rows["patient_id"]) if "patient_id" in rows.column_names \
+        else False
+    return list(rows[REPORT_COLUMN]), PHANTOM_TEXT if phantom else REAL_TEXT
 
 
 def sample_from_args(args: SamplingArguments) -> list[dict]:
@@ -110,8 +175,14 @@ def sample_from_args(args: SamplingArguments) -> list[dict]:
         set_cpu_threads(args.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)))
         keep_freed_memory()
     kwargs = {k: v for k, v in asdict(args).items()
-              if k not in ("model", "revision", "dtype", "device", "cpu_threads", "sex", "age", "view")
-              and not k.startswith("privacy_")}
+              if k not in ("model", "revision", "dtype", "device", "cpu_threads", "sex", "age", "view", "prompt",
+                           "prompts_from") and not k.startswith("privacy_")}
+    if args.prompts_from is not None:
+        if args.prompt is not None or args.prompts is not None:
+            raise UsageError("give one of --prompt, --prompts and --prompts_from")
+        kwargs["prompts"], kwargs["prompt_source"] = dataset_prompts(args.prompts_from, args.num_images)
+    else:
+        kwargs["prompts"] = read_prompts(args.prompt, args.prompts, args.num_images)
     kwargs["privacy_filter"] = PrivacyFilter.load(
         args.privacy_filter, args.privacy_threshold, args.privacy_nn_threshold, args.privacy_max_redraws,
         str(pipe.device)) if args.privacy_filter else None

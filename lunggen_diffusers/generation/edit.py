@@ -3,6 +3,8 @@
     lunggen-edit --model cond-demo --input cxr.png --add pleural_effusion --mask auto --output_dir edits/
     lunggen-edit --model my-org/lunggen-256 --input /data/pacs-export --remove Cardiomegaly --mask auto \
         --output_dir edits/
+    lunggen-edit --model text-demo --input cxr.png --prompt "Consolidation in the left lower zone." --mask auto \
+        --output_dir edits/
 
 For each input: `edit_<hash>.png` (the edited image), `difference_<hash>.png` (|edited - source|, stretched) and
 `grid_<hash>.png` (source | edited | difference | mask), and a row of manifest.csv. Files are named by the first 12
@@ -72,6 +74,12 @@ class EditArguments:
     sex: str | None = field(default=None, metadata={"help": "Models conditioned on sex: the patient's (M or F)."})
     age: float | None = field(default=None, metadata={"help": "Models conditioned on age: the patient's, in years."})
     view: str | None = field(default=None, metadata={"help": "Models conditioned on the view: PA or AP."})
+    prompt: str | None = field(default=None, metadata={
+        "help": "Text models: edit toward this report (e.g. \"Consolidation in the left lower zone.\"; left is the "
+                "patient's left), from --source_prompt."})
+    source_prompt: str = field(default="", metadata={
+        "help": "Text models: what the image shows now, as a report (default: the empty prompt, the model's "
+                "unconditioned reading)."})
     method: Method = field(default=DEFAULT_METHOD)
     strength: float | None = field(default=None, metadata={
         "help": "How far up the noise schedule the edit starts, in (0, 1]; default per method "
@@ -128,8 +136,17 @@ def read_mask(spec: str, side: int, what: str) -> torch.Tensor:
     return torch.from_numpy((mask >= 0.5).astype(np.float32))[None, None]
 
 
-def labels_of(pipe, args: EditArguments) -> tuple[list[str], list[str]]:
-    """(source labels, target labels), canonical, with the patient's demographics on both sides."""
+def labels_of(pipe, args: EditArguments) -> tuple[list[str] | str, list[str] | str]:
+    """(source labels, target labels), canonical, with the patient's demographics on both sides; a text edit's
+    (source prompt, target prompt)."""
+    if args.prompt is not None:
+        if getattr(pipe, "text_encoder", None) is None:
+            raise UsageError(f"--prompt: --model {args.model} was trained without text (no --condition_on report)")
+        if args.add or args.remove or args.findings:
+            raise UsageError("give --prompt, or --add / --remove with --findings, not both")
+        if args.prompt == args.source_prompt:
+            raise UsageError("--prompt and --source_prompt are the same: the edit would change nothing")
+        return args.source_prompt, args.prompt
     if getattr(pipe, "labels", None) is None:
         raise UsageError(f"--model {args.model} was trained without labels: it cannot add or remove findings "
                          "(train with --condition_on findings)")
@@ -147,6 +164,11 @@ def labels_of(pipe, args: EditArguments) -> tuple[list[str], list[str]]:
     source = sorted((set(base) | set(remove)) - set(add))
     target = sorted((set(base) | set(add)) - set(remove))
     return source + patient, target + patient
+
+
+def _cell(request: list[str] | str) -> str:
+    """A manifest cell: a prompt as it is, a label list "|"-joined ("No Finding" for none)."""
+    return request if isinstance(request, str) else "|".join(request) or "No Finding"
 
 
 def _stretch(difference: np.ndarray) -> np.ndarray:
@@ -184,8 +206,8 @@ def edit_from_args(args: EditArguments) -> list[dict]:
                                    args.num_inference_steps, used, keep, generator, eta=args.eta, output_type="pt",
                                    guidance_rise=args.guidance_rise, return_guidance=True)
         result = np.round(edited[0, 0].numpy() * 255).astype(np.uint8)
-        row = {"file": f"edit_{digest[:12]}.png", "source_sha256": digest, "source": "|".join(source) or "No Finding",
-               "target": "|".join(target) or "No Finding", "method": args.method,
+        row = {"file": f"edit_{digest[:12]}.png", "source_sha256": digest, "source": _cell(source),
+               "target": _cell(target), "method": args.method,
                "strength": args.strength if args.strength is not None else DEFAULT_STRENGTH[args.method],
                "guidance_scale": guidance, "guidance_rise": args.guidance_rise, "eta": args.eta,
                "steps": args.num_inference_steps, "seed": args.seed,

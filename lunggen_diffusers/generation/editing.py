@@ -65,16 +65,40 @@ IMAGES = VaeImageProcessor(do_resize=False, do_normalize=False, do_convert_grays
 MASKS = VaeImageProcessor(do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
 
 
+def conditions(pipe, requests: Sequence, device) -> tuple[dict | None, dict | None]:
+    """(the UNet's condition keywords for `requests`, those of the null condition): a label model's requests are
+    lists of finding names, a text model's prompts (the null condition the empty prompt); None for an unconditional
+    model."""
+    if requests and all(isinstance(r, str) for r in requests):
+        if getattr(pipe, "text_encoder", None) is None:
+            raise UsageError("a prompt was given to a model trained without text (no --condition_on report)")
+        return ({"encoder_hidden_states": pipe.encode_text(list(requests), device)},
+                {"encoder_hidden_states": pipe.encode_text([""] * len(requests), device)})
+    labels, null = pipe.encode(requests, len(requests), device)
+    if labels is None:
+        return None, None
+    return {"encoder_hidden_states": None, "class_labels": labels}, {"encoder_hidden_states": None,
+                                                                     "class_labels": null}
+
+
+def _differ(pipe, source: Sequence, target: Sequence) -> list[int]:
+    """The images whose source and target conditions differ (a text edit's: whose prompts do)."""
+    if source and all(isinstance(r, str) for r in source):
+        return [k for k, (a, b) in enumerate(zip(source, target, strict=True)) if a != b]
+    before, after = pipe.encode(source, len(source), "cpu")[0], pipe.encode(target, len(target), "cpu")[0]
+    return [] if before is None else torch.nonzero((before != after).any(1)).flatten().tolist()
+
+
 class Editor:
-    """One batch's edit: the model, its labels (source and target), and the model's own noise schedule as a DDIM
-    scheduler (its stored `timestep_spacing` included), cut to the last `strength` of its steps as diffusers'
-    image-to-image pipelines cut theirs."""
+    """One batch's edit: the model, its conditions (source and target: labels, or a text model's prompts), and the
+    model's own noise schedule as a DDIM scheduler (its stored `timestep_spacing` included), cut to the last
+    `strength` of its steps as diffusers' image-to-image pipelines cut theirs."""
 
     def __init__(self, pipe, source, target, guidance_scale, num_inference_steps, strength):
         self.unet = pipe.unet
         device = self.unet.device
-        self.source, _ = pipe.encode(source, len(source), device)
-        self.target, self.null = pipe.encode(target, len(target), device)
+        self.source, _ = conditions(pipe, source, device)
+        self.target, self.null = conditions(pipe, target, device)
         self.scale = guidance_scale
         # Stochastic DDIM: finite at a zero-SNR first step, where eta > 0 (and DDPM inversion's noise) would give NaN.
         self.scheduler = StochasticDDIMScheduler.from_config(pipe.scheduler.config)
@@ -88,10 +112,10 @@ class Editor:
         if labels is None:  # an unconditional model
             return self.unet(x, t).sample
         if not guided or self.scale == 1:
-            return self.unet(x, t, encoder_hidden_states=None, class_labels=labels).sample
+            return self.unet(x, t, **labels).sample
         start = self.null if start is None else start
-        both = self.unet(torch.cat([x, x]), t, encoder_hidden_states=None,
-                         class_labels=torch.cat([labels, start])).sample
+        both = self.unet(torch.cat([x, x]), t, **{name: None if value is None else torch.cat([value, start[name]])
+                                                  for name, value in labels.items()}).sample
         conditional, unconditional = both.chunk(2)
         return unconditional + self.scale * (conditional - unconditional)
 
@@ -171,8 +195,11 @@ def _to_space(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.adaptive_max_pool2d(mask, like.shape[-2:]).to(like)
 
 
-def adds_one_focal_site(source: Sequence[str], target: Sequence[str]) -> bool:
-    """Whether an edit only adds findings, each of them focal (`FOCAL_FINDINGS`): its auto mask keeps one site."""
+def adds_one_focal_site(source: Sequence[str] | str, target: Sequence[str] | str) -> bool:
+    """Whether an edit only adds findings, each of them focal (`FOCAL_FINDINGS`): its auto mask keeps one site. A
+    text edit (two prompts) names no finding list: False."""
+    if isinstance(source, str) or isinstance(target, str):
+        return False
     before, after = ({canonical_finding(name) for name in names} for names in (source, target))
     return bool(after - before) and before <= after and after - before <= set(FOCAL_FINDINGS)
 
@@ -295,7 +322,8 @@ def edit(pipe, image, source: Sequence, target: Sequence, method: str = DEFAULT_
          mask_image=None, keep_mask_image=None, generator: torch.Generator | None = None, resample: int = 2,
          eta: float = 0.0, output_type: str = "pil", guidance_rise: float = DEFAULT_GUIDANCE_RISE,
          return_guidance: bool = False):
-    """Edit `image` from its `source` labels (one list of names per image) to `target`, as diffusers' image-to-image
+    """Edit `image` from its `source` labels (one list of names per image; a text model's: one prompt per image) to
+    `target`, as diffusers' image-to-image
     and inpainting pipelines take their arguments: `image` a PIL image, a list of them, or an array or tensor in
     [0, 1] ((N, 1, H, W) or (N, H, W)); `output_type` "pil" (a list of grey images), "np" ((N, H, W, 1) in [0, 1]) or
     "pt" ((N, 1, H, W) in [0, 1], float32 on the CPU).
@@ -335,8 +363,7 @@ def edit(pipe, image, source: Sequence, target: Sequence, method: str = DEFAULT_
     state = None if generator is None else generator.get_state()
     edited = _edit_once(pipe, images, source, target, method, strength, guidance_scale, num_inference_steps, keep,
                         generator, resample, eta)
-    before, after = pipe.encode(source, len(images), "cpu")[0], pipe.encode(target, len(images), "cpu")[0]
-    todo = [] if before is None else torch.nonzero((before != after).any(1)).flatten().tolist()
+    todo = _differ(pipe, source, target)
     scale = guidance_scale
     while todo and scale + GUIDANCE_STEP <= guidance_scale + guidance_rise + 1e-9:
         region = None if keep is None else 1 - keep[todo]

@@ -48,9 +48,11 @@ from .sampling import (
     check_counts,
     check_scheduler,
     is_conditional,
+    is_text,
     iter_batches,
     noise_seed,
     request_labels,
+    request_prompts,
     resolve_guidance,
     resolve_interval,
 )
@@ -65,13 +67,19 @@ PROCESS_FIELDS = ("device", "cpu_threads")
 MANIFEST_FIELDS = ("file", "index", "noise_seed", *RUN_FIELDS, *PROCESS_FIELDS)
 # A conditional model's images also record what was asked for; a resume must ask the same.
 CONDITIONAL_FIELDS = (MANIFEST_LABELS, "guidance_scale", "guidance_interval", "request")
+# A text model's images record their prompt (per image) and the negative prompt (per run).
+PROMPT = "prompt"
+PROMPT_SOURCE = "prompt_source"  # who wrote the prompts: "written" (a user), the phantom, or a real collection
+TEXT_FIELDS = ("guidance_scale", "guidance_interval", "negative_prompt", PROMPT_SOURCE, PROMPT)
 PNG_FIELDS = ("model", "revision", "seed", "index", "noise_seed", "scheduler", "steps", MANIFEST_LABELS,
-              "guidance_scale", "guidance_interval")
+              "guidance_scale", "guidance_interval", PROMPT, "negative_prompt", PROMPT_SOURCE)
 JOURNAL_PREFIX = "manifest.part-"  # one per process and run; merged into manifest.csv when the run completes
 REJECTED_PREFIX = "rejected.part-"
 PRIVACY_FIELDS = ("privacy_filter", "redraws")
 # Settings only some runs have: resuming a folder made with one of them without it is refused.
-OPTIONAL_SETTINGS = ("guidance_scale", "guidance_interval", "request", "privacy_filter")
+OPTIONAL_SETTINGS = ("guidance_scale", "guidance_interval", "request", "privacy_filter", "negative_prompt",
+                     PROMPT_SOURCE)
+WRITTEN = "written"
 
 
 def to_png(image: np.ndarray, bit_depth: int) -> Image.Image:
@@ -200,7 +208,8 @@ def _merge_rejected(output_dir: str) -> list[dict]:
 def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS,
                 batch_size=16, start_index=0, bit_depth=8, model="", revision="", progress=True, findings=None,
                 labels_from=None, guidance_scale=None, patient=None, guidance_interval=None, save_process=0,
-                save_process_every=1, privacy_filter: PrivacyFilter | None = None):
+                save_process_every=1, privacy_filter: PrivacyFilter | None = None, prompts=None, negative_prompt=None,
+                prompt_source: str = WRITTEN):
     """Write image_<index>.png for each image, manifest.csv and grid.png; returns the manifest rows.
 
     Under `accelerate launch`, every process runs this with the same arguments and takes its own share of the
@@ -208,8 +217,11 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
     in a killed process's journal (and present) are skipped. Each PNG is written to a temporary name and renamed,
     and its row appended to its process's journal after, so an interrupted run never leaves a half-written image
     that a resume would trust. A conditional model's manifest and PNGs also carry each image's labels and the
-    guidance scale and interval. `save_process` > 0 writes `denoising.gif` (and .mp4): the denoising of the first
-    that many images of the first batch made, every `save_process_every`-th step (`process.DenoisingRecorder`).
+    guidance scale and interval; a text model's, each image's prompt (`prompts`: one text, or one per image) and the
+    negative prompt, and where the prompts came from (`prompt_source`: "written", or the `reports` kind of a
+    dataset's reports; "real reports" are patient data). `save_process` > 0 writes `denoising.gif` (and .mp4): the
+    denoising of the first that many images of the first batch made, every `save_process_every`-th step
+    (`process.DenoisingRecorder`).
     `privacy_filter` judges every image before it is written and redraws the rejected ones (`privacy_filter.py`);
     an image still rejected after its last redraw is not written, and the summary lists it.
     """
@@ -217,6 +229,9 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
     state = process_state()
     wanted = range(start_index, start_index + num_images)
     labels = request_labels(pipe, wanted, seed, findings, labels_from, patient)
+    texts = request_prompts(pipe, wanted, prompts)
+    if negative_prompt is not None and not is_text(pipe):
+        raise UsageError("--negative_prompt needs a model trained with text (--condition_on report)")
     scale, interval = resolve_guidance(pipe, guidance_scale), resolve_interval(pipe, guidance_interval)
     os.makedirs(output_dir, exist_ok=True)
     dtype = str(pipe.unet.dtype).removeprefix("torch.")
@@ -227,6 +242,10 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
         run.update(guidance_scale=scale, guidance_interval=" ".join(map(str, interval or ())),
                    request=_request(findings is not None and labels[start_index], labels_from, patient))
         fields = MANIFEST_FIELDS + CONDITIONAL_FIELDS
+    if is_text(pipe):
+        run.update(guidance_scale=scale, guidance_interval=" ".join(map(str, interval or ())),
+                   negative_prompt=negative_prompt or "", prompt_source=prompt_source)
+        fields = tuple(dict.fromkeys(fields + TEXT_FIELDS))
     if privacy_filter is not None:
         run["privacy_filter"] = privacy_filter.recipe
         fields = fields + PRIVACY_FIELDS
@@ -252,7 +271,8 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
             for batch, images in iter_batches(pipe, pending, seed, scheduler, num_inference_steps, batch_size,
                                               progress and state.is_main_process, labels, scale,
                                               guidance_interval=interval, attempts=attempts,
-                                              recorder=recorder if pending is mine else None):
+                                              recorder=recorder if pending is mine else None, prompts=texts,
+                                              negative_prompt=negative_prompt):
                 verdicts = privacy_filter.judge(images) if privacy_filter else [{"reason": ""}] * len(batch)
                 for index, image, verdict in zip(batch, images, verdicts, strict=True):
                     seed_used = noise_seed(seed, index, attempts[index])
@@ -267,6 +287,8 @@ def save_images(pipe, output_dir, num_images, seed=0, scheduler=DEFAULT_SCHEDULE
                            **made_by}
                     if is_conditional(pipe):
                         row[MANIFEST_LABELS] = label_cell(labels[index])
+                    if is_text(pipe):
+                        row[PROMPT] = (texts or {}).get(index, "")
                     if privacy_filter is not None:
                         row["redraws"] = attempts[index]
                     path = os.path.join(output_dir, row["file"])

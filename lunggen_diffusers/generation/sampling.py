@@ -6,6 +6,7 @@ inject come from its own CPU generator (and `labels_from` draws its labels from 
 size never changes which image comes out and any image can be regenerated from its index.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -116,6 +117,11 @@ def _torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+TEXT_TO_IMAGE = "StableDiffusionPipeline"  # what a latent text model exports as, and what RoentGen ships
+PROMPT_CONFIG_FILE = "prompt_config.json"  # hub.privacy.PROMPT_CONFIG: a text model's prompt settings
+STABLE_DIFFUSION_GUIDANCE = 7.5  # StableDiffusionPipeline.__call__'s default guidance_scale
+
+
 def _model_index(model: str, revision: str | None) -> tuple[str, str]:
     """Path of the model's model_index.json and the revision to record (commit hash for Hub models)."""
     if os.path.isdir(model):
@@ -144,10 +150,14 @@ def load_pipeline(model: str, revision: str | None = None, device: str | None = 
     with open(index_path) as f:
         class_name = json.load(f).get("_class_name")
     classes = {"DDPMPipeline": DDPMPipeline, (MODULE_NAME, "LungGenPipeline"): LungGenPipeline}
+    if class_name == TEXT_TO_IMAGE:  # imported only for one: its module warns at import without torchvision
+        from diffusers import StableDiffusionPipeline
+
+        classes[TEXT_TO_IMAGE] = StableDiffusionPipeline
     cls = classes.get(tuple(class_name) if isinstance(class_name, list) else class_name)
     if cls is None:
-        raise UsageError(f"model {model!r} is a {class_name or 'unknown pipeline'}, not a DDPMPipeline or a "
-                         "LungGenPipeline")
+        raise UsageError(f"model {model!r} is a {class_name or 'unknown pipeline'}, not a DDPMPipeline, a "
+                         f"LungGenPipeline or a {TEXT_TO_IMAGE}")
     target = pick_device(device)
     torch_dtype = _torch_dtype(dtype, target)
     try:
@@ -155,7 +165,27 @@ def load_pipeline(model: str, revision: str | None = None, device: str | None = 
     except OSError as err:  # e.g. a missing component, or weights only as pickle (.bin), which we refuse
         raise UsageError(f"cannot load {cls.__name__} {model!r}: {str(err).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
+    if cls.__name__ == TEXT_TO_IMAGE:
+        # Driven by the one denoising loop (the same images as the stock pipeline from the same generators). This
+        # project's text models keep their prompt settings beside the stock files; an outside model (a
+        # RoentGen-style Stable Diffusion) is guided at Stable Diffusion's own default.
+        found = _optional_file(model, PROMPT_CONFIG_FILE, resolved or revision)
+        with open(found) if found else contextlib.nullcontext() as f:
+            settings = json.load(f) if found else {"guidance_scale": STABLE_DIFFUSION_GUIDANCE}
+        pipe = LungGenPipeline(unet=pipe.unet, scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                               tokenizer=pipe.tokenizer, prompt_config=settings)
+        pipe.set_progress_bar_config(disable=True)
     return pipe.to(target), resolved
+
+
+def _optional_file(model: str, name: str, revision: str | None) -> str | None:
+    if os.path.isdir(model):
+        path = os.path.join(model, name)
+        return path if os.path.isfile(path) else None
+    try:
+        return hf_hub_download(model, name, revision=revision)
+    except OSError:  # EntryNotFoundError and its kin: the file is optional
+        return None
 
 
 def image_side(pipe) -> int:
@@ -189,6 +219,25 @@ def is_conditional(pipe) -> bool:
     return isinstance(pipe, LungGenPipeline) and pipe.labels is not None
 
 
+def is_text(pipe) -> bool:
+    """A report-conditioned model: it takes prompts."""
+    return getattr(pipe, "text_encoder", None) is not None
+
+
+def request_prompts(pipe, indices, prompts=None) -> dict[int, str] | None:
+    """Each image's prompt: `prompts` one text for every image or a list, one per image in index order."""
+    if prompts is None:
+        return None
+    if not is_text(pipe):
+        raise UsageError("a prompt was given to a model trained without text; train one with --condition_on report")
+    indices = list(indices)
+    if isinstance(prompts, str):
+        return dict.fromkeys(indices, prompts)
+    if len(prompts) != len(indices):
+        raise UsageError(f"{len(prompts)} prompts for {len(indices)} images: give one prompt, or one per image")
+    return dict(zip(indices, prompts, strict=True))
+
+
 def request_labels(pipe, indices, seed=0, findings=None, labels_from=None, patient=None) -> dict[int, list[str] | None]:
     """Each image's labels (None: the null condition). `findings` applies to every image; `labels_from="train"`
     draws image i's labels from the stored label counts with a generator of (seed, i), so they too depend on the
@@ -215,19 +264,19 @@ def request_labels(pipe, indices, seed=0, findings=None, labels_from=None, patie
 
 
 def resolve_guidance(pipe, guidance_scale: float | None) -> float:
-    if not is_conditional(pipe):
+    if not (is_conditional(pipe) or is_text(pipe)):
         if guidance_scale is not None:
             raise UsageError("--guidance_scale needs a conditional model; this one was trained without labels")
         return 1.0
     if guidance_scale is None:
-        guidance_scale = pipe.config.label_config["guidance_scale"]
+        guidance_scale = (pipe.config.get("label_config") or pipe.config.get("prompt_config"))["guidance_scale"]
     if guidance_scale < 1:
         raise UsageError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
     return float(guidance_scale)
 
 
 def resolve_interval(pipe, guidance_interval) -> tuple[int, int] | None:
-    if guidance_interval is not None and not is_conditional(pipe):
+    if guidance_interval is not None and not (is_conditional(pipe) or is_text(pipe)):
         raise UsageError("--guidance_interval needs a conditional model; this one was trained without labels")
     return check_guidance_interval(guidance_interval, pipe.scheduler.config.num_train_timesteps)
 
@@ -236,17 +285,20 @@ def with_scheduler(pipe, scheduler) -> LungGenPipeline:
     """A LungGenPipeline over `pipe`'s models (a DDPMPipeline's too: it draws the same images from the same
     generators and takes callbacks) with `scheduler` in place of the training one."""
     return LungGenPipeline(unet=pipe.unet, scheduler=scheduler, vae=getattr(pipe, "vae", None),
-                           label_config=pipe.config.get("label_config"))
+                           label_config=pipe.config.get("label_config"),
+                           text_encoder=getattr(pipe, "text_encoder", None), tokenizer=getattr(pipe, "tokenizer", None),
+                           prompt_config=pipe.config.get("prompt_config"))
 
 
 def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS, batch_size=16,
                  progress=True, labels=None, guidance_scale=1.0, guidance_rescale=0.0, guidance_interval=None,
-                 recorder=None, attempts=None):
+                 recorder=None, attempts=None, prompts=None, negative_prompt=None):
     """Yield (indices, images) per batch; images are float32 numpy (B, H, W, C) in [0, 1]. Each batch is one call
     of the pipeline with a list of generators, one per image.
 
-    `labels` maps each index of a conditional model to its labels (None or missing: the null condition);
-    `guidance_rescale` and `guidance_interval` are the pipeline's. `recorder` (a `process.DenoisingRecorder`) sees
+    `labels` maps each index of a conditional model to its labels (None or missing: the null condition), `prompts`
+    each index of a text model to its prompt (missing: the empty prompt); `negative_prompt`, `guidance_rescale` and
+    `guidance_interval` are the pipeline's. `recorder` (a `process.DenoisingRecorder`) sees
     every step of the first batch. `attempts` maps an index to its redraw (`noise_seed`'s attempt; default 0).
     """
     check_counts(num_inference_steps=num_inference_steps, batch_size=batch_size)
@@ -262,8 +314,10 @@ def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inferen
             runner = with_scheduler(pipe, make_scheduler(scheduler, pipe.scheduler.config))
             runner.set_progress_bar_config(disable=True)
             findings = [(labels or {}).get(i) for i in batch] if is_conditional(pipe) else None
+            text = {"prompt": [(prompts or {}).get(i) or "" for i in batch],
+                    "negative_prompt": negative_prompt} if is_text(pipe) else {}
             callback = recorder if recorder is not None and start == 0 else None
-            images = runner(findings=findings, batch_size=len(batch), guidance_scale=guidance_scale,
+            images = runner(findings=findings, batch_size=len(batch), guidance_scale=guidance_scale, **text,
                             num_inference_steps=num_inference_steps, generator=generators, output_type="np",
                             callback_on_step_end=callback, guidance_interval=guidance_interval,
                             guidance_rescale=guidance_rescale, **SCHEDULERS[scheduler][2]).images
@@ -273,11 +327,12 @@ def iter_batches(pipe, indices, seed=0, scheduler=DEFAULT_SCHEDULER, num_inferen
 
 def generate(pipe, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inference_steps=DEFAULT_STEPS, batch_size=16,
              start_index=0, output_type="pil", progress=True, findings=None, labels_from=None, guidance_scale=None,
-             patient=None, guidance_rescale=0.0, guidance_interval=None):
+             patient=None, guidance_rescale=0.0, guidance_interval=None, prompts=None, negative_prompt=None):
     """Images start_index .. start_index + num_images - 1: PIL images, or one float32 array (N, H, W, C).
 
     Conditional models take `findings` (a list of names for every image) or `labels_from="train"`, and a
-    `patient` as `request_labels` reads it.
+    `patient` as `request_labels` reads it; text models `prompts` (one text, or one per image) and a
+    `negative_prompt`.
     """
     check_counts(num_images=num_images)
     if start_index < 0:
@@ -286,8 +341,10 @@ def generate(pipe, num_images, seed=0, scheduler=DEFAULT_SCHEDULER, num_inferenc
         raise UsageError(f"unknown output_type {output_type!r}; choose 'pil' or 'np'")
     indices = range(start_index, start_index + num_images)
     labels = request_labels(pipe, indices, seed, findings, labels_from, patient)
+    texts = request_prompts(pipe, indices, prompts)
     scale, interval = resolve_guidance(pipe, guidance_scale), resolve_interval(pipe, guidance_interval)
     arrays = [images for _, images in iter_batches(pipe, indices, seed, scheduler, num_inference_steps, batch_size,
-                                                   progress, labels, scale, guidance_rescale, interval)]
+                                                   progress, labels, scale, guidance_rescale, interval,
+                                                   prompts=texts, negative_prompt=negative_prompt)]
     images = np.concatenate(arrays)
     return images if output_type == "np" else pipe.numpy_to_pil(images)

@@ -34,6 +34,7 @@ from .privacy import (
     LOCAL,
     MANIFEST,
     PIPELINE_CODE,
+    PROMPT_CONFIG,
     SAMPLES,
     TRAINING_CONFIG,
     TRAINING_PROGRESS_GIF,
@@ -52,6 +53,7 @@ TAGS = ["medical-imaging", "chest-x-ray", "ddpm", "diffusers-training", "synthet
 # The Hub has no task for label-conditioned image generation: such models keep the unconditional-image-generation
 # pipeline_tag (text-to-image would promise a prompt) and say the rest in tags; custom_code marks trust_remote_code.
 CONDITIONAL_TAGS = ["class-conditional", "classifier-free-guidance", "custom_code"]
+TEXT_TAGS = ["text-to-image", "report-to-image", "classifier-free-guidance", "custom_code"]
 LATENT_TAGS = ["latent-diffusion", "custom_code"]
 LICENSE_NAME = "lunggen-research-only"
 NIH = re.compile(r"\bNIH\b|ChestX-?ray-?1?4", re.IGNORECASE)
@@ -131,11 +133,27 @@ def _label_config(folder: Path) -> dict | None:
     an unconditional latent model."""
     if not (folder / PIPELINE_CODE).is_file():
         return None
-    labels = read_json(folder / "model_index.json", "not a pipeline export").get("label_config")
-    if not labels and not (folder / "vae").is_dir():
+    index = read_json(folder / "model_index.json", "not a pipeline export")
+    labels = index.get("label_config")
+    if not labels and not index.get("prompt_config") and not (folder / "vae").is_dir():
         raise UsageError(f"{folder}: has {PIPELINE_CODE} but model_index.json has no label_config; re-export the "
                          "conditional model with training, or remove the file for an unconditional one")
     return labels
+
+
+def _text(folder: Path) -> dict | None:
+    """A text model's prompt settings and encoder, for the card (its examples are templated, never a report)."""
+    index = read_json(folder / "model_index.json", "not a pipeline export")
+    prompt_config = index.get("prompt_config")
+    if not prompt_config and (folder / PROMPT_CONFIG).is_file():
+        prompt_config = {**read_json(folder / PROMPT_CONFIG, "a text model's prompt settings"),
+                         "stable_diffusion": index.get("_class_name") == "StableDiffusionPipeline"}
+    if not prompt_config:
+        return None
+    encoder = read_json(folder / "text_encoder" / "config.json", "a text model's encoder")
+    layers = encoder.get("num_hidden_layers")
+    return {**prompt_config, "encoder": f"{(encoder.get('architectures') or ['?'])[0]} ({layers} layers, "
+                                        f"width {encoder.get('hidden_size')})"}
 
 
 def _conditioning(labels: dict) -> dict:
@@ -217,7 +235,7 @@ def _context(folder: Path, manifest: dict, summary: dict | None, model_id: str, 
         "training": manifest["training"], "duration": _duration(manifest["training"]["wall_time_s"]),
         "libraries": manifest["libraries"], "git_commit": manifest.get("git_commit"),
         "git_dirty": manifest.get("git_dirty"), "evaluation": summary, "fmt": _fmt, "flatten": _flatten,
-        "conditional": _conditioning(labels) if labels else None, "sections": sections,
+        "conditional": _conditioning(labels) if labels else None, "sections": sections, "text": _text(folder),
         "demographics": demographics_rows(manifest["data"].get("demographics") or {}),
     }
 
@@ -243,7 +261,9 @@ def build_card(folder: Path, eval_metrics: dict | None = None, repo_id: str | No
     data = _card_data(summary, cfg, model_id, nih, phantom)
     card = ModelCard.from_template(data, template_path=str(TEMPLATE),
                                    **_context(folder, manifest, summary, model_id, nih, phantom, labels, sections))
-    tags = TAGS + (CONDITIONAL_TAGS if labels else []) + (LATENT_TAGS if (folder / "vae").is_dir() else [])
+    text = _text(folder) is not None
+    tags = TAGS + (CONDITIONAL_TAGS if labels else []) + (TEXT_TAGS if text else []) + \
+        (LATENT_TAGS if (folder / "vae").is_dir() else [])
     return populate_model_card(card, tags=list(dict.fromkeys(tags))), summary, sections
 
 

@@ -21,10 +21,11 @@ from huggingface_hub.errors import HTTPError
 from PIL import Image
 
 from ..cli import UsageError
+from ..data.reports import REAL_TEXT
 from ..evaluation.images import load_source
 from ..evaluation.report import reid_card
 from ..evaluation.subgroups import manifest_metadata
-from ..generation.output_folder import MANIFEST, read_manifest
+from ..generation.output_folder import MANIFEST, PROMPT_SOURCE, read_manifest
 from ..generation.privacy_filter import SUMMARY as FILTER_SUMMARY
 from ..utils import DERIVED_FROM_REAL, SYNTHETIC_NOTICE
 from ..vocabulary import FINDINGS_COLUMN, SUBGROUPS
@@ -144,6 +145,11 @@ def dataset_files(synth_dir, repo_id: str, eval_dir=None, allow_flagged: bool = 
     if not (folder / MANIFEST).is_file():
         raise UsageError(f"{folder}: no {MANIFEST}; give a folder written by pipeline.py")
     eval_dir = Path(eval_dir) if eval_dir else folder / DEFAULT_EVAL
+    real = sum(row.get(PROMPT_SOURCE) == REAL_TEXT for row in read_manifest(str(folder)))
+    if real:
+        raise UsageError(f"refused: {real} image(s) of {folder.name} were generated from reports of a real collection, "
+                         "patient data under its data-use agreement (their PNGs and manifest carry the text); "
+                         "generate from written or templated prompts to publish")
     columns, texts = _rows(folder)
     report = _evaluation(folder, eval_dir, len(columns["index"]))
     flags = _flags(report)

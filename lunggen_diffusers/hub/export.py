@@ -33,6 +33,7 @@ from .card import build_card, card_files, keep_sections
 from .privacy import (
     AUTOENCODER_REPORT,
     MANIFEST,
+    PROMPT_CONFIG,
     SAMPLES,
     check_published,
     local_paths,
@@ -106,12 +107,18 @@ def write_model_card(output_dir, eval_metrics: dict | None = None, repo_id: str 
 
 
 def export_pipeline(output_dir, pipe, samples, config: Config, data: DataSummary, run: RunSummary,
-                    autoencoder_report: dict | None = None, animations: dict | None = None) -> None:
+                    autoencoder_report: dict | None = None, animations: dict | None = None,
+                    prompt_config: dict | None = None) -> None:
     """The whole export folder from a built pipeline and its sample grid (a PIL image), with a latent model's
-    autoencoder report and `animations` (file stem: frames, `generation.process`); the push when the config asks
-    for it. Main process only."""
+    autoencoder report, `animations` (file stem: frames, `generation.process`) and a text model's `prompt_config`
+    (in `prompt_config.json` too, where a stock pipeline's model_index.json has no place for it); the push when the
+    config asks for it. Main process only."""
     folder = Path(output_dir)
     pipe.save_pretrained(folder, safe_serialization=True)
+    if prompt_config is not None:
+        text = json.dumps(prompt_config, indent=2, sort_keys=True) + "\n"
+        check_published(text, local_paths(config.to_dict(), folder), PROMPT_CONFIG)
+        atomic_write_text(folder / PROMPT_CONFIG, text)
     samples.save(folder / SAMPLES, pnginfo=synthetic_png_info(SAMPLE_GRID))
     save_animations(animations or {}, folder)
     write_manifest(folder, config, data, run)

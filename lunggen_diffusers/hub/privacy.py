@@ -38,10 +38,13 @@ SAMPLES = "samples.png"
 DENOISING_GIF, TRAINING_PROGRESS_GIF = f"{DENOISING}.gif", f"{TRAINING_PROGRESS}.gif"
 # A latent model's autoencoder report (figures only; its reconstruction grid shows held-out patients and stays local).
 AUTOENCODER_REPORT = "autoencoder_report.json"
+# A text model's prompt settings: guidance default, what its text was, templated example prompts (never a report).
+PROMPT_CONFIG = "prompt_config.json"
 ALLOW_PATTERNS = [
     "model_index.json", "scheduler/*.json", "unet/config.json", "unet/*.safetensors", "vae/config.json",
-    "vae/*.safetensors", PIPELINE_CODE, CARD, MANIFEST, TRAINING_CONFIG, EVAL_SUMMARY, AUTOENCODER_REPORT, SAMPLES,
-    "samples/*.png", DENOISING_GIF, TRAINING_PROGRESS_GIF,
+    "vae/*.safetensors", "text_encoder/config.json", "text_encoder/*.safetensors", "tokenizer/*.json",
+    "tokenizer/*.txt", PIPELINE_CODE, CARD, MANIFEST, TRAINING_CONFIG, EVAL_SUMMARY, AUTOENCODER_REPORT, PROMPT_CONFIG,
+    SAMPLES, "samples/*.png", DENOISING_GIF, TRAINING_PROGRESS_GIF,
 ]
 # Belt and braces under the allow-list: what must never leave the machine even if a pattern above widens.
 IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "eval/*", "autoencoder/*", "cache/*", "*.bin", "*.pt", "*.pth", "*.ckpt",

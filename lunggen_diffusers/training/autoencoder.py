@@ -11,13 +11,16 @@ config (`scaling_factor`, `shift_factor`), never taken from Stable Diffusion's c
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
+import torch
 from diffusers import AutoencoderKL
 
 from ..cli import UsageError
 from ..config import Config
+from ..lunggen_pipeline import latent_moments
 
 
 def build_autoencoder(config: Config) -> AutoencoderKL:
@@ -76,3 +79,27 @@ def latent_statistics(means: np.ndarray, normalization: str = "global") -> dict:
                 "latents_std": std.tolist()}
     return {"scaling_factor": 1.0 / float(std), "shift_factor": float(center), "latents_mean": None,
             "latents_std": None}
+
+
+@torch.no_grad()
+def fold_standardisation(vae: AutoencoderKL) -> AutoencoderKL:
+    """A copy of `vae` whose 1x1 quant convs hold the latent standardisation (`latent_statistics`: a shift, or a
+    mean and spread per channel), leaving only `scaling_factor` in its config: the autoencoder Stable Diffusion's
+    pipelines expect, which decode `latents / scaling_factor` and encode to `sample * scaling_factor`. Decoding and
+    encoding give what `decode_latents` and `sample_latents` give with the original."""
+    folded = copy.deepcopy(vae)
+    like = torch.zeros(1, vae.config.latent_channels, 1, 1)
+    center, spread = (v.flatten() for v in latent_moments(vae.config, like))
+    center, spread = center.expand(vae.config.latent_channels), spread.expand(vae.config.latent_channels)
+    if folded.post_quant_conv is None or folded.quant_conv is None:
+        raise UsageError("this autoencoder has no quant convs to hold its latent standardisation")
+    post = folded.post_quant_conv  # z = u * spread + center, then the conv
+    post.bias += post.weight[:, :, 0, 0] @ center
+    post.weight *= spread[None, :, None, None]
+    quant = folded.quant_conv  # mean -> (mean - center) / spread, log-variance -> minus 2 log spread
+    channels = vae.config.latent_channels
+    quant.weight[:channels] /= spread[:, None, None, None]
+    quant.bias[:channels] = (quant.bias[:channels] - center) / spread
+    quant.bias[channels:] -= 2 * spread.log()
+    folded.register_to_config(shift_factor=None, latents_mean=None, latents_std=None)
+    return folded

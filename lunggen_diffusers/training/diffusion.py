@@ -19,10 +19,12 @@ from accelerate.utils import set_seed
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel, compute_snr
 
-from ..config import Config
+from ..config import REPORT as REPORT_CONDITION
+from ..config import Config, label_conditions
 from ..data.build import build_dataset
 from ..data.conditioning import label_config
 from ..data.registry import cache_root
+from ..data.reports import example_prompts, report_texts
 from ..data.transforms import augment, to_model_input
 from ..evaluation.autoencoder import REPORT
 from ..generation.process import (
@@ -43,6 +45,7 @@ from ..lunggen_pipeline import (
     describe_standardisation,
     latent_shape,
     sample_latents,
+    tokenize,
 )
 from ..summaries import RunSummary
 from ..utils import image_grid
@@ -61,7 +64,8 @@ from .loop import (
     resume_point,
     start,
 )
-from .model import build_pipeline, build_scheduler, build_unet
+from .model import build_pipeline, build_scheduler, build_unet, stable_diffusion
+from .text import TextConditionedUNet, build_text_model, token_table
 
 logger = get_logger(__name__)
 
@@ -90,33 +94,38 @@ def diffusion_loss(pred: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor,
     return loss.mean()
 
 
-def build_model(config: Config, labels: dict | None, latent: tuple[int, int] | None = None):
-    """(unet, noise_scheduler, ema or None); the UNet takes label vectors when `labels` describes them, and
-    `latent` (channels, side) when it learns an autoencoder's latents."""
+def build_model(config: Config, labels: dict | None, latent: tuple[int, int] | None = None, text_encoder=None):
+    """(model, noise_scheduler, ema or None); the UNet takes label vectors when `labels` describes them, `latent`
+    (channels, side) when it learns an autoencoder's latents; with a `text_encoder` the model is the UNet and the
+    encoder together (`TextConditionedUNet`)."""
     t = config.training
-    unet = build_unet(config, LabelSpace(labels).size if labels else None, latent)
+    unet = build_unet(config, LabelSpace(labels).size if labels else None, latent,
+                      text_encoder.config.hidden_size if text_encoder is not None else None)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if t.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
+    model = unet if text_encoder is None else TextConditionedUNet(unet, text_encoder)
     ema = None
     if t.use_ema:
         ema = EMAModel(
-            unet.parameters(),
+            model.parameters(),
             decay=t.ema_max_decay,
             use_ema_warmup=True,
             inv_gamma=t.ema_inv_gamma,
             power=t.ema_power,
             foreach=True,  # one multi-tensor update instead of a Python loop over every parameter
-            model_cls=type(unet),
-            model_config=unet.config,
+            model_cls=type(unet) if text_encoder is None else None,
+            model_config=unet.config if text_encoder is None else None,
         )
-    return unet, build_scheduler(config), ema
+    return model, build_scheduler(config), ema
 
 
 def train_step(batch, unet, noise_scheduler, config: Config, aug_generator: torch.Generator,
-               vae_config=None) -> torch.Tensor:
-    """One (micro-)batch's loss: clean images (or a draw from their cached latent posterior), noise, predict."""
+               vae_config=None, null_tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """One (micro-)batch's loss: clean images (or a draw from their cached latent posterior), noise, predict.
+    A text model (`unet` a `TextConditionedUNet`) reads the batch's report tokens, and `null_tokens` (the empty
+    prompt's ids and mask) where the condition is dropped."""
     t, d = config.training, config.data
     if "latents" in batch:
         moments = batch["latents"]
@@ -133,70 +142,108 @@ def train_step(batch, unet, noise_scheduler, config: Config, aug_generator: torc
     if t.channels_last:
         noisy = noisy.contiguous(memory_format=torch.channels_last)
     conditioning = {}
+    if "class_labels" in batch or "input_ids" in batch:
+        # Condition dropout to the null condition (the labels' null entry alone, the empty prompt), both together:
+        # the same model then also learns the unconditional score that classifier-free guidance subtracts.
+        dropped = torch.rand(len(clean), device=clean.device) < t.condition_dropout
     if "class_labels" in batch:
-        # Condition dropout to the null condition (only its last entry set): the same model then also learns the
-        # unconditional score that classifier-free guidance subtracts.
         labels = batch["class_labels"].to(clean.device)
         null = torch.zeros_like(labels)
         null[:, -1] = 1
-        dropped = torch.rand(len(labels), device=clean.device) < t.condition_dropout
-        conditioning = {"encoder_hidden_states": None,
-                        "class_labels": torch.where(dropped[:, None], null, labels)}
+        conditioning = {"encoder_hidden_states": None, "class_labels": torch.where(dropped[:, None], null, labels)}
+    if "input_ids" in batch:
+        conditioning.pop("encoder_hidden_states", None)
+        for name, null_value in zip(("input_ids", "attention_mask"), null_tokens, strict=True):
+            value = batch[name].to(clean.device)
+            conditioning[name] = torch.where(dropped[:, None], null_value.to(clean.device), value)
     pred = unet(noisy, timesteps, **conditioning).sample
     return diffusion_loss(pred, clean, noise, timesteps, noise_scheduler, config.model.prediction_type, t.snr_gamma)
 
 
+@dataclass
+class TextParts:
+    """What a text model's pipeline needs beside the trained module: its tokenizer and `prompt_config`."""
+
+    tokenizer: object
+    prompt_config: dict
+
+
+def pipeline_of(model, noise_scheduler, labels: dict | None, vae=None, text: TextParts | None = None):
+    """The pipeline of a trained module: the UNet alone, or a `TextConditionedUNet`'s UNet and text encoder."""
+    if text is None:
+        return build_pipeline(model, noise_scheduler, labels, vae)
+    return build_pipeline(model.unet, noise_scheduler, labels, vae,
+                          (model.text_encoder, text.tokenizer, text.prompt_config))
+
+
+def preview_rows(labels: dict | None, text: TextParts | None) -> list[dict]:
+    """The requests of a conditional model's preview rows: each example prompt of a text model; "No Finding",
+    then each finding, of a label model."""
+    if text is not None:
+        return [{"prompts": prompt} for prompt in text.prompt_config["example_prompts"]]
+    return [{"findings": request} for request in [[]] + [[finding] for finding in labels["findings"]]]
+
+
 @torch.no_grad()
 def render_samples(unet, noise_scheduler, num_images: int, steps: int, seed: int, labels: dict | None = None,
-                   vae=None):
+                   vae=None, text: TextParts | None = None):
     """A fixed-seed grid with the default fast sampler (seconds, where 1000 DDPM steps would take minutes).
 
-    A conditional model's grid has one row per finding ("No Finding" first) on the same seeds, so the rows differ
-    by the request alone.
+    A conditional model's grid has one row per request (`preview_rows`) on the same seeds, so the rows differ by
+    the request alone.
     """
     was_training = unet.training
     unet.eval()
-    pipe = build_pipeline(unet, noise_scheduler, labels, vae)
-    if labels is None:
+    pipe = pipeline_of(unet, noise_scheduler, labels, vae, text)
+    if labels is None and text is None:
         images, cols = generate(pipe, num_images, seed, DEFAULT_SCHEDULER, steps, progress=False), None
     else:
-        rows = [[]] + [[finding] for finding in labels["findings"]]
+        rows = preview_rows(labels, text)
         cols = max(2, num_images // len(rows))
         images = [image for request in rows for image in generate(
-            pipe, cols, seed, DEFAULT_SCHEDULER, steps, progress=False, findings=request)]
+            pipe, cols, seed, DEFAULT_SCHEDULER, steps, progress=False, **request)]
     unet.train(was_training)
     return image_grid(images, cols)
 
 
 def export(accelerator, unet, ema, noise_scheduler, labels, config: Config, data_summary, run: RunSummary,
-           vae=None) -> None:
-    """The EMA weights as a safetensors pipeline (with the autoencoder on the latent route), with its samples,
-    manifest and model card (hub.export)."""
+           vae=None, text: TextParts | None = None) -> None:
+    """The EMA weights as a safetensors pipeline (with the autoencoder on the latent route, the text encoder and
+    tokenizer of a text model), with its samples, manifest and model card (hub.export)."""
     t, output_dir = config.training, Path(config.training.output_dir)
     model = accelerator.unwrap_model(unet).eval()  # training is over: every sample below is drawn in eval mode
     with EMAWeights(ema, model):
         samples = render_samples(model, noise_scheduler, t.eval_batch_size, t.preview_inference_steps, t.seed, labels,
-                                 vae)
-        pipe = build_pipeline(model, noise_scheduler, labels, vae)
-        animations = {DENOISING: record_denoising(pipe, t.preview_inference_steps, t.seed, labels)}
+                                 vae, text)
+        pipe = pipeline_of(model, noise_scheduler, labels, vae, text)
+        animations = {DENOISING: record_denoising(pipe, t.preview_inference_steps, t.seed, labels, text)}
         progress = progress_frames(output_dir / "samples")
         if len(progress) > 1:
             animations[TRAINING_PROGRESS] = progress
+        if vae is not None and text is not None and labels is None:
+            pipe = stable_diffusion(pipe)
         export_pipeline(output_dir, pipe, samples, config, data_summary, run,
-                        autoencoder_report(config) if vae is not None else None, animations)
+                        autoencoder_report(config) if vae is not None else None, animations,
+                        text.prompt_config if text is not None else None)
     logger.info(f"exported the pipeline to {output_dir} ({run.global_step} steps, final loss {run.final_loss:.4f})")
 
 
-def record_denoising(pipe, steps: int, seed: int, labels: dict | None, num_images: int = 2) -> list:
+def record_denoising(pipe, steps: int, seed: int, labels: dict | None, text: TextParts | None = None,
+                     num_images: int = 2) -> list:
     """The frames of the export's denoising video: the first images of `seed` with the default sampler; a
-    conditional model's ask for "No Finding", then each finding in turn, at its own guidance scale."""
-    requests = None
-    if labels is not None:
-        rows = [[]] + [[finding] for finding in labels["findings"]]
-        requests = {i: rows[i % len(rows)] for i in range(num_images)}
+    conditional model's take the preview rows' requests in turn, at the model's own guidance scale."""
+    requests = prompts = None
+    if labels is not None or text is not None:
+        rows = preview_rows(labels, text)
+        chosen = {i: rows[i % len(rows)] for i in range(num_images)}
+        if text is not None:
+            prompts = {i: row["prompts"] for i, row in chosen.items()}
+        else:
+            requests = {i: row["findings"] for i, row in chosen.items()}
     recorder = DenoisingRecorder(num_images)
     for _ in iter_batches(pipe, range(num_images), seed, DEFAULT_SCHEDULER, steps, num_images, progress=False,
-                          labels=requests, guidance_scale=resolve_guidance(pipe, None), recorder=recorder):
+                          labels=requests, guidance_scale=resolve_guidance(pipe, None), recorder=recorder,
+                          prompts=prompts):
         pass
     return recorder.frames
 
@@ -223,6 +270,26 @@ def prepare_latents(config: Config, dataset, accelerator):
     return vae, moments
 
 
+def prepare_text(config: Config, dataset, labels: dict | None):
+    """A text model's parts: (TextParts, the text encoder, the training reports' token table, the empty prompt's
+    tokens). The tokenizer made from scratch learns from the training reports alone."""
+    d = config.data
+    reports, source = report_texts(dataset, d.caption_column, not (d.train_data_dir or d.dataset_name))
+    tokenizer, text_encoder, trained = build_text_model(config, reports)
+    empty = tokenize(tokenizer, [""])
+    prompt_config = {"guidance_scale": config.training.guidance_scale, "text_source": source,
+                     "max_length": tokenizer.model_max_length, "text_encoder_trained": trained,
+                     "example_prompts": example_prompts(source, labels["findings"] if labels else
+                                                        sorted({f for row in dataset["finding_labels"] for f in row}
+                                                               - {"No Finding"}))}
+    logger.info(f"text: {len(reports)} {source}, {type(text_encoder).__name__} "
+                f"({sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M parameters, "
+                f"{'trained' if trained else 'frozen'}), {len(tokenizer)} tokens, "
+                f"{tokenizer.model_max_length} a prompt")
+    return (TextParts(tokenizer, prompt_config), text_encoder, token_table(tokenizer, reports),
+            (empty.input_ids[0], empty.attention_mask[0]))
+
+
 def train(config: Config) -> TrainResult | None:
     """Train, checkpoint and export a DDPMPipeline (a LungGenPipeline when conditioned or latent) to `output_dir`;
     on the latent route the autoencoder stage runs first (`--stage`), and `--stage autoencoder` stops after it
@@ -239,11 +306,16 @@ def train(config: Config) -> TrainResult | None:
     vae = moments = None
     if config.model.latent:
         vae, moments = prepare_latents(config, dataset, accelerator)
-    labels = label_config(dataset, config.data.condition_on, t.guidance_scale) if config.data.condition_on else None
+    on_labels = label_conditions(config)
+    labels = label_config(dataset, on_labels, t.guidance_scale) if on_labels else None
     set_seed(t.seed)  # same initial weights on every process
+    text = text_encoder = tokens = null_tokens = None
+    if REPORT_CONDITION in (config.data.condition_on or []):
+        text, text_encoder, tokens, null_tokens = prepare_text(config, dataset, labels)
     unet, noise_scheduler, ema = build_model(config, labels,
-                                             latent_shape(vae, config.data.resolution) if vae is not None else None)
-    dataloader = accelerator.prepare(build_dataloader(dataset, labels, config, accelerator, moments))
+                                             latent_shape(vae, config.data.resolution) if vae is not None else None,
+                                             text_encoder)
+    dataloader = accelerator.prepare(build_dataloader(dataset, labels, config, accelerator, moments, tokens))
     schedule = Schedule.of(len(dataloader), config, accelerator.num_processes)
     optimizer, lr_scheduler = build_optimizer(unet, schedule, config, accelerator)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
@@ -258,26 +330,27 @@ def train(config: Config) -> TrainResult | None:
     global_step = start(accelerator, resume_from, config, "lunggen")
     logger.info(f"{len(dataset)} images from {data_summary.source}; {schedule.max_steps} steps of "
                 f"{schedule.images_per_step} images on {accelerator.num_processes} process(es), {accelerator.device}, "
-                f"precision {t.mixed_precision}" + (f", conditioned on {', '.join(labels['condition_on'])}"
-                                                    if labels else "") + (", on latents" if vae is not None else ""))
+                f"precision {t.mixed_precision}" + (f", conditioned on {', '.join(config.data.condition_on)}"
+                                                    if config.data.condition_on else "")
+                + (", on latents" if vae is not None else ""))
     # The global CPU generator (seeded per process above): its state is in every checkpoint, so a resumed
     # --augment run draws the augmentations the uninterrupted run would have drawn.
     aug_generator = torch.default_generator
     vae_config = vae.config if vae is not None else None
 
     def step_fn(batch):
-        return train_step(batch, unet, noise_scheduler, config, aug_generator, vae_config)
+        return train_step(batch, unet, noise_scheduler, config, aug_generator, vae_config, null_tokens)
 
     def preview(step):
         model = accelerator.unwrap_model(unet)
         with EMAWeights(ema, model):
             return render_samples(model, noise_scheduler, t.eval_batch_size, t.preview_inference_steps, t.seed,
-                                  labels, vae)
+                                  labels, vae, text)
 
     global_step, last_loss, meter = fit(accelerator, unet, ema, dataloader, schedule, optimizer, lr_scheduler, config,
                                         global_step, step_fn, preview)
     if accelerator.is_main_process:
         run = RunSummary(global_step, last_loss, round(time.time() - start_time, 1), hardware(accelerator))
-        export(accelerator, unet, ema, noise_scheduler, labels, config, data_summary, run, vae)
+        export(accelerator, unet, ema, noise_scheduler, labels, config, data_summary, run, vae, text)
     accelerator.end_training()
     return TrainResult(output_dir, global_step, last_loss, meter.images_per_second, accelerator.unwrap_model(unet))

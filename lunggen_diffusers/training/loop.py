@@ -144,9 +144,10 @@ class _WholeBatches(torch.utils.data.Dataset):
     --dataloader_num_workers). datasets' formatter would decode row by row into PIL images and the default collate
     would split a batch into rows and stack them again: slow enough to show next to a small model."""
 
-    def __init__(self, dataset, labels: np.ndarray | None = None, latents: np.ndarray | None = None):
+    def __init__(self, dataset, labels: np.ndarray | None = None, latents: np.ndarray | None = None,
+                 tokens: tuple[np.ndarray, np.ndarray] | None = None):
         self.table = dataset.with_format("arrow", columns=["image"])
-        self.labels, self.latents = labels, latents
+        self.labels, self.latents, self.tokens = labels, latents, tokens
 
     def __len__(self) -> int:
         return len(self.table)
@@ -158,6 +159,8 @@ class _WholeBatches(torch.utils.data.Dataset):
             batch = {"pixel_values": torch.from_numpy(stored_pixels(self.table[indices]["image"]))}
         if self.labels is not None:
             batch["class_labels"] = torch.from_numpy(self.labels[indices])
+        if self.tokens is not None:
+            batch["input_ids"], batch["attention_mask"] = (torch.from_numpy(t[indices]).long() for t in self.tokens)
         return batch
 
 
@@ -166,12 +169,13 @@ def _as_is(batch):
 
 
 def build_dataloader(dataset, labels: dict | None, config: Config, accelerator: Accelerator,
-                     latents: np.ndarray | None = None):
+                     latents: np.ndarray | None = None, tokens: tuple[np.ndarray, np.ndarray] | None = None):
     """Shuffled whole batches of the prepared images (uint8 `pixel_values`) or, given `latents` (cached posterior
-    moments in dataset order), of those; with `class_labels` when `labels` describes them."""
+    moments in dataset order), of those; with `class_labels` when `labels` describes them, and the reports'
+    `input_ids` and `attention_mask` given their `tokens` (in dataset order)."""
     t = config.training
     return torch.utils.data.DataLoader(
-        _WholeBatches(dataset, condition_vectors(dataset, labels) if labels else None, latents),
+        _WholeBatches(dataset, condition_vectors(dataset, labels) if labels else None, latents, tokens),
         batch_size=t.train_batch_size,
         collate_fn=_as_is,
         shuffle=True,
@@ -188,7 +192,7 @@ def build_dataloader(dataset, labels: dict | None, config: Config, accelerator: 
 def build_optimizer(model, schedule: Schedule, config: Config, accelerator: Accelerator):
     t = config.training
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],  # a frozen text encoder rides along untrained
         lr=t.learning_rate,
         betas=(t.adam_beta1, t.adam_beta2),
         weight_decay=t.adam_weight_decay,
