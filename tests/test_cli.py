@@ -53,7 +53,7 @@ def test_an_unknown_flag_is_argparses_error(script, capsys):
 
 @pytest.mark.parametrize("script, argv, message", [
     ("lunggen-train", ["--resolution", "60"], "--resolution 60 cannot be divided down"),
-    ("lunggen-train", ["--preset", "huge"], "--preset 'huge' is not one of: demo, demo-latent, lunggen-1024-latent, lunggen-256, lunggen-512-latent"),
+    ("lunggen-train", ["--preset", "huge"], "--preset 'huge' is not one of: demo, demo-latent, demo-text, lunggen-1024-latent, lunggen-256, lunggen-512-latent"),
     ("lunggen-prepare", ["--nih_dir", "/no/such/folder", "--output_dir", "{tmp}/out"], "--nih_dir /no/such/folder"),
     ("lunggen-generate", ["--model", "{tmp}", "--output_dir", "{tmp}/out", "--cpu_threads", "0"], "--cpu_threads"),
     ("lunggen-generate", ["--model", "{tmp}/absent", "--output_dir", "{tmp}/out"], "is neither a local folder nor"),
