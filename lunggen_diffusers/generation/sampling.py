@@ -6,11 +6,11 @@ inject come from its own CPU generator (and `labels_from` draws its labels from 
 size never changes which image comes out and any image can be regenerated from its index.
 """
 
-import contextlib
 import json
 import os
 import random
 from inspect import signature
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -170,8 +170,7 @@ def load_pipeline(model: str, revision: str | None = None, device: str | None = 
         # project's text models keep their prompt settings beside the stock files; an outside model (a
         # RoentGen-style Stable Diffusion) is guided at Stable Diffusion's own default.
         found = _optional_file(model, PROMPT_CONFIG_FILE, resolved or revision)
-        with open(found) if found else contextlib.nullcontext() as f:
-            settings = json.load(f) if found else {"guidance_scale": STABLE_DIFFUSION_GUIDANCE}
+        settings = json.loads(Path(found).read_text()) if found else {"guidance_scale": STABLE_DIFFUSION_GUIDANCE}
         pipe = LungGenPipeline(unet=pipe.unet, scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder,
                                tokenizer=pipe.tokenizer, prompt_config=settings)
         pipe.set_progress_bar_config(disable=True)
